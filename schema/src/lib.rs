@@ -1,0 +1,84 @@
+//! The kv wire protocol: limits, framing, the shard function, and the one safe way to
+//! encode and decode FlatBuffers frames. Server and client both speak only through here.
+//!
+//! Decoding verifies every buffer with the FlatBuffers verifier and checks every limit
+//! before anything else looks at the bytes; see `schema/PROTOCOL.md`.
+
+#[allow(clippy::all, clippy::unwrap_used, unused_imports, deprecated, missing_docs)]
+#[rustfmt::skip]
+mod generated {
+    include!("generated/kv_generated.rs");
+}
+
+mod decode;
+mod encode;
+
+pub use decode::{
+    parse_request, parse_response, split_frame, FrameError, Op, ParseError, RequestView, ResponseView,
+    SiblingView,
+};
+pub use encode::{encode_request, encode_response, HelloInfo, ResponseOut, SiblingOut};
+pub use generated::kv::wire;
+pub use wire::{Consistency, ShardFunction, Status};
+
+/// Version of the protocol this build speaks; a Hello with a higher version is refused.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Keys are 1..=256 bytes.
+pub const KEY_SIZE_MAX: usize = 256;
+/// Values are 0..=1 MiB.
+pub const VALUE_SIZE_MAX: usize = 1 << 20;
+/// Bytes of the little-endian length prefix in front of every frame.
+pub const FRAME_HEADER_SIZE: usize = 4;
+/// The largest frame payload either side accepts: a CAS carries two values plus a key,
+/// and FlatBuffers adds a little framing of its own.
+pub const FRAME_SIZE_MAX: usize = 2 * VALUE_SIZE_MAX + 64 * 1024;
+/// Seed of the shard hash; part of the protocol, never changed for a data directory.
+pub const SHARD_HASH_SEED: u64 = 0;
+/// Length of an optional write id.
+pub const WRITE_ID_SIZE: usize = 16;
+/// A reply never holds more siblings than this.
+pub const SIBLING_COUNT_MAX: usize = 64;
+
+const _: () = assert!(FRAME_SIZE_MAX <= u32::MAX as usize);
+const _: () = assert!(FRAME_SIZE_MAX > 2 * VALUE_SIZE_MAX + KEY_SIZE_MAX);
+
+/// The stable 64-bit hash of a key: xxh3-64 with [`SHARD_HASH_SEED`]. Ring tokens and shard
+/// placement both derive from it, so it must never change for an existing data directory.
+pub fn key_hash(key: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64_with_seed(key, SHARD_HASH_SEED)
+}
+
+/// The shard that owns `key` on a node with `shard_count` shards
+/// ([`ShardFunction::XXH3_64_MULSHIFT`]): the hash scaled onto `0..shard_count`, so that
+/// each shard owns one contiguous range of hash values.
+pub fn shard_of(key: &[u8], shard_count: usize) -> usize {
+    assert!(shard_count > 0);
+    ((u128::from(key_hash(key)) * shard_count as u128) >> 64) as usize
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shard_function_is_pinned() {
+        // These figures are part of the protocol: a change here breaks every shard-aware
+        // client and every data directory.
+        assert_eq!(key_hash(b""), 0x2d06800538d394c2);
+        assert_eq!(key_hash(b"hello"), 0x9555e8555c62dcfd);
+        assert_eq!(shard_of(b"hello", 1), 0);
+        assert_eq!(shard_of(b"hello", 4), 2);
+    }
+
+    #[test]
+    fn shard_function_is_balanced() {
+        let shard_count = 4;
+        let mut counts = [0usize; 4];
+        for i in 0..40_000u32 {
+            counts[shard_of(format!("key-{i}").as_bytes(), shard_count)] += 1;
+        }
+        for count in counts {
+            assert!((9_000..11_000).contains(&count), "{counts:?}");
+        }
+    }
+}
