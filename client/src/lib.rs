@@ -1,1 +1,346 @@
-//! x
+//! The kv client for async Rust (tokio): handshake, shard-aware routing, a pool of
+//! pipelined connections per shard, deadlines and typed errors.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), client::Error> {
+//! let client = client::Client::connect("127.0.0.1:7400", client::Options::default()).await?;
+//! client.put(b"greeting", b"hello").await?;
+//! assert_eq!(client.get(b"greeting").await?.map(|v| v.value), Some(b"hello".to_vec()));
+//! # Ok(()) }
+//! ```
+
+mod connection;
+
+use std::fmt;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use connection::Connection;
+use schema::{shard_of, Op, RequestView, ResponseView, SiblingView, PROTOCOL_VERSION};
+pub use schema::{Consistency, HelloInfo, Status, KEY_SIZE_MAX, VALUE_SIZE_MAX};
+use tokio::sync::Mutex;
+
+/// Everything that can go wrong, one variant per cause a caller may act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Error {
+    KeyEmpty,
+    KeyTooLarge {
+        size: usize,
+        size_max: usize,
+    },
+    ValueTooLarge {
+        size: usize,
+        size_max: usize,
+    },
+    /// The server refused the request as malformed.
+    BadRequest(String),
+    /// The server sheds load; retry later.
+    Overloaded(String),
+    /// The server cannot serve the request now (shutting down, storage stopped).
+    Unavailable(String),
+    /// No reply within the deadline; a write may or may not have taken effect.
+    Timeout,
+    /// The server failed; a write may or may not have taken effect.
+    Internal(String),
+    /// A status this client does not know.
+    Server {
+        status: u16,
+        message: String,
+    },
+    Io(String),
+    ConnectionClosed,
+    Protocol(String),
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::KeyEmpty => write!(f, "key is empty"),
+            Error::KeyTooLarge { size, size_max } => {
+                write!(f, "key of {size} bytes exceeds the limit of {size_max} bytes")
+            }
+            Error::ValueTooLarge { size, size_max } => {
+                write!(f, "value of {size} bytes exceeds the limit of {size_max} bytes")
+            }
+            Error::BadRequest(message) => write!(f, "bad request: {message}"),
+            Error::Overloaded(message) => write!(f, "server overloaded: {message}"),
+            Error::Unavailable(message) => write!(f, "unavailable: {message}"),
+            Error::Timeout => write!(f, "timed out"),
+            Error::Internal(message) => write!(f, "server error: {message}"),
+            Error::Server { status, message } => write!(f, "server status {status}: {message}"),
+            Error::Io(message) => write!(f, "i/o error: {message}"),
+            Error::ConnectionClosed => write!(f, "connection closed"),
+            Error::Protocol(message) => write!(f, "protocol error: {message}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+/// A stored value with its metadata.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Value {
+    pub value: Vec<u8>,
+    /// Microseconds since the Unix epoch, from the writer's hybrid logical clock.
+    pub timestamp_us: u64,
+    /// Time left before the value expires; `None` if it never does.
+    pub ttl_left: Option<Duration>,
+}
+
+impl From<SiblingView> for Value {
+    fn from(sibling: SiblingView) -> Value {
+        Value {
+            value: sibling.value,
+            timestamp_us: sibling.timestamp_us,
+            ttl_left: (sibling.ttl_left_ms > 0).then(|| Duration::from_millis(sibling.ttl_left_ms)),
+        }
+    }
+}
+
+/// The outcome of a compare-and-swap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CasOutcome {
+    Swapped,
+    /// The expectation did not hold; the current value, if the key exists.
+    Failed {
+        current: Option<Value>,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Deadline of each request, also sent to the server.
+    pub timeout: Duration,
+    /// Connections per shard.
+    pub pool_size: usize,
+    /// Route each key to its shard's own port (no cross-core hop on the server).
+    pub shard_aware: bool,
+    pub consistency: Consistency,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            timeout: Duration::from_secs(5),
+            pool_size: 1,
+            shard_aware: true,
+            consistency: Consistency::QUORUM,
+        }
+    }
+}
+
+/// A pool slot: a connection, replaced when it dies.
+#[derive(Debug)]
+struct Slot {
+    address: SocketAddr,
+    connection: Mutex<Option<Arc<Connection>>>,
+}
+
+impl Slot {
+    async fn get(&self, timeout: Duration) -> Result<Arc<Connection>, Error> {
+        let mut connection = self.connection.lock().await;
+        if let Some(live) = connection.as_ref().filter(|c| !c.is_closed()) {
+            return Ok(live.clone());
+        }
+        let fresh = Arc::new(Connection::connect(self.address, timeout).await?);
+        *connection = Some(fresh.clone());
+        Ok(fresh)
+    }
+}
+
+/// A client of one node. Cheap to clone; clones share the pool.
+#[derive(Debug, Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    hello: HelloInfo,
+    options: Options,
+    /// `routes[shard]`: the pool for that shard (all the same pool if not shard-aware).
+    routes: Vec<Vec<Slot>>,
+    next: AtomicUsize,
+}
+
+fn check_key(key: &[u8]) -> Result<(), Error> {
+    if key.is_empty() {
+        return Err(Error::KeyEmpty);
+    }
+    if key.len() > KEY_SIZE_MAX {
+        return Err(Error::KeyTooLarge { size: key.len(), size_max: KEY_SIZE_MAX });
+    }
+    Ok(())
+}
+
+fn check_value(value: &[u8]) -> Result<(), Error> {
+    if value.len() > VALUE_SIZE_MAX {
+        return Err(Error::ValueTooLarge { size: value.len(), size_max: VALUE_SIZE_MAX });
+    }
+    Ok(())
+}
+
+/// Maps a non-OK status to its error.
+fn status_error(response: ResponseView) -> Error {
+    let message = response.message;
+    match response.status {
+        Status::KEY_EMPTY => Error::KeyEmpty,
+        Status::KEY_TOO_LARGE => Error::KeyTooLarge { size: 0, size_max: KEY_SIZE_MAX },
+        Status::VALUE_TOO_LARGE => Error::ValueTooLarge { size: 0, size_max: VALUE_SIZE_MAX },
+        Status::BAD_REQUEST | Status::FRAME_TOO_LARGE | Status::UNSUPPORTED_VERSION => {
+            Error::BadRequest(message)
+        }
+        Status::OVERLOADED => Error::Overloaded(message),
+        Status::UNAVAILABLE => Error::Unavailable(message),
+        Status::TIMEOUT => Error::Timeout,
+        Status::INTERNAL => Error::Internal(message),
+        other => Error::Server { status: other.0, message },
+    }
+}
+
+impl Client {
+    /// Connects to a node, learns its shards from the handshake and, if shard-aware,
+    /// opens a pool to each shard's own port.
+    pub async fn connect(address: impl ToSocketAddrs, options: Options) -> Result<Client, Error> {
+        let address = address
+            .to_socket_addrs()
+            .map_err(|error| Error::Io(format!("resolving address: {error}")))?
+            .next()
+            .ok_or_else(|| Error::Io("address resolves to nothing".into()))?;
+        let first = Connection::connect(address, options.timeout).await?;
+        let hello_request = RequestView {
+            id: 0,
+            timeout_ms: options.timeout.as_millis().min(u128::from(u32::MAX)) as u32,
+            consistency: options.consistency,
+            context: &[],
+            write_id: None,
+            op: Op::Hello { protocol_version: PROTOCOL_VERSION, client_name: "kv-rust-client" },
+        };
+        let response = first.call(&hello_request, options.timeout).await?;
+        if response.status != Status::OK {
+            return Err(status_error(response));
+        }
+        let hello = response.hello.ok_or_else(|| Error::Protocol("Hello reply without node info".into()))?;
+        if hello.shard_count == 0 || hello.shard_ports.len() != usize::from(hello.shard_count) {
+            return Err(Error::Protocol(format!("node reports {} shards", hello.shard_count)));
+        }
+        let pool_size = options.pool_size.max(1);
+        let slots = |address: SocketAddr| -> Vec<Slot> {
+            (0..pool_size).map(|_| Slot { address, connection: Mutex::new(None) }).collect()
+        };
+        let routes: Vec<Vec<Slot>> = if options.shard_aware {
+            hello.shard_ports.iter().map(|&(_, port)| slots(SocketAddr::new(address.ip(), port))).collect()
+        } else {
+            vec![slots(address)]
+        };
+        // Keep the handshake connection in the first slot of the shared pool.
+        if !options.shard_aware {
+            *routes[0][0].connection.lock().await = Some(Arc::new(first));
+        }
+        Ok(Client { inner: Arc::new(Inner { hello, options, routes, next: AtomicUsize::new(0) }) })
+    }
+
+    /// What the node said in the handshake.
+    pub fn hello(&self) -> &HelloInfo {
+        &self.inner.hello
+    }
+
+    async fn call(&self, op: Op<'_>) -> Result<ResponseView, Error> {
+        let routes = &self.inner.routes;
+        let route = match op.key() {
+            Some(key) if routes.len() > 1 => &routes[shard_of(key, routes.len())],
+            _ => &routes[0],
+        };
+        let slot = &route[self.inner.next.fetch_add(1, Ordering::Relaxed) % route.len()];
+        let timeout = self.inner.options.timeout;
+        let connection = slot.get(timeout).await?;
+        let request = RequestView {
+            id: 0,
+            timeout_ms: timeout.as_millis().min(u128::from(u32::MAX)) as u32,
+            consistency: self.inner.options.consistency,
+            context: &[],
+            write_id: None,
+            op,
+        };
+        connection.call(&request, timeout).await
+    }
+
+    pub async fn put(&self, key: &[u8], value: &[u8]) -> Result<(), Error> {
+        self.put_with_ttl(key, value, None).await
+    }
+
+    /// Stores `value`; with a TTL it reads as absent once the TTL has passed.
+    pub async fn put_with_ttl(&self, key: &[u8], value: &[u8], ttl: Option<Duration>) -> Result<(), Error> {
+        check_key(key)?;
+        check_value(value)?;
+        let ttl_ms = ttl.map_or(0, |ttl| ttl.as_millis().max(1) as u64);
+        let response = self.call(Op::Put { key, value, ttl_ms }).await?;
+        match response.status {
+            Status::OK => Ok(()),
+            _ => Err(status_error(response)),
+        }
+    }
+
+    pub async fn get(&self, key: &[u8]) -> Result<Option<Value>, Error> {
+        self.get_inner(key, false).await
+    }
+
+    /// Like `get`, but the reply carries no value bytes: timestamp and TTL only.
+    pub async fn get_metadata(&self, key: &[u8]) -> Result<Option<Value>, Error> {
+        self.get_inner(key, true).await
+    }
+
+    async fn get_inner(&self, key: &[u8], metadata_only: bool) -> Result<Option<Value>, Error> {
+        check_key(key)?;
+        let response = self.call(Op::Get { key, metadata_only }).await?;
+        match response.status {
+            Status::OK => {
+                let sibling = response.siblings.into_iter().next();
+                let sibling =
+                    sibling.ok_or_else(|| Error::Protocol("OK reply to Get without a value".into()))?;
+                Ok(Some(Value::from(sibling)))
+            }
+            Status::NOT_FOUND => Ok(None),
+            _ => Err(status_error(response)),
+        }
+    }
+
+    /// Deletes `key`; `Ok(false)` if it did not exist.
+    pub async fn delete(&self, key: &[u8]) -> Result<bool, Error> {
+        check_key(key)?;
+        let response = self.call(Op::Delete { key }).await?;
+        match response.status {
+            Status::OK => Ok(true),
+            Status::NOT_FOUND => Ok(false),
+            _ => Err(status_error(response)),
+        }
+    }
+
+    /// Atomically replaces the value of `key` with `new_value` if it currently equals
+    /// `expected` (`None`: if the key is absent).
+    pub async fn cas(
+        &self,
+        key: &[u8],
+        expected: Option<&[u8]>,
+        new_value: &[u8],
+        ttl: Option<Duration>,
+    ) -> Result<CasOutcome, Error> {
+        check_key(key)?;
+        check_value(new_value)?;
+        if let Some(expected) = expected {
+            check_value(expected)?;
+        }
+        let ttl_ms = ttl.map_or(0, |ttl| ttl.as_millis().max(1) as u64);
+        let response = self.call(Op::Cas { key, expected, new_value, ttl_ms }).await?;
+        match response.status {
+            Status::OK => Ok(CasOutcome::Swapped),
+            Status::CAS_FAILED => {
+                Ok(CasOutcome::Failed { current: response.siblings.into_iter().next().map(Value::from) })
+            }
+            _ => Err(status_error(response)),
+        }
+    }
+}

@@ -1,1 +1,259 @@
-fn main() {}
+//! `kvctl`: the command line for data. Exit code 0 on success, 1 when the key is absent or
+//! a CAS did not match, 2 on any error.
+
+use std::io::{IsTerminal, Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use client::{CasOutcome, Client, Error, Options, Value};
+use serde_json::json;
+
+#[derive(Debug, Parser)]
+#[command(name = "kvctl", version, about = "Talk to a kv node")]
+struct Cli {
+    /// Address of the node's client port.
+    #[arg(long, global = true, default_value = "127.0.0.1:7400", env = "KV_ADDR")]
+    addr: String,
+    /// Print results as JSON.
+    #[arg(long, global = true)]
+    json: bool,
+    /// Deadline of the request, e.g. 500ms, 5s.
+    #[arg(long, global = true, default_value = "5s", value_parser = parse_duration)]
+    timeout: Duration,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Args)]
+struct ValueSource {
+    /// Read the value from FILE ("-" for standard input) instead of the command line.
+    #[arg(long)]
+    value_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Store VALUE under KEY.
+    Put {
+        key: String,
+        value: Option<String>,
+        #[command(flatten)]
+        source: ValueSource,
+        /// Expire the value after this long, e.g. 30s, 10m, 1h.
+        #[arg(long, value_parser = parse_duration)]
+        ttl: Option<Duration>,
+    },
+    /// Print the value of KEY.
+    Get { key: String },
+    /// Delete KEY.
+    Del { key: String },
+    /// Replace the value of KEY with NEW only if it currently is --expect (or absent).
+    Cas {
+        key: String,
+        new: Option<String>,
+        #[arg(long, conflicts_with = "expect_absent", required_unless_present = "expect_absent")]
+        expect: Option<String>,
+        #[arg(long)]
+        expect_absent: bool,
+        #[command(flatten)]
+        source: ValueSource,
+        #[arg(long, value_parser = parse_duration)]
+        ttl: Option<Duration>,
+    },
+    /// Print the time KEY has left to live.
+    Ttl { key: String },
+}
+
+/// "250ms", "30s", "5m", "2h", "1d"; a bare number is seconds.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number.parse().map_err(|_| format!("not a duration: {text:?}"))?;
+    let ms_per_unit = match unit {
+        "ms" => 1,
+        "" | "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return Err(format!("unknown unit {unit:?} in {text:?} (use ms, s, m, h, d)")),
+    };
+    number
+        .checked_mul(ms_per_unit)
+        .map(Duration::from_millis)
+        .ok_or_else(|| format!("duration too long: {text:?}"))
+}
+
+fn read_value(inline: Option<String>, source: &ValueSource) -> anyhow::Result<Vec<u8>> {
+    match (inline, &source.value_file) {
+        (Some(value), None) => Ok(value.into_bytes()),
+        (None, Some(path)) if path.as_os_str() == "-" => {
+            let mut value = Vec::new();
+            std::io::stdin().take(client::VALUE_SIZE_MAX as u64 + 1).read_to_end(&mut value)?;
+            Ok(value)
+        }
+        (None, Some(path)) => {
+            Ok(std::fs::read(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?)
+        }
+        (Some(_), Some(_)) => anyhow::bail!("give the value either inline or with --value-file, not both"),
+        (None, None) => anyhow::bail!("missing value (inline or --value-file)"),
+    }
+}
+
+fn value_json(value: &Value) -> serde_json::Value {
+    let ttl_ms = value.ttl_left.map(|ttl| ttl.as_millis() as u64);
+    match std::str::from_utf8(&value.value) {
+        Ok(text) => json!({"value": text, "timestamp_us": value.timestamp_us, "ttl_ms": ttl_ms}),
+        Err(_) => {
+            let hex: String = value.value.iter().map(|b| format!("{b:02x}")).collect();
+            json!({"value_hex": hex, "timestamp_us": value.timestamp_us, "ttl_ms": ttl_ms})
+        }
+    }
+}
+
+fn print_value(bytes: &[u8]) -> std::io::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    stdout.write_all(bytes)?;
+    if stdout.is_terminal() {
+        stdout.write_all(b"\n")?;
+    }
+    stdout.flush()
+}
+
+enum Outcome {
+    Success,
+    Absent,
+}
+
+async fn run(cli: Cli) -> anyhow::Result<Outcome> {
+    let options = Options { timeout: cli.timeout, shard_aware: false, ..Options::default() };
+    let client = Client::connect(cli.addr.as_str(), options).await?;
+    let json = cli.json;
+    match cli.command {
+        Command::Put { key, value, source, ttl } => {
+            let value = read_value(value, &source)?;
+            client.put_with_ttl(key.as_bytes(), &value, ttl).await?;
+            if json {
+                println!("{}", json!({"status": "ok"}));
+            } else {
+                println!("OK");
+            }
+            Ok(Outcome::Success)
+        }
+        Command::Get { key } => match client.get(key.as_bytes()).await? {
+            Some(value) => {
+                if json {
+                    println!("{}", value_json(&value));
+                } else {
+                    print_value(&value.value)?;
+                }
+                Ok(Outcome::Success)
+            }
+            None => {
+                if json {
+                    println!("{}", json!({"status": "not_found"}));
+                } else {
+                    eprintln!("(not found)");
+                }
+                Ok(Outcome::Absent)
+            }
+        },
+        Command::Del { key } => {
+            let existed = client.delete(key.as_bytes()).await?;
+            if json {
+                println!("{}", json!({"status": if existed { "ok" } else { "not_found" }}));
+            } else {
+                println!("{}", if existed { "deleted" } else { "(not found)" });
+            }
+            Ok(if existed { Outcome::Success } else { Outcome::Absent })
+        }
+        Command::Cas { key, new, expect, expect_absent, source, ttl } => {
+            let new_value = read_value(new, &source)?;
+            let expected = if expect_absent { None } else { expect.map(String::into_bytes) };
+            match client.cas(key.as_bytes(), expected.as_deref(), &new_value, ttl).await? {
+                CasOutcome::Swapped => {
+                    if json {
+                        println!("{}", json!({"status": "ok"}));
+                    } else {
+                        println!("OK");
+                    }
+                    Ok(Outcome::Success)
+                }
+                CasOutcome::Failed { current } => {
+                    if json {
+                        let current = current.as_ref().map(value_json);
+                        println!("{}", json!({"status": "cas_failed", "current": current}));
+                    } else {
+                        match current {
+                            Some(current) => eprintln!(
+                                "CAS failed: current value is {:?}",
+                                String::from_utf8_lossy(&current.value)
+                            ),
+                            None => eprintln!("CAS failed: the key is absent"),
+                        }
+                    }
+                    Ok(Outcome::Absent)
+                }
+            }
+        }
+        Command::Ttl { key } => match client.get_metadata(key.as_bytes()).await? {
+            Some(value) => {
+                let ttl_ms = value.ttl_left.map(|ttl| ttl.as_millis() as u64);
+                match (json, ttl_ms) {
+                    (true, _) => println!("{}", json!({"status": "ok", "ttl_ms": ttl_ms})),
+                    (false, Some(ms)) => println!("{}.{:03}s", ms / 1000, ms % 1000),
+                    (false, None) => println!("no ttl"),
+                }
+                Ok(Outcome::Success)
+            }
+            None => {
+                if json {
+                    println!("{}", json!({"status": "not_found"}));
+                } else {
+                    eprintln!("(not found)");
+                }
+                Ok(Outcome::Absent)
+            }
+        },
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let json = cli.json;
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("kvctl: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(Outcome::Success) => ExitCode::SUCCESS,
+        Ok(Outcome::Absent) => ExitCode::from(1),
+        Err(error) => {
+            let kind = error.downcast_ref::<Error>().map(|e| format!("{e:?}")).unwrap_or_default();
+            if json {
+                println!("{}", json!({"status": "error", "error": error.to_string(), "kind": kind}));
+            } else {
+                eprintln!("kvctl: {error}");
+            }
+            ExitCode::from(2)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        assert!(parse_duration("5y").is_err());
+        assert!(parse_duration("s").is_err());
+    }
+}

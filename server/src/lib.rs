@@ -1,0 +1,17 @@
+//! kvd, the kv node: a thread-per-core, shared-nothing key-value server.
+//!
+//! See ARCHITECTURE.md for the map. In short: `node` starts one glommio executor per shard;
+//! each runs `shard`, which owns a `store` (index + `wal`) and serves `net` connections;
+//! `mesh` carries requests between shards; every disk access goes through `storage`.
+
+pub mod clock;
+pub mod command;
+pub mod event;
+pub mod mesh;
+pub mod meta;
+pub mod net;
+pub mod node;
+pub mod shard;
+pub mod storage;
+pub mod store;
+pub mod wal;

@@ -1,0 +1,279 @@
+//! One client connection: frames in, requests dispatched concurrently, replies out in the
+//! order they complete (each carries its request id).
+//!
+//! Memory per connection is bounded: at most `inflight_max` requests are admitted at once
+//! (the reader stops reading until a reply is written), replies keep values by reference
+//! until encoded, and the writer encodes at most `OUTPUT_FLUSH_SIZE` bytes (plus one reply)
+//! before it writes. A client that never reads therefore stalls only itself; after the
+//! write timeout its connection is closed.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::rc::Rc;
+use std::time::Duration;
+
+use flatbuffers::FlatBufferBuilder;
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::net::TcpStream;
+use glommio::sync::{Semaphore, StaticPermit};
+use schema::{
+    encode_response, parse_request, split_frame, Op, RequestView, ResponseOut, SiblingOut, Status,
+    FRAME_HEADER_SIZE, FRAME_SIZE_MAX, PROTOCOL_VERSION,
+};
+
+use crate::command::{Command, LocalReply, Reply, Version};
+use crate::event::Event;
+use crate::shard::Shard;
+use crate::storage::Storage;
+
+/// Encoded reply bytes the writer gathers before it writes them.
+pub const OUTPUT_FLUSH_SIZE: usize = 256 << 10;
+/// A reply larger than this makes the writer drop its encoder's buffer afterwards.
+const LARGE_FRAME_SIZE: usize = 64 << 10;
+/// Read buffer of an idle connection; it grows to hold one frame and shrinks back.
+const READ_BUFFER_SIZE_MIN: usize = 8 << 10;
+
+/// Per-connection limits, set by flags.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    pub inflight_max: usize,
+    pub idle_timeout: Duration,
+    pub write_timeout: Duration,
+    pub request_timeout_default: Duration,
+    pub request_timeout_max: Duration,
+}
+
+enum Body {
+    Reply(LocalReply),
+    Hello,
+    Status(Status, String),
+}
+
+struct Outgoing {
+    id: u64,
+    body: Body,
+    _permit: Option<StaticPermit>,
+}
+
+#[derive(Default)]
+struct Outbox {
+    queue: RefCell<VecDeque<Outgoing>>,
+    changed: Event,
+    /// Requests admitted whose reply is not yet queued.
+    running_count: Cell<usize>,
+    reader_done: Cell<bool>,
+}
+
+impl Outbox {
+    fn push(&self, outgoing: Outgoing) {
+        self.queue.borrow_mut().push_back(outgoing);
+        self.changed.notify_all();
+    }
+}
+
+pub async fn serve<S: Storage>(stream: TcpStream, shard: Rc<Shard<S>>) {
+    let limits = shard.limits;
+    let _ = stream.set_nodelay(true);
+    let _ = stream.set_read_timeout(Some(limits.idle_timeout));
+    let _ = stream.set_write_timeout(Some(limits.write_timeout));
+    let (reader, writer) = futures_lite::io::split(stream);
+    let outbox = Rc::new(Outbox::default());
+    let inflight = Rc::new(Semaphore::new(limits.inflight_max as u64));
+    let writer_task =
+        glommio::spawn_local(write_replies(writer, outbox.clone(), inflight.clone(), shard.clone()));
+    read_requests(reader, &outbox, &inflight, &shard).await;
+    outbox.reader_done.set(true);
+    outbox.changed.notify_all();
+    writer_task.await;
+}
+
+async fn read_requests<S: Storage>(
+    mut reader: futures_lite::io::ReadHalf<TcpStream>,
+    outbox: &Rc<Outbox>,
+    inflight: &Rc<Semaphore>,
+    shard: &Rc<Shard<S>>,
+) {
+    let mut buffer = vec![0u8; READ_BUFFER_SIZE_MIN];
+    let mut start = 0;
+    let mut end = 0;
+    loop {
+        // Serve every whole frame in the buffer.
+        loop {
+            let payload = match split_frame(&buffer[start..end]) {
+                Ok(Some(payload)) => payload,
+                Ok(None) => break,
+                Err(error) => {
+                    // The stream cannot be delimited any more: answer once and hang up.
+                    let body = Body::Status(Status::FRAME_TOO_LARGE, error.to_string());
+                    outbox.push(Outgoing { id: 0, body, _permit: None });
+                    return;
+                }
+            };
+            let frame_size = FRAME_HEADER_SIZE + payload.len();
+            let Ok(permit) = inflight.clone().acquire_static_permit(1).await else {
+                return; // The writer gave up on this connection.
+            };
+            dispatch(payload, permit, outbox, shard);
+            start += frame_size;
+        }
+        // Make room for the rest of the current frame.
+        if start == end {
+            start = 0;
+            end = 0;
+            if buffer.len() > READ_BUFFER_SIZE_MIN {
+                buffer = vec![0u8; READ_BUFFER_SIZE_MIN];
+            }
+        } else if start > 0 {
+            buffer.copy_within(start..end, 0);
+            end -= start;
+            start = 0;
+        }
+        if end == buffer.len() {
+            let needed = match buffer.get(..FRAME_HEADER_SIZE) {
+                Some(header) => {
+                    let size = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+                    FRAME_HEADER_SIZE + size.min(FRAME_SIZE_MAX)
+                }
+                None => FRAME_HEADER_SIZE,
+            };
+            buffer.resize(needed.max(2 * buffer.len()).min(FRAME_HEADER_SIZE + FRAME_SIZE_MAX), 0);
+        }
+        match reader.read(&mut buffer[end..]).await {
+            Ok(0) | Err(_) => return, // closed by the client, idle timeout, or reset
+            Ok(count) => end += count,
+        }
+    }
+}
+
+fn dispatch<S: Storage>(payload: &[u8], permit: StaticPermit, outbox: &Rc<Outbox>, shard: &Rc<Shard<S>>) {
+    shard.stats.request_count.set(shard.stats.request_count.get() + 1);
+    let request = match parse_request(payload) {
+        Ok(request) => request,
+        Err(error) => {
+            let body = Body::Status(error.status, error.message);
+            return outbox.push(Outgoing { id: error.id, body, _permit: Some(permit) });
+        }
+    };
+    let RequestView { id, timeout_ms, op, .. } = request;
+    let Some(command) = Command::from_op(&op) else {
+        let Op::Hello { protocol_version, .. } = op else { unreachable!("only Hello has no key") };
+        let body = if protocol_version == 0 {
+            Body::Status(
+                Status::UNSUPPORTED_VERSION,
+                format!("protocol version 0; this node speaks {PROTOCOL_VERSION}"),
+            )
+        } else {
+            Body::Hello
+        };
+        return outbox.push(Outgoing { id, body, _permit: Some(permit) });
+    };
+    let timeout = match timeout_ms {
+        0 => shard.limits.request_timeout_default,
+        ms => Duration::from_millis(u64::from(ms)).min(shard.limits.request_timeout_max),
+    };
+    outbox.running_count.set(outbox.running_count.get() + 1);
+    let outbox = outbox.clone();
+    let shard = shard.clone();
+    glommio::spawn_local(async move {
+        let work = async { Some(shard.execute(command).await) };
+        let expired = async {
+            glommio::timer::sleep(timeout).await;
+            None
+        };
+        let reply = futures_lite::future::or(work, expired).await.unwrap_or_else(|| {
+            shard.stats.timeout_count.set(shard.stats.timeout_count.get() + 1);
+            Reply::error(Status::TIMEOUT, format!("no reply within {} ms", timeout.as_millis()))
+        });
+        outbox.running_count.set(outbox.running_count.get() - 1);
+        outbox.push(Outgoing { id, body: Body::Reply(reply), _permit: Some(permit) });
+    })
+    .detach();
+}
+
+fn encode(
+    builder: &mut FlatBufferBuilder<'_>,
+    out: &mut Vec<u8>,
+    outgoing: &Outgoing,
+    hello: &schema::HelloInfo,
+) {
+    let id = outgoing.id;
+    match &outgoing.body {
+        Body::Hello => {
+            let response = ResponseOut { hello: Some(hello), ..ResponseOut::status(id, Status::OK, "") };
+            encode_response(builder, out, &response);
+        }
+        Body::Status(status, message) => {
+            encode_response(builder, out, &ResponseOut::status(id, *status, message))
+        }
+        Body::Reply(reply) => match reply {
+            Reply::Done => encode_response(builder, out, &ResponseOut::status(id, Status::OK, "")),
+            Reply::NotFound => encode_response(builder, out, &ResponseOut::status(id, Status::NOT_FOUND, "")),
+            Reply::Found(version) => {
+                let siblings = [sibling_of(version)];
+                let response = ResponseOut { siblings: &siblings, ..ResponseOut::status(id, Status::OK, "") };
+                encode_response(builder, out, &response);
+            }
+            Reply::CasFailed(current) => {
+                let siblings: Vec<SiblingOut<'_>> = current.iter().map(sibling_of).collect();
+                let response =
+                    ResponseOut { siblings: &siblings, ..ResponseOut::status(id, Status::CAS_FAILED, "") };
+                encode_response(builder, out, &response);
+            }
+            Reply::Error { status, message } => {
+                encode_response(builder, out, &ResponseOut::status(id, *status, message));
+            }
+        },
+    }
+}
+
+fn sibling_of(version: &Version<Rc<[u8]>>) -> SiblingOut<'_> {
+    SiblingOut {
+        value: version.value.as_deref().unwrap_or(&[]),
+        timestamp_us: version.timestamp_us,
+        ttl_left_ms: version.ttl_left_ms,
+    }
+}
+
+async fn write_replies<S: Storage>(
+    mut writer: futures_lite::io::WriteHalf<TcpStream>,
+    outbox: Rc<Outbox>,
+    inflight: Rc<Semaphore>,
+    shard: Rc<Shard<S>>,
+) {
+    let mut builder = FlatBufferBuilder::with_capacity(4096);
+    let mut out = Vec::with_capacity(OUTPUT_FLUSH_SIZE);
+    loop {
+        let listener = outbox.changed.listen();
+        while out.len() < OUTPUT_FLUSH_SIZE {
+            let Some(outgoing) = outbox.queue.borrow_mut().pop_front() else { break };
+            let size_before = out.len();
+            encode(&mut builder, &mut out, &outgoing, &shard.hello);
+            if out.len() - size_before > LARGE_FRAME_SIZE {
+                // The builder keeps its largest allocation; do not let an idle connection
+                // hold a megabyte because it once read a large value.
+                builder = FlatBufferBuilder::with_capacity(4096);
+            }
+            // Dropping `outgoing` releases its in-flight permit; its bytes now count in `out`.
+        }
+        if out.is_empty() {
+            let finished = outbox.reader_done.get() && outbox.running_count.get() == 0;
+            if finished {
+                break;
+            }
+            listener.await;
+            continue;
+        }
+        if writer.write_all(&out).await.is_err() {
+            // The client stopped reading (write timeout) or went away: stop admitting its
+            // requests; the reader sees the closed semaphore and ends the connection.
+            inflight.close();
+            break;
+        }
+        out.clear();
+        if out.capacity() > 4 * OUTPUT_FLUSH_SIZE {
+            out = Vec::with_capacity(OUTPUT_FLUSH_SIZE);
+        }
+    }
+    let _ = writer.flush().await;
+    let _ = writer.close().await;
+}

@@ -1,0 +1,292 @@
+//! The `kvd` process: flags, data directory, listeners, one pinned executor per shard,
+//! signals and shutdown. The main thread only sets up and waits; shards do all the work.
+
+use std::fs;
+use std::net::{SocketAddr, TcpListener};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use glommio::{LocalExecutorBuilder, Placement};
+use schema::{HelloInfo, ShardFunction, PROTOCOL_VERSION, SHARD_HASH_SEED};
+use socket2::{Domain, Socket, Type};
+
+use crate::meta;
+use crate::net::connection::ConnectionLimits;
+use crate::shard::{self, ShardLaunch};
+use crate::wal::SyncPolicy;
+
+/// Upper bound on shards per node (and so on executor threads).
+pub const SHARD_COUNT_MAX: usize = 256;
+
+#[derive(Debug, Parser)]
+#[command(name = "kvd", version, about = "kv node: a thread-per-core key-value server")]
+pub struct Args {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Client address, served by every shard (SO_REUSEPORT). Port 0 picks a free port.
+    #[arg(long, global = true, default_value = "127.0.0.1:7400")]
+    pub listen: SocketAddr,
+    /// First port of the shards' own ports (shard i listens on base + i). Default: the
+    /// client port + 1, or free ports when the client port is 0.
+    #[arg(long, global = true)]
+    pub shard_port_base: Option<u16>,
+    /// Data directory (created if missing).
+    #[arg(long, global = true)]
+    pub data_dir: Option<PathBuf>,
+    /// Number of shards. Default: the count recorded in the data directory, else all cores.
+    #[arg(long, global = true)]
+    pub shards: Option<usize>,
+    /// Do not pin shard threads to cores (for machines shared with other work).
+    #[arg(long, global = true)]
+    pub no_pin: bool,
+    /// Spin briefly before sleeping: lower cross-core latency, but an idle core burns CPU.
+    #[arg(long, global = true)]
+    pub spin: bool,
+    /// When a write is acknowledged: always (after fdatasync), interval:MS, or never.
+    #[arg(long, global = true, default_value = "always")]
+    pub fsync: SyncPolicy,
+    /// Requests one connection may have in flight before the server stops reading it.
+    #[arg(long, global = true, default_value_t = 1024)]
+    pub inflight_max: usize,
+    /// Open client connections per node; more are closed at once.
+    #[arg(long, global = true, default_value_t = 16384)]
+    pub connections_max: usize,
+    /// A connection that sends nothing for this long is closed.
+    #[arg(long, global = true, default_value_t = 300_000)]
+    pub idle_timeout_ms: u64,
+    /// A connection whose client does not take replies for this long is closed.
+    #[arg(long, global = true, default_value_t = 30_000)]
+    pub write_timeout_ms: u64,
+    /// Server-side deadline of a request that names none.
+    #[arg(long, global = true, default_value_t = 5_000)]
+    pub request_timeout_ms: u64,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Start a ready node on 127.0.0.1:7400 with its data in ./kvd-demo, and say how to use it.
+    Demo,
+}
+
+/// The addresses a running node bound, written to `DATA_DIR/ports.json` once it serves.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct Ports {
+    pub client: SocketAddr,
+    pub shards: Vec<SocketAddr>,
+    pub pid: u32,
+    pub node_id: String,
+}
+
+pub const PORTS_FILE: &str = "ports.json";
+
+fn reuse_port_listener(address: SocketAddr) -> anyhow::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(address), Type::STREAM, None)?;
+    socket.set_reuse_port(true)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&address.into()).with_context(|| format!("binding {address}"))?;
+    socket.listen(1024)?;
+    Ok(socket.into())
+}
+
+/// Raises the soft open-file limit to the hard one: every connection costs a descriptor.
+fn raise_file_limit() {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit write and read the struct we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
+fn termination_signals() -> libc::sigset_t {
+    // SAFETY: sigemptyset/sigaddset initialise the set we own.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        set
+    }
+}
+
+fn write_ports(data_dir: &Path, ports: &Ports) -> anyhow::Result<()> {
+    let temporary = data_dir.join("ports.json.tmp");
+    fs::write(&temporary, serde_json::to_vec_pretty(ports)?)?;
+    fs::rename(&temporary, data_dir.join(PORTS_FILE))?;
+    Ok(())
+}
+
+pub fn run(mut args: Args) -> anyhow::Result<()> {
+    let demo = matches!(args.command, Some(Command::Demo));
+    let data_dir = match (&args.data_dir, demo) {
+        (Some(dir), _) => dir.clone(),
+        (None, true) => PathBuf::from("kvd-demo"),
+        (None, false) => bail!("--data-dir is required (or run `kvd demo`)"),
+    };
+    if let Some(shards) = args.shards {
+        if shards == 0 || shards > SHARD_COUNT_MAX {
+            bail!("--shards must be 1..={SHARD_COUNT_MAX}, got {shards}");
+        }
+    }
+    if args.inflight_max == 0 {
+        bail!("--inflight-max must be at least 1");
+    }
+    fs::create_dir_all(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+    // glommio opens directories relative to no descriptor, so paths must be absolute.
+    let data_dir =
+        fs::canonicalize(&data_dir).with_context(|| format!("resolving {}", data_dir.display()))?;
+    let _lock = meta::lock_data_dir(&data_dir)?;
+    let _ = fs::remove_file(data_dir.join(PORTS_FILE));
+    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    let shards_default = std::thread::available_parallelism().map_or(1, |n| n.get()).min(SHARD_COUNT_MAX);
+    let node = meta::load_or_create(&data_dir, args.shards, shards_default)?;
+    let shard_count = node.shard_count;
+    args.shards = Some(shard_count);
+    raise_file_limit();
+
+    // Bind everything before any shard starts, so that the ports are known up front.
+    let first = reuse_port_listener(args.listen)?;
+    let client_address = first.local_addr()?;
+    let mut client_listeners = vec![first];
+    for _ in 1..shard_count {
+        client_listeners.push(reuse_port_listener(client_address)?);
+    }
+    let shard_port_base = match (args.shard_port_base, client_address.port(), args.listen.port()) {
+        (Some(base), _, _) => Some(base),
+        (None, _, 0) => None,
+        (None, port, _) => Some(port + 1),
+    };
+    let mut shard_listeners = Vec::with_capacity(shard_count);
+    for index in 0..shard_count {
+        let port = match shard_port_base {
+            Some(base) => base.checked_add(index as u16).context("shard port beyond 65535")?,
+            None => 0,
+        };
+        let listener = TcpListener::bind(SocketAddr::new(client_address.ip(), port))
+            .with_context(|| format!("binding shard {index} to port {port}"))?;
+        shard_listeners.push(listener);
+    }
+    let shard_addresses: Vec<SocketAddr> =
+        shard_listeners.iter().map(TcpListener::local_addr).collect::<Result<_, _>>()?;
+    let hello = HelloInfo {
+        protocol_version: PROTOCOL_VERSION,
+        node_id: node.node_id.clone(),
+        shard_count: shard_count as u16,
+        shard_function: ShardFunction::XXH3_64_MULSHIFT,
+        shard_hash_seed: SHARD_HASH_SEED,
+        client_port: client_address.port(),
+        shard_ports: shard_addresses.iter().enumerate().map(|(i, a)| (i as u16, a.port())).collect(),
+    };
+    let limits = ConnectionLimits {
+        inflight_max: args.inflight_max,
+        idle_timeout: Duration::from_millis(args.idle_timeout_ms.max(1)),
+        write_timeout: Duration::from_millis(args.write_timeout_ms.max(1)),
+        request_timeout_default: Duration::from_millis(args.request_timeout_ms.max(1)),
+        request_timeout_max: Duration::from_secs(600),
+    };
+
+    // Block the termination signals in every thread; the main thread takes them with
+    // sigtimedwait, so no handler runs on a shard thread.
+    let signals = termination_signals();
+    // SAFETY: changes this thread's mask, inherited by the shard threads spawned below.
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &signals, std::ptr::null_mut()) };
+
+    let mesh = (shard_count > 1).then(|| crate::mesh::builder(shard_count));
+    let (ready_sender, ready) = std::sync::mpsc::channel();
+    let mut shutdown_senders = Vec::with_capacity(shard_count);
+    let mut handles = Vec::with_capacity(shard_count);
+    let shard_listeners_iter = client_listeners.into_iter().zip(shard_listeners);
+    for (index, (client_listener, shard_listener)) in shard_listeners_iter.enumerate() {
+        let (shutdown_sender, shutdown) = UnixStream::pair()?;
+        shutdown_senders.push(shutdown_sender);
+        let launch = ShardLaunch {
+            index,
+            count: shard_count,
+            data_dir: data_dir.clone(),
+            policy: args.fsync,
+            limits,
+            connections_max: args.connections_max.div_ceil(shard_count),
+            hello: hello.clone(),
+            client_listener,
+            shard_listener,
+            mesh: mesh.clone(),
+            ready: ready_sender.clone(),
+            shutdown,
+        };
+        let placement = match (args.no_pin, cores.get(index % cores.len().max(1))) {
+            (false, Some(core)) => Placement::Fixed(core.id),
+            _ => Placement::Unbound,
+        };
+        let mut builder = LocalExecutorBuilder::new(placement).name(&format!("kvd-shard-{index}"));
+        if args.spin {
+            builder = builder.spin_before_park(Duration::from_micros(500));
+        }
+        let handle = builder
+            .spawn(move || shard::run(launch))
+            .map_err(|error| anyhow::anyhow!("starting the executor of shard {index}: {error}"))?;
+        handles.push(handle);
+    }
+    drop(ready_sender);
+
+    let mut record_count = 0;
+    for _ in 0..shard_count {
+        match ready.recv() {
+            Ok(Ok(report)) => record_count += report.record_count,
+            Ok(Err(error)) => bail!("{error}"),
+            Err(_) => bail!("a shard stopped during start-up"),
+        }
+    }
+    let ports = Ports {
+        client: client_address,
+        shards: shard_addresses,
+        pid: std::process::id(),
+        node_id: node.node_id.clone(),
+    };
+    write_ports(&data_dir, &ports)?;
+    eprintln!(
+        "kvd: node {} serving on {client_address} ({shard_count} shards, shard ports {:?}, fsync {:?}, \
+         {record_count} log records replayed, data in {})",
+        node.node_id,
+        hello.shard_ports.iter().map(|p| p.1).collect::<Vec<_>>(),
+        args.fsync,
+        data_dir.display()
+    );
+    if demo {
+        println!(
+            "\nkvd demo: a node is serving on {client_address}.\nTry, from another terminal:\n  \
+             cargo run -q -p client --bin kvctl -- put greeting 'hello world'\n  \
+             cargo run -q -p client --bin kvctl -- get greeting\n  \
+             cargo run -q -p client --bin kvctl -- put session abc --ttl 30s\n  \
+             cargo run -q -p client --bin kvctl -- ttl session\n  \
+             cargo run -q -p client --bin kvctl -- cas greeting --expect 'hello world' 'hi'\n\
+             Data lives in {}. Stop with Ctrl-C.",
+            data_dir.display()
+        );
+    }
+
+    // Wait for SIGTERM or SIGINT. A shard cannot die silently meanwhile: panics abort the
+    // process (see the workspace profiles), and the log stays durable through that.
+    loop {
+        let mut signal = 0;
+        // SAFETY: sigwait reads the set and writes the signal number into memory we own.
+        let result = unsafe { libc::sigwait(&signals, &mut signal) };
+        if result == 0 && (signal == libc::SIGTERM || signal == libc::SIGINT) {
+            eprintln!("kvd: shutting down");
+            break;
+        }
+    }
+    drop(shutdown_senders);
+    for handle in handles {
+        if handle.join().is_err() {
+            bail!("a shard failed while shutting down");
+        }
+    }
+    let _ = fs::remove_file(data_dir.join(PORTS_FILE));
+    eprintln!("kvd: stopped cleanly");
+    Ok(())
+}

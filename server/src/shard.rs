@@ -1,0 +1,160 @@
+//! One shard: its store, its listeners, its end of the channel mesh, all on one glommio
+//! executor. Nothing here is shared with another thread.
+
+use std::cell::Cell;
+use std::os::fd::{FromRawFd, IntoRawFd};
+use std::path::PathBuf;
+use std::rc::Rc;
+
+use futures_lite::AsyncReadExt;
+use glommio::channels::channel_mesh::{Full, MeshBuilder};
+use schema::{shard_of, HelloInfo, Status};
+
+use crate::command::{Command, LocalReply, Reply};
+use crate::mesh::{Mesh, Message};
+use crate::net::connection::ConnectionLimits;
+use crate::storage::dma::DmaStorage;
+use crate::storage::Storage;
+use crate::store::Store;
+use crate::wal::{RecoveryReport, ShardIdentity, SyncPolicy};
+
+#[derive(Debug, Default)]
+pub struct ShardStats {
+    pub request_count: Cell<u64>,
+    pub timeout_count: Cell<u64>,
+    pub connection_count: Cell<usize>,
+    pub refused_connection_count: Cell<u64>,
+}
+
+pub struct Shard<S: Storage> {
+    pub index: usize,
+    pub count: usize,
+    pub store: Store<S>,
+    pub mesh: Option<Rc<Mesh>>,
+    pub hello: HelloInfo,
+    pub limits: ConnectionLimits,
+    pub connections_max: usize,
+    pub stats: ShardStats,
+}
+
+impl<S: Storage> Shard<S> {
+    /// Runs `command` on the shard that owns its key: here, or one hop away.
+    pub async fn execute(&self, command: Command) -> LocalReply {
+        let target = shard_of(command.key(), self.count);
+        if target == self.index {
+            return self.store.apply(command).await;
+        }
+        match &self.mesh {
+            Some(mesh) => mesh.forward(target, command).await.map_value(Rc::from),
+            None => Reply::error(Status::INTERNAL, format!("no mesh to reach shard {target}")),
+        }
+    }
+}
+
+/// Everything a shard thread needs, prepared by the main thread.
+pub struct ShardLaunch {
+    pub index: usize,
+    pub count: usize,
+    pub data_dir: PathBuf,
+    pub policy: SyncPolicy,
+    pub limits: ConnectionLimits,
+    pub connections_max: usize,
+    pub hello: HelloInfo,
+    /// Bound and listening; the shared client port (SO_REUSEPORT) and the shard's own.
+    pub client_listener: std::net::TcpListener,
+    pub shard_listener: std::net::TcpListener,
+    pub mesh: Option<MeshBuilder<Message, Full>>,
+    pub ready: std::sync::mpsc::Sender<Result<RecoveryReport, String>>,
+    /// Readable (or closed) when the node must shut down.
+    pub shutdown: std::os::unix::net::UnixStream,
+}
+
+fn listener(std_listener: std::net::TcpListener) -> glommio::net::TcpListener {
+    // SAFETY: the descriptor is a bound, listening TCP socket whose ownership `into_raw_fd`
+    // just gave up, so the glommio listener becomes its only owner.
+    unsafe { glommio::net::TcpListener::from_raw_fd(std_listener.into_raw_fd()) }
+}
+
+/// Runs one shard until shutdown. Start-up errors go to `launch.ready`.
+pub async fn run(launch: ShardLaunch) {
+    let ShardLaunch {
+        index,
+        count,
+        data_dir,
+        policy,
+        limits,
+        connections_max,
+        hello,
+        client_listener,
+        shard_listener,
+        mesh,
+        ready,
+        shutdown,
+    } = launch;
+    let storage = match DmaStorage::new(&data_dir.join(crate::meta::NODE_FILE)).await {
+        Ok(storage) => storage,
+        Err(error) => {
+            let _ = ready.send(Err(format!("shard {index}: opening the data directory: {error}")));
+            return;
+        }
+    };
+    let identity = ShardIdentity { shard_index: index as u32, shard_count: count as u32 };
+    let shard_dir = data_dir.join(format!("shard-{index}"));
+    let (store, report) = match Store::open(storage, &shard_dir, identity, policy).await {
+        Ok(opened) => opened,
+        Err(error) => {
+            let _ = ready.send(Err(format!("shard {index}: recovery failed: {error}")));
+            return;
+        }
+    };
+    let (mesh, receivers) = match mesh {
+        Some(builder) => match Mesh::join(builder, index, count).await {
+            Ok((mesh, receivers)) => (Some(mesh), Some(receivers)),
+            Err(error) => {
+                let _ = ready.send(Err(format!("shard {index}: {error:#}")));
+                return;
+            }
+        },
+        None => (None, None),
+    };
+    let shard = Rc::new(Shard {
+        index,
+        count,
+        store,
+        mesh: mesh.clone(),
+        hello,
+        limits,
+        connections_max,
+        stats: ShardStats::default(),
+    });
+    let mesh_task = match (mesh, receivers) {
+        (Some(mesh), Some(receivers)) => {
+            let served = shard.clone();
+            let execute = move |command| {
+                let shard = served.clone();
+                async move { shard.store.apply(command).await.map_value(|value| value.to_vec()) }
+            };
+            Some(glommio::spawn_local(mesh.serve(receivers, execute)))
+        }
+        _ => None,
+    };
+    let accept_tasks = [
+        glommio::spawn_local(crate::net::accept_loop(listener(client_listener), shard.clone())),
+        glommio::spawn_local(crate::net::accept_loop(listener(shard_listener), shard.clone())),
+    ];
+    let _ = ready.send(Ok(report));
+
+    // SAFETY: as above, ownership of the descriptor moves to the glommio stream.
+    let mut shutdown = unsafe { glommio::net::UnixStream::from_raw_fd(shutdown.into_raw_fd()) };
+    let mut byte = [0u8; 1];
+    let _ = shutdown.read(&mut byte).await;
+
+    drop(accept_tasks);
+    if let Err(error) = shard.store.close().await {
+        eprintln!("kvd: shard {index}: closing the log: {error}");
+    }
+    if let Some(mesh) = &shard.mesh {
+        mesh.close();
+    }
+    drop(mesh_task);
+}

@@ -1,0 +1,55 @@
+//! The one narrow interface through which the server touches a disk.
+//!
+//! Production uses [`dma::DmaStorage`] (glommio `DmaFile`, O_DIRECT through io_uring); tests
+//! use [`sim::SimStorage`], which injects errors and, at a simulated crash, drops whatever was
+//! not made durable: file data not covered by `sync_data` and directory entries not covered by
+//! `sync_dir`. `kill -9` cannot show a missing `fdatasync` (O_DIRECT data outlives the process),
+//! so the simulated crash is how the tests prove the durability path.
+
+pub mod dma;
+pub mod sim;
+
+use std::io;
+use std::path::Path;
+
+/// Every write covers whole blocks of this size at block-aligned offsets, as O_DIRECT demands.
+pub const BLOCK_SIZE: usize = 4096;
+
+/// Rounds `size` up to a whole number of blocks.
+pub const fn block_align_up(size: u64) -> u64 {
+    size.div_ceil(BLOCK_SIZE as u64) * BLOCK_SIZE as u64
+}
+
+/// A file system holding one shard's files. All methods run on the shard's own thread.
+#[allow(async_fn_in_trait)] // Shard-local: futures never cross threads, so no Send bound.
+pub trait Storage: Clone + 'static {
+    type File: StorageFile;
+
+    /// Creates `path` and its parents; a no-op when it exists.
+    async fn create_dir_all(&self, path: &Path) -> io::Result<()>;
+    /// The names of the files in directory `path`, in no particular order.
+    async fn list_dir(&self, path: &Path) -> io::Result<Vec<String>>;
+    /// Opens an existing file for reading and writing.
+    async fn open(&self, path: &Path) -> io::Result<Self::File>;
+    /// Creates a new, empty file; fails when it exists. The directory entry is durable only
+    /// after [`Storage::sync_dir`] on its directory.
+    async fn create(&self, path: &Path) -> io::Result<Self::File>;
+    /// Makes the directory's entries durable.
+    async fn sync_dir(&self, path: &Path) -> io::Result<()>;
+}
+
+/// One open file. Writes are whole blocks at block-aligned offsets.
+#[allow(async_fn_in_trait)]
+pub trait StorageFile: 'static {
+    /// Reads up to `size` bytes at `offset`; fewer only at the end of the file.
+    async fn read_at(&self, offset: u64, size: usize) -> io::Result<Vec<u8>>;
+    /// Writes all of `data` at `offset`. Both are multiples of [`BLOCK_SIZE`].
+    async fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()>;
+    /// Makes every completed write durable (`fdatasync`).
+    async fn sync_data(&self) -> io::Result<()>;
+    /// Reserves `size` bytes of space, so that later writes need no allocation.
+    async fn allocate(&self, size: u64) -> io::Result<()>;
+    async fn truncate(&self, size: u64) -> io::Result<()>;
+    async fn size(&self) -> io::Result<u64>;
+    async fn close(self) -> io::Result<()>;
+}

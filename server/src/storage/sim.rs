@@ -1,0 +1,376 @@
+//! Simulated storage for tests: an in-memory file system that injects I/O errors and
+//! models a power loss.
+//!
+//! Each file keeps the bytes the process sees and the bytes a power loss would leave. A
+//! successful `sync_data` makes the first equal to the second. [`SimStorage::crash`] keeps
+//! the durable bytes plus a random prefix of the unsynced operations, in order, with the
+//! boundary write torn at a block boundary, and forgets files whose directory entry was not
+//! synced. Handles opened before a crash fail afterwards, like the dead process's would.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+use super::{Storage, StorageFile, BLOCK_SIZE};
+
+/// A small deterministic generator (splitmix64), so a failing run replays from its seed.
+#[derive(Debug, Clone)]
+pub struct SimRng(u64);
+
+impl SimRng {
+    pub fn new(seed: u64) -> SimRng {
+        SimRng(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// A number in `0..bound` (`bound > 0`).
+    pub fn below(&mut self, bound: u64) -> u64 {
+        assert!(bound > 0);
+        self.next_u64() % bound
+    }
+
+    /// True with probability `per_million / 1e6`.
+    pub fn chance(&mut self, per_million: u32) -> bool {
+        self.below(1_000_000) < u64::from(per_million)
+    }
+}
+
+/// Which operations fail, and how often.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Faults {
+    pub write_error_per_million: u32,
+    pub sync_error_per_million: u32,
+}
+
+#[derive(Debug, Clone)]
+enum PendingOp {
+    Write { offset: u64, data: Vec<u8> },
+    SetLen { size: u64 },
+}
+
+#[derive(Debug, Default, Clone)]
+struct SimFile {
+    data: Vec<u8>,
+    durable: Vec<u8>,
+    pending: Vec<PendingOp>,
+}
+
+fn apply(data: &mut Vec<u8>, op: &PendingOp) {
+    match op {
+        PendingOp::Write { offset, data: bytes } => {
+            let end = *offset as usize + bytes.len();
+            if data.len() < end {
+                data.resize(end, 0);
+            }
+            data[*offset as usize..end].copy_from_slice(bytes);
+        }
+        PendingOp::SetLen { size } => data.resize(*size as usize, 0),
+    }
+}
+
+#[derive(Debug)]
+struct SimState {
+    files: BTreeMap<PathBuf, SimFile>,
+    /// Files whose directory entry survives a crash.
+    durable_entries: BTreeSet<PathBuf>,
+    dirs: BTreeSet<PathBuf>,
+    faults: Faults,
+    rng: SimRng,
+    /// Bumped by every crash; handles from an earlier generation are dead.
+    generation: u64,
+    write_count: u64,
+    sync_count: u64,
+    injected_error_count: u64,
+}
+
+/// The simulated file system; clones share it.
+#[derive(Debug, Clone)]
+pub struct SimStorage {
+    state: Rc<RefCell<SimState>>,
+}
+
+impl SimStorage {
+    pub fn new(seed: u64) -> SimStorage {
+        let state = SimState {
+            files: BTreeMap::new(),
+            durable_entries: BTreeSet::new(),
+            dirs: BTreeSet::new(),
+            faults: Faults::default(),
+            rng: SimRng::new(seed),
+            generation: 0,
+            write_count: 0,
+            sync_count: 0,
+            injected_error_count: 0,
+        };
+        SimStorage { state: Rc::new(RefCell::new(state)) }
+    }
+
+    pub fn set_faults(&self, faults: Faults) {
+        self.state.borrow_mut().faults = faults;
+    }
+
+    /// How many errors were injected so far.
+    pub fn injected_error_count(&self) -> u64 {
+        self.state.borrow().injected_error_count
+    }
+
+    pub fn sync_count(&self) -> u64 {
+        self.state.borrow().sync_count
+    }
+
+    /// A power loss: everything not made durable may vanish, a random prefix of it survives.
+    /// Faults are cleared, as a restarted machine has a healthy disk until told otherwise.
+    pub fn crash(&self) {
+        let mut state = self.state.borrow_mut();
+        let state = &mut *state;
+        state.generation += 1;
+        state.faults = Faults::default();
+        let durable_entries = state.durable_entries.clone();
+        state.files.retain(|path, _| durable_entries.contains(path));
+        for file in state.files.values_mut() {
+            let mut data = std::mem::take(&mut file.durable);
+            let kept = state.rng.below(file.pending.len() as u64 + 1) as usize;
+            for op in &file.pending[..kept] {
+                apply(&mut data, op);
+            }
+            if let Some(PendingOp::Write { offset, data: bytes }) = file.pending.get(kept) {
+                // The write in flight at the crash: a prefix of its blocks reached the disk.
+                let block_count = bytes.len() / BLOCK_SIZE;
+                let torn = state.rng.below(block_count as u64 + 1) as usize * BLOCK_SIZE;
+                apply(&mut data, &PendingOp::Write { offset: *offset, data: bytes[..torn].to_vec() });
+            }
+            file.pending.clear();
+            file.durable = data.clone();
+            file.data = data;
+        }
+    }
+
+    /// The bytes the process currently sees in `path` (for tests that corrupt files).
+    pub fn file_data(&self, path: &Path) -> Option<Vec<u8>> {
+        self.state.borrow().files.get(path).map(|file| file.data.clone())
+    }
+
+    /// Overwrites bytes of `path` durably, as bit rot or a bad sector would.
+    pub fn corrupt(&self, path: &Path, offset: usize, bytes: &[u8]) {
+        let mut state = self.state.borrow_mut();
+        let file = state.files.get_mut(path).expect("corrupt: no such file");
+        let op = PendingOp::Write { offset: offset as u64, data: bytes.to_vec() };
+        apply(&mut file.data, &op);
+        apply(&mut file.durable, &op);
+    }
+
+    fn handle(&self, path: &Path) -> SimFileHandle {
+        let generation = self.state.borrow().generation;
+        SimFileHandle { storage: self.clone(), path: path.to_path_buf(), generation }
+    }
+}
+
+fn not_found(path: &Path) -> io::Error {
+    io::Error::new(io::ErrorKind::NotFound, format!("{}: no such file", path.display()))
+}
+
+impl Storage for SimStorage {
+    type File = SimFileHandle;
+
+    async fn create_dir_all(&self, path: &Path) -> io::Result<()> {
+        self.state.borrow_mut().dirs.insert(path.to_path_buf());
+        Ok(())
+    }
+
+    async fn list_dir(&self, path: &Path) -> io::Result<Vec<String>> {
+        let state = self.state.borrow();
+        let names = state
+            .files
+            .keys()
+            .filter(|file| file.parent() == Some(path))
+            .filter_map(|file| file.file_name()?.to_str().map(str::to_string))
+            .collect();
+        Ok(names)
+    }
+
+    async fn open(&self, path: &Path) -> io::Result<SimFileHandle> {
+        if !self.state.borrow().files.contains_key(path) {
+            return Err(not_found(path));
+        }
+        Ok(self.handle(path))
+    }
+
+    async fn create(&self, path: &Path) -> io::Result<SimFileHandle> {
+        let mut state = self.state.borrow_mut();
+        if state.files.contains_key(path) {
+            return Err(io::Error::new(io::ErrorKind::AlreadyExists, format!("{}: exists", path.display())));
+        }
+        state.files.insert(path.to_path_buf(), SimFile::default());
+        drop(state);
+        Ok(self.handle(path))
+    }
+
+    async fn sync_dir(&self, path: &Path) -> io::Result<()> {
+        let mut state = self.state.borrow_mut();
+        let children: Vec<PathBuf> =
+            state.files.keys().filter(|file| file.parent() == Some(path)).cloned().collect();
+        state.durable_entries.extend(children);
+        Ok(())
+    }
+}
+
+/// An open simulated file.
+#[derive(Debug)]
+pub struct SimFileHandle {
+    storage: SimStorage,
+    path: PathBuf,
+    generation: u64,
+}
+
+impl SimFileHandle {
+    fn with_file<T>(
+        &self,
+        f: impl FnOnce(&mut SimFile, &mut SimRng, Faults) -> io::Result<T>,
+    ) -> io::Result<T> {
+        let mut state = self.storage.state.borrow_mut();
+        let state = &mut *state;
+        if state.generation != self.generation {
+            return Err(io::Error::other("simulated crash: handle from before the crash"));
+        }
+        let file = state.files.get_mut(&self.path).ok_or_else(|| not_found(&self.path))?;
+        f(file, &mut state.rng, state.faults)
+    }
+
+    fn count_injected(&self) {
+        self.storage.state.borrow_mut().injected_error_count += 1;
+    }
+}
+
+impl StorageFile for SimFileHandle {
+    async fn read_at(&self, offset: u64, size: usize) -> io::Result<Vec<u8>> {
+        self.with_file(|file, _, _| {
+            let start = (offset as usize).min(file.data.len());
+            let end = start.saturating_add(size).min(file.data.len());
+            Ok(file.data[start..end].to_vec())
+        })
+    }
+
+    async fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        assert_eq!(offset % BLOCK_SIZE as u64, 0, "unaligned write offset");
+        assert_eq!(data.len() % BLOCK_SIZE, 0, "unaligned write size");
+        let result = self.with_file(|file, rng, faults| {
+            if rng.chance(faults.write_error_per_million) {
+                return Err(io::Error::other("injected write error"));
+            }
+            let op = PendingOp::Write { offset, data: data.to_vec() };
+            apply(&mut file.data, &op);
+            file.pending.push(op);
+            Ok(())
+        });
+        self.storage.state.borrow_mut().write_count += 1;
+        if result.is_err() {
+            self.count_injected();
+        }
+        result
+    }
+
+    async fn sync_data(&self) -> io::Result<()> {
+        let result = self.with_file(|file, rng, faults| {
+            if rng.chance(faults.sync_error_per_million) {
+                // As on Linux after a failed fdatasync, nothing tells what reached the disk:
+                // the unsynced operations stay unsynced, so a crash may drop them.
+                return Err(io::Error::other("injected fdatasync error"));
+            }
+            for op in file.pending.drain(..) {
+                apply(&mut file.durable, &op);
+            }
+            Ok(())
+        });
+        self.storage.state.borrow_mut().sync_count += 1;
+        if result.is_err() {
+            self.count_injected();
+        }
+        result
+    }
+
+    async fn allocate(&self, size: u64) -> io::Result<()> {
+        self.with_file(|file, _, _| {
+            if (file.data.len() as u64) < size {
+                let op = PendingOp::SetLen { size };
+                apply(&mut file.data, &op);
+                file.pending.push(op);
+            }
+            Ok(())
+        })
+    }
+
+    async fn truncate(&self, size: u64) -> io::Result<()> {
+        self.with_file(|file, _, _| {
+            let op = PendingOp::SetLen { size };
+            apply(&mut file.data, &op);
+            file.pending.push(op);
+            Ok(())
+        })
+    }
+
+    async fn size(&self) -> io::Result<u64> {
+        self.with_file(|file, _, _| Ok(file.data.len() as u64))
+    }
+
+    async fn close(self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn block(byte: u8) -> Vec<u8> {
+        vec![byte; BLOCK_SIZE]
+    }
+
+    #[test]
+    fn crash_keeps_synced_data_and_drops_unsynced_entries() {
+        futures_lite::future::block_on(async {
+            let storage = SimStorage::new(1);
+            let dir = Path::new("/d");
+            let synced = storage.create(&dir.join("a")).await.expect("create");
+            synced.write_at(0, &block(1)).await.expect("write");
+            synced.sync_data().await.expect("sync");
+            storage.sync_dir(dir).await.expect("sync dir");
+            let unsynced_entry = storage.create(&dir.join("b")).await.expect("create");
+            unsynced_entry.write_at(0, &block(2)).await.expect("write");
+            unsynced_entry.sync_data().await.expect("sync");
+            storage.crash();
+            assert_eq!(storage.file_data(&dir.join("a")), Some(block(1)));
+            assert_eq!(storage.file_data(&dir.join("b")), None);
+            assert!(synced.read_at(0, 1).await.is_err(), "handles die with the crash");
+        });
+    }
+
+    #[test]
+    fn crash_keeps_a_prefix_of_unsynced_writes() {
+        futures_lite::future::block_on(async {
+            for seed in 0..50 {
+                let storage = SimStorage::new(seed);
+                let path = Path::new("/d/f");
+                let file = storage.create(path).await.expect("create");
+                storage.sync_dir(Path::new("/d")).await.expect("sync dir");
+                for i in 0..4u8 {
+                    file.write_at(u64::from(i) * BLOCK_SIZE as u64, &block(i + 1)).await.expect("write");
+                }
+                storage.crash();
+                let data = storage.file_data(path).expect("file survives");
+                // Whatever survived is a prefix: no block survives after a lost one.
+                let blocks: Vec<u8> = data.chunks(BLOCK_SIZE).map(|b| b[0]).collect();
+                let expected: Vec<u8> = (1..=blocks.len() as u8).collect();
+                assert_eq!(blocks, expected, "seed {seed}");
+            }
+        });
+    }
+}

@@ -1,0 +1,644 @@
+//! The per-shard write-ahead log: recovery at start-up and group commit while serving.
+//!
+//! Writers append records to an in-memory pending batch and wait for their sequence number
+//! to be acknowledged. One flusher task per shard takes everything pending, writes it as one
+//! block-aligned batch (one O_DIRECT write), and, under `SyncPolicy::Always`, one
+//! `fdatasync`; then it acknowledges the whole batch. Writes that arrive during that I/O form
+//! the next batch, so the cost of a sync is shared by everyone who waited for it.
+//!
+//! A failed write or sync stops the write path for good (fail-stop): the batch's writers
+//! get an error, later writes are refused, and a restart recovers from what the disk holds.
+//! After a failed `fdatasync` the kernel may already have dropped the dirty state, so
+//! retrying it could report success for data that is gone.
+
+pub mod format;
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use futures::channel::oneshot;
+
+use crate::event::Event;
+use crate::storage::{block_align_up, Storage, StorageFile, BLOCK_SIZE};
+use format::{BatchError, Record, SegmentHeader, BATCH_HEADER_SIZE, BATCH_PAYLOAD_SIZE_MAX};
+
+/// Size a segment is preallocated to; a new segment starts when a batch would not fit.
+pub const SEGMENT_SIZE: u64 = 64 << 20;
+/// Bytes of records that may wait for the flusher; writers beyond it wait for room.
+pub const PENDING_SIZE_MAX: usize = 3 * BATCH_PAYLOAD_SIZE_MAX;
+
+const _: () = assert!(SEGMENT_SIZE >= BLOCK_SIZE as u64 + 2 * BATCH_PAYLOAD_SIZE_MAX as u64);
+
+/// When an append counts as acknowledged, and what each choice can lose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncPolicy {
+    /// Acknowledge after the batch's `fdatasync`: survives a process crash and a power loss.
+    Always,
+    /// Acknowledge after the batch's write reaches the device; `fdatasync` every interval.
+    /// Survives a process crash; a power loss can lose up to one interval of writes.
+    Interval(Duration),
+    /// Acknowledge after the write; `fdatasync` only at rotation and shutdown. Survives a
+    /// process crash; a power loss can lose whatever the device had not persisted.
+    Never,
+}
+
+impl std::str::FromStr for SyncPolicy {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<SyncPolicy, String> {
+        match text {
+            "always" => Ok(SyncPolicy::Always),
+            "never" => Ok(SyncPolicy::Never),
+            _ => {
+                let ms = text
+                    .strip_prefix("interval:")
+                    .and_then(|ms| ms.parse::<u64>().ok())
+                    .filter(|&ms| ms > 0)
+                    .ok_or_else(|| format!("expected always, never or interval:MS, got {text:?}"))?;
+                Ok(SyncPolicy::Interval(Duration::from_millis(ms)))
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum WalError {
+    /// An I/O error during recovery.
+    Io {
+        path: PathBuf,
+        message: String,
+    },
+    /// Damage that is not a torn tail: startup must stop.
+    Corrupt {
+        path: PathBuf,
+        offset: u64,
+        detail: String,
+    },
+    /// The write path stopped after an I/O error; the node must be restarted.
+    Failed {
+        message: Rc<str>,
+    },
+    ShuttingDown,
+}
+
+impl fmt::Display for WalError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            WalError::Io { path, message } => write!(f, "{}: {message}", path.display()),
+            WalError::Corrupt { path, offset, detail } => {
+                write!(f, "{}: corrupt at offset {offset}: {detail}", path.display())
+            }
+            WalError::Failed { message } => {
+                write!(f, "write-ahead log stopped after an I/O error: {message}")
+            }
+            WalError::ShuttingDown => write!(f, "shutting down"),
+        }
+    }
+}
+
+impl std::error::Error for WalError {}
+
+/// What recovery found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RecoveryReport {
+    pub segment_count: usize,
+    pub record_count: u64,
+    /// A torn tail that was cut off: the file and the offset it now ends at.
+    pub truncated: Option<(PathBuf, u64)>,
+    pub next_seq: u64,
+}
+
+/// Which shard a log belongs to; every segment header records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShardIdentity {
+    pub shard_index: u32,
+    pub shard_count: u32,
+}
+
+fn segment_name(segment_index: u64) -> String {
+    format!("wal-{segment_index:016}.log")
+}
+
+fn parse_segment_name(name: &str) -> Option<u64> {
+    name.strip_prefix("wal-")?.strip_suffix(".log")?.parse().ok()
+}
+
+struct Pending {
+    payload: Vec<u8>,
+    /// End offset in `payload` of each record, so a batch can be cut at a record boundary.
+    record_ends: VecDeque<usize>,
+    first_seq: u64,
+}
+
+struct State {
+    next_seq: u64,
+    pending: Pending,
+    waiters: VecDeque<(u64, oneshot::Sender<Result<(), WalError>>)>,
+    failed: Option<WalError>,
+    closing: bool,
+}
+
+struct Shared<S: Storage> {
+    storage: S,
+    dir: PathBuf,
+    identity: ShardIdentity,
+    policy: SyncPolicy,
+    state: RefCell<State>,
+    /// Highest sequence number acknowledged under the policy.
+    acked_seq: Cell<u64>,
+    /// Wakes the flusher: records are pending or the log is closing.
+    work: Event,
+    /// Wakes writers waiting for room in the pending buffer.
+    room: Event,
+    /// Set by the flusher once a close has written and synced everything.
+    closed: Cell<bool>,
+    batch_count: Cell<u64>,
+    sync_count: Cell<u64>,
+}
+
+struct Segment<F> {
+    file: F,
+    path: PathBuf,
+    segment_index: u64,
+    write_offset: u64,
+    synced: bool,
+}
+
+/// The write-ahead log of one shard. Cheap to clone; all clones share one log.
+pub struct Wal<S: Storage> {
+    shared: Rc<Shared<S>>,
+}
+
+impl<S: Storage> Clone for Wal<S> {
+    fn clone(&self) -> Self {
+        Wal { shared: self.shared.clone() }
+    }
+}
+
+impl<S: Storage> Wal<S> {
+    /// Replays every segment in `dir` through `apply`, cuts off a torn tail, starts a new
+    /// segment and spawns the flusher on the current glommio executor.
+    pub async fn open(
+        storage: S,
+        dir: &Path,
+        identity: ShardIdentity,
+        policy: SyncPolicy,
+        mut apply: impl FnMut(&Record<'_>),
+    ) -> Result<(Wal<S>, RecoveryReport), WalError> {
+        let io_error = |path: &Path, error: std::io::Error| WalError::Io {
+            path: path.to_path_buf(),
+            message: error.to_string(),
+        };
+        storage.create_dir_all(dir).await.map_err(|e| io_error(dir, e))?;
+        let mut segment_indexes: Vec<u64> = storage
+            .list_dir(dir)
+            .await
+            .map_err(|e| io_error(dir, e))?
+            .iter()
+            .filter_map(|name| parse_segment_name(name))
+            .collect();
+        segment_indexes.sort_unstable();
+
+        let mut report = RecoveryReport { next_seq: 1, ..RecoveryReport::default() };
+        let segment_total = segment_indexes.len();
+        for (position, &segment_index) in segment_indexes.iter().enumerate() {
+            let is_last = position + 1 == segment_total;
+            let path = dir.join(segment_name(segment_index));
+            replay_segment(&storage, &path, segment_index, identity, is_last, &mut report, &mut apply)
+                .await?;
+        }
+        report.segment_count = segment_total;
+
+        let next_segment_index = segment_indexes.last().map_or(1, |last| last + 1);
+        let segment = create_segment(&storage, dir, identity, next_segment_index, report.next_seq)
+            .await
+            .map_err(|e| io_error(dir, e))?;
+
+        let shared = Rc::new(Shared {
+            storage,
+            dir: dir.to_path_buf(),
+            identity,
+            policy,
+            state: RefCell::new(State {
+                next_seq: report.next_seq,
+                pending: Pending {
+                    payload: Vec::new(),
+                    record_ends: VecDeque::new(),
+                    first_seq: report.next_seq,
+                },
+                waiters: VecDeque::new(),
+                failed: None,
+                closing: false,
+            }),
+            acked_seq: Cell::new(report.next_seq - 1),
+            work: Event::default(),
+            room: Event::default(),
+            closed: Cell::new(false),
+            batch_count: Cell::new(0),
+            sync_count: Cell::new(0),
+        });
+        glommio::spawn_local(flusher(shared.clone(), segment)).detach();
+        Ok((Wal { shared }, report))
+    }
+
+    /// The next sequence number `append` will assign.
+    pub fn next_seq(&self) -> u64 {
+        self.shared.state.borrow().next_seq
+    }
+
+    /// Highest sequence number acknowledged under the sync policy.
+    pub fn acked_seq(&self) -> u64 {
+        self.shared.acked_seq.get()
+    }
+
+    pub fn batch_count(&self) -> u64 {
+        self.shared.batch_count.get()
+    }
+
+    pub fn sync_count(&self) -> u64 {
+        self.shared.sync_count.get()
+    }
+
+    /// Waits until the pending buffer has room for `size` more bytes. The caller must call
+    /// `append` without awaiting anything in between, so no other writer can take the room.
+    pub async fn reserve(&self, size: usize) -> Result<(), WalError> {
+        loop {
+            let listener = self.shared.room.listen();
+            {
+                let state = self.shared.state.borrow();
+                if let Some(error) = &state.failed {
+                    return Err(error.clone());
+                }
+                if state.closing {
+                    return Err(WalError::ShuttingDown);
+                }
+                let pending_size = state.pending.payload.len();
+                if pending_size == 0 || pending_size + size <= PENDING_SIZE_MAX {
+                    return Ok(());
+                }
+            }
+            listener.await;
+        }
+    }
+
+    /// Adds a record to the pending batch and returns its sequence number (the record's own
+    /// `seq` is ignored). Durability comes later: wait for it with [`Wal::wait_acked`].
+    pub fn append(&self, record: &Record<'_>) -> Result<u64, WalError> {
+        let mut state = self.shared.state.borrow_mut();
+        if let Some(error) = &state.failed {
+            return Err(error.clone());
+        }
+        if state.closing {
+            return Err(WalError::ShuttingDown);
+        }
+        let seq = state.next_seq;
+        state.next_seq += 1;
+        let pending = &mut state.pending;
+        if pending.record_ends.is_empty() {
+            pending.first_seq = seq;
+        }
+        format::encode_record(&mut pending.payload, &Record { seq, ..*record });
+        let end = pending.payload.len();
+        pending.record_ends.push_back(end);
+        debug_assert_eq!(pending.first_seq + pending.record_ends.len() as u64, state.next_seq);
+        drop(state);
+        self.shared.work.notify_all();
+        Ok(seq)
+    }
+
+    /// Completes when `seq` is acknowledged under the sync policy, or fails with the error
+    /// that stopped the log before it was.
+    pub async fn wait_acked(&self, seq: u64) -> Result<(), WalError> {
+        if seq <= self.shared.acked_seq.get() {
+            return Ok(());
+        }
+        let receiver = {
+            let mut state = self.shared.state.borrow_mut();
+            if let Some(error) = &state.failed {
+                return Err(error.clone());
+            }
+            let (sender, receiver) = oneshot::channel();
+            // Waiters are kept in sequence order; appends are in order, but a reader may wait
+            // for an older sequence number than the newest writer.
+            let position = state.waiters.partition_point(|(waiting, _)| *waiting <= seq);
+            state.waiters.insert(position, (seq, sender));
+            receiver
+        };
+        receiver.await.unwrap_or(Err(WalError::ShuttingDown))
+    }
+
+    /// Writes and syncs everything pending, whatever the policy, then stops the flusher.
+    pub async fn close(&self) -> Result<(), WalError> {
+        self.shared.state.borrow_mut().closing = true;
+        self.shared.work.notify_all();
+        self.shared.room.notify_all();
+        loop {
+            let listener = self.shared.room.listen();
+            if self.shared.closed.get() {
+                return Ok(());
+            }
+            if let Some(error) = self.shared.state.borrow().failed.clone() {
+                return Err(error);
+            }
+            listener.await;
+        }
+    }
+}
+
+impl<S: Storage> Shared<S> {
+    fn acknowledge(&self, seq: u64) {
+        debug_assert!(seq >= self.acked_seq.get());
+        self.acked_seq.set(seq);
+        let mut state = self.state.borrow_mut();
+        while state.waiters.front().is_some_and(|(waiting, _)| *waiting <= seq) {
+            if let Some((_, sender)) = state.waiters.pop_front() {
+                let _ = sender.send(Ok(()));
+            }
+        }
+    }
+
+    fn fail(&self, error: WalError) {
+        eprintln!("kvd: shard {}: {error}; refusing writes until restart", self.identity.shard_index);
+        let mut state = self.state.borrow_mut();
+        state.failed = Some(error.clone());
+        state.pending.payload.clear();
+        state.pending.record_ends.clear();
+        for (_, sender) in state.waiters.drain(..) {
+            let _ = sender.send(Err(error.clone()));
+        }
+        drop(state);
+        self.room.notify_all();
+    }
+
+    /// Cuts the next batch off the pending records: as many whole records as fit.
+    fn take_batch(&self) -> Option<(u64, u64, Vec<u8>)> {
+        let mut state = self.state.borrow_mut();
+        let pending = &mut state.pending;
+        let &first_end = pending.record_ends.front()?;
+        assert!(first_end <= BATCH_PAYLOAD_SIZE_MAX);
+        let mut record_count = 0;
+        let mut cut = 0;
+        while let Some(&end) = pending.record_ends.front() {
+            if end > BATCH_PAYLOAD_SIZE_MAX {
+                break;
+            }
+            cut = end;
+            record_count += 1;
+            pending.record_ends.pop_front();
+        }
+        for end in pending.record_ends.iter_mut() {
+            *end -= cut;
+        }
+        let payload: Vec<u8> = pending.payload.drain(..cut).collect();
+        let first_seq = pending.first_seq;
+        pending.first_seq += record_count;
+        let batch = format::encode_batch(first_seq, record_count as u32, &payload);
+        Some((first_seq, first_seq + record_count - 1, batch))
+    }
+}
+
+async fn create_segment<S: Storage>(
+    storage: &S,
+    dir: &Path,
+    identity: ShardIdentity,
+    segment_index: u64,
+    first_seq: u64,
+) -> std::io::Result<Segment<S::File>> {
+    let path = dir.join(segment_name(segment_index));
+    let file = storage.create(&path).await?;
+    file.allocate(SEGMENT_SIZE).await?;
+    let header = SegmentHeader {
+        shard_index: identity.shard_index,
+        shard_count: identity.shard_count,
+        segment_index,
+        first_seq,
+    };
+    file.write_at(0, &format::encode_segment_header(&header)).await?;
+    file.sync_data().await?;
+    // The segment's directory entry must be durable before any record in it is acknowledged.
+    storage.sync_dir(dir).await?;
+    Ok(Segment { file, path, segment_index, write_offset: BLOCK_SIZE as u64, synced: true })
+}
+
+async fn replay_segment<S: Storage>(
+    storage: &S,
+    path: &Path,
+    segment_index: u64,
+    identity: ShardIdentity,
+    is_last: bool,
+    report: &mut RecoveryReport,
+    apply: &mut impl FnMut(&Record<'_>),
+) -> Result<(), WalError> {
+    let io_error =
+        |error: std::io::Error| WalError::Io { path: path.to_path_buf(), message: error.to_string() };
+    let corrupt =
+        |offset: u64, detail: String| WalError::Corrupt { path: path.to_path_buf(), offset, detail };
+    let file = storage.open(path).await.map_err(io_error)?;
+    let size = file.size().await.map_err(io_error)?;
+    let data = file.read_at(0, size as usize).await.map_err(io_error)?;
+    if (data.len() as u64) < size {
+        return Err(corrupt(data.len() as u64, "short read".into()));
+    }
+    let header = format::decode_segment_header(&data)
+        .map_err(|error| corrupt(0, format!("bad segment header: {error:?}")));
+    let header = match header {
+        Ok(header) => header,
+        // The newest segment may have been cut short by a crash between its creation and
+        // the sync of its header: nothing in it was ever acknowledged.
+        Err(_) if is_last && data.iter().all(|&b| b == 0) => {
+            file.close().await.map_err(io_error)?;
+            return Ok(());
+        }
+        Err(error) => return Err(error),
+    };
+    let expected = (identity.shard_index, identity.shard_count, segment_index);
+    let found = (header.shard_index, header.shard_count, header.segment_index);
+    if expected != found {
+        return Err(corrupt(
+            0,
+            format!("segment belongs to (shard, shard count, segment) {found:?}, expected {expected:?}"),
+        ));
+    }
+    if header.first_seq != report.next_seq && report.record_count > 0 {
+        return Err(corrupt(
+            0,
+            format!("segment starts at seq {}, expected {}", header.first_seq, report.next_seq),
+        ));
+    }
+    report.next_seq = header.first_seq;
+
+    let mut offset = BLOCK_SIZE;
+    let tail_error = loop {
+        match format::decode_batch(data.get(offset..).unwrap_or(&[])) {
+            Ok(batch) => {
+                if batch.first_seq != report.next_seq {
+                    let detail =
+                        format!("batch starts at seq {}, expected {}", batch.first_seq, report.next_seq);
+                    return Err(corrupt(offset as u64, detail));
+                }
+                for record in &batch.records {
+                    apply(record);
+                }
+                report.record_count += batch.records.len() as u64;
+                report.next_seq += batch.records.len() as u64;
+                offset += batch.size_on_disk;
+            }
+            Err(error) => break error,
+        }
+    };
+
+    // A damaged batch is a torn tail only if nothing valid follows it.
+    let mut probe = offset + BLOCK_SIZE;
+    while probe < data.len() {
+        if let Ok(batch) = format::decode_batch(&data[probe..]) {
+            if batch.first_seq >= report.next_seq {
+                let bad_offset = match tail_error {
+                    BatchError::BadRecord { offset: relative } => offset + relative,
+                    _ => offset,
+                };
+                let detail = format!("damaged batch followed by a valid batch at offset {probe}");
+                return Err(corrupt(bad_offset as u64, detail));
+            }
+        }
+        probe += BLOCK_SIZE;
+    }
+    let torn = tail_error != BatchError::End;
+    if torn && !is_last {
+        return Err(corrupt(
+            offset as u64,
+            "damaged batch at the end of a segment that is not the newest".into(),
+        ));
+    }
+    if is_last && size > offset as u64 {
+        // Cut off the torn tail (or the unused preallocation) so that the next start sees
+        // a clean end; new records go to a new segment.
+        file.truncate(offset as u64).await.map_err(io_error)?;
+        file.sync_data().await.map_err(io_error)?;
+        if torn {
+            eprintln!("kvd: {}: torn tail truncated at offset {offset}", path.display());
+            report.truncated = Some((path.to_path_buf(), offset as u64));
+        }
+    }
+    file.close().await.map_err(io_error)
+}
+
+async fn flusher<S: Storage>(shared: Rc<Shared<S>>, mut segment: Segment<S::File>) {
+    let mut last_sync = Instant::now();
+    loop {
+        let listener = shared.work.listen();
+        let has_work = !shared.state.borrow().pending.record_ends.is_empty();
+        if !has_work {
+            if shared.state.borrow().closing {
+                break;
+            }
+            match shared.policy {
+                SyncPolicy::Interval(interval) if !segment.synced => {
+                    let deadline = last_sync + interval;
+                    let sleep = glommio::timer::sleep(deadline.saturating_duration_since(Instant::now()));
+                    futures_lite::future::or(listener, sleep).await;
+                    if Instant::now() >= deadline {
+                        if let Err(error) = sync_segment(&shared, &mut segment).await {
+                            return shared.fail(error);
+                        }
+                        last_sync = Instant::now();
+                    }
+                }
+                _ => listener.await,
+            }
+            continue;
+        }
+        let Some((first_seq, last_seq, batch)) = shared.take_batch() else { continue };
+        shared.room.notify_all();
+        if let Err(error) = write_batch(&shared, &mut segment, first_seq, &batch).await {
+            return shared.fail(error);
+        }
+        shared.batch_count.set(shared.batch_count.get() + 1);
+        let sync_now = match shared.policy {
+            SyncPolicy::Always => true,
+            SyncPolicy::Interval(interval) => last_sync.elapsed() >= interval,
+            SyncPolicy::Never => false,
+        };
+        if sync_now {
+            if let Err(error) = sync_segment(&shared, &mut segment).await {
+                return shared.fail(error);
+            }
+            last_sync = Instant::now();
+        }
+        shared.acknowledge(last_seq);
+    }
+    // Closing: make everything durable whatever the policy, then report the log closed.
+    if let Err(error) = sync_segment(&shared, &mut segment).await {
+        return shared.fail(error);
+    }
+    let _ = segment.file.close().await;
+    shared.closed.set(true);
+    shared.room.notify_all();
+}
+
+async fn sync_segment<S: Storage>(
+    shared: &Shared<S>,
+    segment: &mut Segment<S::File>,
+) -> Result<(), WalError> {
+    if segment.synced {
+        return Ok(());
+    }
+    segment.file.sync_data().await.map_err(|error| WalError::Failed {
+        message: format!("fdatasync {}: {error}", segment.path.display()).into(),
+    })?;
+    shared.sync_count.set(shared.sync_count.get() + 1);
+    segment.synced = true;
+    Ok(())
+}
+
+async fn write_batch<S: Storage>(
+    shared: &Shared<S>,
+    segment: &mut Segment<S::File>,
+    first_seq: u64,
+    batch: &[u8],
+) -> Result<(), WalError> {
+    debug_assert_eq!(batch.len() % BLOCK_SIZE, 0);
+    if segment.write_offset + batch.len() as u64 > SEGMENT_SIZE {
+        // Everything in the old segment must be durable before the log moves on, so that
+        // recovery never finds a torn batch anywhere but in the newest segment.
+        sync_segment(shared, segment).await?;
+        let next = create_segment(
+            &shared.storage,
+            &shared.dir,
+            shared.identity,
+            segment.segment_index + 1,
+            first_seq,
+        )
+        .await
+        .map_err(|error| WalError::Failed { message: format!("new log segment: {error}").into() })?;
+        let old = std::mem::replace(segment, next);
+        let _ = old.file.close().await;
+    }
+    let offset = segment.write_offset;
+    debug_assert_eq!(block_align_up(offset), offset);
+    segment.file.write_at(offset, batch).await.map_err(|error| WalError::Failed {
+        message: format!("write {} at offset {offset}: {error}", segment.path.display()).into(),
+    })?;
+    segment.write_offset += batch.len() as u64;
+    segment.synced = false;
+    debug_assert!(batch.len() >= BATCH_HEADER_SIZE);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sync_policy_parses() {
+        assert_eq!("always".parse(), Ok(SyncPolicy::Always));
+        assert_eq!("never".parse(), Ok(SyncPolicy::Never));
+        assert_eq!("interval:5".parse(), Ok(SyncPolicy::Interval(Duration::from_millis(5))));
+        assert!("interval:0".parse::<SyncPolicy>().is_err());
+        assert!("sometimes".parse::<SyncPolicy>().is_err());
+    }
+}
