@@ -9,7 +9,7 @@
 //! segment header (block 0): magic[8] format_version:u32 shard_index:u32 shard_count:u32
 //!                           reserved:u32 segment_index:u64 first_seq:u64 crc32c:u32 (over the rest)
 //! batch header (32 bytes):  magic:u32 record_count:u32 payload_size:u32 reserved:u32
-//!                           first_seq:u64 crc32c:u32 (over the 24 bytes before it) reserved:u32
+//!                           first_seq:u64 reserved:u32 crc32c:u32 (over the 28 bytes before it)
 //! record (40 + key + value): crc32c:u32 (over everything after it) size:u32 seq:u64 kind:u8
 //!                           reserved:u8 key_size:u16 value_size:u32 timestamp_us:u64
 //!                           expires_at_ms:u64 key value
@@ -156,9 +156,9 @@ pub fn encode_batch(first_seq: u64, record_count: u32, payload: &[u8]) -> Vec<u8
     batch.extend_from_slice(&(payload.len() as u32).to_le_bytes());
     batch.extend_from_slice(&0u32.to_le_bytes());
     batch.extend_from_slice(&first_seq.to_le_bytes());
+    batch.extend_from_slice(&0u32.to_le_bytes());
     let crc = crc32c::crc32c(&batch);
     batch.extend_from_slice(&crc.to_le_bytes());
-    batch.extend_from_slice(&0u32.to_le_bytes());
     debug_assert_eq!(batch.len(), BATCH_HEADER_SIZE);
     batch.extend_from_slice(payload);
     batch.resize(size, 0);
@@ -192,8 +192,8 @@ pub fn decode_batch(bytes: &[u8]) -> Result<Batch<'_>, BatchError> {
         return Err(BatchError::End);
     }
     let magic = u32_at(header, 0).ok_or(BatchError::BadHeader)?;
-    let crc = u32_at(header, 24).ok_or(BatchError::BadHeader)?;
-    if magic != BATCH_MAGIC || crc != crc32c::crc32c(&header[..24]) {
+    let crc = u32_at(header, 28).ok_or(BatchError::BadHeader)?;
+    if magic != BATCH_MAGIC || crc != crc32c::crc32c(&header[..28]) {
         return Err(BatchError::BadHeader);
     }
     let record_count = u32_at(header, 4).ok_or(BatchError::BadHeader)? as usize;

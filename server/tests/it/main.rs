@@ -1,0 +1,4 @@
+//! The server's one integration-test binary: simulated power loss through the storage
+//! interface, and real `kvd` processes (kill -9, hostile input, shutdown).
+
+mod power_loss;
