@@ -1,4 +1,8 @@
 //! The server's one integration-test binary: simulated power loss through the storage
 //! interface, and real `kvd` processes (kill -9, hostile input, shutdown).
 
+mod harness;
+mod hostile;
+mod kill9;
+mod node;
 mod power_loss;
