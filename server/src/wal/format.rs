@@ -7,7 +7,7 @@
 //!
 //! ```text
 //! segment header (block 0): magic[8] format_version:u32 shard_index:u32 shard_count:u32
-//!                           reserved:u32 segment_index:u64 first_seq:u64 crc32c:u32 (over the rest)
+//!                           flags:u32 segment_index:u64 first_seq:u64 crc32c:u32 (over the rest)
 //! batch header (32 bytes):  magic:u32 record_count:u32 payload_size:u32 reserved:u32
 //!                           first_seq:u64 reserved:u32 crc32c:u32 (over the 28 bytes before it)
 //! record (40 + key + value): crc32c:u32 (over everything after it) size:u32 seq:u64 kind:u8
@@ -57,12 +57,18 @@ impl Record<'_> {
     }
 }
 
+/// Segment flag: records in this segment were acknowledged before `fdatasync` (sync policy
+/// `interval` or `never`), so after a power loss damage anywhere in it is an expected loss,
+/// not corruption.
+pub const SEGMENT_FLAG_ACK_BEFORE_SYNC: u32 = 1;
+
 /// Identity of a segment, checked on every open so that a file from another shard or
 /// another layout is never replayed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SegmentHeader {
     pub shard_index: u32,
     pub shard_count: u32,
+    pub flags: u32,
     pub segment_index: u64,
     pub first_seq: u64,
 }
@@ -86,7 +92,7 @@ pub fn encode_segment_header(header: &SegmentHeader) -> Vec<u8> {
     block.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
     block.extend_from_slice(&header.shard_index.to_le_bytes());
     block.extend_from_slice(&header.shard_count.to_le_bytes());
-    block.extend_from_slice(&0u32.to_le_bytes());
+    block.extend_from_slice(&header.flags.to_le_bytes());
     block.extend_from_slice(&header.segment_index.to_le_bytes());
     block.extend_from_slice(&header.first_seq.to_le_bytes());
     let crc = crc32c::crc32c(&block);
@@ -119,6 +125,7 @@ pub fn decode_segment_header(block: &[u8]) -> Result<SegmentHeader, SegmentHeade
     Ok(SegmentHeader {
         shard_index: field(12)?,
         shard_count: field(16)?,
+        flags: field(20)?,
         segment_index: u64_at(block, 24).ok_or(SegmentHeaderError::BadChecksum)?,
         first_seq: u64_at(block, 32).ok_or(SegmentHeaderError::BadChecksum)?,
     })
@@ -309,7 +316,8 @@ mod tests {
 
     #[test]
     fn segment_header_roundtrip_and_checks() {
-        let header = SegmentHeader { shard_index: 1, shard_count: 2, segment_index: 3, first_seq: 4 };
+        let header =
+            SegmentHeader { shard_index: 1, shard_count: 2, flags: 1, segment_index: 3, first_seq: 4 };
         let block = encode_segment_header(&header);
         assert_eq!(decode_segment_header(&block), Ok(header));
         let mut damaged = block.clone();

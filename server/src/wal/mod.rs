@@ -110,6 +110,9 @@ pub struct RecoveryReport {
     pub record_count: u64,
     /// A torn tail that was cut off: the file and the offset it now ends at.
     pub truncated: Option<(PathBuf, u64)>,
+    /// Damage in segments written under `interval` or `never` (acknowledged before sync):
+    /// the file and offset from which records were dropped.
+    pub lossy: Vec<(PathBuf, u64)>,
     pub next_seq: u64,
 }
 
@@ -206,16 +209,17 @@ impl<S: Storage> Wal<S> {
 
         let mut report = RecoveryReport { next_seq: 1, ..RecoveryReport::default() };
         let segment_total = segment_indexes.len();
+        let mut previous_lossy = false;
         for (position, &segment_index) in segment_indexes.iter().enumerate() {
             let is_last = position + 1 == segment_total;
             let path = dir.join(segment_name(segment_index));
-            replay_segment(&storage, &path, segment_index, identity, is_last, &mut report, &mut apply)
-                .await?;
+            let replay = Replay { segment_index, identity, is_last, allow_gap: previous_lossy };
+            previous_lossy = replay_segment(&storage, &path, replay, &mut report, &mut apply).await?;
         }
         report.segment_count = segment_total;
 
         let next_segment_index = segment_indexes.last().map_or(1, |last| last + 1);
-        let segment = create_segment(&storage, dir, identity, next_segment_index, report.next_seq)
+        let segment = create_segment(&storage, dir, identity, policy, next_segment_index, report.next_seq)
             .await
             .map_err(|e| io_error(dir, e))?;
 
@@ -406,15 +410,21 @@ async fn create_segment<S: Storage>(
     storage: &S,
     dir: &Path,
     identity: ShardIdentity,
+    policy: SyncPolicy,
     segment_index: u64,
     first_seq: u64,
 ) -> std::io::Result<Segment<S::File>> {
     let path = dir.join(segment_name(segment_index));
     let file = storage.create(&path).await?;
     file.allocate(SEGMENT_SIZE).await?;
+    let flags = match policy {
+        SyncPolicy::Always => 0,
+        SyncPolicy::Interval(_) | SyncPolicy::Never => format::SEGMENT_FLAG_ACK_BEFORE_SYNC,
+    };
     let header = SegmentHeader {
         shard_index: identity.shard_index,
         shard_count: identity.shard_count,
+        flags,
         segment_index,
         first_seq,
     };
@@ -425,15 +435,25 @@ async fn create_segment<S: Storage>(
     Ok(Segment { file, path, segment_index, write_offset: BLOCK_SIZE as u64, synced: true })
 }
 
-async fn replay_segment<S: Storage>(
-    storage: &S,
-    path: &Path,
+/// Where a segment stands in the log being recovered.
+struct Replay {
     segment_index: u64,
     identity: ShardIdentity,
     is_last: bool,
+    /// The previous segment lost records (acknowledged before sync), so this one may start
+    /// past the next expected sequence number.
+    allow_gap: bool,
+}
+
+/// Replays one segment; returns whether records were dropped from it.
+async fn replay_segment<S: Storage>(
+    storage: &S,
+    path: &Path,
+    replay: Replay,
     report: &mut RecoveryReport,
     apply: &mut impl FnMut(&Record<'_>),
-) -> Result<(), WalError> {
+) -> Result<bool, WalError> {
+    let Replay { segment_index, identity, is_last, allow_gap } = replay;
     let io_error =
         |error: std::io::Error| WalError::Io { path: path.to_path_buf(), message: error.to_string() };
     let corrupt =
@@ -452,7 +472,7 @@ async fn replay_segment<S: Storage>(
         // the sync of its header: nothing in it was ever acknowledged.
         Err(_) if is_last && data.iter().all(|&b| b == 0) => {
             file.close().await.map_err(io_error)?;
-            return Ok(());
+            return Ok(false);
         }
         Err(error) => return Err(error),
     };
@@ -464,7 +484,8 @@ async fn replay_segment<S: Storage>(
             format!("segment belongs to (shard, shard count, segment) {found:?}, expected {expected:?}"),
         ));
     }
-    if header.first_seq != report.next_seq && report.record_count > 0 {
+    let gap_allowed = allow_gap && header.first_seq > report.next_seq;
+    if header.first_seq != report.next_seq && report.record_count > 0 && !gap_allowed {
         return Err(corrupt(
             0,
             format!("segment starts at seq {}, expected {}", header.first_seq, report.next_seq),
@@ -492,28 +513,46 @@ async fn replay_segment<S: Storage>(
         }
     };
 
-    // A damaged batch is a torn tail only if nothing valid follows it.
+    let bad_offset = match tail_error {
+        BatchError::BadRecord { offset: relative } => offset + relative,
+        _ => offset,
+    };
+    let damaged = tail_error != BatchError::End;
+    // Is there a valid batch after the damage (or after the clean-looking end)?
+    let mut later_valid = None;
     let mut probe = offset + BLOCK_SIZE;
-    while probe < data.len() {
-        if let Ok(batch) = format::decode_batch(&data[probe..]) {
-            if batch.first_seq >= report.next_seq {
-                let bad_offset = match tail_error {
-                    BatchError::BadRecord { offset: relative } => offset + relative,
-                    _ => offset,
-                };
-                let detail = format!("damaged batch followed by a valid batch at offset {probe}");
-                return Err(corrupt(bad_offset as u64, detail));
-            }
+    while probe < data.len() && later_valid.is_none() {
+        if format::decode_batch(&data[probe..]).is_ok_and(|batch| batch.first_seq >= report.next_seq) {
+            later_valid = Some(probe);
         }
         probe += BLOCK_SIZE;
     }
-    let torn = tail_error != BatchError::End;
-    if torn && !is_last {
-        return Err(corrupt(
-            offset as u64,
-            "damaged batch at the end of a segment that is not the newest".into(),
-        ));
-    }
+    let lossy = if header.flags & format::SEGMENT_FLAG_ACK_BEFORE_SYNC == 0 {
+        // Written under `always`: only the newest segment may end in a torn batch, and a
+        // damaged batch with valid ones after it is corruption, never a crash artefact.
+        if let Some(valid) = later_valid {
+            let detail = format!("damaged batch followed by a valid batch at offset {valid}");
+            return Err(corrupt(bad_offset as u64, detail));
+        }
+        if damaged && !is_last {
+            let detail = "damaged batch at the end of a segment that is not the newest".to_string();
+            return Err(corrupt(offset as u64, detail));
+        }
+        false
+    } else if damaged && !is_last || later_valid.is_some() {
+        // Written under `interval` or `never`: a power loss may lose or reorder unsynced
+        // writes, which those policies allow. Keep the valid prefix, drop the rest, say so.
+        eprintln!(
+            "kvd: {}: damaged at offset {bad_offset} in a segment whose writes were acknowledged \
+             before fdatasync; records from there to the end of the segment are dropped",
+            path.display()
+        );
+        report.lossy.push((path.to_path_buf(), bad_offset as u64));
+        true
+    } else {
+        false
+    };
+    let torn = damaged || later_valid.is_some();
     if is_last && size > offset as u64 {
         // Cut off the torn tail (or the unused preallocation) so that the next start sees
         // a clean end; new records go to a new segment.
@@ -524,7 +563,8 @@ async fn replay_segment<S: Storage>(
             report.truncated = Some((path.to_path_buf(), offset as u64));
         }
     }
-    file.close().await.map_err(io_error)
+    file.close().await.map_err(io_error)?;
+    Ok(lossy)
 }
 
 async fn flusher<S: Storage>(shared: Rc<Shared<S>>, mut segment: Segment<S::File>) {
@@ -596,27 +636,47 @@ async fn sync_segment<S: Storage>(
 }
 
 async fn write_batch<S: Storage>(
-    shared: &Shared<S>,
+    shared: &Rc<Shared<S>>,
     segment: &mut Segment<S::File>,
     first_seq: u64,
     batch: &[u8],
 ) -> Result<(), WalError> {
     debug_assert_eq!(batch.len() % BLOCK_SIZE, 0);
     if segment.write_offset + batch.len() as u64 > SEGMENT_SIZE {
-        // Everything in the old segment must be durable before the log moves on, so that
-        // recovery never finds a torn batch anywhere but in the newest segment.
-        sync_segment(shared, segment).await?;
+        if shared.policy == SyncPolicy::Always {
+            // Everything in the old segment is durable before the log moves on (a no-op:
+            // every batch was synced), so recovery may treat damage anywhere but in the
+            // newest segment as corruption.
+            sync_segment(shared, segment).await?;
+        }
+        let next_index = segment.segment_index + 1;
         let next = create_segment(
             &shared.storage,
             &shared.dir,
             shared.identity,
-            segment.segment_index + 1,
+            shared.policy,
+            next_index,
             first_seq,
         )
         .await
         .map_err(|error| WalError::Failed { message: format!("new log segment: {error}").into() })?;
-        let old = std::mem::replace(segment, next);
-        let _ = old.file.close().await;
+        let mut old = std::mem::replace(segment, next);
+        if old.synced {
+            let _ = old.file.close().await;
+        } else {
+            // Under interval and never, the old segment's sync (ext4 commits the extents of
+            // the whole segment, about 100 ms here) runs beside new writes, not before them.
+            let shared = shared.clone();
+            glommio::spawn_local(async move {
+                match sync_segment(&shared, &mut old).await {
+                    Ok(()) => {
+                        let _ = old.file.close().await;
+                    }
+                    Err(error) => shared.fail(error),
+                }
+            })
+            .detach();
+        }
     }
     let offset = segment.write_offset;
     debug_assert_eq!(block_align_up(offset), offset);
