@@ -298,8 +298,8 @@ impl StorageFile for SimFileHandle {
     }
 
     async fn allocate(&self, _size: u64) -> io::Result<()> {
-        // Reserved space holds zeros, which the log reads as its end; leaving it out of the
-        // simulated file (as `fallocate --keep-size` would) keeps crash copies small.
+        // The zeros are implied: reads past the end return nothing, which the log treats
+        // like zeros (its end). Not materialising them keeps crash copies small.
         self.with_file(|_, _, _| Ok(()))
     }
 

@@ -54,7 +54,8 @@ async fn crash_cycles(seed: u64, policy: SyncPolicy, cycle_count: usize) -> (u64
             let found = read_back(&store, &key).await;
             let mut models = models.borrow_mut();
             let model = models.get_mut(&key).expect("model");
-            let allowed = found == model.acked || model.in_flight.as_ref() == Some(&found) || !check_durability;
+            let allowed =
+                found == model.acked || model.in_flight.as_ref() == Some(&found) || !check_durability;
             assert!(
                 allowed,
                 "seed {seed} cycle {cycle}: key {:?} reads {found:?}, acknowledged {:?}, in flight {:?}",
@@ -168,19 +169,22 @@ fn damage_under_never_drops_the_rest_of_the_segment_and_says_where() {
             let storage = SimStorage::new(13);
             let dir = Path::new("/data/shard-0");
             let identity = ShardIdentity { shard_index: 0, shard_count: 1 };
-            let (store, _) = Store::open(storage.clone(), dir, identity, SyncPolicy::Never).await.expect("open");
+            let (store, _) =
+                Store::open(storage.clone(), dir, identity, SyncPolicy::Never).await.expect("open");
             for key in [b"k1", b"k2", b"k3"] {
                 assert_eq!(store.put(key, b"value", 0).await, Reply::Done);
             }
             store.close().await.expect("close");
             // A device that reordered writes across a power loss: the middle batch is gone.
             storage.corrupt(&dir.join("wal-0000000000000001.log"), 2 * 4096 + 60, b"lost");
-            let (store, first) = Store::open(storage.clone(), dir, identity, SyncPolicy::Never).await.expect("open");
+            let (store, first) =
+                Store::open(storage.clone(), dir, identity, SyncPolicy::Never).await.expect("open");
             assert_eq!(store.put(b"k4", b"value", 0).await, Reply::Done);
             store.close().await.expect("close");
             // The first start truncated the segment at the damage, so the next start finds a
             // clean log.
-            let (store, second) = Store::open(storage, dir, identity, SyncPolicy::Never).await.expect("reopen");
+            let (store, second) =
+                Store::open(storage, dir, identity, SyncPolicy::Never).await.expect("reopen");
             let mut reads = Vec::new();
             for key in [b"k1", b"k2", b"k3", b"k4"] {
                 reads.push(read_back(&store, key).await.is_some());
@@ -326,4 +330,35 @@ fn damage_followed_by_a_valid_record_stops_startup_with_file_and_offset() {
     // The damaged record starts right after the 32-byte batch header.
     assert!(error.contains("corrupt at offset 4128"), "{error}");
     assert!(error.contains("followed by a valid batch at offset 8192"), "{error}");
+}
+
+#[test]
+fn a_prepared_segment_without_header_is_reused_not_left_behind() {
+    let names = LocalExecutorBuilder::new(Placement::Unbound)
+        .spawn(|| async {
+            use server::storage::Storage;
+            let storage = SimStorage::new(14);
+            three_batches(&storage).await; // segment 1 holds the data
+            let dir = Path::new("/data/shard-0");
+            // A crash after the background preparation of segment 2, before its header.
+            storage.create(&dir.join("wal-0000000000000002.log")).await.expect("create");
+            storage.sync_dir(dir).await.expect("sync dir");
+            let identity = ShardIdentity { shard_index: 0, shard_count: 1 };
+            for _ in 0..2 {
+                let (store, report) =
+                    Store::open(storage.clone(), dir, identity, SyncPolicy::Always).await.expect("open");
+                assert_eq!(report.record_count, 3);
+                assert_eq!(read_back(&store, b"k3").await, Some(b"value".to_vec()));
+                store.close().await.expect("close");
+            }
+            let mut names = storage.list_dir(dir).await.expect("list");
+            names.sort();
+            names
+        })
+        .expect("executor")
+        .join()
+        .expect("join");
+    // The first open started segment 2 instead of leaving it headerless behind segment 3;
+    // the second open found it started (and empty) and added segment 3.
+    assert_eq!(names, ["wal-0000000000000001.log", "wal-0000000000000002.log", "wal-0000000000000003.log"]);
 }
