@@ -205,24 +205,28 @@ fn encode(
         Body::Status(status, message) => {
             encode_response(builder, out, &ResponseOut::status(id, *status, message))
         }
-        Body::Reply(reply) => match reply {
-            Reply::Done => encode_response(builder, out, &ResponseOut::status(id, Status::OK, "")),
-            Reply::NotFound => encode_response(builder, out, &ResponseOut::status(id, Status::NOT_FOUND, "")),
-            Reply::Found(version) => {
-                let siblings = [sibling_of(version)];
-                let response = ResponseOut { siblings: &siblings, ..ResponseOut::status(id, Status::OK, "") };
-                encode_response(builder, out, &response);
-            }
-            Reply::CasFailed(current) => {
-                let siblings: Vec<SiblingOut<'_>> = current.iter().map(sibling_of).collect();
-                let response =
-                    ResponseOut { siblings: &siblings, ..ResponseOut::status(id, Status::CAS_FAILED, "") };
-                encode_response(builder, out, &response);
-            }
-            Reply::Error { status, message } => {
-                encode_response(builder, out, &ResponseOut::status(id, *status, message));
-            }
-        },
+        Body::Reply(reply) => encode_reply(builder, out, id, reply),
+    }
+}
+
+/// Appends the response frame of `reply` to request `id`.
+pub fn encode_reply(builder: &mut FlatBufferBuilder<'_>, out: &mut Vec<u8>, id: u64, reply: &LocalReply) {
+    match reply {
+        Reply::Done => encode_response(builder, out, &ResponseOut::status(id, Status::OK, "")),
+        Reply::NotFound => encode_response(builder, out, &ResponseOut::status(id, Status::NOT_FOUND, "")),
+        Reply::Found(version) => {
+            let siblings = [sibling_of(version)];
+            let response = ResponseOut { siblings: &siblings, ..ResponseOut::status(id, Status::OK, "") };
+            encode_response(builder, out, &response);
+        }
+        Reply::CasFailed(current) => {
+            let siblings: Vec<SiblingOut<'_>> = current.iter().map(sibling_of).collect();
+            let response = ResponseOut { siblings: &siblings, ..ResponseOut::status(id, Status::CAS_FAILED, "") };
+            encode_response(builder, out, &response);
+        }
+        Reply::Error { status, message } => {
+            encode_response(builder, out, &ResponseOut::status(id, *status, message));
+        }
     }
 }
 
