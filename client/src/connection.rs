@@ -16,6 +16,12 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::Error;
 
+thread_local! {
+    /// One encoder per thread, reused: a builder allocation per request showed in profiles.
+    static BUILDER: std::cell::RefCell<FlatBufferBuilder<'static>> =
+        std::cell::RefCell::new(FlatBufferBuilder::with_capacity(1024));
+}
+
 /// Frames queued for the writer task of one connection.
 const SEND_QUEUE_CAPACITY: usize = 4096;
 
@@ -66,8 +72,9 @@ impl Connection {
     pub async fn call(&self, request: &RequestView<'_>, timeout: Duration) -> Result<ResponseView, Error> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut frame = Vec::new();
-        let mut builder = FlatBufferBuilder::new();
-        encode_request(&mut builder, &mut frame, &RequestView { id, ..*request });
+        BUILDER.with(|builder| {
+            encode_request(&mut builder.borrow_mut(), &mut frame, &RequestView { id, ..*request });
+        });
         let (sender, receiver) = oneshot::channel();
         lock(&self.waiters).insert(id, sender);
         let exchange = async {

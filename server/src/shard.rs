@@ -38,6 +38,10 @@ pub struct Shard<S: Storage> {
 }
 
 impl<S: Storage> Shard<S> {
+    pub fn owns(&self, key: &[u8]) -> bool {
+        shard_of(key, self.count) == self.index
+    }
+
     /// Runs `command` on the shard that owns its key: here, or one hop away.
     pub async fn execute(&self, command: Command) -> LocalReply {
         let target = shard_of(command.key(), self.count);

@@ -129,7 +129,25 @@ impl<S: Storage> Store<S> {
         Some(entry.clone())
     }
 
+    /// Answers a GET at once when nothing needs to wait: the key is absent or its newest
+    /// entry is acknowledged. `None`: the entry is still in flight; use [`Store::get`].
+    pub fn try_get(&self, key: &[u8], metadata_only: bool) -> Option<LocalReply> {
+        let now_ms = now_ms();
+        let Some(entry) = self.lookup(key, now_ms) else { return Some(Reply::NotFound) };
+        if entry.seq > self.wal.acked_seq() {
+            return None;
+        }
+        Some(if entry.is_live(now_ms) {
+            Reply::Found(entry.version(now_ms, !metadata_only))
+        } else {
+            Reply::NotFound
+        })
+    }
+
     pub async fn get(&self, key: &[u8], metadata_only: bool) -> LocalReply {
+        if let Some(reply) = self.try_get(key, metadata_only) {
+            return reply;
+        }
         let now_ms = now_ms();
         let Some(entry) = self.lookup(key, now_ms) else { return Reply::NotFound };
         if let Err(error) = self.wal.wait_acked(entry.seq).await {

@@ -31,7 +31,8 @@ fn key(index: u64) -> Vec<u8> {
 async fn one_request(store: &Store<SimStorage>, id: u64, op: Op<'_>) -> usize {
     let mut builder = FlatBufferBuilder::new();
     let mut frame = Vec::new();
-    let request = RequestView { id, timeout_ms: 0, consistency: Consistency::ONE, context: &[], write_id: None, op };
+    let request =
+        RequestView { id, timeout_ms: 0, consistency: Consistency::ONE, context: &[], write_id: None, op };
     encode_request(&mut builder, &mut frame, &request);
     let payload = split_frame(&frame).ok().flatten().expect("a whole frame");
     let parsed = parse_request(payload).expect("a valid request");
@@ -55,7 +56,8 @@ fn main() {
             let value = vec![0x5au8; 1024];
             let mut bytes = 0;
             for index in 0..KEY_COUNT {
-                bytes += one_request(&store, index, Op::Put { key: &key(index), value: &value, ttl_ms: 0 }).await;
+                bytes +=
+                    one_request(&store, index, Op::Put { key: &key(index), value: &value, ttl_ms: 0 }).await;
             }
             let mut rng = SimRng::new(7);
             let mut done = 0;

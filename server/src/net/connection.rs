@@ -167,6 +167,15 @@ fn dispatch<S: Storage>(payload: &[u8], permit: StaticPermit, outbox: &Rc<Outbox
         };
         return outbox.push(Outgoing { id, body, _permit: Some(permit) });
     };
+    // Fast path: a read of this shard's keys that needs no waiting is answered right here,
+    // without a task or a timer.
+    if let Command::Get { key, metadata_only } = &command {
+        if shard.owns(key) {
+            if let Some(reply) = shard.store.try_get(key, *metadata_only) {
+                return outbox.push(Outgoing { id, body: Body::Reply(reply), _permit: Some(permit) });
+            }
+        }
+    }
     let timeout = match timeout_ms {
         0 => shard.limits.request_timeout_default,
         ms => Duration::from_millis(u64::from(ms)).min(shard.limits.request_timeout_max),
@@ -221,7 +230,8 @@ pub fn encode_reply(builder: &mut FlatBufferBuilder<'_>, out: &mut Vec<u8>, id: 
         }
         Reply::CasFailed(current) => {
             let siblings: Vec<SiblingOut<'_>> = current.iter().map(sibling_of).collect();
-            let response = ResponseOut { siblings: &siblings, ..ResponseOut::status(id, Status::CAS_FAILED, "") };
+            let response =
+                ResponseOut { siblings: &siblings, ..ResponseOut::status(id, Status::CAS_FAILED, "") };
             encode_response(builder, out, &response);
         }
         Reply::Error { status, message } => {
