@@ -75,6 +75,9 @@ impl Connection {
         BUILDER.with(|builder| {
             encode_request(&mut builder.borrow_mut(), &mut frame, &RequestView { id, ..*request });
         });
+        if self.is_closed() {
+            return Err(Error::ConnectionClosed);
+        }
         let (sender, receiver) = oneshot::channel();
         lock(&self.waiters).insert(id, sender);
         let exchange = async {
