@@ -126,6 +126,24 @@ enum Outcome {
     Absent,
 }
 
+fn success(json: bool) -> Outcome {
+    if json {
+        println!("{}", json!({"status": "ok"}));
+    } else {
+        println!("OK");
+    }
+    Outcome::Success
+}
+
+fn not_found(json: bool) -> Outcome {
+    if json {
+        println!("{}", json!({"status": "not_found"}));
+    } else {
+        eprintln!("(not found)");
+    }
+    Outcome::Absent
+}
+
 async fn run(cli: Cli) -> anyhow::Result<Outcome> {
     let options = Options { timeout: cli.timeout, shard_aware: false, ..Options::default() };
     let client = Client::connect(cli.addr.as_str(), options).await?;
@@ -134,12 +152,7 @@ async fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Put { key, value, source, ttl } => {
             let value = read_value(value, &source)?;
             client.put_with_ttl(key.as_bytes(), &value, ttl).await?;
-            if json {
-                println!("{}", json!({"status": "ok"}));
-            } else {
-                println!("OK");
-            }
-            Ok(Outcome::Success)
+            Ok(success(json))
         }
         Command::Get { key } => match client.get(key.as_bytes()).await? {
             Some(value) => {
@@ -150,14 +163,7 @@ async fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 }
                 Ok(Outcome::Success)
             }
-            None => {
-                if json {
-                    println!("{}", json!({"status": "not_found"}));
-                } else {
-                    eprintln!("(not found)");
-                }
-                Ok(Outcome::Absent)
-            }
+            None => Ok(not_found(json)),
         },
         Command::Del { key } => {
             let existed = client.delete(key.as_bytes()).await?;
@@ -172,14 +178,7 @@ async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             let new_value = read_value(new, &source)?;
             let expected = if expect_absent { None } else { expect.map(String::into_bytes) };
             match client.cas(key.as_bytes(), expected.as_deref(), &new_value, ttl).await? {
-                CasOutcome::Swapped => {
-                    if json {
-                        println!("{}", json!({"status": "ok"}));
-                    } else {
-                        println!("OK");
-                    }
-                    Ok(Outcome::Success)
-                }
+                CasOutcome::Swapped => Ok(success(json)),
                 CasOutcome::Failed { current } => {
                     if json {
                         let current = current.as_ref().map(value_json);
@@ -207,14 +206,7 @@ async fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 }
                 Ok(Outcome::Success)
             }
-            None => {
-                if json {
-                    println!("{}", json!({"status": "not_found"}));
-                } else {
-                    eprintln!("(not found)");
-                }
-                Ok(Outcome::Absent)
-            }
+            None => Ok(not_found(json)),
         },
     }
 }
