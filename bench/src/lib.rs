@@ -166,10 +166,19 @@ pub async fn run_once(args: &Args, rate: u64, preloaded: bool) -> anyhow::Result
                 let op = workload.next_op(&mut rng);
                 let sent = match interval {
                     Some(interval) => {
+                        // Behind schedule (the previous reply came after this request was due):
+                        // the server delayed it, so latency counts from the scheduled time.
+                        // On schedule: any lateness is the timer's (tokio wakes with 1 ms
+                        // granularity), not the server's, so latency counts from the send.
+                        let behind = Instant::now() >= intended;
                         tokio::time::sleep_until(intended.into()).await;
                         let scheduled = intended;
                         intended += interval;
-                        scheduled
+                        if behind {
+                            scheduled
+                        } else {
+                            Instant::now()
+                        }
                     }
                     None => Instant::now(),
                 };
