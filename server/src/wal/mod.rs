@@ -618,10 +618,10 @@ async fn replay_segment<S: Storage>(
 
 async fn flusher<S: Storage>(shared: Rc<Shared<S>>, mut segment: Segment<S::File>) {
     let mut last_sync = Instant::now();
-    // The next segment, prepared in the background once this one is half full, so that
-    // rotation costs one header write and its sync.
+    // The next segment, prepared in the background once this one is half full (a few
+    // milliseconds of metadata I/O kept off the write path), so that rotation costs one
+    // header write and its sync.
     let mut next_segment: Option<glommio::task::JoinHandle<std::io::Result<S::File>>> = None;
-    // (Preparing costs a few milliseconds of metadata I/O: off the write path.)
     loop {
         let listener = shared.work.listen();
         let has_work = !shared.state.borrow().pending.record_ends.is_empty();
