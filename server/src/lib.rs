@@ -5,6 +5,7 @@
 //! `mesh` carries requests between shards; every disk access goes through `storage`.
 
 pub mod clock;
+pub mod cluster;
 pub mod command;
 pub mod event;
 pub mod mesh;
