@@ -173,12 +173,12 @@ impl Ring {
         }
         let mut owners = self.owners.clone();
         let mut moved = Vec::new();
-        for partition in 0..owners.len() {
-            if owners[partition] != node {
+        for (partition, owner) in owners.iter_mut().enumerate() {
+            if *owner != node {
                 continue;
             }
             counts.sort_by(|a, b| a.1.cmp(&b.1).then(a.0.cmp(&b.0)));
-            owners[partition] = counts[0].0;
+            *owner = counts[0].0;
             counts[0].1 += 1;
             moved.push(partition);
         }
