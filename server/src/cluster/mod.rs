@@ -1,5 +1,7 @@
 //! Cluster logic, written sans-IO: state machines and pure functions that take messages and
 //! time and return decisions, so that a simulator can drive a whole cluster in one process.
-//! So far: the ring (placement and preference lists).
+//! So far: the ring (placement, preference lists) and per-key versions (version vectors,
+//! dots, siblings).
 
 pub mod ring;
+pub mod versions;
