@@ -15,4 +15,5 @@ pub mod node;
 pub mod shard;
 pub mod storage;
 pub mod store;
+pub mod table;
 pub mod wal;

@@ -6,3 +6,4 @@ mod hostile;
 mod kill9;
 mod node;
 mod power_loss;
+mod table;

@@ -1,0 +1,399 @@
+//! Byte layout of a sorted table (pure: building into memory, parsing from bytes). Entries
+//! sort by (token, key), token = `schema::key_hash(key)`, so a token range is one sequential
+//! scan. Every block starts at a 4 KiB boundary (one O_DIRECT read per block), is zero-padded
+//! to the next one, and ends its content with a CRC32C. Integers are little-endian.
+//!
+//! ```text
+//! data block:  entry_count:u32 entry* crc32c:u32 (over count and entries) zero padding
+//! entry:       token:u64 seq:u64 timestamp_us:u64 expires_at_ms:u64 kind:u8 key_size:u16
+//!              value_size:u32 key value                       (39-byte header)
+//! index block: block_count:u32 (offset:u64 size:u32 last_token:u64 last_key_size:u16 last_key)*
+//!              crc32c:u32 zero padding
+//! bloom block: bit_byte_count:u32 bits crc32c:u32 zero padding
+//! footer:      the last 4 KiB: magic[8] "KVDTABLE" version:u32 entry_count:u64
+//!              index_offset:u64 index_size:u32 bloom_offset:u64 bloom_size:u32 min_seq:u64
+//!              max_seq:u64 crc32c:u32 (over the 60 bytes before it) zero padding
+//! ```
+
+use schema::{KEY_SIZE_MAX, VALUE_SIZE_MAX};
+
+use super::bloom::Bloom;
+use crate::storage::BLOCK_SIZE;
+
+pub const TABLE_MAGIC: [u8; 8] = *b"KVDTABLE";
+pub const TABLE_FORMAT_VERSION: u32 = 1;
+pub const ENTRY_HEADER_SIZE: usize = 39;
+/// A data block closes once its content reaches this size (a larger entry gets a block of
+/// its own, padded to whole 4 KiB pages).
+pub const DATA_BLOCK_CONTENT_TARGET: usize = 4096 - 8;
+const FOOTER_CONTENT_SIZE: usize = 60;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum EntryKind {
+    Put = 1,
+    Delete = 2,
+}
+
+/// One version of a key in a table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub token: u64,
+    pub key: Vec<u8>,
+    pub seq: u64,
+    pub timestamp_us: u64,
+    pub expires_at_ms: u64,
+    pub kind: EntryKind,
+    pub value: Vec<u8>,
+}
+
+impl Entry {
+    pub fn sort_key(&self) -> (u64, &[u8]) {
+        (self.token, &self.key)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableCorrupt {
+    pub offset: u64,
+    pub detail: String,
+}
+
+fn corrupt(offset: u64, detail: impl Into<String>) -> TableCorrupt {
+    TableCorrupt { offset, detail: detail.into() }
+}
+
+/// Where a data block lies and the largest (token, key) in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexEntry {
+    pub offset: u64,
+    pub size: u32,
+    pub last_token: u64,
+    pub last_key: Vec<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Footer {
+    pub entry_count: u64,
+    pub index_offset: u64,
+    pub index_size: u32,
+    pub bloom_offset: u64,
+    pub bloom_size: u32,
+    pub min_seq: u64,
+    pub max_seq: u64,
+}
+
+fn pad_to_block(bytes: &mut Vec<u8>) {
+    bytes.resize(bytes.len().div_ceil(BLOCK_SIZE) * BLOCK_SIZE, 0);
+}
+
+fn seal(bytes: &mut Vec<u8>, start: usize) {
+    let crc = crc32c::crc32c(&bytes[start..]);
+    bytes.extend_from_slice(&crc.to_le_bytes());
+    pad_to_block(bytes);
+}
+
+/// Builds a whole table in memory from entries given in strictly increasing (token, key)
+/// order. The caller writes the bytes (a multiple of 4 KiB) and syncs them.
+#[derive(Debug)]
+pub struct TableBuilder {
+    bytes: Vec<u8>,
+    block: Vec<u8>,
+    block_entry_count: u32,
+    last: Option<(u64, Vec<u8>)>,
+    index: Vec<IndexEntry>,
+    bloom_hashes: Vec<u64>,
+    min_seq: u64,
+    max_seq: u64,
+}
+
+impl Default for TableBuilder {
+    fn default() -> Self {
+        TableBuilder {
+            bytes: Vec::new(),
+            block: Vec::new(),
+            block_entry_count: 0,
+            last: None,
+            index: Vec::new(),
+            bloom_hashes: Vec::new(),
+            min_seq: u64::MAX,
+            max_seq: 0,
+        }
+    }
+}
+
+impl TableBuilder {
+    pub fn add(&mut self, entry: &Entry) {
+        assert!(!entry.key.is_empty() && entry.key.len() <= KEY_SIZE_MAX);
+        assert!(entry.value.len() <= VALUE_SIZE_MAX);
+        assert!(entry.kind == EntryKind::Put || entry.value.is_empty());
+        if let Some((token, key)) = &self.last {
+            assert!(
+                (*token, key.as_slice()) < entry.sort_key(),
+                "entries must be added in strictly increasing order"
+            );
+        }
+        self.block.extend_from_slice(&entry.token.to_le_bytes());
+        self.block.extend_from_slice(&entry.seq.to_le_bytes());
+        self.block.extend_from_slice(&entry.timestamp_us.to_le_bytes());
+        self.block.extend_from_slice(&entry.expires_at_ms.to_le_bytes());
+        self.block.push(entry.kind as u8);
+        self.block.extend_from_slice(&(entry.key.len() as u16).to_le_bytes());
+        self.block.extend_from_slice(&(entry.value.len() as u32).to_le_bytes());
+        self.block.extend_from_slice(&entry.key);
+        self.block.extend_from_slice(&entry.value);
+        self.block_entry_count += 1;
+        self.last = Some((entry.token, entry.key.clone()));
+        self.bloom_hashes.push(entry.token);
+        self.min_seq = self.min_seq.min(entry.seq);
+        self.max_seq = self.max_seq.max(entry.seq);
+        if self.block.len() >= DATA_BLOCK_CONTENT_TARGET {
+            self.close_block();
+        }
+    }
+
+    fn close_block(&mut self) {
+        if self.block_entry_count == 0 {
+            return;
+        }
+        let offset = self.bytes.len();
+        debug_assert_eq!(offset % BLOCK_SIZE, 0);
+        self.bytes.extend_from_slice(&self.block_entry_count.to_le_bytes());
+        self.bytes.extend_from_slice(&self.block);
+        seal(&mut self.bytes, offset);
+        let (last_token, last_key) = self.last.clone().expect("a block with entries has a last entry");
+        let size = (self.bytes.len() - offset) as u32;
+        self.index.push(IndexEntry { offset: offset as u64, size, last_token, last_key });
+        self.block.clear();
+        self.block_entry_count = 0;
+    }
+
+    /// Closes the table: index, bloom filter, footer.
+    pub fn finish(mut self) -> Vec<u8> {
+        self.close_block();
+        let index_offset = self.bytes.len();
+        self.bytes.extend_from_slice(&(self.index.len() as u32).to_le_bytes());
+        for entry in &self.index {
+            self.bytes.extend_from_slice(&entry.offset.to_le_bytes());
+            self.bytes.extend_from_slice(&entry.size.to_le_bytes());
+            self.bytes.extend_from_slice(&entry.last_token.to_le_bytes());
+            self.bytes.extend_from_slice(&(entry.last_key.len() as u16).to_le_bytes());
+            self.bytes.extend_from_slice(&entry.last_key);
+        }
+        seal(&mut self.bytes, index_offset);
+        let index_size = self.bytes.len() - index_offset;
+
+        let mut bloom = Bloom::with_capacity(self.bloom_hashes.len());
+        for hash in &self.bloom_hashes {
+            bloom.insert(*hash);
+        }
+        let bloom_offset = self.bytes.len();
+        self.bytes.extend_from_slice(&(bloom.as_bytes().len() as u32).to_le_bytes());
+        self.bytes.extend_from_slice(bloom.as_bytes());
+        seal(&mut self.bytes, bloom_offset);
+        let bloom_size = self.bytes.len() - bloom_offset;
+
+        let footer_offset = self.bytes.len();
+        self.bytes.extend_from_slice(&TABLE_MAGIC);
+        self.bytes.extend_from_slice(&TABLE_FORMAT_VERSION.to_le_bytes());
+        self.bytes.extend_from_slice(&(self.bloom_hashes.len() as u64).to_le_bytes());
+        self.bytes.extend_from_slice(&(index_offset as u64).to_le_bytes());
+        self.bytes.extend_from_slice(&(index_size as u32).to_le_bytes());
+        self.bytes.extend_from_slice(&(bloom_offset as u64).to_le_bytes());
+        self.bytes.extend_from_slice(&(bloom_size as u32).to_le_bytes());
+        self.bytes
+            .extend_from_slice(&(if self.min_seq == u64::MAX { 0 } else { self.min_seq }).to_le_bytes());
+        self.bytes.extend_from_slice(&self.max_seq.to_le_bytes());
+        debug_assert_eq!(self.bytes.len() - footer_offset, FOOTER_CONTENT_SIZE);
+        seal(&mut self.bytes, footer_offset);
+        self.bytes
+    }
+}
+
+fn u16_at(bytes: &[u8], offset: usize) -> Option<u16> {
+    Some(u16::from_le_bytes(bytes.get(offset..offset + 2)?.try_into().ok()?))
+}
+
+fn u32_at(bytes: &[u8], offset: usize) -> Option<u32> {
+    Some(u32::from_le_bytes(bytes.get(offset..offset + 4)?.try_into().ok()?))
+}
+
+fn u64_at(bytes: &[u8], offset: usize) -> Option<u64> {
+    Some(u64::from_le_bytes(bytes.get(offset..offset + 8)?.try_into().ok()?))
+}
+
+/// Checks a sealed block: `content_size` bytes then their CRC32C. `offset` is for errors.
+fn verified(block: &[u8], content_size: usize, offset: u64, what: &str) -> Result<(), TableCorrupt> {
+    let stored = u32_at(block, content_size).ok_or_else(|| corrupt(offset, format!("{what} cut short")))?;
+    let content = block.get(..content_size).ok_or_else(|| corrupt(offset, format!("{what} cut short")))?;
+    if stored != crc32c::crc32c(content) {
+        return Err(corrupt(offset, format!("{what} checksum mismatch")));
+    }
+    Ok(())
+}
+
+/// Parses the footer from the table's last 4 KiB.
+pub fn decode_footer(block: &[u8], offset: u64, table_size: u64) -> Result<Footer, TableCorrupt> {
+    verified(block, FOOTER_CONTENT_SIZE, offset, "footer")?;
+    if block.get(..8) != Some(&TABLE_MAGIC[..]) {
+        return Err(corrupt(offset, "bad footer magic"));
+    }
+    let field = |at| u64_at(block, at).ok_or_else(|| corrupt(offset, "footer cut short"));
+    let small = |at| u32_at(block, at).ok_or_else(|| corrupt(offset, "footer cut short"));
+    let version = small(8)?;
+    if version != TABLE_FORMAT_VERSION {
+        return Err(corrupt(
+            offset,
+            format!("table format version {version}, expected {TABLE_FORMAT_VERSION}"),
+        ));
+    }
+    let footer = Footer {
+        entry_count: field(12)?,
+        index_offset: field(20)?,
+        index_size: small(28)?,
+        bloom_offset: field(32)?,
+        bloom_size: small(40)?,
+        min_seq: field(44)?,
+        max_seq: field(52)?,
+    };
+    let within = |start: u64, size: u32| {
+        start.is_multiple_of(BLOCK_SIZE as u64)
+            && size > 0
+            && start.checked_add(u64::from(size)).is_some_and(|end| end <= offset)
+    };
+    if !within(footer.index_offset, footer.index_size) || !within(footer.bloom_offset, footer.bloom_size) {
+        return Err(corrupt(offset, "footer points outside the table"));
+    }
+    debug_assert!(offset < table_size);
+    Ok(footer)
+}
+
+/// Parses the index block; checks that blocks are in order and inside the data area.
+pub fn decode_index(block: &[u8], offset: u64, data_end: u64) -> Result<Vec<IndexEntry>, TableCorrupt> {
+    let bad = |detail: &str| corrupt(offset, format!("index: {detail}"));
+    let count = u32_at(block, 0).ok_or_else(|| bad("cut short"))? as usize;
+    let mut entries = Vec::with_capacity(count.min(block.len() / 22));
+    let mut at = 4;
+    for _ in 0..count {
+        let key_size = usize::from(u16_at(block, at + 20).ok_or_else(|| bad("cut short"))?);
+        let entry = IndexEntry {
+            offset: u64_at(block, at).ok_or_else(|| bad("cut short"))?,
+            size: u32_at(block, at + 8).ok_or_else(|| bad("cut short"))?,
+            last_token: u64_at(block, at + 12).ok_or_else(|| bad("cut short"))?,
+            last_key: block.get(at + 22..at + 22 + key_size).ok_or_else(|| bad("cut short"))?.to_vec(),
+        };
+        at += 22 + key_size;
+        entries.push(entry);
+    }
+    verified(block, at, offset, "index")?;
+    let mut expected_offset = 0;
+    for entry in &entries {
+        if entry.offset != expected_offset
+            || entry.size == 0
+            || !(entry.size as usize).is_multiple_of(BLOCK_SIZE)
+        {
+            return Err(bad("blocks out of order"));
+        }
+        expected_offset += u64::from(entry.size);
+    }
+    if expected_offset > data_end {
+        return Err(bad("blocks beyond the data area"));
+    }
+    Ok(entries)
+}
+
+/// Parses the bloom block.
+pub fn decode_bloom(block: &[u8], offset: u64) -> Result<Bloom, TableCorrupt> {
+    let size = u32_at(block, 0).ok_or_else(|| corrupt(offset, "bloom cut short"))? as usize;
+    verified(block, 4usize.saturating_add(size), offset, "bloom")?;
+    let bits = block.get(4..4 + size).ok_or_else(|| corrupt(offset, "bloom cut short"))?;
+    Bloom::from_bytes(bits.to_vec()).ok_or_else(|| corrupt(offset, "empty bloom"))
+}
+
+/// Parses a data block and returns its entries.
+pub fn decode_data_block(block: &[u8], offset: u64) -> Result<Vec<Entry>, TableCorrupt> {
+    let bad = |detail: &str| corrupt(offset, format!("data block: {detail}"));
+    let count = u32_at(block, 0).ok_or_else(|| bad("cut short"))? as usize;
+    let mut entries = Vec::with_capacity(count.min(block.len() / ENTRY_HEADER_SIZE));
+    let mut at = 4;
+    for _ in 0..count {
+        let header = block.get(at..at + ENTRY_HEADER_SIZE).ok_or_else(|| bad("cut short"))?;
+        let kind = match header[32] {
+            1 => EntryKind::Put,
+            2 => EntryKind::Delete,
+            _ => return Err(bad("unknown entry kind")),
+        };
+        let key_size = usize::from(u16_at(header, 33).ok_or_else(|| bad("cut short"))?);
+        let value_size = u32_at(header, 35).ok_or_else(|| bad("cut short"))? as usize;
+        if key_size == 0 || key_size > KEY_SIZE_MAX || value_size > VALUE_SIZE_MAX {
+            return Err(bad("entry size out of range"));
+        }
+        let body = at + ENTRY_HEADER_SIZE;
+        let key = block.get(body..body + key_size).ok_or_else(|| bad("cut short"))?;
+        let value =
+            block.get(body + key_size..body + key_size + value_size).ok_or_else(|| bad("cut short"))?;
+        entries.push(Entry {
+            token: u64_at(header, 0).ok_or_else(|| bad("cut short"))?,
+            seq: u64_at(header, 8).ok_or_else(|| bad("cut short"))?,
+            timestamp_us: u64_at(header, 16).ok_or_else(|| bad("cut short"))?,
+            expires_at_ms: u64_at(header, 24).ok_or_else(|| bad("cut short"))?,
+            kind,
+            key: key.to_vec(),
+            value: value.to_vec(),
+        });
+        at = body + key_size + value_size;
+    }
+    verified(block, at, offset, "data block")?;
+    Ok(entries)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub fn entries(count: u32) -> Vec<Entry> {
+        let mut entries: Vec<Entry> = (0..count)
+            .map(|i| {
+                let key = format!("key-{i}").into_bytes();
+                let delete = i % 7 == 3;
+                Entry {
+                    token: schema::key_hash(&key),
+                    seq: u64::from(i) + 1,
+                    timestamp_us: 1_000 + u64::from(i),
+                    expires_at_ms: if i % 5 == 0 { 99 } else { 0 },
+                    kind: if delete { EntryKind::Delete } else { EntryKind::Put },
+                    value: if delete { Vec::new() } else { vec![i as u8; (i as usize * 37) % 3000] },
+                    key,
+                }
+            })
+            .collect();
+        entries.sort_by(|a, b| a.sort_key().cmp(&b.sort_key()));
+        entries
+    }
+
+    #[test]
+    fn blocks_are_aligned_and_roundtrip() {
+        let entries = entries(500);
+        let mut builder = TableBuilder::default();
+        for entry in &entries {
+            builder.add(entry);
+        }
+        let bytes = builder.finish();
+        assert_eq!(bytes.len() % BLOCK_SIZE, 0);
+        let footer_offset = (bytes.len() - BLOCK_SIZE) as u64;
+        let footer = decode_footer(&bytes[footer_offset as usize..], footer_offset, bytes.len() as u64)
+            .expect("footer");
+        assert_eq!(footer.entry_count, 500);
+        let index_block = &bytes[footer.index_offset as usize..][..footer.index_size as usize];
+        let index = decode_index(index_block, footer.index_offset, footer.index_offset).expect("index");
+        let mut decoded = Vec::new();
+        for block in &index {
+            let bytes = &bytes[block.offset as usize..][..block.size as usize];
+            decoded.extend(decode_data_block(bytes, block.offset).expect("block"));
+        }
+        assert_eq!(decoded, entries);
+        let bloom_block = &bytes[footer.bloom_offset as usize..][..footer.bloom_size as usize];
+        let bloom = decode_bloom(bloom_block, footer.bloom_offset).expect("bloom");
+        assert!(entries.iter().all(|e| bloom.may_contain(e.token)));
+    }
+}
