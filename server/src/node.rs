@@ -57,6 +57,13 @@ pub struct Args {
     /// A connection that sends nothing for this long is closed.
     #[arg(long, global = true, default_value_t = 300_000)]
     pub idle_timeout_ms: u64,
+    /// MiB of read buffers for frames larger than 8 KiB that one shard's connections may hold
+    /// together; beyond it a connection waits before reading more.
+    #[arg(long, global = true, default_value_t = 256)]
+    pub read_buffers_max_mib: usize,
+    /// A frame must arrive within this long once its first bytes have.
+    #[arg(long, global = true, default_value_t = 30_000)]
+    pub frame_timeout_ms: u64,
     /// A connection whose client does not take replies for this long is closed.
     #[arg(long, global = true, default_value_t = 30_000)]
     pub write_timeout_ms: u64,
@@ -185,6 +192,7 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
     let limits = ConnectionLimits {
         inflight_max: args.inflight_max,
         idle_timeout: Duration::from_millis(args.idle_timeout_ms.max(1)),
+        frame_timeout: Duration::from_millis(args.frame_timeout_ms.max(1)),
         write_timeout: Duration::from_millis(args.write_timeout_ms.max(1)),
         request_timeout_default: Duration::from_millis(args.request_timeout_ms.max(1)),
         request_timeout_max: Duration::from_secs(600),
@@ -211,6 +219,7 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
             policy: args.fsync,
             limits,
             connections_max: args.connections_max.div_ceil(shard_count),
+            large_buffers_size_max: args.read_buffers_max_mib.max(3) << 20,
             hello: hello.clone(),
             client_listener,
             shard_listener,

@@ -34,6 +34,8 @@ pub struct Shard<S: Storage> {
     pub hello: HelloInfo,
     pub limits: ConnectionLimits,
     pub connections_max: usize,
+    /// Shared by the shard's connections for frames larger than their minimum read buffer.
+    pub large_buffer_budget: Rc<glommio::sync::Semaphore>,
     pub stats: ShardStats,
 }
 
@@ -63,6 +65,8 @@ pub struct ShardLaunch {
     pub policy: SyncPolicy,
     pub limits: ConnectionLimits,
     pub connections_max: usize,
+    /// Bytes of read buffers beyond their minimum that the shard's connections may hold.
+    pub large_buffers_size_max: usize,
     pub hello: HelloInfo,
     /// Bound and listening; the shared client port (SO_REUSEPORT) and the shard's own.
     pub client_listener: std::net::TcpListener,
@@ -88,6 +92,7 @@ pub async fn run(launch: ShardLaunch) {
         policy,
         limits,
         connections_max,
+        large_buffers_size_max,
         hello,
         client_listener,
         shard_listener,
@@ -129,6 +134,7 @@ pub async fn run(launch: ShardLaunch) {
         hello,
         limits,
         connections_max,
+        large_buffer_budget: Rc::new(glommio::sync::Semaphore::new(large_buffers_size_max as u64)),
         stats: ShardStats::default(),
     });
     let mesh_task = match (mesh, receivers) {

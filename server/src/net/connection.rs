@@ -10,7 +10,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::rc::Rc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use flatbuffers::FlatBufferBuilder;
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
@@ -30,7 +30,7 @@ use crate::storage::Storage;
 pub const OUTPUT_FLUSH_SIZE: usize = 256 << 10;
 /// A reply larger than this makes the writer drop its encoder's buffer afterwards.
 const LARGE_FRAME_SIZE: usize = 64 << 10;
-/// Read buffer of an idle connection; it grows to hold one frame and shrinks back.
+/// Read buffer of an idle; it grows to hold one frame and shrinks back.
 const READ_BUFFER_SIZE_MIN: usize = 8 << 10;
 
 /// Per-connection limits, set by flags.
@@ -38,6 +38,8 @@ const READ_BUFFER_SIZE_MIN: usize = 8 << 10;
 pub struct ConnectionLimits {
     pub inflight_max: usize,
     pub idle_timeout: Duration,
+    /// Time a frame may take to arrive once its first bytes have.
+    pub frame_timeout: Duration,
     pub write_timeout: Duration,
     pub request_timeout_default: Duration,
     pub request_timeout_max: Duration,
@@ -74,7 +76,6 @@ impl Outbox {
 pub async fn serve<S: Storage>(stream: TcpStream, shard: Rc<Shard<S>>) {
     let limits = shard.limits;
     let _ = stream.set_nodelay(true);
-    let _ = stream.set_read_timeout(Some(limits.idle_timeout));
     let _ = stream.set_write_timeout(Some(limits.write_timeout));
     let (reader, writer) = futures_lite::io::split(stream);
     let outbox = Rc::new(Outbox::default());
@@ -94,6 +95,11 @@ async fn read_requests<S: Storage>(
     shard: &Rc<Shard<S>>,
 ) {
     let mut buffer = vec![0u8; READ_BUFFER_SIZE_MIN];
+    // The share of the shard's large-buffer budget this connection's buffer holds; held, not
+    // read: dropping it returns the share.
+    let mut _large_buffer_permit: Option<StaticPermit> = None;
+    // When the frame at the front of the buffer started arriving, if it is incomplete.
+    let mut partial_since: Option<Instant> = None;
     let mut start = 0;
     let mut end = 0;
     loop {
@@ -115,6 +121,7 @@ async fn read_requests<S: Storage>(
             };
             dispatch(payload, permit, outbox, shard);
             start += frame_size;
+            partial_since = None;
         }
         // Make room for the rest of the current frame.
         if start == end {
@@ -122,11 +129,15 @@ async fn read_requests<S: Storage>(
             end = 0;
             if buffer.len() > READ_BUFFER_SIZE_MIN {
                 buffer = vec![0u8; READ_BUFFER_SIZE_MIN];
+                _large_buffer_permit = None;
             }
-        } else if start > 0 {
-            buffer.copy_within(start..end, 0);
-            end -= start;
-            start = 0;
+        } else {
+            partial_since.get_or_insert_with(Instant::now);
+            if start > 0 {
+                buffer.copy_within(start..end, 0);
+                end -= start;
+                start = 0;
+            }
         }
         if end == buffer.len() {
             let needed = match buffer.get(..FRAME_HEADER_SIZE) {
@@ -136,11 +147,32 @@ async fn read_requests<S: Storage>(
                 }
                 None => FRAME_HEADER_SIZE,
             };
-            buffer.resize(needed.max(2 * buffer.len()).min(FRAME_HEADER_SIZE + FRAME_SIZE_MAX), 0);
+            let size = needed.max(2 * buffer.len()).min(FRAME_HEADER_SIZE + FRAME_SIZE_MAX);
+            // Large buffers come out of a per-shard budget, so that many connections each
+            // sending the start of a 2 MiB frame cannot exhaust memory: beyond the budget a
+            // connection waits (reading nothing) until others finish their frames.
+            _large_buffer_permit = None;
+            let extra = (size - READ_BUFFER_SIZE_MIN) as u64;
+            match shard.large_buffer_budget.clone().acquire_static_permit(extra).await {
+                Ok(permit) => _large_buffer_permit = Some(permit),
+                Err(_) => return,
+            }
+            buffer.resize(size, 0);
         }
-        match reader.read(&mut buffer[end..]).await {
-            Ok(0) | Err(_) => return, // closed by the client, idle timeout, or reset
-            Ok(count) => end += count,
+        // A frame that has started must finish within the frame timeout, so a client that
+        // trickles a large frame cannot hold its buffer for long.
+        let deadline = match partial_since {
+            Some(since) => shard.limits.frame_timeout.saturating_sub(since.elapsed()),
+            None => shard.limits.idle_timeout,
+        };
+        let read = async { Some(reader.read(&mut buffer[end..]).await) };
+        let expired = async {
+            glommio::timer::sleep(deadline).await;
+            None
+        };
+        match futures_lite::future::or(read, expired).await {
+            Some(Ok(0)) | Some(Err(_)) | None => return, // closed, reset, idle or frame timeout
+            Some(Ok(count)) => end += count,
         }
     }
 }

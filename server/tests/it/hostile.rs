@@ -230,3 +230,41 @@ fn ten_thousand_connections_at_once() {
     bystander_is_served(&node);
     eprintln!("10,000 connections: server RSS {rss_before_kib} KiB -> {rss_after_kib} KiB");
 }
+
+#[test]
+fn frames_started_and_never_finished_hold_bounded_memory_and_time_out() {
+    const CONNECTION_COUNT: usize = 40;
+    let dir = DataDir::new("hostile-partial-frames");
+    let node = Node::start(&dir.0, &["--frame-timeout-ms", "3000", "--read-buffers-max-mib", "16"]);
+    let rss_before_kib = node.rss_kib();
+    // Each connection sends 1.9 MB of a 2,000,000-byte frame and stops: 76 MB of buffers in all
+    // without a budget; with it the server holds at most 16 MiB and the rest wait unread.
+    let mut start_of_frame = 2_000_000u32.to_le_bytes().to_vec();
+    start_of_frame.extend(std::iter::repeat_n(7u8, 1_900_000));
+    let mut streams: Vec<TcpStream> = (0..CONNECTION_COUNT)
+        .map(|_| {
+            let mut stream = connect(&node);
+            stream.set_write_timeout(Some(Duration::from_millis(100))).expect("timeout");
+            let _ = stream.write_all(&start_of_frame); // blocks once the server stops reading
+            stream
+        })
+        .collect();
+    // The server drains the sockets it may read over the next moments: watch its peak for
+    // 2 s (without the budget it reaches about 96 MB here within 1 s).
+    let mut rss_during_kib = 0;
+    for _ in 0..20 {
+        rss_during_kib = rss_during_kib.max(node.rss_kib());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bystander_is_served(&node);
+    assert!(
+        rss_during_kib < rss_before_kib + 40 * 1024,
+        "{CONNECTION_COUNT} partial 2 MB frames took the server from {rss_before_kib} KiB to {rss_during_kib} KiB"
+    );
+    // Every one of them is closed once its frame is overdue (waiting ones right after).
+    for stream in &mut streams {
+        assert_closed(stream, "a frame that never finishes");
+    }
+    bystander_is_served(&node);
+    eprintln!("partial frames: server RSS {rss_before_kib} KiB -> {rss_during_kib} KiB, all closed");
+}
