@@ -265,7 +265,16 @@ impl Client {
             write_id: None,
             op,
         };
-        connection.call(&request, timeout).await
+        let result = connection.call(&request, timeout).await;
+        // A read is safe to repeat: when the connection died under it (a node restart, a
+        // reset), try once more on a fresh connection. Writes are not retried: without
+        // write ids the server could apply one twice.
+        let retryable = matches!(result, Err(Error::ConnectionClosed | Error::Io(_)));
+        if retryable && matches!(op, Op::Get { .. }) {
+            let connection = slot.get(timeout).await?;
+            return connection.call(&request, timeout).await;
+        }
+        result
     }
 
     pub async fn put(&self, key: &[u8], value: &[u8]) -> Result<(), Error> {

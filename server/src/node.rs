@@ -29,8 +29,8 @@ pub struct Args {
     /// Client address, served by every shard (SO_REUSEPORT). Port 0 picks a free port.
     #[arg(long, global = true, default_value = "127.0.0.1:7400")]
     pub listen: SocketAddr,
-    /// First port of the shards' own ports (shard i listens on base + i). Default: the
-    /// client port + 1, or free ports when the client port is 0.
+    /// First port of the shards' own ports (shard i listens on base + i); 0 picks free
+    /// ports. Default: the client port + 1, or free ports when the client port is 0.
     #[arg(long, global = true)]
     pub shard_port_base: Option<u16>,
     /// Data directory (created if missing).
@@ -164,6 +164,7 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
         client_listeners.push(reuse_port_listener(client_address)?);
     }
     let shard_port_base = match (args.shard_port_base, client_address.port(), args.listen.port()) {
+        (Some(0), _, _) => None,
         (Some(base), _, _) => Some(base),
         (None, _, 0) => None,
         (None, port, _) => Some(port + 1),

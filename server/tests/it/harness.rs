@@ -56,12 +56,17 @@ impl Node {
     }
 
     pub fn start_with_shards(data_dir: &Path, shard_count: usize, extra: &[&str]) -> Node {
+        Node::start_listening(data_dir, "127.0.0.1:0", shard_count, extra)
+    }
+
+    /// Starts on a given client address (a restart that keeps its port).
+    pub fn start_listening(data_dir: &Path, listen: &str, shard_count: usize, extra: &[&str]) -> Node {
         let ports_file = data_dir.join(server::node::PORTS_FILE);
         let _ = std::fs::remove_file(&ports_file);
         let mut child = Command::new(env!("CARGO_BIN_EXE_kvd"))
             .arg("--data-dir")
             .arg(data_dir)
-            .args(["--listen", "127.0.0.1:0", "--shards", &shard_count.to_string(), "--no-pin"])
+            .args(["--listen", listen, "--shards", &shard_count.to_string(), "--no-pin"])
             .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())

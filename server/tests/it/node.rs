@@ -227,3 +227,26 @@ fn kvctl_commands_and_exit_codes() {
     let (code, _, stderr) = run(&["get", "x"]);
     assert_eq!(code, 2, "{stderr}");
 }
+
+#[test]
+fn a_client_reconnects_after_a_node_restart() {
+    let dir = DataDir::new("restart-read");
+    let mut node = Node::start(&dir.0, &[]);
+    let address = node.address();
+    let runtime = runtime();
+    let client = runtime.block_on(async {
+        let options = Options { shard_aware: false, ..Options::default() };
+        let client = client::Client::connect(address.as_str(), options).await.expect("connect");
+        client.put(b"k", b"v").await.expect("put");
+        client
+    });
+    node.kill9();
+    let node = Node::start_listening(&dir.0, &address, 1, &["--shard-port-base", "0"]);
+    assert_eq!(node.address(), address);
+    runtime.block_on(async {
+        // The pooled connection died with the old process; the pool replaces it (and a read
+        // caught on a connection that dies under it is retried once).
+        let value = client.get(b"k").await.expect("get after restart").map(|v| v.value);
+        assert_eq!(value, Some(b"v".to_vec()));
+    });
+}
