@@ -41,7 +41,7 @@ pub enum SyncPolicy {
     /// Acknowledge after the batch's write reaches the device; `fdatasync` every interval.
     /// Survives a process crash; a power loss can lose up to one interval of writes.
     Interval(Duration),
-    /// Acknowledge after the write; `fdatasync` only at rotation and shutdown. Survives a
+    /// Acknowledge after the write; `fdatasync` only at shutdown. Survives a
     /// process crash; a power loss can lose whatever the device had not persisted.
     Never,
 }
