@@ -8,6 +8,7 @@ pub mod clock;
 pub mod cluster;
 pub mod command;
 pub mod event;
+pub mod le;
 pub mod mesh;
 pub mod meta;
 pub mod net;

@@ -18,6 +18,7 @@
 use schema::{KEY_SIZE_MAX, VALUE_SIZE_MAX};
 
 use super::bloom::Bloom;
+use crate::le::{u16_at, u32_at, u64_at};
 use crate::storage::BLOCK_SIZE;
 
 pub const TABLE_MAGIC: [u8; 8] = *b"KVDTABLE";
@@ -208,18 +209,6 @@ impl TableBuilder {
         seal(&mut self.bytes, footer_offset);
         self.bytes
     }
-}
-
-fn u16_at(bytes: &[u8], offset: usize) -> Option<u16> {
-    Some(u16::from_le_bytes(bytes.get(offset..offset + 2)?.try_into().ok()?))
-}
-
-fn u32_at(bytes: &[u8], offset: usize) -> Option<u32> {
-    Some(u32::from_le_bytes(bytes.get(offset..offset + 4)?.try_into().ok()?))
-}
-
-fn u64_at(bytes: &[u8], offset: usize) -> Option<u64> {
-    Some(u64::from_le_bytes(bytes.get(offset..offset + 8)?.try_into().ok()?))
 }
 
 /// Checks a sealed block: `content_size` bytes then their CRC32C. `offset` is for errors.

@@ -17,6 +17,7 @@
 
 use schema::{KEY_SIZE_MAX, VALUE_SIZE_MAX};
 
+use crate::le::{u16_at, u32_at, u64_at};
 use crate::storage::{block_align_up, BLOCK_SIZE};
 
 pub const SEGMENT_MAGIC: [u8; 8] = *b"KVDWAL\r\n";
@@ -71,18 +72,6 @@ pub struct SegmentHeader {
     pub flags: u32,
     pub segment_index: u64,
     pub first_seq: u64,
-}
-
-fn u32_at(bytes: &[u8], offset: usize) -> Option<u32> {
-    Some(u32::from_le_bytes(bytes.get(offset..offset + 4)?.try_into().ok()?))
-}
-
-fn u64_at(bytes: &[u8], offset: usize) -> Option<u64> {
-    Some(u64::from_le_bytes(bytes.get(offset..offset + 8)?.try_into().ok()?))
-}
-
-fn u16_at(bytes: &[u8], offset: usize) -> Option<u16> {
-    Some(u16::from_le_bytes(bytes.get(offset..offset + 2)?.try_into().ok()?))
 }
 
 /// The whole header block of a new segment.
