@@ -54,6 +54,14 @@ fn expiry(now_ms: u64, ttl_ms: u64) -> u64 {
     }
 }
 
+fn read_reply(entry: &Entry, now_ms: u64, metadata_only: bool) -> LocalReply {
+    if entry.is_live(now_ms) {
+        Reply::Found(entry.version(now_ms, !metadata_only))
+    } else {
+        Reply::NotFound
+    }
+}
+
 fn internal(error: WalError) -> LocalReply {
     match error {
         WalError::ShuttingDown => Reply::error(Status::UNAVAILABLE, "shutting down"),
@@ -129,34 +137,30 @@ impl<S: Storage> Store<S> {
         Some(entry.clone())
     }
 
-    /// Answers a GET at once when nothing needs to wait: the key is absent or its newest
-    /// entry is acknowledged. `None`: the entry is still in flight; use [`Store::get`].
-    pub fn try_get(&self, key: &[u8], metadata_only: bool) -> Option<LocalReply> {
+    /// The reply to a GET if nothing needs to wait (the key is absent or its newest entry is
+    /// acknowledged); otherwise the entry to wait for.
+    fn read_now(&self, key: &[u8], metadata_only: bool) -> Result<LocalReply, (Entry, u64)> {
         let now_ms = now_ms();
-        let Some(entry) = self.lookup(key, now_ms) else { return Some(Reply::NotFound) };
+        let Some(entry) = self.lookup(key, now_ms) else { return Ok(Reply::NotFound) };
         if entry.seq > self.wal.acked_seq() {
-            return None;
+            return Err((entry, now_ms));
         }
-        Some(if entry.is_live(now_ms) {
-            Reply::Found(entry.version(now_ms, !metadata_only))
-        } else {
-            Reply::NotFound
-        })
+        Ok(read_reply(&entry, now_ms, metadata_only))
+    }
+
+    /// Answers a GET at once when nothing needs to wait. `None`: the newest entry is still in
+    /// flight; use [`Store::get`].
+    pub fn try_get(&self, key: &[u8], metadata_only: bool) -> Option<LocalReply> {
+        self.read_now(key, metadata_only).ok()
     }
 
     pub async fn get(&self, key: &[u8], metadata_only: bool) -> LocalReply {
-        if let Some(reply) = self.try_get(key, metadata_only) {
-            return reply;
-        }
-        let now_ms = now_ms();
-        let Some(entry) = self.lookup(key, now_ms) else { return Reply::NotFound };
-        if let Err(error) = self.wal.wait_acked(entry.seq).await {
-            return internal(error);
-        }
-        if entry.is_live(now_ms) {
-            Reply::Found(entry.version(now_ms, !metadata_only))
-        } else {
-            Reply::NotFound
+        match self.read_now(key, metadata_only) {
+            Ok(reply) => reply,
+            Err((entry, now_ms)) => match self.wal.wait_acked(entry.seq).await {
+                Ok(()) => read_reply(&entry, now_ms, metadata_only),
+                Err(error) => internal(error),
+            },
         }
     }
 

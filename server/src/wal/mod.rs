@@ -411,10 +411,10 @@ impl<S: Storage> Shared<S> {
         for end in pending.record_ends.iter_mut() {
             *end -= cut;
         }
-        let payload: Vec<u8> = pending.payload.drain(..cut).collect();
         let first_seq = pending.first_seq;
         pending.first_seq += record_count;
-        let batch = format::encode_batch(first_seq, record_count as u32, &payload);
+        let batch = format::encode_batch(first_seq, record_count as u32, &pending.payload[..cut]);
+        pending.payload.drain(..cut);
         Some((first_seq, first_seq + record_count - 1, batch))
     }
 }
