@@ -43,6 +43,8 @@ pub enum Error {
     Unavailable(String),
     /// No reply within the deadline; a write may or may not have taken effect.
     Timeout,
+    /// The node's disk is full: the write was refused (not applied). Reads still work.
+    NoSpace(String),
     /// The server failed; a write may or may not have taken effect.
     Internal(String),
     /// A status this client does not know.
@@ -69,6 +71,7 @@ impl fmt::Display for Error {
             Error::Overloaded(message) => write!(f, "server overloaded: {message}"),
             Error::Unavailable(message) => write!(f, "unavailable: {message}"),
             Error::Timeout => write!(f, "timed out"),
+            Error::NoSpace(message) => write!(f, "no space: {message}"),
             Error::Internal(message) => write!(f, "server error: {message}"),
             Error::Server { status, message } => write!(f, "server status {status}: {message}"),
             Error::Io(message) => write!(f, "i/o error: {message}"),
@@ -196,6 +199,7 @@ fn status_error(response: ResponseView) -> Error {
         Status::OVERLOADED => Error::Overloaded(message),
         Status::UNAVAILABLE => Error::Unavailable(message),
         Status::TIMEOUT => Error::Timeout,
+        Status::NO_SPACE => Error::NoSpace(message),
         Status::INTERNAL => Error::Internal(message),
         other => Error::Server { status: other.0, message },
     }

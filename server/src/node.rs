@@ -70,6 +70,13 @@ pub struct Args {
     /// Server-side deadline of a request that names none.
     #[arg(long, global = true, default_value_t = 5_000)]
     pub request_timeout_ms: u64,
+    /// MiB of memory each shard's storage engine may use: two memtables of an eighth each,
+    /// bloom filters and table indexes, and a block cache with the rest.
+    #[arg(long, global = true, default_value_t = 256, value_parser = clap::value_parser!(u64).range(4..))]
+    pub memory_per_shard: u64,
+    /// Seconds a tombstone or an expired value is kept before compaction may drop it.
+    #[arg(long, global = true, default_value_t = 3_600)]
+    pub tombstone_grace_s: u64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -218,6 +225,10 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
             count: shard_count,
             data_dir: data_dir.clone(),
             policy: args.fsync,
+            engine: crate::engine::EngineOptions {
+                memory_bytes: (args.memory_per_shard << 20) as usize,
+                tombstone_grace_ms: args.tombstone_grace_s.saturating_mul(1000),
+            },
             limits,
             connections_max: args.connections_max.div_ceil(shard_count),
             large_buffers_size_max: args.read_buffers_max_mib.max(3) << 20,

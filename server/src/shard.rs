@@ -63,6 +63,7 @@ pub struct ShardLaunch {
     pub count: usize,
     pub data_dir: PathBuf,
     pub policy: SyncPolicy,
+    pub engine: crate::engine::EngineOptions,
     pub limits: ConnectionLimits,
     pub connections_max: usize,
     /// Bytes of read buffers beyond their minimum that the shard's connections may hold.
@@ -90,6 +91,7 @@ pub async fn run(launch: ShardLaunch) {
         count,
         data_dir,
         policy,
+        engine,
         limits,
         connections_max,
         large_buffers_size_max,
@@ -109,7 +111,7 @@ pub async fn run(launch: ShardLaunch) {
     };
     let identity = ShardIdentity { shard_index: index as u32, shard_count: count as u32 };
     let shard_dir = data_dir.join(format!("shard-{index}"));
-    let (store, report) = match Store::open(storage, &shard_dir, identity, policy).await {
+    let (store, report) = match Store::open(storage, &shard_dir, identity, policy, engine).await {
         Ok(opened) => opened,
         Err(error) => {
             let _ = ready.send(Err(format!("shard {index}: recovery failed: {error}")));

@@ -6,8 +6,6 @@
 //! acknowledges it. A read that finds a version not yet acknowledged waits for it too, so no
 //! client ever sees a value that a crash could take back.
 
-use std::cell::RefCell;
-use std::collections::HashMap;
 use std::path::Path;
 use std::rc::Rc;
 
@@ -15,34 +13,18 @@ use schema::Status;
 
 use crate::clock::{now_ms, Hlc};
 use crate::command::{Command, LocalReply, Reply, Version};
+use crate::engine::{Engine, EngineOptions, Entry};
 use crate::storage::Storage;
-use crate::wal::format::{Record, RecordKind};
-use crate::wal::{RecoveryReport, ShardIdentity, SyncPolicy, Wal, WalError};
+use crate::table::reader::TableError;
+use crate::wal::{RecoveryReport, ShardIdentity, SyncPolicy, WalError};
 
-/// The newest version of a key. A deletion is kept as a tombstone (`value: None`) until it
-/// is acknowledged, so that reads wait for it like for any other write.
-#[derive(Debug, Clone)]
-struct Entry {
-    value: Option<Rc<[u8]>>,
-    timestamp_us: u64,
-    /// Unix milliseconds; 0 for never.
-    expires_at_ms: u64,
-    seq: u64,
-}
-
-impl Entry {
-    fn is_live(&self, now_ms: u64) -> bool {
-        self.value.is_some() && (self.expires_at_ms == 0 || now_ms < self.expires_at_ms)
-    }
-
-    fn version(&self, now_ms: u64, with_value: bool) -> Version<Rc<[u8]>> {
-        let ttl_left_ms =
-            if self.expires_at_ms == 0 { 0 } else { self.expires_at_ms.saturating_sub(now_ms).max(1) };
-        Version {
-            value: if with_value { self.value.clone() } else { None },
-            timestamp_us: self.timestamp_us,
-            ttl_left_ms,
-        }
+fn version(entry: &Entry, now_ms: u64, with_value: bool) -> Version<Rc<[u8]>> {
+    let ttl_left_ms =
+        if entry.expires_at_ms == 0 { 0 } else { entry.expires_at_ms.saturating_sub(now_ms).max(1) };
+    Version {
+        value: if with_value { entry.value.clone() } else { None },
+        timestamp_us: entry.timestamp_us,
+        ttl_left_ms,
     }
 }
 
@@ -56,7 +38,7 @@ fn expiry(now_ms: u64, ttl_ms: u64) -> u64 {
 
 fn read_reply(entry: &Entry, now_ms: u64, metadata_only: bool) -> LocalReply {
     if entry.is_live(now_ms) {
-        Reply::Found(entry.version(now_ms, !metadata_only))
+        Reply::Found(version(entry, now_ms, !metadata_only))
     } else {
         Reply::NotFound
     }
@@ -65,53 +47,43 @@ fn read_reply(entry: &Entry, now_ms: u64, metadata_only: bool) -> LocalReply {
 fn internal(error: WalError) -> LocalReply {
     match error {
         WalError::ShuttingDown => Reply::error(Status::UNAVAILABLE, "shutting down"),
+        WalError::NoSpace => Reply::error(Status::NO_SPACE, error.to_string()),
         error => Reply::error(Status::INTERNAL, error.to_string()),
     }
 }
 
+/// A read that failed: a damaged block (never served) or an I/O error.
+fn read_failed(error: TableError) -> LocalReply {
+    Reply::error(Status::INTERNAL, error.to_string())
+}
+
 pub struct Store<S: Storage> {
-    index: RefCell<HashMap<Box<[u8]>, Entry, ahash::RandomState>>,
-    wal: Wal<S>,
+    engine: Engine<S>,
     hlc: Hlc,
 }
 
 impl<S: Storage> Store<S> {
-    /// Recovers the shard from its log in `dir`.
+    /// Recovers the shard in `dir`: its tables, then the log records they do not hold.
     pub async fn open(
         storage: S,
         dir: &Path,
         identity: ShardIdentity,
         policy: SyncPolicy,
+        options: EngineOptions,
     ) -> Result<(Store<S>, RecoveryReport), WalError> {
-        let mut index: HashMap<Box<[u8]>, Entry, ahash::RandomState> = HashMap::default();
         let hlc = Hlc::default();
-        let replay_now_ms = now_ms();
-        let (wal, report) = Wal::open(storage, dir, identity, policy, |record| {
-            hlc.observe(record.timestamp_us);
-            let expired = record.expires_at_ms != 0 && record.expires_at_ms <= replay_now_ms;
-            if record.kind == RecordKind::Delete || expired {
-                index.remove(record.key);
-                return;
-            }
-            let entry = Entry {
-                value: Some(Rc::from(record.value)),
-                timestamp_us: record.timestamp_us,
-                expires_at_ms: record.expires_at_ms,
-                seq: record.seq,
-            };
-            index.insert(Box::from(record.key), entry);
-        })
-        .await?;
-        Ok((Store { index: RefCell::new(index), wal, hlc }, report))
+        let (engine, report) =
+            Engine::open(storage, dir, identity, policy, options, |timestamp_us| hlc.observe(timestamp_us))
+                .await?;
+        Ok((Store { engine, hlc }, report))
     }
 
-    pub fn wal(&self) -> &Wal<S> {
-        &self.wal
+    pub fn engine(&self) -> &Engine<S> {
+        &self.engine
     }
 
-    /// Number of keys in the index, tombstones and expired keys not yet dropped included.
-    pub fn key_count(&self) -> usize {
-        self.index.borrow().len()
+    pub fn wal(&self) -> &crate::wal::Wal<S> {
+        self.engine.wal()
     }
 
     pub async fn apply(&self, command: Command) -> LocalReply {
@@ -125,47 +97,32 @@ impl<S: Storage> Store<S> {
         }
     }
 
-    /// The newest entry of `key`, dropping acknowledged tombstones and expired values on
-    /// the way (the log keeps them until it is truncated).
-    fn lookup(&self, key: &[u8], now_ms: u64) -> Option<Entry> {
-        let mut index = self.index.borrow_mut();
-        let entry = index.get(key)?;
-        if !entry.is_live(now_ms) && entry.seq <= self.wal.acked_seq() {
-            index.remove(key);
+    /// The reply to a GET if the memtables answer it and nothing needs to wait (the newest
+    /// entry is acknowledged). `None`: use [`Store::get`].
+    pub fn try_get(&self, key: &[u8], metadata_only: bool) -> Option<LocalReply> {
+        let entry = self.engine.lookup_memtables(key)?;
+        if entry.seq > self.engine.wal().acked_seq() {
             return None;
         }
-        Some(entry.clone())
-    }
-
-    /// The reply to a GET if nothing needs to wait (the key is absent or its newest entry is
-    /// acknowledged); otherwise the entry to wait for.
-    fn read_now(&self, key: &[u8], metadata_only: bool) -> Result<LocalReply, (Entry, u64)> {
-        let now_ms = now_ms();
-        let Some(entry) = self.lookup(key, now_ms) else { return Ok(Reply::NotFound) };
-        if entry.seq > self.wal.acked_seq() {
-            return Err((entry, now_ms));
-        }
-        Ok(read_reply(&entry, now_ms, metadata_only))
-    }
-
-    /// Answers a GET at once when nothing needs to wait. `None`: the newest entry is still in
-    /// flight; use [`Store::get`].
-    pub fn try_get(&self, key: &[u8], metadata_only: bool) -> Option<LocalReply> {
-        self.read_now(key, metadata_only).ok()
+        Some(read_reply(&entry, now_ms(), metadata_only))
     }
 
     pub async fn get(&self, key: &[u8], metadata_only: bool) -> LocalReply {
-        match self.read_now(key, metadata_only) {
-            Ok(reply) => reply,
-            Err((entry, now_ms)) => match self.wal.wait_acked(entry.seq).await {
-                Ok(()) => read_reply(&entry, now_ms, metadata_only),
-                Err(error) => internal(error),
-            },
+        let entry = match self.engine.read(key).await {
+            Ok(Some(entry)) => entry,
+            Ok(None) => return Reply::NotFound,
+            Err(error) => return read_failed(error),
+        };
+        let now_ms = now_ms();
+        // No client may see a version that a crash could take back.
+        if let Err(error) = self.engine.wal().wait_acked(entry.seq).await {
+            return internal(error);
         }
+        read_reply(&entry, now_ms, metadata_only)
     }
 
     pub async fn put(&self, key: &[u8], value: &[u8], ttl_ms: u64) -> LocalReply {
-        if let Err(error) = self.wal.reserve(key.len() + value.len()).await {
+        if let Err(error) = self.engine.reserve(key.len() + value.len()).await {
             return internal(error);
         }
         match self.write(key, Some(value), ttl_ms) {
@@ -175,17 +132,23 @@ impl<S: Storage> Store<S> {
     }
 
     pub async fn delete(&self, key: &[u8]) -> LocalReply {
-        if let Err(error) = self.wal.reserve(key.len()).await {
+        if let Err(error) = self.engine.reserve(key.len()).await {
             return internal(error);
         }
+        // Whether the key exists decides the reply, so a DELETE reads first (a PUT never
+        // does); from the read to the log append nothing awaits.
+        let current = match self.engine.read_current(key).await {
+            Ok(current) => current,
+            Err(error) => return read_failed(error),
+        };
         let now_ms = now_ms();
-        match self.lookup(key, now_ms) {
+        match current {
             Some(entry) if entry.is_live(now_ms) => match self.write(key, None, 0) {
                 Ok(seq) => self.acked(seq).await,
                 Err(error) => internal(error),
             },
             // Absent, but the write that made it so may not be durable yet.
-            Some(entry) => match self.wal.wait_acked(entry.seq).await {
+            Some(entry) => match self.engine.wal().wait_acked(entry.seq).await {
                 Ok(()) => Reply::NotFound,
                 Err(error) => internal(error),
             },
@@ -200,12 +163,16 @@ impl<S: Storage> Store<S> {
         new_value: &[u8],
         ttl_ms: u64,
     ) -> LocalReply {
-        if let Err(error) = self.wal.reserve(key.len() + new_value.len()).await {
+        if let Err(error) = self.engine.reserve(key.len() + new_value.len()).await {
             return internal(error);
         }
-        // From here to the log append nothing awaits: the check and the write are atomic.
+        // From the end of the read to the log append nothing awaits: the check and the
+        // write are atomic.
+        let current = match self.engine.read_current(key).await {
+            Ok(current) => current,
+            Err(error) => return read_failed(error),
+        };
         let now_ms = now_ms();
-        let current = self.lookup(key, now_ms);
         let current_value =
             current.as_ref().filter(|entry| entry.is_live(now_ms)).and_then(|e| e.value.as_deref());
         if current_value == expected {
@@ -215,38 +182,27 @@ impl<S: Storage> Store<S> {
             };
         }
         let Some(entry) = current else { return Reply::CasFailed(None) };
-        if let Err(error) = self.wal.wait_acked(entry.seq).await {
+        if let Err(error) = self.engine.wal().wait_acked(entry.seq).await {
             return internal(error);
         }
-        Reply::CasFailed(entry.is_live(now_ms).then(|| entry.version(now_ms, true)))
+        Reply::CasFailed(entry.is_live(now_ms).then(|| version(&entry, now_ms, true)))
     }
 
     /// Logs and applies one mutation; `value: None` deletes.
     fn write(&self, key: &[u8], value: Option<&[u8]>, ttl_ms: u64) -> Result<u64, WalError> {
         let timestamp_us = self.hlc.now();
         let expires_at_ms = expiry(timestamp_us / 1000, ttl_ms);
-        let record = Record {
-            seq: 0,
-            kind: if value.is_some() { RecordKind::Put } else { RecordKind::Delete },
-            key,
-            value: value.unwrap_or(&[]),
-            timestamp_us,
-            expires_at_ms,
-        };
-        let seq = self.wal.append(&record)?;
-        let entry = Entry { value: value.map(Rc::from), timestamp_us, expires_at_ms, seq };
-        self.index.borrow_mut().insert(Box::from(key), entry);
-        Ok(seq)
+        self.engine.write(key, value, timestamp_us, expires_at_ms)
     }
 
     async fn acked(&self, seq: u64) -> LocalReply {
-        match self.wal.wait_acked(seq).await {
+        match self.engine.wal().wait_acked(seq).await {
             Ok(()) => Reply::Done,
             Err(error) => internal(error),
         }
     }
 
     pub async fn close(&self) -> Result<(), WalError> {
-        self.wal.close().await
+        self.engine.close().await
     }
 }

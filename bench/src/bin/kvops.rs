@@ -49,9 +49,15 @@ fn main() {
         .spawn(move || async move {
             let storage = SimStorage::new(1);
             let identity = ShardIdentity { shard_index: 0, shard_count: 1 };
-            let (store, _) = Store::open(storage, Path::new("/ops/shard-0"), identity, SyncPolicy::Always)
-                .await
-                .expect("open store");
+            let (store, _) = Store::open(
+                storage,
+                Path::new("/ops/shard-0"),
+                identity,
+                SyncPolicy::Always,
+                server::engine::EngineOptions::default(),
+            )
+            .await
+            .expect("open store");
             let store = Rc::new(store);
             let value = vec![0x5au8; 1024];
             let mut bytes = 0;

@@ -108,10 +108,10 @@ impl ::flatbuffers::SimpleToVerifyInSlice for Consistency {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_STATUS: u16 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_STATUS: u16 = 12;
+pub const ENUM_MAX_STATUS: u16 = 13;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_STATUS: [Status; 13] = [
+pub const ENUM_VALUES_STATUS: [Status; 14] = [
   Status::OK,
   Status::NOT_FOUND,
   Status::CAS_FAILED,
@@ -125,6 +125,7 @@ pub const ENUM_VALUES_STATUS: [Status; 13] = [
   Status::KEY_EMPTY,
   Status::UNSUPPORTED_VERSION,
   Status::FRAME_TOO_LARGE,
+  Status::NO_SPACE,
 ];
 
 /// Outcome of a request. Values are stable: new ones are appended, none renumbered.
@@ -146,9 +147,12 @@ impl Status {
   pub const KEY_EMPTY: Self = Self(10);
   pub const UNSUPPORTED_VERSION: Self = Self(11);
   pub const FRAME_TOO_LARGE: Self = Self(12);
+  /// The node's disk is full: writes are refused, reads still served; writes are accepted
+  /// again by themselves once space is freed. Retry later.
+  pub const NO_SPACE: Self = Self(13);
 
   pub const ENUM_MIN: u16 = 0;
-  pub const ENUM_MAX: u16 = 12;
+  pub const ENUM_MAX: u16 = 13;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::OK,
     Self::NOT_FOUND,
@@ -163,6 +167,7 @@ impl Status {
     Self::KEY_EMPTY,
     Self::UNSUPPORTED_VERSION,
     Self::FRAME_TOO_LARGE,
+    Self::NO_SPACE,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -180,6 +185,7 @@ impl Status {
       Self::KEY_EMPTY => Some("KEY_EMPTY"),
       Self::UNSUPPORTED_VERSION => Some("UNSUPPORTED_VERSION"),
       Self::FRAME_TOO_LARGE => Some("FRAME_TOO_LARGE"),
+      Self::NO_SPACE => Some("NO_SPACE"),
       _ => None,
     }
   }

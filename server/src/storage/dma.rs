@@ -71,6 +71,14 @@ impl Storage for DmaStorage {
         dir.sync().await.map_err(io::Error::from)?;
         dir.close().await.map_err(io::Error::from)
     }
+
+    async fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        glommio::io::rename(from, to).await.map_err(io::Error::from)
+    }
+
+    async fn remove(&self, path: &Path) -> io::Result<()> {
+        glommio::io::remove(path).await.map_err(io::Error::from)
+    }
 }
 
 impl StorageFile for DmaStorageFile {

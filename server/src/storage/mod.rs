@@ -20,6 +20,11 @@ pub const fn block_align_up(size: u64) -> u64 {
     size.div_ceil(BLOCK_SIZE as u64) * BLOCK_SIZE as u64
 }
 
+/// Whether an I/O error means the file system is full.
+pub fn is_no_space(error: &io::Error) -> bool {
+    error.raw_os_error() == Some(libc::ENOSPC) || error.kind() == io::ErrorKind::StorageFull
+}
+
 /// A file system holding one shard's files. All methods run on the shard's own thread.
 #[allow(async_fn_in_trait)] // Shard-local: futures never cross threads, so no Send bound.
 pub trait Storage: Clone + 'static {
@@ -36,6 +41,10 @@ pub trait Storage: Clone + 'static {
     async fn create(&self, path: &Path) -> io::Result<Self::File>;
     /// Makes the directory's entries durable.
     async fn sync_dir(&self, path: &Path) -> io::Result<()>;
+    /// Renames a file, replacing `to` if it exists; durable after [`Storage::sync_dir`].
+    async fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
+    /// Removes a file's name; open handles keep working.
+    async fn remove(&self, path: &Path) -> io::Result<()>;
 }
 
 /// One open file. Writes are whole blocks at block-aligned offsets.

@@ -6,6 +6,10 @@
 //! the durable bytes plus a random prefix of the unsynced operations, in order, with the
 //! boundary write torn at a block boundary, and forgets files whose directory entry was not
 //! synced. Handles opened before a crash fail afterwards, like the dead process's would.
+//!
+//! Files are inodes with names, as on Unix: a rename or a removal changes names only, so an
+//! open handle keeps reading its file; a directory's names become durable all at once with
+//! `sync_dir`, and a crash restores the durable names (a rename not yet synced is undone).
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
@@ -79,9 +83,13 @@ fn apply(data: &mut Vec<u8>, op: &PendingOp) {
 
 #[derive(Debug)]
 struct SimState {
-    files: BTreeMap<PathBuf, SimFile>,
-    /// Files whose directory entry survives a crash.
-    durable_entries: BTreeSet<PathBuf>,
+    /// Every file that still has a name (current or durable) or an open handle.
+    inodes: BTreeMap<u64, SimFile>,
+    next_inode: u64,
+    /// The names the process sees.
+    names: BTreeMap<PathBuf, u64>,
+    /// The names a crash leaves: each directory's names as of its last `sync_dir`.
+    durable_names: BTreeMap<PathBuf, u64>,
     dirs: BTreeSet<PathBuf>,
     faults: Faults,
     rng: SimRng,
@@ -101,8 +109,10 @@ pub struct SimStorage {
 impl SimStorage {
     pub fn new(seed: u64) -> SimStorage {
         let state = SimState {
-            files: BTreeMap::new(),
-            durable_entries: BTreeSet::new(),
+            inodes: BTreeMap::new(),
+            next_inode: 1,
+            names: BTreeMap::new(),
+            durable_names: BTreeMap::new(),
             dirs: BTreeSet::new(),
             faults: Faults::default(),
             rng: SimRng::new(seed),
@@ -134,9 +144,10 @@ impl SimStorage {
         let state = &mut *state;
         state.generation += 1;
         state.faults = Faults::default();
-        let durable_entries = state.durable_entries.clone();
-        state.files.retain(|path, _| durable_entries.contains(path));
-        for file in state.files.values_mut() {
+        state.names = state.durable_names.clone();
+        let live: BTreeSet<u64> = state.names.values().copied().collect();
+        state.inodes.retain(|inode, _| live.contains(inode));
+        for file in state.inodes.values_mut() {
             let mut data = std::mem::take(&mut file.durable);
             let kept = state.rng.below(file.pending.len() as u64 + 1) as usize;
             for op in &file.pending[..kept] {
@@ -156,21 +167,28 @@ impl SimStorage {
 
     /// The bytes the process currently sees in `path` (for tests that corrupt files).
     pub fn file_data(&self, path: &Path) -> Option<Vec<u8>> {
-        self.state.borrow().files.get(path).map(|file| file.data.clone())
+        let state = self.state.borrow();
+        state.names.get(path).and_then(|inode| state.inodes.get(inode)).map(|file| file.data.clone())
+    }
+
+    /// The paths of every file the process sees, in order.
+    pub fn file_paths(&self) -> Vec<PathBuf> {
+        self.state.borrow().names.keys().cloned().collect()
     }
 
     /// Overwrites bytes of `path` durably, as bit rot or a bad sector would.
     pub fn corrupt(&self, path: &Path, offset: usize, bytes: &[u8]) {
         let mut state = self.state.borrow_mut();
-        let file = state.files.get_mut(path).expect("corrupt: no such file");
+        let inode = *state.names.get(path).expect("corrupt: no such file");
+        let file = state.inodes.get_mut(&inode).expect("corrupt: no such file");
         let op = PendingOp::Write { offset: offset as u64, data: bytes.to_vec() };
         apply(&mut file.data, &op);
         apply(&mut file.durable, &op);
     }
 
-    fn handle(&self, path: &Path) -> SimFileHandle {
+    fn handle(&self, path: &Path, inode: u64) -> SimFileHandle {
         let generation = self.state.borrow().generation;
-        SimFileHandle { storage: self.clone(), path: path.to_path_buf(), generation }
+        SimFileHandle { storage: self.clone(), path: path.to_path_buf(), inode, generation }
     }
 }
 
@@ -189,7 +207,7 @@ impl Storage for SimStorage {
     async fn list_dir(&self, path: &Path) -> io::Result<Vec<String>> {
         let state = self.state.borrow();
         let names = state
-            .files
+            .names
             .keys()
             .filter(|file| file.parent() == Some(path))
             .filter_map(|file| file.file_name()?.to_str().map(str::to_string))
@@ -198,27 +216,45 @@ impl Storage for SimStorage {
     }
 
     async fn open(&self, path: &Path) -> io::Result<SimFileHandle> {
-        if !self.state.borrow().files.contains_key(path) {
-            return Err(not_found(path));
-        }
-        Ok(self.handle(path))
+        let inode = *self.state.borrow().names.get(path).ok_or_else(|| not_found(path))?;
+        Ok(self.handle(path, inode))
     }
 
     async fn create(&self, path: &Path) -> io::Result<SimFileHandle> {
         let mut state = self.state.borrow_mut();
-        if state.files.contains_key(path) {
+        if state.names.contains_key(path) {
             return Err(io::Error::new(io::ErrorKind::AlreadyExists, format!("{}: exists", path.display())));
         }
-        state.files.insert(path.to_path_buf(), SimFile::default());
+        let inode = state.next_inode;
+        state.next_inode += 1;
+        state.inodes.insert(inode, SimFile::default());
+        state.names.insert(path.to_path_buf(), inode);
         drop(state);
-        Ok(self.handle(path))
+        Ok(self.handle(path, inode))
     }
 
     async fn sync_dir(&self, path: &Path) -> io::Result<()> {
         let mut state = self.state.borrow_mut();
-        let children: Vec<PathBuf> =
-            state.files.keys().filter(|file| file.parent() == Some(path)).cloned().collect();
-        state.durable_entries.extend(children);
+        let state = &mut *state;
+        state.durable_names.retain(|name, _| name.parent() != Some(path));
+        for (name, inode) in &state.names {
+            if name.parent() == Some(path) {
+                state.durable_names.insert(name.clone(), *inode);
+            }
+        }
+        Ok(())
+    }
+
+    async fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        let mut state = self.state.borrow_mut();
+        let inode = state.names.remove(from).ok_or_else(|| not_found(from))?;
+        state.names.insert(to.to_path_buf(), inode);
+        Ok(())
+    }
+
+    async fn remove(&self, path: &Path) -> io::Result<()> {
+        let mut state = self.state.borrow_mut();
+        state.names.remove(path).ok_or_else(|| not_found(path))?;
         Ok(())
     }
 }
@@ -228,6 +264,7 @@ impl Storage for SimStorage {
 pub struct SimFileHandle {
     storage: SimStorage,
     path: PathBuf,
+    inode: u64,
     generation: u64,
 }
 
@@ -241,7 +278,7 @@ impl SimFileHandle {
         if state.generation != self.generation {
             return Err(io::Error::other("simulated crash: handle from before the crash"));
         }
-        let file = state.files.get_mut(&self.path).ok_or_else(|| not_found(&self.path))?;
+        let file = state.inodes.get_mut(&self.inode).ok_or_else(|| not_found(&self.path))?;
         f(file, &mut state.rng, state.faults)
     }
 

@@ -7,13 +7,17 @@
 //! data block:  entry_count:u32 entry* crc32c:u32 (over count and entries) zero padding
 //! entry:       token:u64 seq:u64 timestamp_us:u64 expires_at_ms:u64 kind:u8 key_size:u16
 //!              value_size:u32 key value                       (39-byte header)
-//! index block: block_count:u32 (offset:u64 size:u32 last_token:u64 last_key_size:u16 last_key)*
-//!              crc32c:u32 zero padding
+//! index block: block_count:u32 (offset:u64 size:u32 last_token:u64)* crc32c:u32 zero padding
 //! bloom block: bit_byte_count:u32 bits crc32c:u32 zero padding
 //! footer:      the last 4 KiB: magic[8] "KVDTABLE" version:u32 entry_count:u64
 //!              index_offset:u64 index_size:u32 bloom_offset:u64 bloom_size:u32 min_seq:u64
 //!              max_seq:u64 crc32c:u32 (over the 60 bytes before it) zero padding
 //! ```
+//!
+//! The index holds no keys, only the last token of each block: 20 bytes a block, so the
+//! indexes of a data set many times larger than memory stay in memory. Keys whose tokens
+//! are equal may straddle two blocks; a lookup then reads on (64-bit tokens make it rare).
+//! Decoders require the padding to be zero, so no bit of a table goes unchecked.
 
 use schema::{KEY_SIZE_MAX, VALUE_SIZE_MAX};
 
@@ -64,14 +68,15 @@ fn corrupt(offset: u64, detail: impl Into<String>) -> TableCorrupt {
     TableCorrupt { offset, detail: detail.into() }
 }
 
-/// Where a data block lies and the largest (token, key) in it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Where a data block lies and the largest token in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct IndexEntry {
     pub offset: u64,
     pub size: u32,
     pub last_token: u64,
-    pub last_key: Vec<u8>,
 }
+
+const INDEX_ENTRY_SIZE: usize = 20;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Footer {
@@ -94,120 +99,181 @@ fn seal(bytes: &mut Vec<u8>, start: usize) {
     pad_to_block(bytes);
 }
 
-/// Builds a whole table in memory from entries given in strictly increasing (token, key)
-/// order. The caller writes the bytes (a multiple of 4 KiB) and syncs them.
+/// Builds a table from entries given in strictly increasing (token, key) order. Sealed bytes
+/// accumulate in memory; the writer takes them with [`TableBuilder::take_sealed`] as they
+/// grow, so a table of any size is written with a bounded buffer.
 #[derive(Debug)]
 pub struct TableBuilder {
-    bytes: Vec<u8>,
+    /// Sealed, block-aligned bytes not yet taken by the writer.
+    sealed: Vec<u8>,
+    /// Bytes taken so far: the file offset of `sealed[0]`.
+    taken: u64,
     block: Vec<u8>,
     block_entry_count: u32,
     last: Option<(u64, Vec<u8>)>,
     index: Vec<IndexEntry>,
-    bloom_hashes: Vec<u64>,
+    bloom: Bloom,
+    entry_count: u64,
     min_seq: u64,
     max_seq: u64,
 }
 
-impl Default for TableBuilder {
-    fn default() -> Self {
+impl TableBuilder {
+    /// A builder whose bloom filter is sized for at most `key_count_max` entries.
+    pub fn new(key_count_max: usize) -> TableBuilder {
         TableBuilder {
-            bytes: Vec::new(),
+            sealed: Vec::new(),
+            taken: 0,
             block: Vec::new(),
             block_entry_count: 0,
             last: None,
             index: Vec::new(),
-            bloom_hashes: Vec::new(),
+            bloom: Bloom::with_capacity(key_count_max),
+            entry_count: 0,
             min_seq: u64::MAX,
             max_seq: 0,
         }
     }
-}
 
-impl TableBuilder {
     pub fn add(&mut self, entry: &Entry) {
-        assert!(!entry.key.is_empty() && entry.key.len() <= KEY_SIZE_MAX);
-        assert!(entry.value.len() <= VALUE_SIZE_MAX);
-        assert!(entry.kind == EntryKind::Put || entry.value.is_empty());
-        if let Some((token, key)) = &self.last {
+        self.add_parts(
+            entry.token,
+            &entry.key,
+            entry.seq,
+            entry.timestamp_us,
+            entry.expires_at_ms,
+            entry.kind,
+            &entry.value,
+        );
+    }
+
+    /// As [`TableBuilder::add`], from borrowed parts.
+    #[allow(clippy::too_many_arguments)]
+    pub fn add_parts(
+        &mut self,
+        token: u64,
+        key: &[u8],
+        seq: u64,
+        timestamp_us: u64,
+        expires_at_ms: u64,
+        kind: EntryKind,
+        value: &[u8],
+    ) {
+        assert!(!key.is_empty() && key.len() <= KEY_SIZE_MAX);
+        assert!(value.len() <= VALUE_SIZE_MAX);
+        assert!(kind == EntryKind::Put || value.is_empty());
+        if let Some((last_token, last_key)) = &self.last {
             assert!(
-                (*token, key.as_slice()) < entry.sort_key(),
+                (*last_token, last_key.as_slice()) < (token, key),
                 "entries must be added in strictly increasing order"
             );
         }
-        self.block.extend_from_slice(&entry.token.to_le_bytes());
-        self.block.extend_from_slice(&entry.seq.to_le_bytes());
-        self.block.extend_from_slice(&entry.timestamp_us.to_le_bytes());
-        self.block.extend_from_slice(&entry.expires_at_ms.to_le_bytes());
-        self.block.push(entry.kind as u8);
-        self.block.extend_from_slice(&(entry.key.len() as u16).to_le_bytes());
-        self.block.extend_from_slice(&(entry.value.len() as u32).to_le_bytes());
-        self.block.extend_from_slice(&entry.key);
-        self.block.extend_from_slice(&entry.value);
+        self.block.extend_from_slice(&token.to_le_bytes());
+        self.block.extend_from_slice(&seq.to_le_bytes());
+        self.block.extend_from_slice(&timestamp_us.to_le_bytes());
+        self.block.extend_from_slice(&expires_at_ms.to_le_bytes());
+        self.block.push(kind as u8);
+        self.block.extend_from_slice(&(key.len() as u16).to_le_bytes());
+        self.block.extend_from_slice(&(value.len() as u32).to_le_bytes());
+        self.block.extend_from_slice(key);
+        self.block.extend_from_slice(value);
         self.block_entry_count += 1;
-        self.last = Some((entry.token, entry.key.clone()));
-        self.bloom_hashes.push(entry.token);
-        self.min_seq = self.min_seq.min(entry.seq);
-        self.max_seq = self.max_seq.max(entry.seq);
+        match &mut self.last {
+            Some((last_token, last_key)) => {
+                *last_token = token;
+                last_key.clear();
+                last_key.extend_from_slice(key);
+            }
+            None => self.last = Some((token, key.to_vec())),
+        }
+        self.bloom.insert(token);
+        self.entry_count += 1;
+        self.min_seq = self.min_seq.min(seq);
+        self.max_seq = self.max_seq.max(seq);
         if self.block.len() >= DATA_BLOCK_CONTENT_TARGET {
             self.close_block();
         }
+    }
+
+    pub fn entry_count(&self) -> u64 {
+        self.entry_count
+    }
+
+    /// Bytes of sealed output not yet taken.
+    pub fn sealed_size(&self) -> usize {
+        self.sealed.len()
+    }
+
+    /// Takes the sealed bytes (whole blocks) for writing at offset [`TableBuilder::taken`]
+    /// before the call.
+    pub fn take_sealed(&mut self) -> Vec<u8> {
+        let bytes = std::mem::take(&mut self.sealed);
+        self.taken += bytes.len() as u64;
+        bytes
+    }
+
+    /// The file offset the next taken bytes go to.
+    pub fn taken(&self) -> u64 {
+        self.taken
+    }
+
+    fn offset(&self) -> u64 {
+        self.taken + self.sealed.len() as u64
     }
 
     fn close_block(&mut self) {
         if self.block_entry_count == 0 {
             return;
         }
-        let offset = self.bytes.len();
-        debug_assert_eq!(offset % BLOCK_SIZE, 0);
-        self.bytes.extend_from_slice(&self.block_entry_count.to_le_bytes());
-        self.bytes.extend_from_slice(&self.block);
-        seal(&mut self.bytes, offset);
-        let (last_token, last_key) = self.last.clone().expect("a block with entries has a last entry");
-        let size = (self.bytes.len() - offset) as u32;
-        self.index.push(IndexEntry { offset: offset as u64, size, last_token, last_key });
+        let offset = self.offset();
+        debug_assert_eq!(offset % BLOCK_SIZE as u64, 0);
+        let start = self.sealed.len();
+        self.sealed.extend_from_slice(&self.block_entry_count.to_le_bytes());
+        self.sealed.extend_from_slice(&self.block);
+        seal(&mut self.sealed, start);
+        let (last_token, _) = self.last.as_ref().expect("a block with entries has a last entry");
+        let size = (self.sealed.len() - start) as u32;
+        self.index.push(IndexEntry { offset, size, last_token: *last_token });
         self.block.clear();
         self.block_entry_count = 0;
     }
 
-    /// Closes the table: index, bloom filter, footer.
+    /// Closes the table: index, bloom filter, footer. Returns the last sealed bytes, to
+    /// write at offset [`TableBuilder::taken`] before the call.
     pub fn finish(mut self) -> Vec<u8> {
         self.close_block();
-        let index_offset = self.bytes.len();
-        self.bytes.extend_from_slice(&(self.index.len() as u32).to_le_bytes());
+        let index_offset = self.offset();
+        let start = self.sealed.len();
+        self.sealed.extend_from_slice(&(self.index.len() as u32).to_le_bytes());
         for entry in &self.index {
-            self.bytes.extend_from_slice(&entry.offset.to_le_bytes());
-            self.bytes.extend_from_slice(&entry.size.to_le_bytes());
-            self.bytes.extend_from_slice(&entry.last_token.to_le_bytes());
-            self.bytes.extend_from_slice(&(entry.last_key.len() as u16).to_le_bytes());
-            self.bytes.extend_from_slice(&entry.last_key);
+            self.sealed.extend_from_slice(&entry.offset.to_le_bytes());
+            self.sealed.extend_from_slice(&entry.size.to_le_bytes());
+            self.sealed.extend_from_slice(&entry.last_token.to_le_bytes());
         }
-        seal(&mut self.bytes, index_offset);
-        let index_size = self.bytes.len() - index_offset;
+        seal(&mut self.sealed, start);
+        let index_size = self.offset() - index_offset;
 
-        let mut bloom = Bloom::with_capacity(self.bloom_hashes.len());
-        for hash in &self.bloom_hashes {
-            bloom.insert(*hash);
-        }
-        let bloom_offset = self.bytes.len();
-        self.bytes.extend_from_slice(&(bloom.as_bytes().len() as u32).to_le_bytes());
-        self.bytes.extend_from_slice(bloom.as_bytes());
-        seal(&mut self.bytes, bloom_offset);
-        let bloom_size = self.bytes.len() - bloom_offset;
+        let bloom_offset = self.offset();
+        let start = self.sealed.len();
+        self.sealed.extend_from_slice(&(self.bloom.as_bytes().len() as u32).to_le_bytes());
+        self.sealed.extend_from_slice(self.bloom.as_bytes());
+        seal(&mut self.sealed, start);
+        let bloom_size = self.offset() - bloom_offset;
 
-        let footer_offset = self.bytes.len();
-        self.bytes.extend_from_slice(&TABLE_MAGIC);
-        self.bytes.extend_from_slice(&TABLE_FORMAT_VERSION.to_le_bytes());
-        self.bytes.extend_from_slice(&(self.bloom_hashes.len() as u64).to_le_bytes());
-        self.bytes.extend_from_slice(&(index_offset as u64).to_le_bytes());
-        self.bytes.extend_from_slice(&(index_size as u32).to_le_bytes());
-        self.bytes.extend_from_slice(&(bloom_offset as u64).to_le_bytes());
-        self.bytes.extend_from_slice(&(bloom_size as u32).to_le_bytes());
-        self.bytes
-            .extend_from_slice(&(if self.min_seq == u64::MAX { 0 } else { self.min_seq }).to_le_bytes());
-        self.bytes.extend_from_slice(&self.max_seq.to_le_bytes());
-        debug_assert_eq!(self.bytes.len() - footer_offset, FOOTER_CONTENT_SIZE);
-        seal(&mut self.bytes, footer_offset);
-        self.bytes
+        let start = self.sealed.len();
+        self.sealed.extend_from_slice(&TABLE_MAGIC);
+        self.sealed.extend_from_slice(&TABLE_FORMAT_VERSION.to_le_bytes());
+        self.sealed.extend_from_slice(&self.entry_count.to_le_bytes());
+        self.sealed.extend_from_slice(&index_offset.to_le_bytes());
+        self.sealed.extend_from_slice(&(index_size as u32).to_le_bytes());
+        self.sealed.extend_from_slice(&bloom_offset.to_le_bytes());
+        self.sealed.extend_from_slice(&(bloom_size as u32).to_le_bytes());
+        let min_seq = if self.min_seq == u64::MAX { 0 } else { self.min_seq };
+        self.sealed.extend_from_slice(&min_seq.to_le_bytes());
+        self.sealed.extend_from_slice(&self.max_seq.to_le_bytes());
+        debug_assert_eq!(self.sealed.len() - start, FOOTER_CONTENT_SIZE);
+        seal(&mut self.sealed, start);
+        self.sealed
     }
 }
 
@@ -217,6 +283,9 @@ fn verified(block: &[u8], content_size: usize, offset: u64, what: &str) -> Resul
     let content = block.get(..content_size).ok_or_else(|| corrupt(offset, format!("{what} cut short")))?;
     if stored != crc32c::crc32c(content) {
         return Err(corrupt(offset, format!("{what} checksum mismatch")));
+    }
+    if block.get(content_size + 4..).is_some_and(|padding| padding.iter().any(|&b| b != 0)) {
+        return Err(corrupt(offset, format!("{what} padding is not zero")));
     }
     Ok(())
 }
@@ -261,29 +330,30 @@ pub fn decode_footer(block: &[u8], offset: u64, table_size: u64) -> Result<Foote
 pub fn decode_index(block: &[u8], offset: u64, data_end: u64) -> Result<Vec<IndexEntry>, TableCorrupt> {
     let bad = |detail: &str| corrupt(offset, format!("index: {detail}"));
     let count = u32_at(block, 0).ok_or_else(|| bad("cut short"))? as usize;
-    let mut entries = Vec::with_capacity(count.min(block.len() / 22));
-    let mut at = 4;
-    for _ in 0..count {
-        let key_size = usize::from(u16_at(block, at + 20).ok_or_else(|| bad("cut short"))?);
+    let content_size = count
+        .checked_mul(INDEX_ENTRY_SIZE)
+        .and_then(|size| size.checked_add(4))
+        .ok_or_else(|| bad("cut short"))?;
+    verified(block, content_size, offset, "index")?;
+    let mut entries = Vec::with_capacity(count);
+    let mut expected_offset = 0;
+    let mut previous_token = 0;
+    for at in (4..content_size).step_by(INDEX_ENTRY_SIZE) {
         let entry = IndexEntry {
             offset: u64_at(block, at).ok_or_else(|| bad("cut short"))?,
             size: u32_at(block, at + 8).ok_or_else(|| bad("cut short"))?,
             last_token: u64_at(block, at + 12).ok_or_else(|| bad("cut short"))?,
-            last_key: block.get(at + 22..at + 22 + key_size).ok_or_else(|| bad("cut short"))?.to_vec(),
         };
-        at += 22 + key_size;
-        entries.push(entry);
-    }
-    verified(block, at, offset, "index")?;
-    let mut expected_offset = 0;
-    for entry in &entries {
         if entry.offset != expected_offset
             || entry.size == 0
             || !(entry.size as usize).is_multiple_of(BLOCK_SIZE)
+            || entry.last_token < previous_token
         {
             return Err(bad("blocks out of order"));
         }
         expected_offset += u64::from(entry.size);
+        previous_token = entry.last_token;
+        entries.push(entry);
     }
     if expected_offset > data_end {
         return Err(bad("blocks beyond the data area"));
@@ -363,11 +433,16 @@ mod tests {
     #[test]
     fn blocks_are_aligned_and_roundtrip() {
         let entries = entries(500);
-        let mut builder = TableBuilder::default();
+        let mut builder = TableBuilder::new(entries.len());
+        let mut bytes = Vec::new();
         for entry in &entries {
             builder.add(entry);
+            if builder.sealed_size() > 3 * BLOCK_SIZE {
+                assert_eq!(builder.taken(), bytes.len() as u64);
+                bytes.extend(builder.take_sealed());
+            }
         }
-        let bytes = builder.finish();
+        bytes.extend(builder.finish());
         assert_eq!(bytes.len() % BLOCK_SIZE, 0);
         let footer_offset = (bytes.len() - BLOCK_SIZE) as u64;
         let footer = decode_footer(&bytes[footer_offset as usize..], footer_offset, bytes.len() as u64)

@@ -83,6 +83,8 @@ pub enum WalError {
     Failed {
         message: Rc<str>,
     },
+    /// The file system is full: writes are refused until space is freed.
+    NoSpace,
     ShuttingDown,
 }
 
@@ -96,6 +98,7 @@ impl fmt::Display for WalError {
             WalError::Failed { message } => {
                 write!(f, "write-ahead log stopped after an I/O error: {message}")
             }
+            WalError::NoSpace => write!(f, "no space left on the data directory's file system"),
             WalError::ShuttingDown => write!(f, "shutting down"),
         }
     }
@@ -160,6 +163,13 @@ struct Shared<S: Storage> {
     room: Event,
     /// Set by the flusher once a close has written and synced everything.
     closed: Cell<bool>,
+    /// The next segment could not be prepared for want of space: new writes are refused
+    /// (those already accepted still fit in the current segment) until a retry succeeds.
+    no_space: Cell<bool>,
+    /// (segment index, first seq) of every segment on disk, oldest first; the last is the
+    /// one being written.
+    segments: RefCell<VecDeque<(u64, u64)>>,
+    bytes_written: Cell<u64>,
     batch_count: Cell<u64>,
     sync_count: Cell<u64>,
 }
@@ -186,11 +196,16 @@ impl<S: Storage> Clone for Wal<S> {
 impl<S: Storage> Wal<S> {
     /// Replays every segment in `dir` through `apply`, cuts off a torn tail, starts a new
     /// segment and spawns the flusher on the current glommio executor.
+    ///
+    /// Records up to `flushed_seq` are already in sorted tables: they are not replayed, the
+    /// segments that held only such records may be gone, and new records are numbered after
+    /// it.
     pub async fn open(
         storage: S,
         dir: &Path,
         identity: ShardIdentity,
         policy: SyncPolicy,
+        flushed_seq: u64,
         mut apply: impl FnMut(&Record<'_>),
     ) -> Result<(Wal<S>, RecoveryReport), WalError> {
         let io_error = |path: &Path, error: std::io::Error| WalError::Io {
@@ -211,16 +226,28 @@ impl<S: Storage> Wal<S> {
         let segment_total = segment_indexes.len();
         let mut previous_lossy = false;
         let mut headerless = None;
+        let mut segments = VecDeque::new();
+        let mut apply_unflushed = |record: &Record<'_>| {
+            if record.seq > flushed_seq {
+                apply(record);
+            }
+        };
         for (position, &segment_index) in segment_indexes.iter().enumerate() {
             let is_last = position + 1 == segment_total;
             let path = dir.join(segment_name(segment_index));
-            let replay = Replay { segment_index, identity, is_last, allow_gap: previous_lossy };
-            match replay_segment(&storage, &path, replay, &mut report, &mut apply).await? {
-                Replayed::Records { lossy } => previous_lossy = lossy,
+            let replay = Replay { segment_index, identity, is_last, allow_gap: previous_lossy, flushed_seq };
+            match replay_segment(&storage, &path, replay, &mut report, &mut apply_unflushed).await? {
+                Replayed::Records { lossy, first_seq } => {
+                    previous_lossy = lossy;
+                    segments.push_back((segment_index, first_seq));
+                }
                 Replayed::Headerless => headerless = Some(segment_index),
             }
         }
         report.segment_count = segment_total;
+        // Under `never`, a power loss may take records the tables already hold: never
+        // number a new record at or below what the tables have.
+        report.next_seq = report.next_seq.max(flushed_seq + 1);
 
         // New records go to a new segment, or to a prepared one that never got a header.
         let (segment_index, file) = match headerless {
@@ -235,6 +262,7 @@ impl<S: Storage> Wal<S> {
         let segment = start_segment(file, path.clone(), identity, policy, segment_index, report.next_seq)
             .await
             .map_err(|e| io_error(&path, e))?;
+        segments.push_back((segment_index, report.next_seq));
 
         let shared = Rc::new(Shared {
             storage,
@@ -256,6 +284,9 @@ impl<S: Storage> Wal<S> {
             work: Event::default(),
             room: Event::default(),
             closed: Cell::new(false),
+            no_space: Cell::new(false),
+            segments: RefCell::new(segments),
+            bytes_written: Cell::new(0),
             batch_count: Cell::new(0),
             sync_count: Cell::new(0),
         });
@@ -281,6 +312,64 @@ impl<S: Storage> Wal<S> {
         self.shared.sync_count.get()
     }
 
+    /// Bytes written to log segments since the shard started.
+    pub fn bytes_written(&self) -> u64 {
+        self.shared.bytes_written.get()
+    }
+
+    pub fn segment_count(&self) -> usize {
+        self.shared.segments.borrow().len()
+    }
+
+    /// Whether new writes are refused for want of space.
+    pub fn no_space(&self) -> bool {
+        self.shared.no_space.get()
+    }
+
+    /// Stops the write path for good, as a failed log write would (for a failed table
+    /// sync, after which the shard must not accept writes).
+    pub fn fail_stop(&self, message: &str) {
+        self.shared.fail(WalError::Failed { message: message.into() });
+    }
+
+    /// Removes the segments that hold only records up to `flushed_seq` (now in durable
+    /// sorted tables). The segment being written is never removed.
+    pub async fn release_through(&self, flushed_seq: u64) -> Result<(), WalError> {
+        let mut removed = false;
+        loop {
+            let oldest = {
+                let segments = self.shared.segments.borrow();
+                match (segments.front(), segments.get(1)) {
+                    // A segment's records end where the next one's begin.
+                    (Some(&(index, _)), Some(&(_, next_first_seq))) if next_first_seq <= flushed_seq + 1 => {
+                        Some(index)
+                    }
+                    _ => None,
+                }
+            };
+            let Some(index) = oldest else { break };
+            let path = self.shared.dir.join(segment_name(index));
+            self.shared
+                .storage
+                .remove(&path)
+                .await
+                .map_err(|error| WalError::Io { path: path.clone(), message: error.to_string() })?;
+            self.shared.segments.borrow_mut().pop_front();
+            removed = true;
+        }
+        if removed {
+            // Not needed for safety (recovery skips flushed records), but frees the space
+            // for good.
+            let dir = &self.shared.dir;
+            self.shared
+                .storage
+                .sync_dir(dir)
+                .await
+                .map_err(|error| WalError::Io { path: dir.clone(), message: error.to_string() })?;
+        }
+        Ok(())
+    }
+
     /// Waits until the pending buffer has room for `size` more bytes. The caller must call
     /// `append` without awaiting anything in between, so no other writer can take the room.
     pub async fn reserve(&self, size: usize) -> Result<(), WalError> {
@@ -293,6 +382,9 @@ impl<S: Storage> Wal<S> {
                 }
                 if state.closing {
                     return Err(WalError::ShuttingDown);
+                }
+                if self.shared.no_space.get() {
+                    return Err(WalError::NoSpace);
                 }
                 let pending_size = state.pending.payload.len();
                 if pending_size == 0 || pending_size + size <= PENDING_SIZE_MAX {
@@ -440,6 +532,45 @@ async fn prepare_segment<S: Storage>(
     Ok(file)
 }
 
+/// Prepares segment `segment_index`, waiting for space while the file system is full (the
+/// log refuses new writes meanwhile). Other errors are returned.
+async fn prepare_segment_when_space<S: Storage>(
+    shared: &Shared<S>,
+    segment_index: u64,
+) -> std::io::Result<S::File> {
+    loop {
+        match prepare_segment(&shared.storage, &shared.dir, segment_index).await {
+            Ok(file) => {
+                if shared.no_space.replace(false) {
+                    eprintln!(
+                        "kvd: shard {}: space available again; accepting writes",
+                        shared.identity.shard_index
+                    );
+                }
+                return Ok(file);
+            }
+            Err(error) if crate::storage::is_no_space(&error) => {
+                if !shared.no_space.replace(true) {
+                    eprintln!(
+                        "kvd: shard {}: no space for the next log segment; refusing writes until there is",
+                        shared.identity.shard_index
+                    );
+                    shared.room.notify_all();
+                }
+                let _ = shared.storage.remove(&shared.dir.join(segment_name(segment_index))).await;
+                if shared.state.borrow().closing {
+                    return Err(error);
+                }
+                glommio::timer::sleep(NO_SPACE_RETRY_INTERVAL).await;
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+/// How often a log that ran out of space tries again.
+pub const NO_SPACE_RETRY_INTERVAL: Duration = Duration::from_millis(100);
+
 /// Opens a prepared segment that recovery found without a header; its preparation may have
 /// been cut short by a crash, so it is allocated again where needed.
 async fn reopen_prepared<S: Storage>(storage: &S, path: &Path) -> std::io::Result<S::File> {
@@ -485,11 +616,13 @@ struct Replay {
     /// The previous segment lost records (acknowledged before sync), so this one may start
     /// past the next expected sequence number.
     allow_gap: bool,
+    /// Records up to here are in sorted tables; segments that held only those may be gone.
+    flushed_seq: u64,
 }
 
 enum Replayed {
     /// `lossy`: records were dropped (damage in a segment acknowledged before sync).
-    Records { lossy: bool },
+    Records { lossy: bool, first_seq: u64 },
     /// The newest segment was prepared but never started: all zeros, no header.
     Headerless,
 }
@@ -502,7 +635,7 @@ async fn replay_segment<S: Storage>(
     report: &mut RecoveryReport,
     apply: &mut impl FnMut(&Record<'_>),
 ) -> Result<Replayed, WalError> {
-    let Replay { segment_index, identity, is_last, allow_gap } = replay;
+    let Replay { segment_index, identity, is_last, allow_gap, flushed_seq } = replay;
     let io_error =
         |error: std::io::Error| WalError::Io { path: path.to_path_buf(), message: error.to_string() };
     let corrupt =
@@ -533,7 +666,8 @@ async fn replay_segment<S: Storage>(
             format!("segment belongs to (shard, shard count, segment) {found:?}, expected {expected:?}"),
         ));
     }
-    let gap_allowed = allow_gap && header.first_seq > report.next_seq;
+    let gap_allowed =
+        (allow_gap || header.first_seq <= flushed_seq + 1) && header.first_seq > report.next_seq;
     if header.first_seq != report.next_seq && report.record_count > 0 && !gap_allowed {
         return Err(corrupt(
             0,
@@ -613,7 +747,7 @@ async fn replay_segment<S: Storage>(
         }
     }
     file.close().await.map_err(io_error)?;
-    Ok(Replayed::Records { lossy })
+    Ok(Replayed::Records { lossy, first_seq: header.first_seq })
 }
 
 async fn flusher<S: Storage>(shared: Rc<Shared<S>>, mut segment: Segment<S::File>) {
@@ -648,9 +782,9 @@ async fn flusher<S: Storage>(shared: Rc<Shared<S>>, mut segment: Segment<S::File
         let Some((first_seq, last_seq, batch)) = shared.take_batch() else { continue };
         shared.room.notify_all();
         if next_segment.is_none() && segment.write_offset > SEGMENT_SIZE / 2 {
-            let (storage, dir, index) =
-                (shared.storage.clone(), shared.dir.clone(), segment.segment_index + 1);
-            let task = glommio::spawn_local(async move { prepare_segment(&storage, &dir, index).await });
+            let (preparing, index) = (shared.clone(), segment.segment_index + 1);
+            let task =
+                glommio::spawn_local(async move { prepare_segment_when_space(&preparing, index).await });
             next_segment = Some(task.detach());
         }
         if let Err(error) = write_batch(&shared, &mut segment, &mut next_segment, first_seq, &batch).await {
@@ -717,7 +851,7 @@ async fn write_batch<S: Storage>(
             Some(task) => {
                 task.await.unwrap_or_else(|| Err(std::io::Error::other("segment preparation cancelled")))
             }
-            None => prepare_segment(&shared.storage, &shared.dir, next_index).await,
+            None => prepare_segment_when_space(shared, next_index).await,
         };
         let path = shared.dir.join(segment_name(next_index));
         let next = start_segment(
@@ -730,6 +864,7 @@ async fn write_batch<S: Storage>(
         )
         .await
         .map_err(failed)?;
+        shared.segments.borrow_mut().push_back((next_index, first_seq));
         let mut old = std::mem::replace(segment, next);
         if old.synced || shared.policy == SyncPolicy::Never {
             // `never` means never: syncing a whole segment at rotation (ext4 commits its
@@ -755,6 +890,7 @@ async fn write_batch<S: Storage>(
         message: format!("write {} at offset {offset}: {error}", segment.path.display()).into(),
     })?;
     segment.write_offset += batch.len() as u64;
+    shared.bytes_written.set(shared.bytes_written.get() + batch.len() as u64);
     segment.synced = false;
     debug_assert!(batch.len() >= BATCH_HEADER_SIZE);
     Ok(())

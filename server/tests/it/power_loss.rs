@@ -45,9 +45,10 @@ async fn crash_cycles(seed: u64, policy: SyncPolicy, cycle_count: usize) -> (u64
     let models: Rc<RefCell<HashMap<Vec<u8>, KeyModel>>> = Rc::default();
     let mut acked_total = 0u64;
     for cycle in 0..cycle_count {
-        let (store, _report) = Store::open(storage.clone(), dir, identity, policy)
-            .await
-            .unwrap_or_else(|error| panic!("seed {seed} cycle {cycle}: recovery failed: {error}"));
+        let (store, _report) =
+            Store::open(storage.clone(), dir, identity, policy, server::engine::EngineOptions::default())
+                .await
+                .unwrap_or_else(|error| panic!("seed {seed} cycle {cycle}: recovery failed: {error}"));
         // Check every key against the model, then take what survived as the new truth.
         let keys: Vec<Vec<u8>> = models.borrow().keys().cloned().collect();
         for key in keys {
@@ -169,22 +170,43 @@ fn damage_under_never_drops_the_rest_of_the_segment_and_says_where() {
             let storage = SimStorage::new(13);
             let dir = Path::new("/data/shard-0");
             let identity = ShardIdentity { shard_index: 0, shard_count: 1 };
-            let (store, _) =
-                Store::open(storage.clone(), dir, identity, SyncPolicy::Never).await.expect("open");
+            let (store, _) = Store::open(
+                storage.clone(),
+                dir,
+                identity,
+                SyncPolicy::Never,
+                server::engine::EngineOptions::default(),
+            )
+            .await
+            .expect("open");
             for key in [b"k1", b"k2", b"k3"] {
                 assert_eq!(store.put(key, b"value", 0).await, Reply::Done);
             }
             store.close().await.expect("close");
             // A device that reordered writes across a power loss: the middle batch is gone.
             storage.corrupt(&dir.join("wal-0000000000000001.log"), 2 * 4096 + 60, b"lost");
-            let (store, first) =
-                Store::open(storage.clone(), dir, identity, SyncPolicy::Never).await.expect("open");
+            let (store, first) = Store::open(
+                storage.clone(),
+                dir,
+                identity,
+                SyncPolicy::Never,
+                server::engine::EngineOptions::default(),
+            )
+            .await
+            .expect("open");
             assert_eq!(store.put(b"k4", b"value", 0).await, Reply::Done);
             store.close().await.expect("close");
             // The first start truncated the segment at the damage, so the next start finds a
             // clean log.
-            let (store, second) =
-                Store::open(storage, dir, identity, SyncPolicy::Never).await.expect("reopen");
+            let (store, second) = Store::open(
+                storage,
+                dir,
+                identity,
+                SyncPolicy::Never,
+                server::engine::EngineOptions::default(),
+            )
+            .await
+            .expect("reopen");
             let mut reads = Vec::new();
             for key in [b"k1", b"k2", b"k3", b"k4"] {
                 reads.push(read_back(&store, key).await.is_some());
@@ -207,8 +229,15 @@ fn failed_fdatasync_acknowledges_nothing_of_its_batch() {
             let storage = SimStorage::new(7);
             let dir = Path::new("/data/shard-0");
             let identity = ShardIdentity { shard_index: 0, shard_count: 1 };
-            let (store, _) =
-                Store::open(storage.clone(), dir, identity, SyncPolicy::Always).await.expect("open");
+            let (store, _) = Store::open(
+                storage.clone(),
+                dir,
+                identity,
+                SyncPolicy::Always,
+                server::engine::EngineOptions::default(),
+            )
+            .await
+            .expect("open");
             assert_eq!(store.put(b"before", b"1", 0).await, Reply::Done);
             storage.set_faults(Faults { sync_error_per_million: 1_000_000, write_error_per_million: 0 });
             let store = Rc::new(store);
@@ -253,14 +282,25 @@ fn interval_and_never_policies_survive_a_process_crash_after_acknowledging() {
                 let storage = SimStorage::new(3);
                 let dir = Path::new("/data/shard-0");
                 let identity = ShardIdentity { shard_index: 0, shard_count: 1 };
-                let (store, _) = Store::open(storage.clone(), dir, identity, policy).await.expect("open");
+                let (store, _) = Store::open(
+                    storage.clone(),
+                    dir,
+                    identity,
+                    policy,
+                    server::engine::EngineOptions::default(),
+                )
+                .await
+                .expect("open");
                 for i in 0..100 {
                     assert_eq!(store.put(format!("k{i}").as_bytes(), b"v", 0).await, Reply::Done);
                 }
                 store.close().await.expect("close syncs");
                 drop(store);
                 storage.crash();
-                let (store, report) = Store::open(storage, dir, identity, policy).await.expect("reopen");
+                let (store, report) =
+                    Store::open(storage, dir, identity, policy, server::engine::EngineOptions::default())
+                        .await
+                        .expect("reopen");
                 assert_eq!(report.record_count, 100);
                 read_back(&store, b"k99").await
             })
@@ -275,7 +315,15 @@ fn interval_and_never_policies_survive_a_process_crash_after_acknowledging() {
 async fn three_batches(storage: &SimStorage) -> std::path::PathBuf {
     let dir = Path::new("/data/shard-0");
     let identity = ShardIdentity { shard_index: 0, shard_count: 1 };
-    let (store, _) = Store::open(storage.clone(), dir, identity, SyncPolicy::Always).await.expect("open");
+    let (store, _) = Store::open(
+        storage.clone(),
+        dir,
+        identity,
+        SyncPolicy::Always,
+        server::engine::EngineOptions::default(),
+    )
+    .await
+    .expect("open");
     for key in [b"k1", b"k2", b"k3"] {
         assert_eq!(store.put(key, b"value", 0).await, Reply::Done);
     }
@@ -292,8 +340,15 @@ fn torn_tail_is_truncated_and_reported_with_file_and_offset() {
             storage.corrupt(&segment, 3 * 4096 + 60, b"torn");
             let identity = ShardIdentity { shard_index: 0, shard_count: 1 };
             let dir = Path::new("/data/shard-0");
-            let (store, report) =
-                Store::open(storage.clone(), dir, identity, SyncPolicy::Always).await.expect("open");
+            let (store, report) = Store::open(
+                storage.clone(),
+                dir,
+                identity,
+                SyncPolicy::Always,
+                server::engine::EngineOptions::default(),
+            )
+            .await
+            .expect("open");
             let mut reads = Vec::new();
             for key in [b"k1", b"k2", b"k3"] {
                 reads.push(read_back(&store, key).await);
@@ -318,7 +373,15 @@ fn damage_followed_by_a_valid_record_stops_startup_with_file_and_offset() {
             storage.corrupt(&segment, 4096 + 60, b"rot");
             let identity = ShardIdentity { shard_index: 0, shard_count: 1 };
             let dir = Path::new("/data/shard-0");
-            match Store::open(storage, dir, identity, SyncPolicy::Always).await {
+            match Store::open(
+                storage,
+                dir,
+                identity,
+                SyncPolicy::Always,
+                server::engine::EngineOptions::default(),
+            )
+            .await
+            {
                 Ok(_) => panic!("corruption went unnoticed"),
                 Err(error) => error.to_string(),
             }
@@ -345,8 +408,15 @@ fn a_prepared_segment_without_header_is_reused_not_left_behind() {
             storage.sync_dir(dir).await.expect("sync dir");
             let identity = ShardIdentity { shard_index: 0, shard_count: 1 };
             for _ in 0..2 {
-                let (store, report) =
-                    Store::open(storage.clone(), dir, identity, SyncPolicy::Always).await.expect("open");
+                let (store, report) = Store::open(
+                    storage.clone(),
+                    dir,
+                    identity,
+                    SyncPolicy::Always,
+                    server::engine::EngineOptions::default(),
+                )
+                .await
+                .expect("open");
                 assert_eq!(report.record_count, 3);
                 assert_eq!(read_back(&store, b"k3").await, Some(b"value".to_vec()));
                 store.close().await.expect("close");

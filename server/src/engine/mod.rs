@@ -1,0 +1,741 @@
+//! The storage engine of one shard: a log-structured merge tree on direct I/O.
+//!
+//! Writes go to the write-ahead log and the memtable in one synchronous step. When the
+//! memtable reaches its budget it becomes immutable and a background task writes it to a
+//! sorted table, installs the table with a new manifest, and only then releases the log
+//! segments it covered. Another background task, with fewer shares than request handling,
+//! merges tables (see `compaction`). Reads look in the memtables, then in the tables newest
+//! first, through per-shard bloom filters, indexes and a block cache, all in bounded memory.
+//!
+//! Everything here runs on the shard's thread: no lock guards any of it. The crash-safety
+//! argument is written out step by step in ARCHITECTURE.md ("Storage engine").
+
+pub mod cache;
+pub mod compaction;
+pub mod manifest;
+pub mod memtable;
+pub mod tables;
+
+use std::cell::{Cell, RefCell};
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::time::Duration;
+
+use crate::clock::now_ms;
+use crate::event::Event;
+use crate::storage::{Storage, StorageFile};
+use crate::table::reader::TableError;
+use crate::wal::format::{Record, RecordKind};
+use crate::wal::{RecoveryReport, ShardIdentity, SyncPolicy, Wal, WalError};
+use cache::BlockCache;
+use manifest::Manifest;
+pub use memtable::Entry;
+use memtable::Memtable;
+use tables::{Table, TableWriter};
+
+/// How often a flush that ran out of space tries again.
+const NO_SPACE_RETRY_INTERVAL: Duration = Duration::from_millis(100);
+/// How long compaction waits after an error before it tries again.
+const COMPACTION_RETRY_INTERVAL: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Clone, Copy)]
+pub struct EngineOptions {
+    /// The shard's memory budget: memtables, block cache, filters and indexes.
+    pub memory_bytes: usize,
+    /// Tombstones and expired values are kept at least this long after they were written
+    /// or expired, and dropped only by a compaction that includes the oldest table.
+    pub tombstone_grace_ms: u64,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions { memory_bytes: 256 << 20, tombstone_grace_ms: 3_600_000 }
+    }
+}
+
+impl EngineOptions {
+    /// The budget of one memtable: an eighth of the memory, since an active and an
+    /// immutable one may coexist and the rest goes to the cache, filters and indexes.
+    pub fn memtable_size_max(&self) -> usize {
+        (self.memory_bytes / 8).max(64 << 10)
+    }
+}
+
+/// Counters of one shard's engine, since it started.
+#[derive(Debug, Default)]
+pub struct EngineCounters {
+    /// Keys and values of accepted writes.
+    pub user_bytes_written: Cell<u64>,
+    /// Table bytes written by flushes and compactions.
+    pub table_bytes_written: Cell<u64>,
+    pub flush_count: Cell<u64>,
+    pub compaction_count: Cell<u64>,
+    pub compaction_bytes_read: Cell<u64>,
+    /// Lookups that reached the tables (missed the memtables).
+    pub table_lookup_count: Cell<u64>,
+    pub block_read_count: Cell<u64>,
+    pub block_bytes_read: Cell<u64>,
+    pub corruption_count: Cell<u64>,
+}
+
+/// A snapshot of the engine's state and counters, for `kvctl stats` and benchmarks.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct EngineStats {
+    pub memtable_bytes: usize,
+    pub immutable_memtable_bytes: usize,
+    pub table_count: usize,
+    pub table_bytes: u64,
+    pub table_entry_count: u64,
+    pub log_segment_count: usize,
+    pub filter_and_index_bytes: usize,
+    pub cache_bytes: usize,
+    pub cache_capacity: usize,
+    pub cache_hit_ratio: f64,
+    pub compaction_debt_bytes: u64,
+    pub flush_count: u64,
+    pub compaction_count: u64,
+    pub user_bytes_written: u64,
+    pub log_bytes_written: u64,
+    pub table_bytes_written: u64,
+    /// (log + table bytes written) / user bytes written.
+    pub write_amplification: f64,
+    /// Disk blocks read per lookup that reached the tables.
+    pub read_amplification: f64,
+    /// Entries in tables per distinct key there, estimated as table entries over the
+    /// entries of the largest table (exact after a full compaction): 1.0 means no stale
+    /// versions on disk.
+    pub space_amplification: f64,
+    pub corruption_count: u64,
+    pub no_space: bool,
+}
+
+type TableList<S> = Rc<Vec<Rc<Table<S>>>>;
+
+struct Inner<S: Storage> {
+    storage: S,
+    dir: PathBuf,
+    options: EngineOptions,
+    wal: Wal<S>,
+    active: RefCell<Memtable>,
+    immutable: RefCell<Option<Rc<Memtable>>>,
+    /// Newest first.
+    tables: RefCell<TableList<S>>,
+    /// Bumped whenever the table list changes.
+    tables_generation: Cell<u64>,
+    manifest: RefCell<Manifest>,
+    /// One manifest change at a time (flush and compaction both install tables).
+    manifest_lock: glommio::sync::Semaphore,
+    /// One compaction at a time (the background one, or one asked for).
+    compaction_lock: glommio::sync::Semaphore,
+    cache: RefCell<BlockCache>,
+    /// An immutable memtable awaits its flush, or the engine is closing.
+    flush_wanted: Event,
+    /// A flush or compaction installed tables.
+    installed: Event,
+    /// A flush failed for want of space: writes are refused until one succeeds.
+    no_space: Cell<bool>,
+    closing: Cell<bool>,
+    counters: EngineCounters,
+}
+
+/// One shard's storage engine. Cheap to clone; clones share it.
+pub struct Engine<S: Storage> {
+    inner: Rc<Inner<S>>,
+}
+
+impl<S: Storage> Clone for Engine<S> {
+    fn clone(&self) -> Self {
+        Engine { inner: self.inner.clone() }
+    }
+}
+
+fn table_error(error: TableError) -> WalError {
+    match error {
+        TableError::Io { path, message, .. } => WalError::Io { path, message },
+        TableError::Corrupt { path, offset, detail } => WalError::Corrupt { path, offset, detail },
+    }
+}
+
+impl<S: Storage> Engine<S> {
+    /// Opens the shard in `dir`: the manifest and its tables, then the log records the
+    /// tables do not hold. Spawns the flush and compaction tasks. `observe` sees the
+    /// timestamp of every replayed record (for the shard's clock).
+    pub async fn open(
+        storage: S,
+        dir: &Path,
+        identity: ShardIdentity,
+        policy: SyncPolicy,
+        options: EngineOptions,
+        mut observe: impl FnMut(u64),
+    ) -> Result<(Engine<S>, RecoveryReport), WalError> {
+        let io_error =
+            |error: std::io::Error| WalError::Io { path: dir.to_path_buf(), message: error.to_string() };
+        storage.create_dir_all(dir).await.map_err(io_error)?;
+        manifest::remove_leftover(&storage, dir).await;
+        let manifest = manifest::read(&storage, dir).await.map_err(table_error)?.unwrap_or(Manifest {
+            shard_index: identity.shard_index,
+            shard_count: identity.shard_count,
+            flushed_seq: 0,
+            next_table_id: 1,
+            table_ids: Vec::new(),
+        });
+        if (manifest.shard_index, manifest.shard_count) != (identity.shard_index, identity.shard_count) {
+            return Err(WalError::Corrupt {
+                path: dir.join(manifest::MANIFEST_FILE),
+                offset: 12,
+                detail: format!(
+                    "manifest of shard {} of {}, expected shard {} of {}",
+                    manifest.shard_index, manifest.shard_count, identity.shard_index, identity.shard_count
+                ),
+            });
+        }
+        let mut tables = Vec::with_capacity(manifest.table_ids.len());
+        for &id in &manifest.table_ids {
+            tables.push(Rc::new(Table::open(&storage, dir, id).await.map_err(table_error)?));
+        }
+        // Tables the manifest does not name are leftovers of a flush or compaction that a
+        // crash interrupted, or inputs of a compaction whose removal was not yet durable.
+        for name in storage.list_dir(dir).await.map_err(io_error)? {
+            match manifest::parse_table_file_name(&name) {
+                Some(id) if !manifest.table_ids.contains(&id) => {
+                    storage.remove(&dir.join(&name)).await.map_err(io_error)?;
+                }
+                _ => {}
+            }
+        }
+
+        let mut active = Memtable::default();
+        let (wal, report) =
+            Wal::open(storage.clone(), dir, identity, policy, manifest.flushed_seq, |record| {
+                observe(record.timestamp_us);
+                let value = (record.kind == RecordKind::Put).then(|| Rc::from(record.value));
+                let entry = Entry {
+                    value,
+                    timestamp_us: record.timestamp_us,
+                    expires_at_ms: record.expires_at_ms,
+                    seq: record.seq,
+                };
+                active.insert(record.key, entry);
+            })
+            .await?;
+        wal.release_through(manifest.flushed_seq).await?;
+
+        let inner = Rc::new(Inner {
+            storage,
+            dir: dir.to_path_buf(),
+            options,
+            wal,
+            active: RefCell::new(active),
+            immutable: RefCell::new(None),
+            tables: RefCell::new(Rc::new(tables)),
+            tables_generation: Cell::new(0),
+            manifest: RefCell::new(manifest),
+            manifest_lock: glommio::sync::Semaphore::new(1),
+            compaction_lock: glommio::sync::Semaphore::new(1),
+            cache: RefCell::new(BlockCache::new(0)),
+            flush_wanted: Event::default(),
+            installed: Event::default(),
+            no_space: Cell::new(false),
+            closing: Cell::new(false),
+            counters: EngineCounters::default(),
+        });
+        inner.resize_cache();
+        let executor = glommio::executor();
+        let spawn =
+            |name: &str, shares: usize, task: std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>| {
+                let queue = executor.create_task_queue(
+                    glommio::Shares::Static(shares),
+                    glommio::Latency::NotImportant,
+                    name,
+                );
+                match glommio::spawn_local_into(task, queue) {
+                    Ok(task) => task.detach(),
+                    Err(_) => glommio::spawn_local(async {}).detach(),
+                };
+            };
+        // Request handling runs in the default queue with 1000 shares: under load, flushes
+        // get a fifth of the CPU and compaction a twentieth, so foreground latency holds.
+        spawn("flush", 250, Box::pin(flusher(inner.clone())));
+        spawn("compaction", 50, Box::pin(compactor(inner.clone())));
+        let engine = Engine { inner };
+        engine.inner.maybe_seal_memtable();
+        Ok((engine, report))
+    }
+
+    pub fn wal(&self) -> &Wal<S> {
+        &self.inner.wal
+    }
+
+    pub fn options(&self) -> EngineOptions {
+        self.inner.options
+    }
+
+    /// The newest version of `key` held in memory, if any.
+    pub fn lookup_memtables(&self, key: &[u8]) -> Option<Entry> {
+        if let Some(entry) = self.inner.active.borrow().get(key) {
+            return Some(entry.clone());
+        }
+        self.inner.immutable.borrow().as_ref().and_then(|memtable| memtable.get(key).cloned())
+    }
+
+    /// The newest version of `key`: in memory, or in the tables.
+    pub async fn read(&self, key: &[u8]) -> Result<Option<Entry>, TableError> {
+        if let Some(entry) = self.lookup_memtables(key) {
+            return Ok(Some(entry));
+        }
+        let tables = self.inner.tables.borrow().clone();
+        self.inner.read_tables(&tables, key).await
+    }
+
+    /// As [`Engine::read`], but still current when it returns: no write to `key` can have
+    /// slipped in between, so the caller may decide and write without awaiting (CAS).
+    pub async fn read_current(&self, key: &[u8]) -> Result<Option<Entry>, TableError> {
+        loop {
+            if let Some(entry) = self.lookup_memtables(key) {
+                return Ok(Some(entry));
+            }
+            let generation = self.inner.tables_generation.get();
+            let tables = self.inner.tables.borrow().clone();
+            let found = self.inner.read_tables(&tables, key).await?;
+            // A write during the read is in a memtable now, or was flushed into a table
+            // this read did not look at (the table list changed): then read again.
+            if let Some(entry) = self.lookup_memtables(key) {
+                return Ok(Some(entry));
+            }
+            if generation == self.inner.tables_generation.get() {
+                return Ok(found);
+            }
+        }
+    }
+
+    /// Waits until a write of `size` bytes can be accepted: room in the log's pending
+    /// buffer and in the memtables. The caller must call [`Engine::write`] without
+    /// awaiting anything in between.
+    pub async fn reserve(&self, size: usize) -> Result<(), WalError> {
+        loop {
+            if self.inner.no_space.get() {
+                return Err(WalError::NoSpace);
+            }
+            let listener = self.inner.installed.listen();
+            let memtables_full = self.inner.active.borrow().size() >= self.inner.options.memtable_size_max()
+                && self.inner.immutable.borrow().is_some();
+            if !memtables_full {
+                break;
+            }
+            // The flush is behind: writers wait for it rather than grow memory unbounded.
+            listener.await;
+        }
+        self.inner.wal.reserve(size).await
+    }
+
+    /// Logs and applies one mutation; `value: None` deletes. Returns its sequence number;
+    /// durability comes with [`Wal::wait_acked`].
+    pub fn write(
+        &self,
+        key: &[u8],
+        value: Option<&[u8]>,
+        timestamp_us: u64,
+        expires_at_ms: u64,
+    ) -> Result<u64, WalError> {
+        let record = Record {
+            seq: 0,
+            kind: if value.is_some() { RecordKind::Put } else { RecordKind::Delete },
+            key,
+            value: value.unwrap_or(&[]),
+            timestamp_us,
+            expires_at_ms,
+        };
+        let seq = self.inner.wal.append(&record)?;
+        let entry = Entry { value: value.map(Rc::from), timestamp_us, expires_at_ms, seq };
+        self.inner.active.borrow_mut().insert(key, entry);
+        let counters = &self.inner.counters;
+        counters
+            .user_bytes_written
+            .set(counters.user_bytes_written.get() + (key.len() + record.value.len()) as u64);
+        self.inner.maybe_seal_memtable();
+        Ok(seq)
+    }
+
+    /// Flushes everything in the memtables to tables, and waits until it is installed.
+    pub async fn flush(&self) -> Result<(), WalError> {
+        loop {
+            let listener = self.inner.installed.listen();
+            self.inner.check_failed()?;
+            if self.inner.immutable.borrow().is_none() {
+                if self.inner.active.borrow().is_empty() {
+                    return Ok(());
+                }
+                self.inner.seal_memtable();
+            }
+            listener.await;
+        }
+    }
+
+    /// Merges every table into one now (a full compaction), dropping what the grace period
+    /// allows.
+    pub async fn compact_all(&self) -> Result<(), WalError> {
+        let _permit = self.inner.compaction_lock.acquire(1).await;
+        let count = self.inner.tables.borrow().len();
+        if count == 0 {
+            return Ok(());
+        }
+        self.inner.compact(0..count).await.map_err(table_error)
+    }
+
+    pub fn counters(&self) -> &EngineCounters {
+        &self.inner.counters
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        let inner = &self.inner;
+        let tables = inner.tables.borrow().clone();
+        let sizes: Vec<u64> = tables.iter().map(|table| table.size()).collect();
+        let counters = &inner.counters;
+        let cache = inner.cache.borrow();
+        let lookups = cache.hit_count + cache.miss_count;
+        let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
+        let log_bytes = inner.wal.bytes_written();
+        let table_entry_count: u64 = tables.iter().map(|table| table.reader.footer.entry_count).sum();
+        let largest = tables.iter().map(|table| table.reader.footer.entry_count).max().unwrap_or(0);
+        EngineStats {
+            memtable_bytes: inner.active.borrow().size(),
+            immutable_memtable_bytes: inner.immutable.borrow().as_ref().map_or(0, |m| m.size()),
+            table_count: tables.len(),
+            table_bytes: sizes.iter().sum(),
+            table_entry_count,
+            log_segment_count: inner.wal.segment_count(),
+            filter_and_index_bytes: inner.table_memory(),
+            cache_bytes: cache.size(),
+            cache_capacity: cache.capacity(),
+            cache_hit_ratio: ratio(cache.hit_count as f64, lookups as f64),
+            compaction_debt_bytes: compaction::debt(&sizes, inner.options.memtable_size_max() as u64),
+            flush_count: counters.flush_count.get(),
+            compaction_count: counters.compaction_count.get(),
+            user_bytes_written: counters.user_bytes_written.get(),
+            log_bytes_written: log_bytes,
+            table_bytes_written: counters.table_bytes_written.get(),
+            write_amplification: ratio(
+                (log_bytes + counters.table_bytes_written.get()) as f64,
+                counters.user_bytes_written.get() as f64,
+            ),
+            read_amplification: ratio(
+                counters.block_read_count.get() as f64,
+                counters.table_lookup_count.get() as f64,
+            ),
+            space_amplification: ratio(table_entry_count as f64, largest as f64),
+            corruption_count: counters.corruption_count.get(),
+            no_space: inner.no_space.get() || inner.wal.no_space(),
+        }
+    }
+
+    /// Stops the background tasks and closes the log (everything pending written and
+    /// synced). The memtables are not flushed: the log holds them.
+    pub async fn close(&self) -> Result<(), WalError> {
+        self.inner.closing.set(true);
+        self.inner.flush_wanted.notify_all();
+        self.inner.installed.notify_all();
+        self.inner.wal.close().await
+    }
+}
+
+impl<S: Storage> Inner<S> {
+    fn check_failed(&self) -> Result<(), WalError> {
+        if self.closing.get() {
+            return Err(WalError::ShuttingDown);
+        }
+        Ok(())
+    }
+
+    /// Turns a full active memtable into the immutable one, if that one is free.
+    fn maybe_seal_memtable(&self) {
+        if self.active.borrow().size() >= self.options.memtable_size_max()
+            && self.immutable.borrow().is_none()
+        {
+            self.seal_memtable();
+        }
+    }
+
+    fn seal_memtable(&self) {
+        debug_assert!(self.immutable.borrow().is_none());
+        let sealed = std::mem::take(&mut *self.active.borrow_mut());
+        *self.immutable.borrow_mut() = Some(Rc::new(sealed));
+        self.flush_wanted.notify_all();
+    }
+
+    fn table_memory(&self) -> usize {
+        self.tables.borrow().iter().map(|table| table.reader.memory_size()).sum()
+    }
+
+    /// The cache gets what the memtables, filters and indexes leave of the budget.
+    fn resize_cache(&self) {
+        let reserved = 2 * self.options.memtable_size_max() + self.table_memory();
+        self.cache.borrow_mut().set_capacity(self.options.memory_bytes.saturating_sub(reserved));
+    }
+
+    fn count_corruption(&self, error: &TableError) {
+        if let TableError::Corrupt { .. } = error {
+            self.counters.corruption_count.set(self.counters.corruption_count.get() + 1);
+            eprintln!("kvd: {error}");
+        }
+    }
+
+    async fn read_tables(&self, tables: &[Rc<Table<S>>], key: &[u8]) -> Result<Option<Entry>, TableError> {
+        self.counters.table_lookup_count.set(self.counters.table_lookup_count.get() + 1);
+        let token = schema::key_hash(key);
+        for table in tables {
+            if !table.reader.may_contain(token) {
+                continue;
+            }
+            let blocks = table.reader.blocks();
+            for block in &blocks[table.reader.first_block_for(token)..] {
+                let found = self.find_in_block(table, block, key).await;
+                if let Err(error) = &found {
+                    self.count_corruption(error);
+                }
+                if let Some(entry) = found? {
+                    return Ok(Some(entry));
+                }
+                if block.last_token > token {
+                    break;
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    async fn find_in_block(
+        &self,
+        table: &Table<S>,
+        block: &crate::table::format::IndexEntry,
+        key: &[u8],
+    ) -> Result<Option<Entry>, TableError> {
+        let id = (table.id, block.offset);
+        let cached = self.cache.borrow_mut().get(id);
+        if let Some(bytes) = cached {
+            return Ok(table.reader.find_in_block(block, &bytes, key)?.map(Entry::from_table));
+        }
+        let bytes = table
+            .file
+            .read_at(block.offset, block.size as usize)
+            .await
+            .map_err(|error| TableError::io(table.reader.path(), &error))?;
+        self.counters.block_read_count.set(self.counters.block_read_count.get() + 1);
+        self.counters.block_bytes_read.set(self.counters.block_bytes_read.get() + bytes.len() as u64);
+        let found = table.reader.find_in_block(block, &bytes, key)?;
+        // Only verified blocks are cached.
+        self.cache.borrow_mut().insert(id, Rc::from(bytes));
+        Ok(found.map(Entry::from_table))
+    }
+
+    fn next_table_path(&self) -> (u64, PathBuf) {
+        let mut manifest = self.manifest.borrow_mut();
+        let id = manifest.next_table_id;
+        manifest.next_table_id += 1;
+        (id, self.dir.join(manifest::table_file_name(id)))
+    }
+
+    /// Writes `memtable` to a new table and installs it. On error the partial table is
+    /// removed and nothing changed.
+    async fn flush_memtable(&self, memtable: &Memtable) -> Result<(), TableError> {
+        let (id, path) = self.next_table_path();
+        let entries = memtable.sorted();
+        let mut writer = TableWriter::create(&self.storage, path, entries.len()).await?;
+        let written = async {
+            for (token, key, entry) in &entries {
+                writer.add(*token, key, entry).await?;
+            }
+            Ok::<_, TableError>(())
+        }
+        .await;
+        if let Err(error) = written {
+            writer.abandon(&self.storage).await;
+            return Err(error);
+        }
+        let (table, bytes_written) = writer.finish(id).await?;
+        let counters = &self.counters;
+        counters.table_bytes_written.set(counters.table_bytes_written.get() + bytes_written);
+        let table = Rc::new(table);
+        let installed = self
+            .install(|manifest, tables| {
+                manifest.flushed_seq = memtable.max_seq();
+                manifest.table_ids.insert(0, id);
+                tables.insert(0, table.clone());
+            })
+            .await;
+        if let Err(error) = installed {
+            let _ = self.storage.remove(table.reader.path()).await;
+            return Err(error);
+        }
+        counters.flush_count.set(counters.flush_count.get() + 1);
+        Ok(())
+    }
+
+    /// Changes the table set: `change` edits a copy of the manifest and of the table list,
+    /// the manifest is replaced durably, then the new list is installed.
+    async fn install(
+        &self,
+        change: impl FnOnce(&mut Manifest, &mut Vec<Rc<Table<S>>>),
+    ) -> Result<(), TableError> {
+        let _permit = self.manifest_lock.acquire(1).await;
+        let mut manifest = self.manifest.borrow().clone();
+        let mut tables: Vec<Rc<Table<S>>> = self.tables.borrow().iter().cloned().collect();
+        change(&mut manifest, &mut tables);
+        debug_assert_eq!(manifest.table_ids, tables.iter().map(|table| table.id).collect::<Vec<_>>());
+        manifest::write(&self.storage, &self.dir, &manifest).await?;
+        let next_table_id = self.manifest.borrow().next_table_id.max(manifest.next_table_id);
+        manifest.next_table_id = next_table_id;
+        *self.manifest.borrow_mut() = manifest;
+        *self.tables.borrow_mut() = Rc::new(tables);
+        self.tables_generation.set(self.tables_generation.get() + 1);
+        self.resize_cache();
+        self.installed.notify_all();
+        Ok(())
+    }
+
+    /// Merges the tables at `run` (positions, newest first) into one, in their place.
+    async fn compact(&self, run: std::ops::Range<usize>) -> Result<(), TableError> {
+        let inputs: Vec<Rc<Table<S>>> = self.tables.borrow()[run.clone()].to_vec();
+        let includes_oldest = run.end == self.tables.borrow().len();
+        let purge = compaction::Purge {
+            includes_oldest,
+            before_ms: now_ms().saturating_sub(self.options.tombstone_grace_ms),
+        };
+        let key_count_max: u64 = inputs.iter().map(|table| table.reader.footer.entry_count).sum();
+        let (id, path) = self.next_table_path();
+        let mut writer = TableWriter::create(&self.storage, path, key_count_max as usize).await?;
+        let report = match compaction::merge(&inputs, &mut writer, purge).await {
+            Ok(report) => report,
+            Err(error) => {
+                writer.abandon(&self.storage).await;
+                return Err(error);
+            }
+        };
+        let output = if report.entries_out > 0 {
+            let (table, bytes_written) = writer.finish(id).await?;
+            let counters = &self.counters;
+            counters.table_bytes_written.set(counters.table_bytes_written.get() + bytes_written);
+            Some(Rc::new(table))
+        } else {
+            writer.abandon(&self.storage).await;
+            None
+        };
+        let input_ids: Vec<u64> = inputs.iter().map(|table| table.id).collect();
+        let installed = self
+            .install(|manifest, tables| {
+                // Flushes may have added newer tables meanwhile: find the run by its ids.
+                let start = manifest.table_ids.iter().position(|id| *id == input_ids[0]).unwrap_or(0);
+                let end = start + input_ids.len();
+                debug_assert_eq!(manifest.table_ids[start..end], input_ids[..]);
+                let replacement: Vec<u64> = output.iter().map(|table| table.id).collect();
+                manifest.table_ids.splice(start..end, replacement);
+                tables.splice(start..end, output.iter().cloned());
+            })
+            .await;
+        if let Err(error) = installed {
+            if let Some(table) = &output {
+                let _ = self.storage.remove(table.reader.path()).await;
+            }
+            return Err(error);
+        }
+        let counters = &self.counters;
+        counters.compaction_count.set(counters.compaction_count.get() + 1);
+        counters.compaction_bytes_read.set(counters.compaction_bytes_read.get() + report.bytes_read);
+        // The inputs are out of the manifest: remove them. Open handles (a read in flight)
+        // keep working; a crash before the removal is durable leaves orphans that the next
+        // start removes.
+        for table in &inputs {
+            let _ = self.storage.remove(table.reader.path()).await;
+            self.cache.borrow_mut().remove_table(table.id);
+        }
+        Ok(())
+    }
+
+    /// Stops the write path for good after an error that may have lost data (a failed
+    /// table write or sync): the kernel may have dropped the pages, a retry could lie.
+    fn fail(&self, error: &TableError) {
+        self.wal.fail_stop(&format!("flush: {error}"));
+    }
+}
+
+fn is_no_space(error: &TableError) -> bool {
+    matches!(error, TableError::Io { no_space: true, .. })
+}
+
+async fn flusher<S: Storage>(inner: Rc<Inner<S>>) {
+    loop {
+        let listener = inner.flush_wanted.listen();
+        if inner.closing.get() {
+            return;
+        }
+        let Some(memtable) = inner.immutable.borrow().clone() else {
+            listener.await;
+            continue;
+        };
+        // Nothing whose log write failed may reach a table.
+        if inner.wal.wait_acked(memtable.max_seq()).await.is_err() {
+            return;
+        }
+        match inner.flush_memtable(&memtable).await {
+            Ok(()) => {
+                if inner.no_space.replace(false) {
+                    eprintln!("kvd: {}: space available again; accepting writes", inner.dir.display());
+                }
+                *inner.immutable.borrow_mut() = None;
+                inner.installed.notify_all();
+                if let Err(error) = inner.wal.release_through(inner.manifest.borrow().flushed_seq).await {
+                    eprintln!("kvd: releasing log segments: {error}");
+                }
+                inner.maybe_seal_memtable();
+            }
+            Err(error) if is_no_space(&error) => {
+                if !inner.no_space.replace(true) {
+                    eprintln!("kvd: {error}; refusing writes until there is space");
+                    inner.installed.notify_all();
+                }
+                glommio::timer::sleep(NO_SPACE_RETRY_INTERVAL).await;
+            }
+            Err(error) => {
+                eprintln!("kvd: flush failed: {error}; refusing writes until restart");
+                inner.count_corruption(&error);
+                inner.fail(&error);
+                return;
+            }
+        }
+    }
+}
+
+async fn compactor<S: Storage>(inner: Rc<Inner<S>>) {
+    loop {
+        let listener = inner.installed.listen();
+        if inner.closing.get() {
+            return;
+        }
+        let permit = inner.compaction_lock.acquire(1).await;
+        let sizes: Vec<u64> = inner.tables.borrow().iter().map(|table| table.size()).collect();
+        let Some(run) = compaction::pick(&sizes, inner.options.memtable_size_max() as u64) else {
+            drop(permit);
+            listener.await;
+            continue;
+        };
+        let compacted = inner.compact(run).await;
+        drop(permit);
+        match compacted {
+            Ok(()) => {}
+            Err(error) if is_no_space(&error) => {
+                glommio::timer::sleep(COMPACTION_RETRY_INTERVAL).await;
+            }
+            Err(error @ TableError::Corrupt { .. }) => {
+                // Damage in an input: merging it would spread or drop it. Reads of the
+                // damaged block keep failing loudly; compaction waits for an operator.
+                inner.count_corruption(&error);
+                eprintln!("kvd: compaction stopped: {error}");
+                return;
+            }
+            Err(error) => {
+                eprintln!("kvd: compaction failed: {error}; refusing writes until restart");
+                inner.fail(&error);
+                return;
+            }
+        }
+    }
+}
