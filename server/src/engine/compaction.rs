@@ -84,14 +84,17 @@ pub struct MergeReport {
     pub entries_in: u64,
     pub entries_out: u64,
     pub bytes_read: u64,
+    /// The merge stopped early because `cancel` was set; its output must be abandoned.
+    pub cancelled: bool,
 }
 
 /// Merges `inputs` (newest first) into `output`: the newest version of each key, minus
-/// what `purge` allows to drop.
+/// what `purge` allows to drop. Stops early once `cancel` is set.
 pub async fn merge<S: Storage>(
     inputs: &[Rc<Table<S>>],
     output: &mut TableWriter<S>,
     purge: Purge,
+    cancel: &std::cell::Cell<bool>,
 ) -> Result<MergeReport, TableError> {
     let mut scans: Vec<TableScan<S>> = inputs.iter().map(|table| TableScan::new(table.clone())).collect();
     let mut heads = Vec::with_capacity(scans.len());
@@ -133,6 +136,10 @@ pub async fn merge<S: Storage>(
             report.entries_out += 1;
         }
         glommio::yield_if_needed().await;
+        if cancel.get() {
+            report.cancelled = true;
+            break;
+        }
     }
     report.bytes_read = scans.iter().map(|scan| scan.bytes_read).sum();
     Ok(report)

@@ -135,7 +135,27 @@ struct Inner<S: Storage> {
     /// A flush failed for want of space: writes are refused until one succeeds.
     no_space: Cell<bool>,
     closing: Cell<bool>,
+    /// Background tasks still running; `close` waits for them to stop.
+    running_tasks: Cell<usize>,
+    task_stopped: Event,
     counters: EngineCounters,
+}
+
+/// Counts a background task as running until dropped.
+struct Running<S: Storage>(Rc<Inner<S>>);
+
+impl<S: Storage> Running<S> {
+    fn start(inner: &Rc<Inner<S>>) -> Running<S> {
+        inner.running_tasks.set(inner.running_tasks.get() + 1);
+        Running(inner.clone())
+    }
+}
+
+impl<S: Storage> Drop for Running<S> {
+    fn drop(&mut self) {
+        self.0.running_tasks.set(self.0.running_tasks.get() - 1);
+        self.0.task_stopped.notify_all();
+    }
 }
 
 /// One shard's storage engine. Cheap to clone; clones share it.
@@ -237,26 +257,14 @@ impl<S: Storage> Engine<S> {
             installed: Event::default(),
             no_space: Cell::new(false),
             closing: Cell::new(false),
+            running_tasks: Cell::new(0),
+            task_stopped: Event::default(),
             counters: EngineCounters::default(),
         });
         inner.resize_cache();
-        let executor = glommio::executor();
-        let spawn =
-            |name: &str, shares: usize, task: std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>| {
-                let queue = executor.create_task_queue(
-                    glommio::Shares::Static(shares),
-                    glommio::Latency::NotImportant,
-                    name,
-                );
-                match glommio::spawn_local_into(task, queue) {
-                    Ok(task) => task.detach(),
-                    Err(_) => glommio::spawn_local(async {}).detach(),
-                };
-            };
-        // Request handling runs in the default queue with 1000 shares: under load, flushes
-        // get a fifth of the CPU and compaction a twentieth, so foreground latency holds.
-        spawn("flush", 250, Box::pin(flusher(inner.clone())));
-        spawn("compaction", 50, Box::pin(compactor(inner.clone())));
+        let queues = background_queues();
+        spawn_into(flusher(Running::start(&inner)), queues.flush);
+        spawn_into(compactor(Running::start(&inner)), queues.compaction);
         let engine = Engine { inner };
         engine.inner.maybe_seal_memtable();
         Ok((engine, report))
@@ -313,10 +321,11 @@ impl<S: Storage> Engine<S> {
     /// awaiting anything in between.
     pub async fn reserve(&self, size: usize) -> Result<(), WalError> {
         loop {
+            let listener = self.inner.installed.listen();
+            self.inner.check_failed()?;
             if self.inner.no_space.get() {
                 return Err(WalError::NoSpace);
             }
-            let listener = self.inner.installed.listen();
             let memtables_full = self.inner.active.borrow().size() >= self.inner.options.memtable_size_max()
                 && self.inner.immutable.borrow().is_some();
             if !memtables_full {
@@ -374,7 +383,7 @@ impl<S: Storage> Engine<S> {
     /// Merges every table into one now (a full compaction), dropping what the grace period
     /// allows.
     pub async fn compact_all(&self) -> Result<(), WalError> {
-        let _permit = self.inner.compaction_lock.acquire(1).await;
+        let _permit = self.inner.compaction_lock.acquire_permit(1).await;
         let count = self.inner.tables.borrow().len();
         if count == 0 {
             return Ok(());
@@ -428,18 +437,29 @@ impl<S: Storage> Engine<S> {
         }
     }
 
-    /// Stops the background tasks and closes the log (everything pending written and
-    /// synced). The memtables are not flushed: the log holds them.
+    /// Stops the background tasks (a flush under way completes, a compaction under way is
+    /// abandoned) and closes the log (everything pending written and synced). The memtables
+    /// are not flushed: the log holds them.
     pub async fn close(&self) -> Result<(), WalError> {
         self.inner.closing.set(true);
         self.inner.flush_wanted.notify_all();
         self.inner.installed.notify_all();
+        loop {
+            let listener = self.inner.task_stopped.listen();
+            if self.inner.running_tasks.get() == 0 {
+                break;
+            }
+            listener.await;
+        }
         self.inner.wal.close().await
     }
 }
 
 impl<S: Storage> Inner<S> {
     fn check_failed(&self) -> Result<(), WalError> {
+        if let Some(error) = self.wal.failure() {
+            return Err(error);
+        }
         if self.closing.get() {
             return Err(WalError::ShuttingDown);
         }
@@ -576,7 +596,7 @@ impl<S: Storage> Inner<S> {
         &self,
         change: impl FnOnce(&mut Manifest, &mut Vec<Rc<Table<S>>>),
     ) -> Result<(), TableError> {
-        let _permit = self.manifest_lock.acquire(1).await;
+        let _permit = self.manifest_lock.acquire_permit(1).await;
         let mut manifest = self.manifest.borrow().clone();
         let mut tables: Vec<Rc<Table<S>>> = self.tables.borrow().iter().cloned().collect();
         change(&mut manifest, &mut tables);
@@ -603,7 +623,11 @@ impl<S: Storage> Inner<S> {
         let key_count_max: u64 = inputs.iter().map(|table| table.reader.footer.entry_count).sum();
         let (id, path) = self.next_table_path();
         let mut writer = TableWriter::create(&self.storage, path, key_count_max as usize).await?;
-        let report = match compaction::merge(&inputs, &mut writer, purge).await {
+        let report = match compaction::merge(&inputs, &mut writer, purge, &self.closing).await {
+            Ok(report) if report.cancelled => {
+                writer.abandon(&self.storage).await;
+                return Ok(());
+            }
             Ok(report) => report,
             Err(error) => {
                 writer.abandon(&self.storage).await;
@@ -654,14 +678,52 @@ impl<S: Storage> Inner<S> {
     /// table write or sync): the kernel may have dropped the pages, a retry could lie.
     fn fail(&self, error: &TableError) {
         self.wal.fail_stop(&format!("flush: {error}"));
+        self.installed.notify_all();
     }
+}
+
+#[derive(Clone, Copy)]
+struct BackgroundQueues {
+    flush: glommio::TaskQueueHandle,
+    compaction: glommio::TaskQueueHandle,
+}
+
+thread_local! {
+    static BACKGROUND_QUEUES: std::cell::OnceCell<BackgroundQueues> = const { std::cell::OnceCell::new() };
+}
+
+/// The executor's task queues for background work, made once per thread. Request handling
+/// runs in the default queue with 1000 shares: under load, flushes get a fifth of the CPU
+/// and compaction a twentieth, so foreground latency holds.
+fn background_queues() -> BackgroundQueues {
+    BACKGROUND_QUEUES.with(|queues| {
+        *queues.get_or_init(|| {
+            let executor = glommio::executor();
+            let queue = |name, shares| {
+                executor.create_task_queue(
+                    glommio::Shares::Static(shares),
+                    glommio::Latency::NotImportant,
+                    name,
+                )
+            };
+            BackgroundQueues { flush: queue("flush", 250), compaction: queue("compaction", 50) }
+        })
+    })
+}
+
+fn spawn_into(task: impl std::future::Future<Output = ()> + 'static, queue: glommio::TaskQueueHandle) {
+    match glommio::spawn_local_into(task, queue) {
+        Ok(task) => task.detach(),
+        Err(error) => panic!("spawning a background task: {error}"),
+    };
 }
 
 fn is_no_space(error: &TableError) -> bool {
     matches!(error, TableError::Io { no_space: true, .. })
 }
 
-async fn flusher<S: Storage>(inner: Rc<Inner<S>>) {
+async fn flusher<S: Storage>(running: Running<S>) {
+    let inner = &running.0;
     loop {
         let listener = inner.flush_wanted.listen();
         if inner.closing.get() {
@@ -704,13 +766,14 @@ async fn flusher<S: Storage>(inner: Rc<Inner<S>>) {
     }
 }
 
-async fn compactor<S: Storage>(inner: Rc<Inner<S>>) {
+async fn compactor<S: Storage>(running: Running<S>) {
+    let inner = &running.0;
     loop {
         let listener = inner.installed.listen();
         if inner.closing.get() {
             return;
         }
-        let permit = inner.compaction_lock.acquire(1).await;
+        let permit = inner.compaction_lock.acquire_permit(1).await;
         let sizes: Vec<u64> = inner.tables.borrow().iter().map(|table| table.size()).collect();
         let Some(run) = compaction::pick(&sizes, inner.options.memtable_size_max() as u64) else {
             drop(permit);

@@ -100,10 +100,14 @@ struct SimState {
     injected_error_count: u64,
 }
 
-/// The simulated file system; clones share it.
+/// The simulated file system; clones share it. A clone made before a crash belongs to the
+/// dead process: its operations fail, so that a store abandoned at a crash cannot touch the
+/// files of the one recovered after it. Only the clone [`SimStorage::crash`] was called
+/// on lives on.
 #[derive(Debug, Clone)]
 pub struct SimStorage {
     state: Rc<RefCell<SimState>>,
+    generation: std::cell::Cell<u64>,
 }
 
 impl SimStorage {
@@ -121,7 +125,7 @@ impl SimStorage {
             sync_count: 0,
             injected_error_count: 0,
         };
-        SimStorage { state: Rc::new(RefCell::new(state)) }
+        SimStorage { state: Rc::new(RefCell::new(state)), generation: std::cell::Cell::new(0) }
     }
 
     pub fn set_faults(&self, faults: Faults) {
@@ -143,6 +147,7 @@ impl SimStorage {
         let mut state = self.state.borrow_mut();
         let state = &mut *state;
         state.generation += 1;
+        self.generation.set(state.generation);
         state.faults = Faults::default();
         state.names = state.durable_names.clone();
         let live: BTreeSet<u64> = state.names.values().copied().collect();
@@ -187,8 +192,19 @@ impl SimStorage {
     }
 
     fn handle(&self, path: &Path, inode: u64) -> SimFileHandle {
-        let generation = self.state.borrow().generation;
-        SimFileHandle { storage: self.clone(), path: path.to_path_buf(), inode, generation }
+        SimFileHandle {
+            storage: self.clone(),
+            path: path.to_path_buf(),
+            inode,
+            generation: self.generation.get(),
+        }
+    }
+
+    fn check_alive(&self) -> io::Result<()> {
+        if self.generation.get() != self.state.borrow().generation {
+            return Err(io::Error::other("simulated crash: storage handle from before the crash"));
+        }
+        Ok(())
     }
 }
 
@@ -200,11 +216,13 @@ impl Storage for SimStorage {
     type File = SimFileHandle;
 
     async fn create_dir_all(&self, path: &Path) -> io::Result<()> {
+        self.check_alive()?;
         self.state.borrow_mut().dirs.insert(path.to_path_buf());
         Ok(())
     }
 
     async fn list_dir(&self, path: &Path) -> io::Result<Vec<String>> {
+        self.check_alive()?;
         let state = self.state.borrow();
         let names = state
             .names
@@ -216,11 +234,13 @@ impl Storage for SimStorage {
     }
 
     async fn open(&self, path: &Path) -> io::Result<SimFileHandle> {
+        self.check_alive()?;
         let inode = *self.state.borrow().names.get(path).ok_or_else(|| not_found(path))?;
         Ok(self.handle(path, inode))
     }
 
     async fn create(&self, path: &Path) -> io::Result<SimFileHandle> {
+        self.check_alive()?;
         let mut state = self.state.borrow_mut();
         if state.names.contains_key(path) {
             return Err(io::Error::new(io::ErrorKind::AlreadyExists, format!("{}: exists", path.display())));
@@ -234,6 +254,7 @@ impl Storage for SimStorage {
     }
 
     async fn sync_dir(&self, path: &Path) -> io::Result<()> {
+        self.check_alive()?;
         let mut state = self.state.borrow_mut();
         let state = &mut *state;
         state.durable_names.retain(|name, _| name.parent() != Some(path));
@@ -246,6 +267,7 @@ impl Storage for SimStorage {
     }
 
     async fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        self.check_alive()?;
         let mut state = self.state.borrow_mut();
         let inode = state.names.remove(from).ok_or_else(|| not_found(from))?;
         state.names.insert(to.to_path_buf(), inode);
@@ -253,6 +275,7 @@ impl Storage for SimStorage {
     }
 
     async fn remove(&self, path: &Path) -> io::Result<()> {
+        self.check_alive()?;
         let mut state = self.state.borrow_mut();
         state.names.remove(path).ok_or_else(|| not_found(path))?;
         Ok(())

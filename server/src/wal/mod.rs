@@ -321,6 +321,11 @@ impl<S: Storage> Wal<S> {
         self.shared.segments.borrow().len()
     }
 
+    /// The error that stopped the write path, if one did.
+    pub fn failure(&self) -> Option<WalError> {
+        self.shared.state.borrow().failed.clone()
+    }
+
     /// Whether new writes are refused for want of space.
     pub fn no_space(&self) -> bool {
         self.shared.no_space.get()
