@@ -744,7 +744,8 @@ async fn flusher<S: Storage>(running: Running<S>) {
                 }
                 *inner.immutable.borrow_mut() = None;
                 inner.installed.notify_all();
-                if let Err(error) = inner.wal.release_through(inner.manifest.borrow().flushed_seq).await {
+                let flushed_seq = inner.manifest.borrow().flushed_seq;
+                if let Err(error) = inner.wal.release_through(flushed_seq).await {
                     eprintln!("kvd: releasing log segments: {error}");
                 }
                 inner.maybe_seal_memtable();

@@ -4,6 +4,7 @@
 mod harness;
 mod hostile;
 mod kill9;
+mod kill9_engine;
 mod model;
 mod node;
 mod power_loss;
