@@ -391,6 +391,20 @@ impl<S: Storage> Engine<S> {
         self.inner.compact(0..count).await.map_err(table_error)
     }
 
+    /// Reads and verifies every block of every live table; the first damage found is the
+    /// error. Returns the number of entries checked.
+    pub async fn scrub(&self) -> Result<u64, TableError> {
+        let tables = self.inner.tables.borrow().clone();
+        let mut entry_count = 0;
+        for table in tables.iter() {
+            let mut scan = tables::TableScan::new(table.clone());
+            while scan.next().await.inspect_err(|error| self.inner.count_corruption(error))?.is_some() {
+                entry_count += 1;
+            }
+        }
+        Ok(entry_count)
+    }
+
     pub fn counters(&self) -> &EngineCounters {
         &self.inner.counters
     }

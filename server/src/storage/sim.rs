@@ -176,6 +176,34 @@ impl SimStorage {
         state.names.get(path).and_then(|inode| state.inodes.get(inode)).map(|file| file.data.clone())
     }
 
+    /// Every file the process sees, with its bytes.
+    pub fn snapshot(&self) -> Vec<(PathBuf, Vec<u8>)> {
+        self.file_paths()
+            .into_iter()
+            .filter_map(|path| Some((path.clone(), self.file_data(&path)?)))
+            .collect()
+    }
+
+    /// A new file system holding `files`, all durable.
+    pub fn from_snapshot(seed: u64, files: &[(PathBuf, Vec<u8>)]) -> SimStorage {
+        let storage = SimStorage::new(seed);
+        {
+            let mut state = storage.state.borrow_mut();
+            for (path, data) in files {
+                let inode = state.next_inode;
+                state.next_inode += 1;
+                let file = SimFile { data: data.clone(), durable: data.clone(), pending: Vec::new() };
+                state.inodes.insert(inode, file);
+                state.names.insert(path.clone(), inode);
+                state.durable_names.insert(path.clone(), inode);
+                if let Some(dir) = path.parent() {
+                    state.dirs.insert(dir.to_path_buf());
+                }
+            }
+        }
+        storage
+    }
+
     /// The paths of every file the process sees, in order.
     pub fn file_paths(&self) -> Vec<PathBuf> {
         self.state.borrow().names.keys().cloned().collect()

@@ -106,6 +106,11 @@ pub fn decode_segment_header(block: &[u8]) -> Result<SegmentHeader, SegmentHeade
     if u32_at(block, SEGMENT_HEADER_SIZE - 4) != Some(crc32c::crc32c(body)) {
         return Err(SegmentHeaderError::BadChecksum);
     }
+    // The rest of the header block is zeros, written with the header.
+    let padding = block.get(SEGMENT_HEADER_SIZE..BLOCK_SIZE.min(block.len())).unwrap_or(&[]);
+    if padding.iter().any(|&b| b != 0) {
+        return Err(SegmentHeaderError::BadChecksum);
+    }
     let field = |offset| u32_at(block, offset).ok_or(SegmentHeaderError::BadChecksum);
     let version = field(8)?;
     if version != FORMAT_VERSION {
@@ -215,6 +220,11 @@ pub fn decode_batch(bytes: &[u8]) -> Result<Batch<'_>, BatchError> {
         return Err(BatchError::BadRecord { offset: BATCH_HEADER_SIZE + offset });
     }
     let size_on_disk = block_align_up((BATCH_HEADER_SIZE + payload_size) as u64) as usize;
+    // The padding is written with the batch, as zeros: anything else is damage.
+    let padding = bytes.get(BATCH_HEADER_SIZE + payload_size..size_on_disk).unwrap_or(&[]);
+    if let Some(at) = padding.iter().position(|&b| b != 0) {
+        return Err(BatchError::BadRecord { offset: BATCH_HEADER_SIZE + payload_size + at });
+    }
     Ok(Batch { first_seq, records, size_on_disk })
 }
 

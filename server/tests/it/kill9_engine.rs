@@ -144,7 +144,9 @@ fn kill9_during_flush_and_compaction_loses_nothing_and_resurrects_nothing() {
     });
     let table_count = std::fs::read_dir(dir.0.join("shard-0"))
         .map(|entries| {
-            entries.filter(|e| e.as_ref().is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".sst"))).count()
+            entries
+                .filter(|e| e.as_ref().is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".sst")))
+                .count()
         })
         .unwrap_or(0);
     eprintln!(
