@@ -90,15 +90,26 @@ impl StorageFile for DmaStorageFile {
     async fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
         debug_assert_eq!(offset % BLOCK_SIZE as u64, 0);
         debug_assert_eq!(data.len() % BLOCK_SIZE, 0);
-        let mut buffer = self.file.alloc_dma_buffer(data.len());
-        buffer.as_bytes_mut().copy_from_slice(data);
-        let written = self.file.write_at(buffer, offset).await.map_err(io::Error::from)?;
-        if written != data.len() {
-            // A short O_DIRECT write would leave a hole the log cannot explain; treat it as a
-            // failed write, which stops the shard's write path.
-            let message =
-                format!("{}: short write of {written} of {} bytes", self.path.display(), data.len());
-            return Err(io::Error::new(io::ErrorKind::WriteZero, message));
+        let mut done = 0;
+        while done < data.len() {
+            let rest = &data[done..];
+            let mut buffer = self.file.alloc_dma_buffer(rest.len());
+            buffer.as_bytes_mut().copy_from_slice(rest);
+            let written = self.file.write_at(buffer, offset + done as u64).await.map_err(io::Error::from)?;
+            if written == 0 || written % BLOCK_SIZE != 0 {
+                // A write that makes no progress, or stops mid-block, leaves a hole the
+                // caller cannot explain: a failed write (which stops the shard's writes).
+                let message = format!(
+                    "{}: short write of {written} of {} bytes at offset {}",
+                    self.path.display(),
+                    rest.len(),
+                    offset + done as u64
+                );
+                return Err(io::Error::new(io::ErrorKind::WriteZero, message));
+            }
+            // A short write is how a filling file system answers first; writing the rest
+            // gets the reason (ENOSPC), or succeeds.
+            done += written;
         }
         Ok(())
     }

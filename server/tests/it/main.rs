@@ -2,6 +2,7 @@
 //! interface, and real `kvd` processes (kill -9, hostile input, shutdown).
 
 mod bitflip;
+mod disk_full;
 mod harness;
 mod hostile;
 mod kill9;
