@@ -255,9 +255,14 @@ impl Client {
     async fn call(&self, op: Op<'_>) -> Result<ResponseView, Error> {
         let routes = &self.inner.routes;
         let route = match op.key() {
-            Some(key) if routes.len() > 1 => &routes[shard_of(key, routes.len())],
-            _ => &routes[0],
+            Some(key) if routes.len() > 1 => shard_of(key, routes.len()),
+            _ => 0,
         };
+        self.call_route(route, op).await
+    }
+
+    async fn call_route(&self, route: usize, op: Op<'_>) -> Result<ResponseView, Error> {
+        let route = &self.inner.routes[route];
         let slot = &route[self.inner.next.fetch_add(1, Ordering::Relaxed) % route.len()];
         let timeout = self.inner.options.timeout;
         let connection = slot.get(timeout).await?;
@@ -279,6 +284,21 @@ impl Client {
             return connection.call(&request, timeout).await;
         }
         result
+    }
+
+    /// Every shard's counters and storage-engine figures, one JSON object per shard (only
+    /// the shard that answers the shared port when the client is not shard-aware).
+    pub async fn stats(&self) -> Result<Vec<String>, Error> {
+        let mut shards = Vec::with_capacity(self.inner.routes.len());
+        for route in 0..self.inner.routes.len() {
+            let response = self.call_route(route, Op::Stats).await?;
+            match (response.status, response.stats_json) {
+                (Status::OK, Some(json)) => shards.push(json),
+                (Status::OK, None) => return Err(Error::Protocol("Stats reply without figures".into())),
+                (_, _) => return Err(Error::Protocol(format!("Stats answered {:?}", response.status))),
+            }
+        }
+        Ok(shards)
     }
 
     pub async fn put(&self, key: &[u8], value: &[u8]) -> Result<(), Error> {

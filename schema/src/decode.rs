@@ -69,6 +69,8 @@ pub enum Op<'a> {
         protocol_version: u32,
         client_name: &'a str,
     },
+    /// The receiving shard's counters and storage figures.
+    Stats,
     Put {
         key: &'a [u8],
         value: &'a [u8],
@@ -91,10 +93,10 @@ pub enum Op<'a> {
 }
 
 impl<'a> Op<'a> {
-    /// The key the operation addresses; `None` for Hello.
+    /// The key the operation addresses; `None` for Hello and Stats.
     pub fn key(&self) -> Option<&'a [u8]> {
         match *self {
-            Op::Hello { .. } => None,
+            Op::Hello { .. } | Op::Stats => None,
             Op::Put { key, .. } | Op::Get { key, .. } | Op::Delete { key } | Op::Cas { key, .. } => Some(key),
         }
     }
@@ -145,6 +147,7 @@ pub fn parse_request(payload: &[u8]) -> Result<RequestView<'_>, ParseError> {
                 client_name: hello.client_name().unwrap_or(""),
             }
         }
+        wire::Operation::Stats => Op::Stats,
         wire::Operation::Put => {
             let put = request.op_as_put().ok_or_else(|| bad("Put without a body".into()))?;
             let ttl_ms = check_ttl(id, put.ttl_ms())?;
@@ -233,6 +236,7 @@ pub struct ResponseView {
     pub siblings: Vec<SiblingView>,
     pub context: Vec<u8>,
     pub hello: Option<HelloInfo>,
+    pub stats_json: Option<String>,
 }
 
 /// Verifies a response payload (clients distrust servers too).
@@ -273,5 +277,6 @@ pub fn parse_response(payload: &[u8]) -> Result<ResponseView, String> {
         siblings,
         context: response.context().map(|v| v.bytes().to_vec()).unwrap_or_default(),
         hello,
+        stats_json: response.stats_json().map(str::to_string),
     })
 }

@@ -34,11 +34,12 @@ pub struct ResponseOut<'a> {
     pub siblings: &'a [SiblingOut<'a>],
     pub context: &'a [u8],
     pub hello: Option<&'a HelloInfo>,
+    pub stats_json: Option<&'a str>,
 }
 
 impl<'a> ResponseOut<'a> {
     pub fn status(id: u64, status: Status, message: &'a str) -> ResponseOut<'a> {
-        ResponseOut { id, status, message, siblings: &[], context: &[], hello: None }
+        ResponseOut { id, status, message, siblings: &[], context: &[], hello: None, stats_json: None }
     }
 }
 
@@ -95,9 +96,18 @@ pub fn encode_response(builder: &mut FlatBufferBuilder<'_>, out: &mut Vec<u8>, r
             },
         )
     });
+    let stats_json = response.stats_json.map(|json| builder.create_string(json));
     let root = wire::Response::create(
         builder,
-        &wire::ResponseArgs { id: response.id, status: response.status, message, siblings, context, hello },
+        &wire::ResponseArgs {
+            id: response.id,
+            status: response.status,
+            message,
+            siblings,
+            context,
+            hello,
+            stats_json,
+        },
     );
     builder.finish_minimal(root);
     finish_frame(builder, out);
@@ -110,6 +120,9 @@ pub fn encode_request(builder: &mut FlatBufferBuilder<'_>, out: &mut Vec<u8>, re
             let client_name = builder.create_string(client_name);
             let args = wire::HelloArgs { protocol_version, client_name: Some(client_name) };
             (wire::Operation::Hello, wire::Hello::create(builder, &args).as_union_value())
+        }
+        Op::Stats => {
+            (wire::Operation::Stats, wire::Stats::create(builder, &wire::StatsArgs {}).as_union_value())
         }
         Op::Put { key, value, ttl_ms } => {
             let key = builder.create_vector(key);
@@ -246,12 +259,14 @@ mod tests {
             siblings: &siblings,
             context: b"ctx",
             hello: Some(&hello),
+            stats_json: Some("{\"shard\":0}"),
         };
         let mut builder = FlatBufferBuilder::new();
         let mut frame = Vec::new();
         encode_response(&mut builder, &mut frame, &out);
         let view = parse_response(&frame[4..]).expect("valid response");
         assert_eq!(view.id, 9);
+        assert_eq!(view.stats_json.as_deref(), Some("{\"shard\":0}"));
         assert_eq!(view.siblings[0].value, b"v");
         assert_eq!(view.siblings[0].ttl_left_ms, 4);
         assert_eq!(view.context, b"ctx");

@@ -19,7 +19,7 @@ impl Command {
     /// `None` for operations that address no key (Hello).
     pub fn from_op(op: &Op<'_>) -> Option<Command> {
         Some(match *op {
-            Op::Hello { .. } => return None,
+            Op::Hello { .. } | Op::Stats => return None,
             Op::Get { key, metadata_only } => Command::Get { key: key.to_vec(), metadata_only },
             Op::Put { key, value, ttl_ms } => {
                 Command::Put { key: key.to_vec(), value: value.to_vec(), ttl_ms }

@@ -44,6 +44,23 @@ impl<S: Storage> Shard<S> {
         shard_of(key, self.count) == self.index
     }
 
+    /// This shard's counters and storage-engine figures, as one JSON object.
+    pub fn stats_json(&self) -> String {
+        let stats = &self.stats;
+        serde_json::json!({
+            "shard": self.index,
+            "shard_count": self.count,
+            "request_count": stats.request_count.get(),
+            "timeout_count": stats.timeout_count.get(),
+            "connection_count": stats.connection_count.get(),
+            "refused_connection_count": stats.refused_connection_count.get(),
+            "log_sync_count": self.store.wal().sync_count(),
+            "log_batch_count": self.store.wal().batch_count(),
+            "engine": self.store.engine().stats(),
+        })
+        .to_string()
+    }
+
     /// Runs `command` on the shard that owns its key: here, or one hop away.
     pub async fn execute(&self, command: Command) -> LocalReply {
         let target = shard_of(command.key(), self.count);

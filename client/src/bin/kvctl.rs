@@ -64,6 +64,9 @@ enum Command {
     },
     /// Print the time KEY has left to live.
     Ttl { key: String },
+    /// Print every shard's counters and storage-engine figures (amplification, cache hit
+    /// ratio, compaction debt) as a JSON array.
+    Stats,
 }
 
 /// "250ms", "30s", "5m", "2h", "1d"; a bare number is seconds.
@@ -208,6 +211,16 @@ async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             }
             None => Ok(not_found(json)),
         },
+        Command::Stats => {
+            let shards: Vec<serde_json::Value> = client
+                .stats()
+                .await?
+                .iter()
+                .map(|text| serde_json::from_str(text).unwrap_or_else(|_| json!(text)))
+                .collect();
+            println!("{}", serde_json::to_string_pretty(&shards)?);
+            Ok(Outcome::Success)
+        }
     }
 }
 

@@ -325,16 +325,17 @@ impl ::flatbuffers::SimpleToVerifyInSlice for ShardFunction {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_OPERATION: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_OPERATION: u8 = 5;
+pub const ENUM_MAX_OPERATION: u8 = 6;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_OPERATION: [Operation; 6] = [
+pub const ENUM_VALUES_OPERATION: [Operation; 7] = [
   Operation::NONE,
   Operation::Hello,
   Operation::Put,
   Operation::Get,
   Operation::Delete,
   Operation::Cas,
+  Operation::Stats,
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -348,9 +349,10 @@ impl Operation {
   pub const Get: Self = Self(3);
   pub const Delete: Self = Self(4);
   pub const Cas: Self = Self(5);
+  pub const Stats: Self = Self(6);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 5;
+  pub const ENUM_MAX: u8 = 6;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::NONE,
     Self::Hello,
@@ -358,6 +360,7 @@ impl Operation {
     Self::Get,
     Self::Delete,
     Self::Cas,
+    Self::Stats,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -368,6 +371,7 @@ impl Operation {
       Self::Get => Some("Get"),
       Self::Delete => Some("Delete"),
       Self::Cas => Some("Cas"),
+      Self::Stats => Some("Stats"),
       _ => None,
     }
   }
@@ -1047,6 +1051,86 @@ impl ::core::fmt::Debug for Cas<'_> {
       ds.finish()
   }
 }
+pub enum StatsOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Asks the shard that receives it for its counters and storage-engine figures (JSON in
+/// `Response.stats_json`). A shard-aware client asks each shard on its own port.
+pub struct Stats<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for Stats<'a> {
+  type Inner = Stats<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> Stats<'a> {
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    Stats { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    _args: &'args StatsArgs
+  ) -> ::flatbuffers::WIPOffset<Stats<'bldr>> {
+    let mut builder = StatsBuilder::new(_fbb);
+    builder.finish()
+  }
+
+}
+
+impl ::flatbuffers::Verifiable for Stats<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct StatsArgs {
+}
+impl<'a> Default for StatsArgs {
+  #[inline]
+  fn default() -> Self {
+    StatsArgs {
+    }
+  }
+}
+
+pub struct StatsBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> StatsBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> StatsBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    StatsBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<Stats<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for Stats<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("Stats");
+      ds.finish()
+  }
+}
 pub enum RequestOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
@@ -1222,6 +1306,21 @@ impl<'a> Request<'a> {
     }
   }
 
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn op_as_stats(&self) -> Option<Stats<'a>> {
+    if self.op_type() == Operation::Stats {
+      self.op().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { Stats::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
 }
 
 impl ::flatbuffers::Verifiable for Request<'_> {
@@ -1242,6 +1341,7 @@ impl ::flatbuffers::Verifiable for Request<'_> {
           Operation::Get => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Get>>("Operation::Get", pos),
           Operation::Delete => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Delete>>("Operation::Delete", pos),
           Operation::Cas => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Cas>>("Operation::Cas", pos),
+          Operation::Stats => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Stats>>("Operation::Stats", pos),
           _ => Ok(()),
         }
      })?
@@ -1361,6 +1461,13 @@ impl ::core::fmt::Debug for Request<'_> {
         },
         Operation::Cas => {
           if let Some(x) = self.op_as_cas() {
+            ds.field("op", &x)
+          } else {
+            ds.field("op", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Operation::Stats => {
+          if let Some(x) = self.op_as_stats() {
             ds.field("op", &x)
           } else {
             ds.field("op", &"InvalidFlatbuffer: Union discriminant does not match value.")
@@ -1842,6 +1949,7 @@ impl<'a> Response<'a> {
   pub const VT_SIBLINGS: ::flatbuffers::VOffsetT = 10;
   pub const VT_CONTEXT: ::flatbuffers::VOffsetT = 12;
   pub const VT_HELLO: ::flatbuffers::VOffsetT = 14;
+  pub const VT_STATS_JSON: ::flatbuffers::VOffsetT = 16;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -1854,6 +1962,7 @@ impl<'a> Response<'a> {
   ) -> ::flatbuffers::WIPOffset<Response<'bldr>> {
     let mut builder = ResponseBuilder::new(_fbb);
     builder.add_id(args.id);
+    if let Some(x) = args.stats_json { builder.add_stats_json(x); }
     if let Some(x) = args.hello { builder.add_hello(x); }
     if let Some(x) = args.context { builder.add_context(x); }
     if let Some(x) = args.siblings { builder.add_siblings(x); }
@@ -1908,6 +2017,14 @@ impl<'a> Response<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<HelloReply>>(Response::VT_HELLO, None)}
   }
+  /// Present only in the reply to Stats: one JSON object (see PROTOCOL.md).
+  #[inline]
+  pub fn stats_json(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(Response::VT_STATS_JSON, None)}
+  }
 }
 
 impl ::flatbuffers::Verifiable for Response<'_> {
@@ -1922,6 +2039,7 @@ impl ::flatbuffers::Verifiable for Response<'_> {
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<Sibling>>>>("siblings", Self::VT_SIBLINGS, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u8>>>("context", Self::VT_CONTEXT, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<HelloReply>>("hello", Self::VT_HELLO, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("stats_json", Self::VT_STATS_JSON, false)?
      .finish();
     Ok(())
   }
@@ -1933,6 +2051,7 @@ pub struct ResponseArgs<'a> {
     pub siblings: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<Sibling<'a>>>>>,
     pub context: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u8>>>,
     pub hello: Option<::flatbuffers::WIPOffset<HelloReply<'a>>>,
+    pub stats_json: Option<::flatbuffers::WIPOffset<&'a str>>,
 }
 impl<'a> Default for ResponseArgs<'a> {
   #[inline]
@@ -1944,6 +2063,7 @@ impl<'a> Default for ResponseArgs<'a> {
       siblings: None,
       context: None,
       hello: None,
+      stats_json: None,
     }
   }
 }
@@ -1978,6 +2098,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ResponseBuilder<'a, 'b, A> {
     self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<HelloReply>>(Response::VT_HELLO, hello);
   }
   #[inline]
+  pub fn add_stats_json(&mut self, stats_json: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Response::VT_STATS_JSON, stats_json);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ResponseBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     ResponseBuilder {
@@ -2001,6 +2125,7 @@ impl ::core::fmt::Debug for Response<'_> {
       ds.field("siblings", &self.siblings());
       ds.field("context", &self.context());
       ds.field("hello", &self.hello());
+      ds.field("stats_json", &self.stats_json());
       ds.finish()
   }
 }

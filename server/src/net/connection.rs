@@ -48,6 +48,7 @@ pub struct ConnectionLimits {
 enum Body {
     Reply(LocalReply),
     Hello,
+    Stats(String),
     Status(Status, String),
 }
 
@@ -188,14 +189,13 @@ fn dispatch<S: Storage>(payload: &[u8], permit: StaticPermit, outbox: &Rc<Outbox
     };
     let RequestView { id, timeout_ms, op, .. } = request;
     let Some(command) = Command::from_op(&op) else {
-        let Op::Hello { protocol_version, .. } = op else { unreachable!("only Hello has no key") };
-        let body = if protocol_version == 0 {
-            Body::Status(
+        let body = match op {
+            Op::Hello { protocol_version: 0, .. } => Body::Status(
                 Status::UNSUPPORTED_VERSION,
                 format!("protocol version 0; this node speaks {PROTOCOL_VERSION}"),
-            )
-        } else {
-            Body::Hello
+            ),
+            Op::Stats => Body::Stats(shard.stats_json()),
+            _ => Body::Hello,
         };
         return outbox.push(Outgoing { id, body, _permit: Some(permit) });
     };
@@ -241,6 +241,10 @@ fn encode(
     match &outgoing.body {
         Body::Hello => {
             let response = ResponseOut { hello: Some(hello), ..ResponseOut::status(id, Status::OK, "") };
+            encode_response(builder, out, &response);
+        }
+        Body::Stats(json) => {
+            let response = ResponseOut { stats_json: Some(json), ..ResponseOut::status(id, Status::OK, "") };
             encode_response(builder, out, &response);
         }
         Body::Status(status, message) => {
