@@ -148,7 +148,9 @@ fn not_found(json: bool) -> Outcome {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<Outcome> {
-    let options = Options { timeout: cli.timeout, shard_aware: false, ..Options::default() };
+    // One request needs one connection; stats asks every shard on its own port.
+    let shard_aware = matches!(cli.command, Command::Stats);
+    let options = Options { timeout: cli.timeout, shard_aware, ..Options::default() };
     let client = Client::connect(cli.addr.as_str(), options).await?;
     let json = cli.json;
     match cli.command {
