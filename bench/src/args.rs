@@ -53,6 +53,10 @@ pub struct Args {
     /// Skip the preload (reads of absent keys count as misses).
     #[arg(long)]
     pub no_preload: bool,
+    /// Only preload (every key written once, in order), report its throughput and stop: the
+    /// load phase of the storage-engine benchmark.
+    #[arg(long, conflicts_with = "no_preload")]
+    pub preload_only: bool,
     /// uniform, or zipf:THETA (e.g. zipf:0.99).
     #[arg(long, default_value = "uniform")]
     pub distribution: String,

@@ -278,9 +278,43 @@ struct Output<'a> {
     result: &'a RunResult,
 }
 
+/// Writes every key once and reports how fast.
+async fn preload_only(args: &Args) -> anyhow::Result<()> {
+    let workload = Arc::new(Workload::from_args(args)?);
+    let targets = connect_all(args).await?;
+    let start = Instant::now();
+    preload(&targets, &workload, args.pipeline, args.timeout).await.context("preloading the key space")?;
+    let seconds = start.elapsed().as_secs_f64();
+    let bytes = workload.key_count as f64 * (args.key_size + workload.standard_value().len()) as f64;
+    println!(
+        "preloaded {} keys of {} B with {} B values in {seconds:.1} s: {:.0} ops/s, {:.1} MB/s of keys and values",
+        workload.key_count,
+        args.key_size,
+        workload.standard_value().len(),
+        workload.key_count as f64 / seconds,
+        bytes / seconds / 1e6
+    );
+    if let Some(path) = &args.json {
+        let output = serde_json::json!({
+            "keys": workload.key_count,
+            "key_size": args.key_size,
+            "value_size": workload.standard_value().len(),
+            "seconds": seconds,
+            "ops_per_sec": workload.key_count as f64 / seconds,
+            "bytes_per_sec": bytes / seconds,
+        });
+        std::fs::write(path, serde_json::to_vec_pretty(&output)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
 pub async fn run(args: Args) -> anyhow::Result<()> {
     if args.sweep {
         return sweep::run(&args).await;
+    }
+    if args.preload_only {
+        return preload_only(&args).await;
     }
     let Measured { result, latency_us } = run_once(&args, args.rate, false).await?;
     let mode = if args.rate > 0 { format!("open loop at {} ops/s", args.rate) } else { "closed loop".into() };

@@ -11,7 +11,8 @@
 //! bloom block: bit_byte_count:u32 bits crc32c:u32 zero padding
 //! footer:      the last 4 KiB: magic[8] "KVDTABLE" version:u32 entry_count:u64
 //!              index_offset:u64 index_size:u32 bloom_offset:u64 bloom_size:u32 min_seq:u64
-//!              max_seq:u64 crc32c:u32 (over the 60 bytes before it) zero padding
+//!              max_seq:u64 payload_bytes:u64 crc32c:u32 (over the 68 bytes before it)
+//!              zero padding
 //! ```
 //!
 //! The index holds no keys, only the last token of each block: 20 bytes a block, so the
@@ -30,8 +31,8 @@ pub const TABLE_FORMAT_VERSION: u32 = 1;
 pub const ENTRY_HEADER_SIZE: usize = 39;
 /// A data block closes once its content reaches this size (a larger entry gets a block of
 /// its own, padded to whole 4 KiB pages).
-pub const DATA_BLOCK_CONTENT_TARGET: usize = 4096 - 8;
-const FOOTER_CONTENT_SIZE: usize = 60;
+pub const DATA_BLOCK_CONTENT_TARGET: usize = BLOCK_SIZE - 8;
+const FOOTER_CONTENT_SIZE: usize = 68;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -87,6 +88,8 @@ pub struct Footer {
     pub bloom_size: u32,
     pub min_seq: u64,
     pub max_seq: u64,
+    /// Bytes of keys and values in the table: its size over this is its space overhead.
+    pub payload_bytes: u64,
 }
 
 fn pad_to_block(bytes: &mut Vec<u8>) {
@@ -116,6 +119,7 @@ pub struct TableBuilder {
     entry_count: u64,
     min_seq: u64,
     max_seq: u64,
+    payload_bytes: u64,
 }
 
 impl TableBuilder {
@@ -132,6 +136,7 @@ impl TableBuilder {
             entry_count: 0,
             min_seq: u64::MAX,
             max_seq: 0,
+            payload_bytes: 0,
         }
     }
 
@@ -168,6 +173,12 @@ impl TableBuilder {
                 "entries must be added in strictly increasing order"
             );
         }
+        // Blocks are one page where they can be: an entry that would spill the block over
+        // a page boundary starts the next block (a lone large entry gets whole pages).
+        let entry_size = ENTRY_HEADER_SIZE + key.len() + value.len();
+        if self.block_entry_count > 0 && self.block.len() + entry_size > DATA_BLOCK_CONTENT_TARGET {
+            self.close_block();
+        }
         self.block.extend_from_slice(&token.to_le_bytes());
         self.block.extend_from_slice(&seq.to_le_bytes());
         self.block.extend_from_slice(&timestamp_us.to_le_bytes());
@@ -190,7 +201,8 @@ impl TableBuilder {
         self.entry_count += 1;
         self.min_seq = self.min_seq.min(seq);
         self.max_seq = self.max_seq.max(seq);
-        if self.block.len() >= DATA_BLOCK_CONTENT_TARGET {
+        self.payload_bytes += (key.len() + value.len()) as u64;
+        if self.block.len() + ENTRY_HEADER_SIZE >= DATA_BLOCK_CONTENT_TARGET {
             self.close_block();
         }
     }
@@ -271,6 +283,7 @@ impl TableBuilder {
         let min_seq = if self.min_seq == u64::MAX { 0 } else { self.min_seq };
         self.sealed.extend_from_slice(&min_seq.to_le_bytes());
         self.sealed.extend_from_slice(&self.max_seq.to_le_bytes());
+        self.sealed.extend_from_slice(&self.payload_bytes.to_le_bytes());
         debug_assert_eq!(self.sealed.len() - start, FOOTER_CONTENT_SIZE);
         seal(&mut self.sealed, start);
         self.sealed
@@ -313,6 +326,7 @@ pub fn decode_footer(block: &[u8], offset: u64, table_size: u64) -> Result<Foote
         bloom_size: small(40)?,
         min_seq: field(44)?,
         max_seq: field(52)?,
+        payload_bytes: field(60)?,
     };
     let within = |start: u64, size: u32| {
         start.is_multiple_of(BLOCK_SIZE as u64)
