@@ -27,7 +27,7 @@ impl Entry {
         self.value.is_some() && (self.expires_at_ms == 0 || now_ms < self.expires_at_ms)
     }
 
-    pub fn from_table(entry: table_format::Entry) -> Entry {
+    pub fn from_table(entry: &table_format::EntryRef<'_>) -> Entry {
         Entry {
             value: match entry.kind {
                 EntryKind::Put => Some(Rc::from(entry.value)),

@@ -546,7 +546,7 @@ impl<S: Storage> Inner<S> {
         let id = (table.id, block.offset);
         let cached = self.cache.borrow_mut().get(id);
         if let Some(bytes) = cached {
-            return Ok(table.reader.find_in_block(block, &bytes, key)?.map(Entry::from_table));
+            return Ok(table.reader.find_in_block(block, &bytes, key)?.as_ref().map(Entry::from_table));
         }
         let bytes = table
             .file
@@ -555,10 +555,10 @@ impl<S: Storage> Inner<S> {
             .map_err(|error| TableError::io(table.reader.path(), &error))?;
         self.counters.block_read_count.set(self.counters.block_read_count.get() + 1);
         self.counters.block_bytes_read.set(self.counters.block_bytes_read.get() + bytes.len() as u64);
-        let found = table.reader.find_in_block(block, &bytes, key)?;
+        let found = table.reader.find_in_block(block, &bytes, key)?.as_ref().map(Entry::from_table);
         // Only verified blocks are cached.
         self.cache.borrow_mut().insert(id, Rc::from(bytes));
-        Ok(found.map(Entry::from_table))
+        Ok(found)
     }
 
     fn next_table_path(&self) -> (u64, PathBuf) {

@@ -14,7 +14,9 @@ pub struct Bloom {
 fn probes(hash: u64, bit_count: u64) -> impl Iterator<Item = u64> {
     let h1 = hash;
     let h2 = hash.rotate_left(32) | 1; // odd, so the probes cycle through every bit
-    (0..u64::from(PROBE_COUNT)).map(move |i| h1.wrapping_add(i.wrapping_mul(h2)) % bit_count)
+    // Multiply-shift maps a 64-bit value onto 0..bit_count without a division.
+    (0..u64::from(PROBE_COUNT))
+        .map(move |i| ((u128::from(h1.wrapping_add(i.wrapping_mul(h2))) * u128::from(bit_count)) >> 64) as u64)
 }
 
 impl Bloom {

@@ -383,8 +383,34 @@ pub fn decode_bloom(block: &[u8], offset: u64) -> Result<Bloom, TableCorrupt> {
     Bloom::from_bytes(bits.to_vec()).ok_or_else(|| corrupt(offset, "empty bloom"))
 }
 
-/// Parses a data block and returns its entries.
-pub fn decode_data_block(block: &[u8], offset: u64) -> Result<Vec<Entry>, TableCorrupt> {
+/// One entry of a data block, borrowed from the block's bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EntryRef<'a> {
+    pub token: u64,
+    pub seq: u64,
+    pub timestamp_us: u64,
+    pub expires_at_ms: u64,
+    pub kind: EntryKind,
+    pub key: &'a [u8],
+    pub value: &'a [u8],
+}
+
+impl EntryRef<'_> {
+    pub fn to_entry(&self) -> Entry {
+        Entry {
+            token: self.token,
+            seq: self.seq,
+            timestamp_us: self.timestamp_us,
+            expires_at_ms: self.expires_at_ms,
+            kind: self.kind,
+            key: self.key.to_vec(),
+            value: self.value.to_vec(),
+        }
+    }
+}
+
+/// Parses and verifies a data block, borrowing its entries (no copy of keys or values).
+pub fn parse_data_block(block: &[u8], offset: u64) -> Result<Vec<EntryRef<'_>>, TableCorrupt> {
     let bad = |detail: &str| corrupt(offset, format!("data block: {detail}"));
     let count = u32_at(block, 0).ok_or_else(|| bad("cut short"))? as usize;
     let mut entries = Vec::with_capacity(count.min(block.len() / ENTRY_HEADER_SIZE));
@@ -405,19 +431,24 @@ pub fn decode_data_block(block: &[u8], offset: u64) -> Result<Vec<Entry>, TableC
         let key = block.get(body..body + key_size).ok_or_else(|| bad("cut short"))?;
         let value =
             block.get(body + key_size..body + key_size + value_size).ok_or_else(|| bad("cut short"))?;
-        entries.push(Entry {
+        entries.push(EntryRef {
             token: u64_at(header, 0).ok_or_else(|| bad("cut short"))?,
             seq: u64_at(header, 8).ok_or_else(|| bad("cut short"))?,
             timestamp_us: u64_at(header, 16).ok_or_else(|| bad("cut short"))?,
             expires_at_ms: u64_at(header, 24).ok_or_else(|| bad("cut short"))?,
             kind,
-            key: key.to_vec(),
-            value: value.to_vec(),
+            key,
+            value,
         });
         at = body + key_size + value_size;
     }
     verified(block, at, offset, "data block")?;
     Ok(entries)
+}
+
+/// Parses a data block and returns its entries, owned.
+pub fn decode_data_block(block: &[u8], offset: u64) -> Result<Vec<Entry>, TableCorrupt> {
+    Ok(parse_data_block(block, offset)?.iter().map(EntryRef::to_entry).collect())
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use super::bloom::Bloom;
-use super::format::{self, Entry, Footer, IndexEntry, TableCorrupt};
+use super::format::{self, Entry, EntryRef, Footer, IndexEntry, TableCorrupt};
 use crate::storage::{StorageFile, BLOCK_SIZE};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,14 +95,14 @@ impl TableReader {
         self.index.partition_point(|block| block.last_token < token)
     }
 
-    /// Looks `key` up in a block's bytes (read from `block.offset`).
-    pub fn find_in_block(
+    /// Looks `key` up in a block's bytes (read from `block.offset`), verifying the block.
+    pub fn find_in_block<'b>(
         &self,
         block: &IndexEntry,
-        bytes: &[u8],
+        bytes: &'b [u8],
         key: &[u8],
-    ) -> Result<Option<Entry>, TableError> {
-        let entries = format::decode_data_block(bytes, block.offset)
+    ) -> Result<Option<EntryRef<'b>>, TableError> {
+        let entries = format::parse_data_block(bytes, block.offset)
             .map_err(|error| TableError::corrupt(&self.path, error))?;
         Ok(entries.into_iter().find(|entry| entry.key == key))
     }
@@ -120,7 +120,7 @@ impl TableReader {
                 .await
                 .map_err(|error| TableError::io(&self.path, &error))?;
             if let Some(entry) = self.find_in_block(block, &bytes, key)? {
-                return Ok(Some(entry));
+                return Ok(Some(entry.to_entry()));
             }
             if block.last_token > token {
                 break;
