@@ -31,9 +31,12 @@ fn tier(size: u64, base: u64) -> u32 {
 /// The run of tables to merge next, as a range of positions in `sizes` (newest first).
 pub fn pick(sizes: &[u64], base: u64) -> Option<std::ops::Range<usize>> {
     let tiers: Vec<u32> = sizes.iter().map(|&size| tier(size, base)).collect();
+    // The lowest tier first, and within it the oldest run: merging the newest run instead
+    // would strand an older table of that tier between the merge's output and older, larger
+    // tables, where it would never find three neighbours of its size.
     let same_tier = (0..sizes.len().saturating_sub(MERGE_WIDTH - 1))
         .filter(|&start| tiers[start..start + MERGE_WIDTH].iter().all(|&t| t == tiers[start]))
-        .min_by_key(|&start| tiers[start]);
+        .max_by_key(|&start| (std::cmp::Reverse(tiers[start]), start));
     if let Some(start) = same_tier {
         return Some(start..start + MERGE_WIDTH);
     }
@@ -155,6 +158,8 @@ mod tests {
         assert_eq!(pick(&[100, 100, 100], base), None);
         assert_eq!(pick(&[100, 90, 100, 120, 1600], base), Some(0..4));
         assert_eq!(pick(&[100, 500, 450, 400, 420, 100], base), Some(1..5));
+        // Five of the lowest tier: the oldest four merge, the newest waits for company.
+        assert_eq!(pick(&[100, 100, 100, 100, 100, 1600], base), Some(1..5));
         assert_eq!(debt(&[100, 100, 100, 100], base), 400);
         assert_eq!(debt(&[100, 100, 100], base), 0);
         let many = vec![100; 30];

@@ -1,51 +1,65 @@
-//! A bloom filter over key hashes, for sorted tables: answers "certainly absent" without a
-//! disk read. Bits are derived from the 64-bit key hash by double hashing, so building and
-//! probing never rehash the key.
+//! A blocked bloom filter over key hashes, for sorted tables: answers "certainly absent"
+//! without a disk read. A key's probes all fall in one 64-byte block (one cache line), chosen
+//! from its 64-bit hash, so a lookup costs one cache miss per table rather than one per probe;
+//! a read probes the filter of every table it passes, so this is on the hot path. Bits come
+//! from the hash by double hashing: building and probing never rehash the key.
 
-/// Bits per key: about 1 % false positives with [`PROBE_COUNT`] probes.
+/// Bits per key: about 1 % false positives with [`PROBE_COUNT`] probes (slightly more than
+/// an unblocked filter's, the price of one cache line per lookup).
 pub const BITS_PER_KEY: usize = 10;
 pub const PROBE_COUNT: u32 = 7;
+/// Bytes per block: one cache line.
+pub const BLOCK_BYTES: usize = 64;
+const BLOCK_BITS: u64 = (BLOCK_BYTES * 8) as u64;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Bloom {
     bits: Vec<u8>,
 }
 
-fn probes(hash: u64, bit_count: u64) -> impl Iterator<Item = u64> {
-    let h1 = hash;
-    let h2 = hash.rotate_left(32) | 1; // odd, so the probes cycle through every bit
-    // Multiply-shift maps a 64-bit value onto 0..bit_count without a division.
-    (0..u64::from(PROBE_COUNT))
-        .map(move |i| ((u128::from(h1.wrapping_add(i.wrapping_mul(h2))) * u128::from(bit_count)) >> 64) as u64)
+/// The block of `hash` (multiply-shift maps the hash onto the blocks without a division) and
+/// the bit positions inside it.
+fn probes(hash: u64, block_count: usize) -> (usize, impl Iterator<Item = u64>) {
+    let block = ((u128::from(hash) * block_count as u128) >> 64) as usize;
+    let h1 = hash.rotate_left(21);
+    let h2 = hash.rotate_left(42) | 1; // odd, so the probes cycle through every bit
+    (block, (0..u64::from(PROBE_COUNT)).map(move |i| h1.wrapping_add(i.wrapping_mul(h2)) % BLOCK_BITS))
 }
 
 impl Bloom {
     /// A filter sized for `key_count` keys.
     pub fn with_capacity(key_count: usize) -> Bloom {
-        let byte_count = (key_count.max(1) * BITS_PER_KEY).div_ceil(8).max(8);
+        let byte_count = (key_count.max(1) * BITS_PER_KEY).div_ceil(8).div_ceil(BLOCK_BYTES) * BLOCK_BYTES;
         Bloom { bits: vec![0; byte_count] }
     }
 
+    fn block_count(&self) -> usize {
+        self.bits.len() / BLOCK_BYTES
+    }
+
     pub fn insert(&mut self, hash: u64) {
-        let bit_count = self.bits.len() as u64 * 8;
-        for bit in probes(hash, bit_count) {
-            self.bits[(bit / 8) as usize] |= 1 << (bit % 8);
+        let (block, bits) = probes(hash, self.block_count());
+        let block = &mut self.bits[block * BLOCK_BYTES..][..BLOCK_BYTES];
+        for bit in bits {
+            block[(bit / 8) as usize] |= 1 << (bit % 8);
         }
     }
 
     /// False means the key was never inserted.
     pub fn may_contain(&self, hash: u64) -> bool {
-        let bit_count = self.bits.len() as u64 * 8;
-        probes(hash, bit_count).all(|bit| self.bits[(bit / 8) as usize] & (1 << (bit % 8)) != 0)
+        let (block, mut bits) = probes(hash, self.block_count());
+        let block = &self.bits[block * BLOCK_BYTES..][..BLOCK_BYTES];
+        bits.all(|bit| block[(bit / 8) as usize] & (1 << (bit % 8)) != 0)
     }
 
     pub fn as_bytes(&self) -> &[u8] {
         &self.bits
     }
 
-    /// A filter read back from a table (its checksum already verified).
+    /// A filter read back from a table (its checksum already verified); `None` unless it
+    /// is a whole number of blocks.
     pub fn from_bytes(bits: Vec<u8>) -> Option<Bloom> {
-        (!bits.is_empty()).then_some(Bloom { bits })
+        (!bits.is_empty() && bits.len().is_multiple_of(BLOCK_BYTES)).then_some(Bloom { bits })
     }
 }
 
@@ -65,5 +79,6 @@ mod tests {
         let false_positives =
             (10_000..110_000u32).filter(|i| bloom.may_contain(schema::key_hash(&i.to_le_bytes()))).count();
         assert!(false_positives < 2_000, "{false_positives} false positives in 100,000");
+        println!("blocked bloom: {false_positives} false positives in 100,000 at {BITS_PER_KEY} bits a key");
     }
 }
