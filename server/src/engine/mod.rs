@@ -500,9 +500,12 @@ impl<S: Storage> Inner<S> {
         self.tables.borrow().iter().map(|table| table.reader.memory_size()).sum()
     }
 
-    /// The cache gets what the memtables, filters and indexes leave of the budget.
+    /// The cache gets what the memtables, filters and indexes leave of the budget, less an
+    /// eighth kept for memory the engine does not count entry by entry: the log's pending
+    /// buffer, a compaction's buffers and growing output index, I/O buffers.
     fn resize_cache(&self) {
-        let reserved = 2 * self.options.memtable_size_max() + self.table_memory();
+        let unaccounted = self.options.memory_bytes / 8;
+        let reserved = 2 * self.options.memtable_size_max() + self.table_memory() + unaccounted;
         self.cache.borrow_mut().set_capacity(self.options.memory_bytes.saturating_sub(reserved));
     }
 
@@ -661,7 +664,12 @@ impl<S: Storage> Inner<S> {
         let installed = self
             .install(|manifest, tables| {
                 // Flushes may have added newer tables meanwhile: find the run by its ids.
-                let start = manifest.table_ids.iter().position(|id| *id == input_ids[0]).unwrap_or(0);
+                // One compaction at a time, so the inputs are still installed, in order.
+                let start = manifest
+                    .table_ids
+                    .iter()
+                    .position(|id| *id == input_ids[0])
+                    .expect("compaction inputs stay installed until replaced");
                 let end = start + input_ids.len();
                 debug_assert_eq!(manifest.table_ids[start..end], input_ids[..]);
                 let replacement: Vec<u64> = output.iter().map(|table| table.id).collect();
