@@ -66,6 +66,18 @@ struct SimFile {
     data: Vec<u8>,
     durable: Vec<u8>,
     pending: Vec<PendingOp>,
+    /// Bytes reserved by `allocate`: writes below it need no new space.
+    allocated: u64,
+}
+
+impl SimFile {
+    fn space(&self) -> u64 {
+        (self.data.len() as u64).max(self.allocated)
+    }
+}
+
+fn no_space() -> io::Error {
+    io::Error::from_raw_os_error(libc::ENOSPC)
 }
 
 fn apply(data: &mut Vec<u8>, op: &PendingOp) {
@@ -92,6 +104,9 @@ struct SimState {
     durable_names: BTreeMap<PathBuf, u64>,
     dirs: BTreeSet<PathBuf>,
     faults: Faults,
+    /// Bytes the file system holds at most (data or allocation of files that still have a
+    /// name or an open handle); `None` for unlimited.
+    capacity: Option<u64>,
     rng: SimRng,
     /// Bumped by every crash; handles from an earlier generation are dead.
     generation: u64,
@@ -119,6 +134,7 @@ impl SimStorage {
             durable_names: BTreeMap::new(),
             dirs: BTreeSet::new(),
             faults: Faults::default(),
+            capacity: None,
             rng: SimRng::new(seed),
             generation: 0,
             write_count: 0,
@@ -130,6 +146,25 @@ impl SimStorage {
 
     pub fn set_faults(&self, faults: Faults) {
         self.state.borrow_mut().faults = faults;
+    }
+
+    /// Limits the space files may take (a small disk); writes and allocations beyond it fail
+    /// with ENOSPC. Removed files free their space at once (no handle outlives the test's
+    /// interest in it).
+    pub fn set_capacity(&self, capacity: Option<u64>) {
+        self.state.borrow_mut().capacity = capacity;
+    }
+
+    /// Bytes the files that still have a name take.
+    pub fn used_space(&self) -> u64 {
+        let state = self.state.borrow();
+        state.names.values().filter_map(|inode| state.inodes.get(inode)).map(SimFile::space).sum()
+    }
+
+    /// Whether `extra` more bytes fit.
+    fn has_room(&self, extra: u64) -> bool {
+        let capacity = self.state.borrow().capacity;
+        capacity.is_none_or(|capacity| self.used_space() + extra <= capacity)
     }
 
     /// How many errors were injected so far.
@@ -192,7 +227,8 @@ impl SimStorage {
             for (path, data) in files {
                 let inode = state.next_inode;
                 state.next_inode += 1;
-                let file = SimFile { data: data.clone(), durable: data.clone(), pending: Vec::new() };
+                let file =
+                    SimFile { data: data.clone(), durable: data.clone(), pending: Vec::new(), allocated: 0 };
                 state.inodes.insert(inode, file);
                 state.names.insert(path.clone(), inode);
                 state.durable_names.insert(path.clone(), inode);
@@ -350,6 +386,11 @@ impl StorageFile for SimFileHandle {
     async fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
         assert_eq!(offset % BLOCK_SIZE as u64, 0, "unaligned write offset");
         assert_eq!(data.len() % BLOCK_SIZE, 0, "unaligned write size");
+        let growth =
+            self.with_file(|file, _, _| Ok((offset + data.len() as u64).saturating_sub(file.space())))?;
+        if !self.storage.has_room(growth) {
+            return Err(no_space());
+        }
         let result = self.with_file(|file, rng, faults| {
             if rng.chance(faults.write_error_per_million) {
                 return Err(io::Error::other("injected write error"));
@@ -385,10 +426,18 @@ impl StorageFile for SimFileHandle {
         result
     }
 
-    async fn allocate(&self, _size: u64) -> io::Result<()> {
+    async fn allocate(&self, size: u64) -> io::Result<()> {
         // The zeros are implied: reads past the end return nothing, which the log treats
-        // like zeros (its end). Not materialising them keeps crash copies small.
-        self.with_file(|_, _, _| Ok(()))
+        // like zeros (its end). Not materialising them keeps crash copies small; the space
+        // is reserved all the same.
+        let growth = self.with_file(|file, _, _| Ok(size.saturating_sub(file.space())))?;
+        if !self.storage.has_room(growth) {
+            return Err(no_space());
+        }
+        self.with_file(|file, _, _| {
+            file.allocated = file.allocated.max(size);
+            Ok(())
+        })
     }
 
     async fn truncate(&self, size: u64) -> io::Result<()> {

@@ -8,6 +8,7 @@ mod hostile;
 mod kill9;
 mod kill9_engine;
 mod model;
+mod no_space;
 mod node;
 mod power_loss;
 mod table;
