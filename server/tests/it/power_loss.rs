@@ -15,6 +15,22 @@ use server::store::Store;
 use server::wal::{ShardIdentity, SyncPolicy};
 
 const WRITER_COUNT: usize = 8;
+
+/// Opens (recovers) the one shard these tests use, with the default engine options.
+async fn open_store(
+    storage: &SimStorage,
+    policy: SyncPolicy,
+) -> Result<(Store<SimStorage>, server::wal::RecoveryReport), server::wal::WalError> {
+    let identity = ShardIdentity { shard_index: 0, shard_count: 1 };
+    Store::open(
+        storage.clone(),
+        Path::new("/data/shard-0"),
+        identity,
+        policy,
+        server::engine::EngineOptions::default(),
+    )
+    .await
+}
 const KEYS_PER_WRITER: usize = 6;
 
 /// What a key may hold after a crash: its last acknowledged state, or the state of the
@@ -40,15 +56,12 @@ async fn crash_cycles(seed: u64, policy: SyncPolicy, cycle_count: usize) -> (u64
     let check_durability = policy == SyncPolicy::Always;
     let storage = SimStorage::new(seed);
     let mut rng = SimRng::new(seed ^ 0x5eed);
-    let dir = Path::new("/data/shard-0");
-    let identity = ShardIdentity { shard_index: 0, shard_count: 1 };
     let models: Rc<RefCell<HashMap<Vec<u8>, KeyModel>>> = Rc::default();
     let mut acked_total = 0u64;
     for cycle in 0..cycle_count {
-        let (store, _report) =
-            Store::open(storage.clone(), dir, identity, policy, server::engine::EngineOptions::default())
-                .await
-                .unwrap_or_else(|error| panic!("seed {seed} cycle {cycle}: recovery failed: {error}"));
+        let (store, _report) = open_store(&storage, policy)
+            .await
+            .unwrap_or_else(|error| panic!("seed {seed} cycle {cycle}: recovery failed: {error}"));
         // Check every key against the model, then take what survived as the new truth.
         let keys: Vec<Vec<u8>> = models.borrow().keys().cloned().collect();
         for key in keys {
@@ -169,44 +182,19 @@ fn damage_under_never_drops_the_rest_of_the_segment_and_says_where() {
         .spawn(|| async {
             let storage = SimStorage::new(13);
             let dir = Path::new("/data/shard-0");
-            let identity = ShardIdentity { shard_index: 0, shard_count: 1 };
-            let (store, _) = Store::open(
-                storage.clone(),
-                dir,
-                identity,
-                SyncPolicy::Never,
-                server::engine::EngineOptions::default(),
-            )
-            .await
-            .expect("open");
+            let (store, _) = open_store(&storage, SyncPolicy::Never).await.expect("open");
             for key in [b"k1", b"k2", b"k3"] {
                 assert_eq!(store.put(key, b"value", 0).await, Reply::Done);
             }
             store.close().await.expect("close");
             // A device that reordered writes across a power loss: the middle batch is gone.
             storage.corrupt(&dir.join("wal-0000000000000001.log"), 2 * 4096 + 60, b"lost");
-            let (store, first) = Store::open(
-                storage.clone(),
-                dir,
-                identity,
-                SyncPolicy::Never,
-                server::engine::EngineOptions::default(),
-            )
-            .await
-            .expect("open");
+            let (store, first) = open_store(&storage, SyncPolicy::Never).await.expect("open");
             assert_eq!(store.put(b"k4", b"value", 0).await, Reply::Done);
             store.close().await.expect("close");
             // The first start truncated the segment at the damage, so the next start finds a
             // clean log.
-            let (store, second) = Store::open(
-                storage,
-                dir,
-                identity,
-                SyncPolicy::Never,
-                server::engine::EngineOptions::default(),
-            )
-            .await
-            .expect("reopen");
+            let (store, second) = open_store(&storage, SyncPolicy::Never).await.expect("reopen");
             let mut reads = Vec::new();
             for key in [b"k1", b"k2", b"k3", b"k4"] {
                 reads.push(read_back(&store, key).await.is_some());
@@ -227,17 +215,7 @@ fn failed_fdatasync_acknowledges_nothing_of_its_batch() {
     let outcome = LocalExecutorBuilder::new(Placement::Unbound)
         .spawn(|| async {
             let storage = SimStorage::new(7);
-            let dir = Path::new("/data/shard-0");
-            let identity = ShardIdentity { shard_index: 0, shard_count: 1 };
-            let (store, _) = Store::open(
-                storage.clone(),
-                dir,
-                identity,
-                SyncPolicy::Always,
-                server::engine::EngineOptions::default(),
-            )
-            .await
-            .expect("open");
+            let (store, _) = open_store(&storage, SyncPolicy::Always).await.expect("open");
             assert_eq!(store.put(b"before", b"1", 0).await, Reply::Done);
             storage.set_faults(Faults { sync_error_per_million: 1_000_000, write_error_per_million: 0 });
             let store = Rc::new(store);
@@ -280,27 +258,14 @@ fn interval_and_never_policies_survive_a_process_crash_after_acknowledging() {
         let found = LocalExecutorBuilder::new(Placement::Unbound)
             .spawn(move || async move {
                 let storage = SimStorage::new(3);
-                let dir = Path::new("/data/shard-0");
-                let identity = ShardIdentity { shard_index: 0, shard_count: 1 };
-                let (store, _) = Store::open(
-                    storage.clone(),
-                    dir,
-                    identity,
-                    policy,
-                    server::engine::EngineOptions::default(),
-                )
-                .await
-                .expect("open");
+                let (store, _) = open_store(&storage, policy).await.expect("open");
                 for i in 0..100 {
                     assert_eq!(store.put(format!("k{i}").as_bytes(), b"v", 0).await, Reply::Done);
                 }
                 store.close().await.expect("close syncs");
                 drop(store);
                 storage.crash();
-                let (store, report) =
-                    Store::open(storage, dir, identity, policy, server::engine::EngineOptions::default())
-                        .await
-                        .expect("reopen");
+                let (store, report) = open_store(&storage, policy).await.expect("reopen");
                 assert_eq!(report.record_count, 100);
                 read_back(&store, b"k99").await
             })
@@ -314,16 +279,7 @@ fn interval_and_never_policies_survive_a_process_crash_after_acknowledging() {
 /// Three sequential puts make three batches at blocks 1, 2 and 3 of the first segment.
 async fn three_batches(storage: &SimStorage) -> std::path::PathBuf {
     let dir = Path::new("/data/shard-0");
-    let identity = ShardIdentity { shard_index: 0, shard_count: 1 };
-    let (store, _) = Store::open(
-        storage.clone(),
-        dir,
-        identity,
-        SyncPolicy::Always,
-        server::engine::EngineOptions::default(),
-    )
-    .await
-    .expect("open");
+    let (store, _) = open_store(storage, SyncPolicy::Always).await.expect("open");
     for key in [b"k1", b"k2", b"k3"] {
         assert_eq!(store.put(key, b"value", 0).await, Reply::Done);
     }
@@ -338,17 +294,7 @@ fn torn_tail_is_truncated_and_reported_with_file_and_offset() {
             let storage = SimStorage::new(11);
             let segment = three_batches(&storage).await;
             storage.corrupt(&segment, 3 * 4096 + 60, b"torn");
-            let identity = ShardIdentity { shard_index: 0, shard_count: 1 };
-            let dir = Path::new("/data/shard-0");
-            let (store, report) = Store::open(
-                storage.clone(),
-                dir,
-                identity,
-                SyncPolicy::Always,
-                server::engine::EngineOptions::default(),
-            )
-            .await
-            .expect("open");
+            let (store, report) = open_store(&storage, SyncPolicy::Always).await.expect("open");
             let mut reads = Vec::new();
             for key in [b"k1", b"k2", b"k3"] {
                 reads.push(read_back(&store, key).await);
@@ -371,17 +317,7 @@ fn damage_followed_by_a_valid_record_stops_startup_with_file_and_offset() {
             let storage = SimStorage::new(12);
             let segment = three_batches(&storage).await;
             storage.corrupt(&segment, 4096 + 60, b"rot");
-            let identity = ShardIdentity { shard_index: 0, shard_count: 1 };
-            let dir = Path::new("/data/shard-0");
-            match Store::open(
-                storage,
-                dir,
-                identity,
-                SyncPolicy::Always,
-                server::engine::EngineOptions::default(),
-            )
-            .await
-            {
+            match open_store(&storage, SyncPolicy::Always).await {
                 Ok(_) => panic!("corruption went unnoticed"),
                 Err(error) => error.to_string(),
             }
@@ -406,17 +342,8 @@ fn a_prepared_segment_without_header_is_reused_not_left_behind() {
             // A crash after the background preparation of segment 2, before its header.
             storage.create(&dir.join("wal-0000000000000002.log")).await.expect("create");
             storage.sync_dir(dir).await.expect("sync dir");
-            let identity = ShardIdentity { shard_index: 0, shard_count: 1 };
             for _ in 0..2 {
-                let (store, report) = Store::open(
-                    storage.clone(),
-                    dir,
-                    identity,
-                    SyncPolicy::Always,
-                    server::engine::EngineOptions::default(),
-                )
-                .await
-                .expect("open");
+                let (store, report) = open_store(&storage, SyncPolicy::Always).await.expect("open");
                 assert_eq!(report.record_count, 3);
                 assert_eq!(read_back(&store, b"k3").await, Some(b"value".to_vec()));
                 store.close().await.expect("close");
