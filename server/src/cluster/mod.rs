@@ -1,8 +1,10 @@
 //! Cluster logic, written sans-IO: state machines and pure functions that take messages and
 //! time and return decisions, so that a simulator can drive a whole cluster in one process.
 //! So far: the ring (placement, preference lists), per-key versions (version vectors,
-//! dots, siblings) and the phi-accrual failure detector.
+//! dots, siblings), the phi-accrual failure detector, and the lease that keeps version-vector
+//! counters from ever being reused.
 
 pub mod failure_detector;
+pub mod lease;
 pub mod ring;
 pub mod versions;

@@ -10,7 +10,7 @@
 //! Integers are little-endian; the CRC32C covers everything before it; the file is padded
 //! with zeros to a whole number of 4 KiB blocks, and the padding is checked too.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use crate::le::{u32_at, u64_at};
 use crate::storage::{Storage, StorageFile, BLOCK_SIZE};
@@ -115,23 +115,9 @@ pub async fn read<S: Storage>(storage: &S, dir: &Path) -> Result<Option<Manifest
 
 /// Replaces the manifest in `dir` atomically and durably.
 pub async fn write<S: Storage>(storage: &S, dir: &Path, manifest: &Manifest) -> Result<(), TableError> {
-    let tmp: PathBuf = dir.join(MANIFEST_TMP_FILE);
-    let io = |error: std::io::Error| TableError::io(&tmp, &error);
-    match storage.remove(&tmp).await {
-        Ok(()) => {}
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-        Err(error) => return Err(io(error)),
-    }
-    let file = storage.create(&tmp).await.map_err(io)?;
-    let written = async {
-        file.write_at(0, &encode(manifest)).await?;
-        file.sync_data().await
-    }
-    .await;
-    let _ = file.close().await;
-    written.map_err(io)?;
-    storage.rename(&tmp, &dir.join(MANIFEST_FILE)).await.map_err(io)?;
-    storage.sync_dir(dir).await.map_err(|error| TableError::io(dir, &error))
+    crate::storage::replace_file(storage, dir, MANIFEST_FILE, &encode(manifest))
+        .await
+        .map_err(|error| TableError::io(&dir.join(MANIFEST_FILE), &error))
 }
 
 /// Removes a manifest write that a crash interrupted.

@@ -20,6 +20,27 @@ pub const fn block_align_up(size: u64) -> u64 {
     size.div_ceil(BLOCK_SIZE as u64) * BLOCK_SIZE as u64
 }
 
+/// Replaces `dir/name` with `bytes` (a whole number of blocks) atomically and durably: the
+/// bytes go to `dir/name.tmp`, which is synced, renamed over `name`, and the directory is
+/// synced. A crash at any point leaves the old file or the new one, never a mix.
+pub async fn replace_file<S: Storage>(storage: &S, dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
+    let tmp = dir.join(format!("{name}.tmp"));
+    match storage.remove(&tmp).await {
+        Err(error) if error.kind() != io::ErrorKind::NotFound => return Err(error),
+        _ => {}
+    }
+    let file = storage.create(&tmp).await?;
+    let written = async {
+        file.write_at(0, bytes).await?;
+        file.sync_data().await
+    }
+    .await;
+    let _ = file.close().await;
+    written?;
+    storage.rename(&tmp, &dir.join(name)).await?;
+    storage.sync_dir(dir).await
+}
+
 /// Whether an I/O error means the file system is full.
 pub fn is_no_space(error: &io::Error) -> bool {
     error.raw_os_error() == Some(libc::ENOSPC) || error.kind() == io::ErrorKind::StorageFull
