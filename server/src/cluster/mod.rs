@@ -1,9 +1,11 @@
 //! Cluster logic, written sans-IO: state machines and pure functions that take messages and
 //! time and return decisions, so that a simulator can drive a whole cluster in one process.
 //! So far: the ring (placement, preference lists), per-key versions (version vectors,
-//! dots, siblings), the phi-accrual failure detector, gossip membership, and the lease that
-//! keeps version-vector counters from ever being reused.
+//! dots, siblings), the phi-accrual failure detector, gossip membership, a coordinator's
+//! per-request bookkeeping (quorums, hints, read repair), and the lease that keeps
+//! version-vector counters from ever being reused.
 
+pub mod coordinator;
 pub mod failure_detector;
 pub mod gossip;
 pub mod lease;

@@ -1,0 +1,288 @@
+//! A coordinator's bookkeeping for one request, sans-IO: which replicas to send to, when the
+//! request can be answered (W acknowledgements, R replies), what the client is told when it
+//! cannot be, and which replicas a read found stale (read repair). The caller sends the
+//! messages, delivers replies and the time; nothing here does I/O.
+//!
+//! The errors are distinct because they mean different things to a client: `Unavailable`
+//! is known before anything is sent (too few live replicas: nothing was written), `TimedOut`
+//! and `Failed` come after sending (a write may or may not have landed).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::ring::{NodeId, PreferenceList};
+use super::versions::Versions;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Consistency {
+    One,
+    Quorum,
+    All,
+}
+
+impl Consistency {
+    /// Replies needed out of `replica_count`.
+    pub fn required(self, replica_count: usize) -> usize {
+        match self {
+            Consistency::One => 1,
+            Consistency::Quorum => replica_count / 2 + 1,
+            Consistency::All => replica_count,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Waiting for more replies.
+    Pending,
+    /// Enough replicas answered: reply OK to the client (the rest finish in the background).
+    Done,
+    /// The deadline passed with fewer replies than required; a write may have landed.
+    TimedOut { replies: usize },
+    /// Too many replicas answered with an error for the rest to make up the count.
+    Failed { replies: usize },
+}
+
+/// Too few live replicas to try: nothing was sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unavailable {
+    pub live: usize,
+    pub required: usize,
+}
+
+/// Where a request goes: to the live replicas now, and (for a write) hints for the down ones,
+/// to be kept durably and replayed when they return. Hints never count toward W.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub send_to: Vec<NodeId>,
+    pub hint_for: Vec<NodeId>,
+}
+
+/// Progress shared by reads and writes.
+#[derive(Debug, Clone)]
+struct Round {
+    asked: Vec<NodeId>,
+    required: usize,
+    answered: BTreeSet<NodeId>,
+    errors: BTreeSet<NodeId>,
+    deadline_us: u64,
+    outcome: Outcome,
+}
+
+impl Round {
+    fn start(
+        replicas: &PreferenceList,
+        is_live: impl Fn(NodeId) -> bool,
+        consistency: Consistency,
+        now_us: u64,
+        timeout_us: u64,
+    ) -> Result<(Round, Plan), Unavailable> {
+        let required = consistency.required(replicas.len());
+        let (send_to, hint_for): (Vec<NodeId>, Vec<NodeId>) =
+            replicas.iter().partition(|&&node| is_live(node));
+        if send_to.len() < required {
+            return Err(Unavailable { live: send_to.len(), required });
+        }
+        let round = Round {
+            asked: send_to.clone(),
+            required,
+            answered: BTreeSet::new(),
+            errors: BTreeSet::new(),
+            deadline_us: now_us + timeout_us,
+            outcome: Outcome::Pending,
+        };
+        Ok((round, Plan { send_to, hint_for }))
+    }
+
+    /// Once decided, the outcome stays: later replies only feed read repair.
+    fn settle(&mut self) -> Outcome {
+        if self.outcome == Outcome::Pending {
+            let replies = self.answered.len();
+            if replies >= self.required {
+                self.outcome = Outcome::Done;
+            } else if self.asked.len() - self.errors.len() < self.required {
+                self.outcome = Outcome::Failed { replies };
+            }
+        }
+        self.outcome
+    }
+
+    fn on_reply(&mut self, from: NodeId) -> Outcome {
+        if self.asked.contains(&from) && !self.errors.contains(&from) {
+            self.answered.insert(from);
+        }
+        self.settle()
+    }
+
+    fn on_error(&mut self, from: NodeId) -> Outcome {
+        if self.asked.contains(&from) && !self.answered.contains(&from) {
+            self.errors.insert(from);
+        }
+        self.settle()
+    }
+
+    fn on_time(&mut self, now_us: u64) -> Outcome {
+        if self.outcome == Outcome::Pending && now_us >= self.deadline_us {
+            self.outcome = Outcome::TimedOut { replies: self.answered.len() };
+        }
+        self.outcome
+    }
+}
+
+/// One write at its coordinator.
+#[derive(Debug, Clone)]
+pub struct WriteRound {
+    round: Round,
+}
+
+impl WriteRound {
+    pub fn start(
+        replicas: &PreferenceList,
+        is_live: impl Fn(NodeId) -> bool,
+        consistency: Consistency,
+        now_us: u64,
+        timeout_us: u64,
+    ) -> Result<(WriteRound, Plan), Unavailable> {
+        let (round, plan) = Round::start(replicas, is_live, consistency, now_us, timeout_us)?;
+        Ok((WriteRound { round }, plan))
+    }
+
+    /// A replica made the write durable.
+    pub fn on_ack(&mut self, from: NodeId) -> Outcome {
+        self.round.on_reply(from)
+    }
+
+    pub fn on_error(&mut self, from: NodeId) -> Outcome {
+        self.round.on_error(from)
+    }
+
+    pub fn on_time(&mut self, now_us: u64) -> Outcome {
+        self.round.on_time(now_us)
+    }
+}
+
+/// One read at its coordinator: merges the replies and finds the replicas to repair.
+#[derive(Debug, Clone)]
+pub struct ReadRound<V> {
+    round: Round,
+    replies: BTreeMap<NodeId, Versions<V>>,
+    merged: Versions<V>,
+}
+
+impl<V: Clone + PartialEq> ReadRound<V> {
+    pub fn start(
+        replicas: &PreferenceList,
+        is_live: impl Fn(NodeId) -> bool,
+        consistency: Consistency,
+        now_us: u64,
+        timeout_us: u64,
+    ) -> Result<(ReadRound<V>, Plan), Unavailable> {
+        let (round, plan) = Round::start(replicas, is_live, consistency, now_us, timeout_us)?;
+        Ok((ReadRound { round, replies: BTreeMap::new(), merged: Versions::default() }, plan))
+    }
+
+    pub fn on_reply(&mut self, from: NodeId, versions: Versions<V>) -> Outcome {
+        self.merged.merge(&versions);
+        self.replies.insert(from, versions);
+        self.round.on_reply(from)
+    }
+
+    pub fn on_error(&mut self, from: NodeId) -> Outcome {
+        self.round.on_error(from)
+    }
+
+    pub fn on_time(&mut self, now_us: u64) -> Outcome {
+        self.round.on_time(now_us)
+    }
+
+    /// Everything the replies so far hold, merged: what the client gets (all siblings and
+    /// the context).
+    pub fn merged(&self) -> &Versions<V> {
+        &self.merged
+    }
+
+    /// Replicas whose reply lacked something the merge has: each gets the merged versions
+    /// (read repair, in the background). Call again after late replies.
+    pub fn stale_replicas(&self) -> Vec<NodeId> {
+        let merged = &self.merged;
+        self.replies
+            .iter()
+            .filter(|(_, theirs)| {
+                let mut repaired = (*theirs).clone();
+                repaired.merge(merged);
+                repaired != **theirs
+            })
+            .map(|(&node, _)| node)
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::versions::VersionVector;
+    use smallvec::smallvec;
+
+    const TIMEOUT_US: u64 = 1_000_000;
+
+    fn replicas() -> PreferenceList {
+        smallvec![1, 2, 3]
+    }
+
+    #[test]
+    fn quorum_write_needs_two_of_three_and_hints_the_down_replica() {
+        let (mut write, plan) =
+            WriteRound::start(&replicas(), |node| node != 3, Consistency::Quorum, 0, TIMEOUT_US)
+                .expect("start");
+        assert_eq!(plan, Plan { send_to: vec![1, 2], hint_for: vec![3] });
+        assert_eq!(write.on_ack(1), Outcome::Pending);
+        assert_eq!(write.on_ack(1), Outcome::Pending, "a duplicated ack counts once");
+        assert_eq!(write.on_ack(3), Outcome::Pending, "a hinted replica never counts toward W");
+        assert_eq!(write.on_ack(2), Outcome::Done);
+        assert_eq!(write.on_time(2 * TIMEOUT_US), Outcome::Done, "decided outcomes stay");
+    }
+
+    #[test]
+    fn too_few_live_replicas_is_unavailable_before_sending() {
+        let result = WriteRound::start(&replicas(), |node| node == 1, Consistency::Quorum, 0, TIMEOUT_US);
+        assert_eq!(result.err(), Some(Unavailable { live: 1, required: 2 }));
+        assert!(WriteRound::start(&replicas(), |node| node == 1, Consistency::One, 0, TIMEOUT_US).is_ok());
+        let all = WriteRound::start(&replicas(), |node| node != 2, Consistency::All, 0, TIMEOUT_US);
+        assert_eq!(all.err(), Some(Unavailable { live: 2, required: 3 }));
+    }
+
+    #[test]
+    fn errors_and_deadlines_end_a_round_with_what_was_seen() {
+        let (mut write, _) =
+            WriteRound::start(&replicas(), |_| true, Consistency::Quorum, 0, TIMEOUT_US).expect("start");
+        assert_eq!(write.on_ack(1), Outcome::Pending);
+        assert_eq!(write.on_time(TIMEOUT_US - 1), Outcome::Pending);
+        assert_eq!(write.on_time(TIMEOUT_US), Outcome::TimedOut { replies: 1 });
+
+        let (mut write, _) =
+            WriteRound::start(&replicas(), |_| true, Consistency::Quorum, 0, TIMEOUT_US).expect("start");
+        assert_eq!(write.on_error(1), Outcome::Pending);
+        assert_eq!(write.on_error(2), Outcome::Failed { replies: 0 });
+    }
+
+    #[test]
+    fn a_read_merges_replies_and_repairs_the_stale_replica() {
+        let mut newer = Versions::default();
+        newer.write(1, 0, Some(&VersionVector::default()), Some(20u32), 2);
+        let mut concurrent = Versions::default();
+        concurrent.write(2, 0, Some(&VersionVector::default()), Some(30u32), 3);
+        let (mut read, plan) =
+            ReadRound::start(&replicas(), |_| true, Consistency::Quorum, 0, TIMEOUT_US).expect("start");
+        assert_eq!(plan.send_to, vec![1, 2, 3]);
+        assert_eq!(read.on_reply(1, newer.clone()), Outcome::Pending);
+        assert_eq!(read.on_reply(2, concurrent.clone()), Outcome::Done);
+        let mut values: Vec<_> = read.merged().siblings().iter().map(|s| s.value).collect();
+        values.sort();
+        assert_eq!(values, vec![Some(20), Some(30)], "concurrent writes come back as siblings");
+        assert_eq!(read.stale_replicas(), vec![1, 2], "each lacks the other's write");
+        // A late reply that already has everything needs no repair.
+        let mut complete = newer.clone();
+        complete.merge(&concurrent);
+        assert_eq!(read.on_reply(3, complete), Outcome::Done);
+        assert_eq!(read.stale_replicas(), vec![1, 2]);
+    }
+}
