@@ -2,12 +2,13 @@
 //! time and return decisions, so that a simulator can drive a whole cluster in one process.
 //! So far: the ring (placement, preference lists), per-key versions (version vectors,
 //! dots, siblings), the phi-accrual failure detector, gossip membership, a coordinator's
-//! per-request bookkeeping (quorums, hints, read repair), and the lease that keeps
+//! per-request bookkeeping (quorums, hints, read repair), hinted-handoff queues, and the lease that keeps
 //! version-vector counters from ever being reused.
 
 pub mod coordinator;
 pub mod failure_detector;
 pub mod gossip;
+pub mod hints;
 pub mod lease;
 pub mod ring;
 pub mod versions;
