@@ -1,10 +1,11 @@
-//! One shard's key-value store: an in-memory index owned by the shard's thread (so no lock
-//! guards it) in front of the shard's write-ahead log.
+//! One shard's key-value semantics on top of its storage engine (owned by the shard's
+//! thread, so no lock guards it): TTL, DELETE's existence check, CAS, error statuses.
 //!
-//! A mutation is checked, logged and applied to the index in one synchronous step, with no
-//! await in between, which makes CAS atomic per key. Its reply waits until the log
-//! acknowledges it. A read that finds a version not yet acknowledged waits for it too, so no
-//! client ever sees a value that a crash could take back.
+//! A mutation is checked, logged and applied to the memtable in one synchronous step; DELETE
+//! and CAS read the current version first (`Engine::read_current`) and then decide and write
+//! with no await in between, which makes CAS atomic per key. A reply waits until the log
+//! acknowledges the write. A read that finds a version not yet acknowledged waits for it too,
+//! so no client ever sees a value that a crash could take back.
 
 use std::path::Path;
 use std::rc::Rc;
