@@ -11,4 +11,6 @@ pub mod gossip;
 pub mod hints;
 pub mod lease;
 pub mod ring;
+#[cfg(test)]
+mod simulation;
 pub mod versions;
