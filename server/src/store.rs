@@ -98,10 +98,13 @@ impl<S: Storage> Store<S> {
         }
     }
 
-    /// The reply to a GET if the memtables answer it and nothing needs to wait (the newest
-    /// entry is acknowledged). `None`: use [`Store::get`].
+    /// The reply to a GET if memory answers it and nothing needs to wait (the newest entry
+    /// is acknowledged, or the key is absent and no table exists). `None`: use [`Store::get`].
     pub fn try_get(&self, key: &[u8], metadata_only: bool) -> Option<LocalReply> {
-        let entry = self.engine.lookup_memtables(key)?;
+        let Some(entry) = self.engine.lookup_memtables(key) else {
+            // Absent from memory and no table to look in: absent, with no task or disk read.
+            return (!self.engine.has_tables()).then_some(Reply::NotFound);
+        };
         if entry.seq > self.engine.wal().acked_seq() {
             return None;
         }

@@ -278,6 +278,11 @@ impl<S: Storage> Engine<S> {
         self.inner.options
     }
 
+    /// Whether any sorted table is live (if none, the memtables hold everything).
+    pub fn has_tables(&self) -> bool {
+        !self.inner.tables.borrow().is_empty()
+    }
+
     /// The newest version of `key` held in memory, if any.
     pub fn lookup_memtables(&self, key: &[u8]) -> Option<Entry> {
         if let Some(entry) = self.inner.active.borrow().get(key) {
@@ -458,6 +463,10 @@ impl<S: Storage> Engine<S> {
         self.inner.closing.set(true);
         self.inner.flush_wanted.notify_all();
         self.inner.installed.notify_all();
+        // The log first: a flush under way waits for its records' acknowledgement, which a
+        // log stuck waiting for space to rotate would never give; closing the log ends that
+        // wait (acknowledged, or refused), so the tasks below always stop.
+        let closed = self.inner.wal.close().await;
         loop {
             let listener = self.inner.task_stopped.listen();
             if self.inner.running_tasks.get() == 0 {
@@ -465,7 +474,7 @@ impl<S: Storage> Engine<S> {
             }
             listener.await;
         }
-        self.inner.wal.close().await
+        closed
     }
 }
 
