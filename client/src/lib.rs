@@ -18,6 +18,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use connection::Connection;
+pub use schema::peer::{TopologyData, TopologyNode};
+pub use schema::wire::NodeStatus;
 use schema::{shard_of, Op, RequestView, ResponseView, SiblingView, PROTOCOL_VERSION};
 pub use schema::{Consistency, HelloInfo, Status, KEY_SIZE_MAX, VALUE_SIZE_MAX};
 use tokio::sync::Mutex;
@@ -45,6 +47,8 @@ pub enum Error {
     Timeout,
     /// The node's disk is full: the write was refused (not applied). Reads still work.
     NoSpace(String),
+    /// The operation is not offered here (CAS in a cluster, for now).
+    Unsupported(String),
     /// The server failed; a write may or may not have taken effect.
     Internal(String),
     /// A status this client does not know.
@@ -72,6 +76,7 @@ impl fmt::Display for Error {
             Error::Unavailable(message) => write!(f, "unavailable: {message}"),
             Error::Timeout => write!(f, "timed out"),
             Error::NoSpace(message) => write!(f, "no space: {message}"),
+            Error::Unsupported(message) => write!(f, "unsupported: {message}"),
             Error::Internal(message) => write!(f, "server error: {message}"),
             Error::Server { status, message } => write!(f, "server status {status}: {message}"),
             Error::Io(message) => write!(f, "i/o error: {message}"),
@@ -100,6 +105,24 @@ impl From<SiblingView> for Value {
             timestamp_us: sibling.timestamp_us,
             ttl_left: (sibling.ttl_left_ms > 0).then(|| Duration::from_millis(sibling.ttl_left_ms)),
         }
+    }
+}
+
+/// Every version of a key a cluster holds, and the causal context to write it back with.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Versioned {
+    /// Concurrent values (siblings); empty if the key is absent or deleted.
+    pub siblings: Vec<Value>,
+    /// Opaque; pass it to [`Client::put_with_context`] so that the write supersedes exactly
+    /// these siblings.
+    pub context: Vec<u8>,
+}
+
+impl Versioned {
+    /// The default resolver: the sibling written last (by timestamp). Applications that
+    /// must not lose concurrent writes merge the siblings themselves instead.
+    pub fn latest(&self) -> Option<&Value> {
+        self.siblings.iter().max_by_key(|sibling| sibling.timestamp_us)
     }
 }
 
@@ -200,6 +223,7 @@ fn status_error(response: ResponseView) -> Error {
         Status::UNAVAILABLE => Error::Unavailable(message),
         Status::TIMEOUT => Error::Timeout,
         Status::NO_SPACE => Error::NoSpace(message),
+        Status::UNSUPPORTED => Error::Unsupported(message),
         Status::INTERNAL => Error::Internal(message),
         other => Error::Server { status: other.0, message },
     }
@@ -253,15 +277,28 @@ impl Client {
     }
 
     async fn call(&self, op: Op<'_>) -> Result<ResponseView, Error> {
+        self.call_with_context(op, &[]).await
+    }
+
+    async fn call_with_context(&self, op: Op<'_>, context: &[u8]) -> Result<ResponseView, Error> {
         let routes = &self.inner.routes;
         let route = match op.key() {
             Some(key) if routes.len() > 1 => shard_of(key, routes.len()),
             _ => 0,
         };
-        self.call_route(route, op).await
+        self.call_route_with_context(route, op, context).await
     }
 
     async fn call_route(&self, route: usize, op: Op<'_>) -> Result<ResponseView, Error> {
+        self.call_route_with_context(route, op, &[]).await
+    }
+
+    async fn call_route_with_context(
+        &self,
+        route: usize,
+        op: Op<'_>,
+        context: &[u8],
+    ) -> Result<ResponseView, Error> {
         let route = &self.inner.routes[route];
         let slot = &route[self.inner.next.fetch_add(1, Ordering::Relaxed) % route.len()];
         let timeout = self.inner.options.timeout;
@@ -270,7 +307,7 @@ impl Client {
             id: 0,
             timeout_ms: timeout.as_millis().min(u128::from(u32::MAX)) as u32,
             consistency: self.inner.options.consistency,
-            context: &[],
+            context,
             write_id: None,
             op,
         };
@@ -299,6 +336,49 @@ impl Client {
             }
         }
         Ok(shards)
+    }
+
+    /// The cluster's membership and ring as the node sees it.
+    pub async fn topology(&self) -> Result<schema::peer::TopologyData, Error> {
+        let response = self.call_route(0, Op::Topology).await?;
+        match response.status {
+            Status::OK => {
+                response.topology.ok_or_else(|| Error::Protocol("Topology reply without a topology".into()))
+            }
+            _ => Err(status_error(response)),
+        }
+    }
+
+    /// Every sibling of `key` and the causal context (a cluster may hold concurrent values).
+    pub async fn get_versions(&self, key: &[u8]) -> Result<Versioned, Error> {
+        check_key(key)?;
+        let response = self.call(Op::Get { key, metadata_only: false }).await?;
+        match response.status {
+            Status::OK | Status::NOT_FOUND => Ok(Versioned {
+                siblings: response.siblings.into_iter().map(Value::from).collect(),
+                context: response.context,
+            }),
+            _ => Err(status_error(response)),
+        }
+    }
+
+    /// Stores `value` superseding what `context` (from [`Client::get_versions`]) covers;
+    /// concurrent writes not covered stay as siblings.
+    pub async fn put_with_context(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        ttl: Option<Duration>,
+        context: &[u8],
+    ) -> Result<(), Error> {
+        check_key(key)?;
+        check_value(value)?;
+        let ttl_ms = ttl.map_or(0, |ttl| ttl.as_millis().max(1) as u64);
+        let response = self.call_with_context(Op::Put { key, value, ttl_ms }, context).await?;
+        match response.status {
+            Status::OK => Ok(()),
+            _ => Err(status_error(response)),
+        }
     }
 
     pub async fn put(&self, key: &[u8], value: &[u8]) -> Result<(), Error> {
@@ -331,7 +411,8 @@ impl Client {
         let response = self.call(Op::Get { key, metadata_only }).await?;
         match response.status {
             Status::OK => {
-                let sibling = response.siblings.into_iter().next();
+                // A cluster may answer with concurrent siblings: the default resolver picks.
+                let sibling = response.siblings.into_iter().max_by_key(|sibling| sibling.timestamp_us);
                 let sibling =
                     sibling.ok_or_else(|| Error::Protocol("OK reply to Get without a value".into()))?;
                 Ok(Some(Value::from(sibling)))

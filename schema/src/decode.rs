@@ -83,6 +83,21 @@ pub enum Op<'a> {
     Delete {
         key: &'a [u8],
     },
+    /// The cluster's membership and ring.
+    Topology,
+    /// Node to node: merge a key's versions (verified nested `KeyVersions` bytes).
+    Replicate {
+        key: &'a [u8],
+        versions: &'a [u8],
+    },
+    /// Node to node: a replica's versions of a key.
+    ReadReplica {
+        key: &'a [u8],
+    },
+    /// Node to node: one gossip message (verified nested `GossipMessage` bytes).
+    Gossip {
+        message: &'a [u8],
+    },
     /// `expected: None` means "the key must be absent".
     Cas {
         key: &'a [u8],
@@ -96,8 +111,13 @@ impl<'a> Op<'a> {
     /// The key the operation addresses; `None` for Hello and Stats.
     pub fn key(&self) -> Option<&'a [u8]> {
         match *self {
-            Op::Hello { .. } | Op::Stats => None,
-            Op::Put { key, .. } | Op::Get { key, .. } | Op::Delete { key } | Op::Cas { key, .. } => Some(key),
+            Op::Hello { .. } | Op::Stats | Op::Topology | Op::Gossip { .. } => None,
+            Op::Put { key, .. }
+            | Op::Get { key, .. }
+            | Op::Delete { key }
+            | Op::Cas { key, .. }
+            | Op::Replicate { key, .. }
+            | Op::ReadReplica { key } => Some(key),
         }
     }
 }
@@ -178,6 +198,23 @@ pub fn parse_request(payload: &[u8]) -> Result<RequestView<'_>, ParseError> {
                 ttl_ms: check_ttl(id, cas.ttl_ms())?,
             }
         }
+        wire::Operation::Topology => Op::Topology,
+        wire::Operation::Replicate => {
+            let replicate =
+                request.op_as_replicate().ok_or_else(|| bad("Replicate without a body".into()))?;
+            let versions = replicate.versions().map(|v| v.bytes()).unwrap_or(&[]);
+            crate::peer::decode_key_versions(versions).map_err(bad)?;
+            Op::Replicate { key: check_key(id, replicate.key())?, versions }
+        }
+        wire::Operation::ReadReplica => {
+            let read =
+                request.op_as_read_replica().ok_or_else(|| bad("ReadReplica without a body".into()))?;
+            Op::ReadReplica { key: check_key(id, read.key())? }
+        }
+        wire::Operation::Gossip => {
+            let gossip = request.op_as_gossip().ok_or_else(|| bad("Gossip without a body".into()))?;
+            Op::Gossip { message: gossip.message().map(|v| v.bytes()).unwrap_or(&[]) }
+        }
         other => return Err(bad(format!("unknown operation {}", other.0))),
     };
     Ok(RequestView {
@@ -237,6 +274,9 @@ pub struct ResponseView {
     pub context: Vec<u8>,
     pub hello: Option<HelloInfo>,
     pub stats_json: Option<String>,
+    /// Nested `KeyVersions` bytes (reply to ReadReplica); empty when absent.
+    pub versions: Vec<u8>,
+    pub topology: Option<crate::peer::TopologyData>,
 }
 
 /// Verifies a response payload (clients distrust servers too).
@@ -278,5 +318,7 @@ pub fn parse_response(payload: &[u8]) -> Result<ResponseView, String> {
         context: response.context().map(|v| v.bytes().to_vec()).unwrap_or_default(),
         hello,
         stats_json: response.stats_json().map(str::to_string),
+        versions: response.versions().map(|v| v.bytes().to_vec()).unwrap_or_default(),
+        topology: response.topology().map(|t| crate::peer::decode_topology(t.bytes())).transpose()?,
     })
 }

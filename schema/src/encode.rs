@@ -35,11 +35,25 @@ pub struct ResponseOut<'a> {
     pub context: &'a [u8],
     pub hello: Option<&'a HelloInfo>,
     pub stats_json: Option<&'a str>,
+    /// Nested `KeyVersions` bytes; empty: absent.
+    pub versions: &'a [u8],
+    /// Nested `TopologyReply` bytes; empty: absent.
+    pub topology: &'a [u8],
 }
 
 impl<'a> ResponseOut<'a> {
     pub fn status(id: u64, status: Status, message: &'a str) -> ResponseOut<'a> {
-        ResponseOut { id, status, message, siblings: &[], context: &[], hello: None, stats_json: None }
+        ResponseOut {
+            id,
+            status,
+            message,
+            siblings: &[],
+            context: &[],
+            hello: None,
+            stats_json: None,
+            versions: &[],
+            topology: &[],
+        }
     }
 }
 
@@ -97,6 +111,8 @@ pub fn encode_response(builder: &mut FlatBufferBuilder<'_>, out: &mut Vec<u8>, r
         )
     });
     let stats_json = response.stats_json.map(|json| builder.create_string(json));
+    let versions = (!response.versions.is_empty()).then(|| builder.create_vector(response.versions));
+    let topology = (!response.topology.is_empty()).then(|| builder.create_vector(response.topology));
     let root = wire::Response::create(
         builder,
         &wire::ResponseArgs {
@@ -107,6 +123,8 @@ pub fn encode_response(builder: &mut FlatBufferBuilder<'_>, out: &mut Vec<u8>, r
             context,
             hello,
             stats_json,
+            versions,
+            topology,
         },
     );
     builder.finish_minimal(root);
@@ -123,6 +141,26 @@ pub fn encode_request(builder: &mut FlatBufferBuilder<'_>, out: &mut Vec<u8>, re
         }
         Op::Stats => {
             (wire::Operation::Stats, wire::Stats::create(builder, &wire::StatsArgs {}).as_union_value())
+        }
+        Op::Topology => (
+            wire::Operation::Topology,
+            wire::Topology::create(builder, &wire::TopologyArgs {}).as_union_value(),
+        ),
+        Op::Replicate { key, versions } => {
+            let key = builder.create_vector(key);
+            let versions = builder.create_vector(versions);
+            let args = wire::ReplicateArgs { key: Some(key), versions: Some(versions) };
+            (wire::Operation::Replicate, wire::Replicate::create(builder, &args).as_union_value())
+        }
+        Op::ReadReplica { key } => {
+            let key = builder.create_vector(key);
+            let args = wire::ReadReplicaArgs { key: Some(key) };
+            (wire::Operation::ReadReplica, wire::ReadReplica::create(builder, &args).as_union_value())
+        }
+        Op::Gossip { message } => {
+            let message = builder.create_vector(message);
+            let args = wire::GossipArgs { message: Some(message) };
+            (wire::Operation::Gossip, wire::Gossip::create(builder, &args).as_union_value())
         }
         Op::Put { key, value, ttl_ms } => {
             let key = builder.create_vector(key);
@@ -260,6 +298,8 @@ mod tests {
             context: b"ctx",
             hello: Some(&hello),
             stats_json: Some("{\"shard\":0}"),
+            versions: &[],
+            topology: &[],
         };
         let mut builder = FlatBufferBuilder::new();
         let mut frame = Vec::new();

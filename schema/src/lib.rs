@@ -12,6 +12,7 @@ mod generated {
 
 mod decode;
 mod encode;
+pub mod peer;
 
 pub use decode::{
     parse_request, parse_response, split_frame, FrameError, Op, ParseError, RequestView, ResponseView,

@@ -5,21 +5,70 @@ use std::rc::Rc;
 
 use schema::{Op, Status};
 
+use crate::cluster::coordinator::Consistency;
+use crate::cluster::versions::VersionVector;
+
 /// An operation on one key, owned so that it can outlive the frame it came in and cross to
 /// another shard.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
-    Get { key: Vec<u8>, metadata_only: bool },
-    Put { key: Vec<u8>, value: Vec<u8>, ttl_ms: u64 },
-    Delete { key: Vec<u8> },
-    Cas { key: Vec<u8>, expected: Option<Vec<u8>>, new_value: Vec<u8>, ttl_ms: u64 },
+    Get {
+        key: Vec<u8>,
+        metadata_only: bool,
+    },
+    Put {
+        key: Vec<u8>,
+        value: Vec<u8>,
+        ttl_ms: u64,
+    },
+    Delete {
+        key: Vec<u8>,
+    },
+    Cas {
+        key: Vec<u8>,
+        expected: Option<Vec<u8>>,
+        new_value: Vec<u8>,
+        ttl_ms: u64,
+    },
+    /// Cluster: coordinate a write to the key's replicas; `value: None` deletes (a tombstone).
+    /// `context: None` is a blind (last-writer-wins) write.
+    Write {
+        key: Vec<u8>,
+        value: Option<Vec<u8>>,
+        ttl_ms: u64,
+        context: Option<VersionVector>,
+        consistency: Consistency,
+        timeout_ms: u64,
+    },
+    /// Cluster: coordinate a read from the key's replicas.
+    Read {
+        key: Vec<u8>,
+        metadata_only: bool,
+        consistency: Consistency,
+        timeout_ms: u64,
+    },
+    /// Cluster, node to node: merge encoded versions into this replica's.
+    Replicate {
+        key: Vec<u8>,
+        versions: Vec<u8>,
+    },
+    /// Cluster, node to node: this replica's encoded versions.
+    ReadReplica {
+        key: Vec<u8>,
+    },
 }
 
 impl Command {
-    /// `None` for operations that address no key (Hello).
+    /// The operation of a standalone node; `None` for operations that address no key or that
+    /// only a cluster serves.
     pub fn from_op(op: &Op<'_>) -> Option<Command> {
         Some(match *op {
-            Op::Hello { .. } | Op::Stats => return None,
+            Op::Hello { .. }
+            | Op::Stats
+            | Op::Topology
+            | Op::Gossip { .. }
+            | Op::Replicate { .. }
+            | Op::ReadReplica { .. } => return None,
             Op::Get { key, metadata_only } => Command::Get { key: key.to_vec(), metadata_only },
             Op::Put { key, value, ttl_ms } => {
                 Command::Put { key: key.to_vec(), value: value.to_vec(), ttl_ms }
@@ -39,7 +88,11 @@ impl Command {
             Command::Get { key, .. }
             | Command::Put { key, .. }
             | Command::Delete { key }
-            | Command::Cas { key, .. } => key,
+            | Command::Cas { key, .. }
+            | Command::Write { key, .. }
+            | Command::Read { key, .. }
+            | Command::Replicate { key, .. }
+            | Command::ReadReplica { key } => key,
         }
     }
 }
@@ -66,6 +119,13 @@ pub enum Reply<V> {
         status: Status,
         message: String,
     },
+    /// Cluster read: every live sibling (none: NOT_FOUND) and the causal context.
+    Siblings {
+        versions: Vec<Version<V>>,
+        context: Vec<u8>,
+    },
+    /// Node to node: a replica's encoded versions (empty: it holds none).
+    Versions(Vec<u8>),
 }
 
 pub type LocalReply = Reply<Rc<[u8]>>;
@@ -88,6 +148,10 @@ impl<V> Reply<V> {
             Reply::NotFound => Reply::NotFound,
             Reply::CasFailed(version) => Reply::CasFailed(version.map(map_version)),
             Reply::Error { status, message } => Reply::Error { status, message },
+            Reply::Siblings { versions, context } => {
+                Reply::Siblings { versions: versions.into_iter().map(map_version).collect(), context }
+            }
+            Reply::Versions(bytes) => Reply::Versions(bytes),
         }
     }
 }

@@ -34,6 +34,8 @@ pub enum Message {
         tag: u64,
         reply: RemoteReply,
     },
+    /// Shard 0 tells the others what the cluster looks like now.
+    View(std::sync::Arc<crate::cluster::view::ClusterView>),
 }
 
 pub fn builder(shard_count: usize) -> MeshBuilder<Message, Full> {
@@ -114,12 +116,31 @@ impl Mesh {
             .unwrap_or_else(|_| Reply::error(Status::UNAVAILABLE, format!("shard {target} went away")))
     }
 
-    /// Serves the rings from every peer: runs requests with `execute` and completes the
-    /// forwards whose replies arrive. Returns when every peer has closed its ring.
-    pub async fn serve<F, Fut>(self: Rc<Self>, receivers: PeerReceivers, execute: F)
+    /// Sends `view` to every other shard (in the background).
+    pub fn broadcast_view(self: &Rc<Self>, view: std::sync::Arc<crate::cluster::view::ClusterView>) {
+        for (shard, &peer) in self.peer_of_shard.iter().enumerate() {
+            if peer == self.senders.peer_id() {
+                continue;
+            }
+            let mesh = self.clone();
+            let view = view.clone();
+            glommio::spawn_local(async move {
+                if mesh.senders.send_to(peer, Message::View(view)).await.is_err() {
+                    eprintln!("kvd: shard mesh: shard {shard} did not take the cluster view");
+                }
+            })
+            .detach();
+        }
+    }
+
+    /// Serves the rings from every peer: runs requests with `execute`, hands cluster views
+    /// to `on_view`, and completes the forwards whose replies arrive. Returns when every
+    /// peer has closed its ring.
+    pub async fn serve<F, Fut, V>(self: Rc<Self>, receivers: PeerReceivers, execute: F, on_view: V)
     where
         F: Fn(Command) -> Fut + Clone + 'static,
         Fut: std::future::Future<Output = RemoteReply> + 'static,
+        V: Fn(std::sync::Arc<crate::cluster::view::ClusterView>) + Clone + 'static,
     {
         let tasks: Vec<_> = receivers
             .0
@@ -127,6 +148,7 @@ impl Mesh {
             .map(|(peer, receiver)| {
                 let mesh = self.clone();
                 let execute = execute.clone();
+                let on_view = on_view.clone();
                 glommio::spawn_local(async move {
                     while let Some(message) = receiver.recv().await {
                         match message {
@@ -146,6 +168,7 @@ impl Mesh {
                                     let _ = waiter.send(reply);
                                 }
                             }
+                            Message::View(view) => on_view(view),
                             Message::Introduce { .. } => {
                                 eprintln!("kvd: shard mesh: unexpected second introduction from peer {peer}");
                             }

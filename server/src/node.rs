@@ -13,9 +13,11 @@ use glommio::{LocalExecutorBuilder, Placement};
 use schema::{HelloInfo, ShardFunction, PROTOCOL_VERSION, SHARD_HASH_SEED};
 use socket2::{Domain, Socket, Type};
 
+use crate::cluster::gossip::GossipConfig;
+use crate::cluster::membership::ClusterOptions;
 use crate::meta;
 use crate::net::connection::ConnectionLimits;
-use crate::shard::{self, ShardLaunch};
+use crate::shard::{self, ClusterLaunch, ShardLaunch};
 use crate::wal::SyncPolicy;
 
 /// Upper bound on shards per node (and so on executor threads).
@@ -77,12 +79,36 @@ pub struct Args {
     /// Seconds a tombstone or an expired value is kept before compaction may drop it.
     #[arg(long, global = true, default_value_t = 3_600)]
     pub tombstone_grace_s: u64,
+    /// Other nodes' client addresses (their --listen), comma-separated: form or join a cluster
+    /// with them. Without --seeds and --cluster-size the node is standalone.
+    #[arg(long, global = true, value_delimiter = ',')]
+    pub seeds: Vec<SocketAddr>,
+    /// Nodes the cluster forms with (default: the seeds plus this node).
+    #[arg(long, global = true)]
+    pub cluster_size: Option<usize>,
+    /// Replicas of every key (N), fixed when the cluster forms.
+    #[arg(long, global = true, default_value_t = 3)]
+    pub replicas: usize,
+    /// The ring has 2^bits partitions (virtual nodes), fixed when the cluster forms.
+    #[arg(long, global = true, default_value_t = crate::cluster::ring::PARTITION_BITS_DEFAULT)]
+    pub partition_bits: u32,
+    /// Milliseconds between gossip rounds.
+    #[arg(long, global = true, default_value_t = 100)]
+    pub gossip_interval_ms: u64,
+    /// Suspicion level (phi) at which a silent node counts as down.
+    #[arg(long, global = true, default_value_t = crate::cluster::failure_detector::PHI_THRESHOLD_DEFAULT)]
+    pub phi_threshold: f64,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Start a ready node on 127.0.0.1:7400 with its data in ./kvd-demo, and say how to use it.
-    Demo,
+    /// Start a local cluster (nodes on 127.0.0.1:7400, :7410, ...) with data in ./kvd-demo,
+    /// and say how to use it.
+    Demo {
+        /// Nodes to start; 1 starts a standalone node.
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+    },
 }
 
 /// The addresses a running node bound, written to `DATA_DIR/ports.json` once it serves.
@@ -135,8 +161,109 @@ fn write_ports(data_dir: &Path, ports: &Ports) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The mode a data directory was first started in; the other is refused, since a cluster
+/// node stores versions where a standalone node stores plain values.
+const MODE_FILE: &str = "MODE";
+
+fn check_mode(data_dir: &Path, clustered: bool) -> anyhow::Result<()> {
+    let mode = if clustered { "cluster" } else { "standalone" };
+    let path = data_dir.join(MODE_FILE);
+    match fs::read_to_string(&path) {
+        Ok(recorded) if recorded.trim() == mode => Ok(()),
+        Ok(recorded) => bail!(
+            "{} holds a {} node's data; refusing to start it as a {mode} node{}",
+            data_dir.display(),
+            recorded.trim(),
+            if clustered { "" } else { " (start it with --seeds or --cluster-size)" }
+        ),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            let temporary = data_dir.join("MODE.tmp");
+            fs::write(&temporary, format!("{mode}\n"))?;
+            fs::File::open(&temporary)?.sync_all()?;
+            fs::rename(&temporary, &path)?;
+            fs::File::open(data_dir)?.sync_all()?;
+            Ok(())
+        }
+        Err(error) => Err(error).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+/// `kvd demo --nodes n` with n > 1: one child `kvd` per node, all on this machine.
+fn run_demo_cluster(args: &Args, nodes: usize) -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("finding the kvd executable")?;
+    let base = args.data_dir.clone().unwrap_or_else(|| PathBuf::from("kvd-demo"));
+    let ip = args.listen.ip();
+    let first_port = args.listen.port();
+    let address = |i: usize| SocketAddr::new(ip, first_port + 10 * i as u16);
+    let signals = termination_signals();
+    // SAFETY: blocks the signals in this thread (children get a fresh mask from exec).
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &signals, std::ptr::null_mut()) };
+    let mut children = Vec::new();
+    for i in 0..nodes {
+        let mut command = std::process::Command::new(&exe);
+        command
+            .arg("--listen")
+            .arg(address(i).to_string())
+            .arg("--data-dir")
+            .arg(base.join(format!("node-{}", i + 1)))
+            .arg("--cluster-size")
+            .arg(nodes.to_string())
+            .arg("--replicas")
+            .arg(args.replicas.min(nodes).to_string())
+            .arg("--fsync")
+            .arg(args.fsync.to_string());
+        if i > 0 {
+            command.arg("--seeds").arg(address(0).to_string());
+        }
+        if let Some(shards) = args.shards {
+            command.arg("--shards").arg(shards.to_string());
+        }
+        if args.no_pin || nodes > 1 {
+            command.arg("--no-pin");
+        }
+        children.push(command.spawn().with_context(|| format!("starting node {}", i + 1))?);
+    }
+    let addresses: Vec<String> = (0..nodes).map(|i| address(i).to_string()).collect();
+    println!(
+        "\nkvd demo: a {nodes}-node cluster is starting on {} (data in {}).\nTry, from another terminal:\n  \
+         cargo run -q -p client --bin kvctl -- status\n  \
+         cargo run -q -p client --bin kvctl -- put greeting 'hello world'\n  \
+         cargo run -q -p client --bin kvctl -- get greeting --consistency all\n  \
+         cargo run -q -p client --bin kvctl -- --addr {} get greeting\n  \
+         cargo run -q -p client --bin kvctl -- ring\n\
+         Stop with Ctrl-C.",
+        addresses.join(", "),
+        base.display(),
+        addresses.last().map_or("", String::as_str),
+    );
+    loop {
+        let mut signal = 0;
+        // SAFETY: sigwait reads the set and writes the signal number into memory we own.
+        let result = unsafe { libc::sigwait(&signals, &mut signal) };
+        if result == 0 && (signal == libc::SIGTERM || signal == libc::SIGINT) {
+            break;
+        }
+    }
+    for child in &children {
+        // SAFETY: kill sends a signal to a child we started and have not reaped.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    }
+    for mut child in children {
+        let _ = child.wait();
+    }
+    Ok(())
+}
+
 pub fn run(mut args: Args) -> anyhow::Result<()> {
-    let demo = matches!(args.command, Some(Command::Demo));
+    let demo = matches!(args.command, Some(Command::Demo { .. }));
+    if let Some(Command::Demo { nodes }) = args.command {
+        if nodes == 0 || nodes > 9 {
+            bail!("kvd demo --nodes must be 1..=9");
+        }
+        if nodes > 1 {
+            return run_demo_cluster(&args, nodes);
+        }
+    }
     let data_dir = match (&args.data_dir, demo) {
         (Some(dir), _) => dir.clone(),
         (None, true) => PathBuf::from("kvd-demo"),
@@ -159,6 +286,10 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let shards_default = std::thread::available_parallelism().map_or(1, |n| n.get()).min(SHARD_COUNT_MAX);
     let node = meta::load_or_create(&data_dir, args.shards, shards_default)?;
+    let clustered = !args.seeds.is_empty()
+        || args.cluster_size.is_some()
+        || data_dir.join(crate::cluster::membership::CLUSTER_FILE).exists();
+    check_mode(&data_dir, clustered)?;
     let shard_count = node.shard_count;
     args.shards = Some(shard_count);
     raise_file_limit();
@@ -212,6 +343,33 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
     // SAFETY: changes this thread's mask, inherited by the shard threads spawned below.
     unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &signals, std::ptr::null_mut()) };
 
+    let cluster_options = clustered.then(|| ClusterOptions {
+        cluster_size: args.cluster_size.unwrap_or(args.seeds.len() + 1),
+        replica_count: args.replicas,
+        partition_bits: args.partition_bits,
+        seeds: args.seeds.clone(),
+        gossip: GossipConfig {
+            interval: Duration::from_millis(args.gossip_interval_ms.max(1)),
+            phi_threshold: args.phi_threshold,
+            ..GossipConfig::default()
+        },
+    });
+    if let Some(options) = &cluster_options {
+        if options.replica_count == 0 || options.replica_count > options.cluster_size {
+            bail!(
+                "--replicas must be 1..=cluster size ({}), got {}",
+                options.cluster_size,
+                options.replica_count
+            );
+        }
+        if options.partition_bits == 0 || options.partition_bits > crate::cluster::ring::PARTITION_BITS_MAX {
+            bail!("--partition-bits must be 1..={}", crate::cluster::ring::PARTITION_BITS_MAX);
+        }
+        if 1usize << options.partition_bits < options.cluster_size {
+            bail!("--partition-bits {} gives fewer partitions than nodes", options.partition_bits);
+        }
+    }
+    let gossip_address = shard_addresses[0];
     let mesh = (shard_count > 1).then(|| crate::mesh::builder(shard_count));
     let (ready_sender, ready) = std::sync::mpsc::channel();
     let mut shutdown_senders = Vec::with_capacity(shard_count);
@@ -236,6 +394,12 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
             client_listener,
             shard_listener,
             mesh: mesh.clone(),
+            cluster: cluster_options.clone().map(|options| ClusterLaunch {
+                node_name: node.node_id.clone(),
+                options,
+                gossip_address,
+                shard_ports: hello.shard_ports.iter().map(|p| p.1).collect(),
+            }),
             ready: ready_sender.clone(),
             shutdown,
         };

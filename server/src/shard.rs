@@ -10,6 +10,14 @@ use futures_lite::AsyncReadExt;
 use glommio::channels::channel_mesh::{Full, MeshBuilder};
 use schema::{shard_of, HelloInfo, Status};
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::cluster::lease::{CounterLease, LEASE_BLOCK};
+use crate::cluster::membership::{ClusterOptions, Membership};
+use crate::cluster::peer::PeerPool;
+use crate::cluster::replication::{self, actor_of, ClusterShard};
+use crate::cluster::view::ClusterView;
 use crate::command::{Command, LocalReply, Reply};
 use crate::mesh::{Mesh, Message};
 use crate::net::connection::ConnectionLimits;
@@ -37,6 +45,8 @@ pub struct Shard<S: Storage> {
     /// Shared by the shard's connections for frames larger than their minimum read buffer.
     pub large_buffer_budget: Rc<glommio::sync::Semaphore>,
     pub stats: ShardStats,
+    /// Present when the node is part of a cluster.
+    pub cluster: Option<ClusterShard<S>>,
 }
 
 impl<S: Storage> Shard<S> {
@@ -48,6 +58,7 @@ impl<S: Storage> Shard<S> {
     pub fn stats_json(&self) -> String {
         let stats = &self.stats;
         serde_json::json!({
+            "cluster": self.cluster.as_ref().map(ClusterShard::stats_json),
             "shard": self.index,
             "shard_count": self.count,
             "request_count": stats.request_count.get(),
@@ -62,16 +73,45 @@ impl<S: Storage> Shard<S> {
     }
 
     /// Runs `command` on the shard that owns its key: here, or one hop away.
-    pub async fn execute(&self, command: Command) -> LocalReply {
+    pub async fn execute(self: &Rc<Self>, command: Command) -> LocalReply {
         let target = shard_of(command.key(), self.count);
         if target == self.index {
-            return self.store.apply(command).await;
+            return self.apply_here(command).await;
         }
         match &self.mesh {
             Some(mesh) => mesh.forward(target, command).await.map_value(Rc::from),
             None => Reply::error(Status::INTERNAL, format!("no mesh to reach shard {target}")),
         }
     }
+}
+
+impl<S: Storage> Shard<S> {
+    /// Runs `command`, whose key this shard owns: on the store, or as the key's
+    /// coordinator or replica in the cluster.
+    pub async fn apply_here(self: &Rc<Self>, command: Command) -> LocalReply {
+        match command {
+            Command::Write { key, value, ttl_ms, context, consistency, timeout_ms } => {
+                let timeout = Duration::from_millis(timeout_ms);
+                replication::coordinate_write(self, key, value, ttl_ms, context, consistency, timeout).await
+            }
+            Command::Read { key, metadata_only, consistency, timeout_ms } => {
+                let timeout = Duration::from_millis(timeout_ms);
+                replication::coordinate_read(self, key, metadata_only, consistency, timeout).await
+            }
+            Command::Replicate { key, versions } => replication::replicate(self, &key, &versions).await,
+            Command::ReadReplica { key } => replication::read_replica(self, &key).await,
+            command => self.store.apply(command).await,
+        }
+    }
+}
+
+/// What a shard needs to take part in a cluster.
+pub struct ClusterLaunch {
+    pub node_name: String,
+    pub options: ClusterOptions,
+    /// Shard 0's own address: where gossip reaches this node.
+    pub gossip_address: std::net::SocketAddr,
+    pub shard_ports: Vec<u16>,
 }
 
 /// Everything a shard thread needs, prepared by the main thread.
@@ -90,6 +130,7 @@ pub struct ShardLaunch {
     pub client_listener: std::net::TcpListener,
     pub shard_listener: std::net::TcpListener,
     pub mesh: Option<MeshBuilder<Message, Full>>,
+    pub cluster: Option<ClusterLaunch>,
     pub ready: std::sync::mpsc::Sender<Result<RecoveryReport, String>>,
     /// Readable (or closed) when the node must shut down.
     pub shutdown: std::os::unix::net::UnixStream,
@@ -116,6 +157,7 @@ pub async fn run(launch: ShardLaunch) {
         client_listener,
         shard_listener,
         mesh,
+        cluster,
         ready,
         shutdown,
     } = launch;
@@ -128,7 +170,7 @@ pub async fn run(launch: ShardLaunch) {
     };
     let identity = ShardIdentity { shard_index: index as u32, shard_count: count as u32 };
     let shard_dir = data_dir.join(format!("shard-{index}"));
-    let (store, report) = match Store::open(storage, &shard_dir, identity, policy, engine).await {
+    let (store, report) = match Store::open(storage.clone(), &shard_dir, identity, policy, engine).await {
         Ok(opened) => opened,
         Err(error) => {
             let _ = ready.send(Err(format!("shard {index}: recovery failed: {error}")));
@@ -145,6 +187,21 @@ pub async fn run(launch: ShardLaunch) {
         },
         None => (None, None),
     };
+    let peers = Rc::new(PeerPool::default());
+    let cluster_shard = match &cluster {
+        Some(launch) => match CounterLease::open(storage.clone(), &shard_dir, LEASE_BLOCK).await {
+            Ok(lease) => {
+                let view =
+                    Arc::new(ClusterView::forming(launch.node_name.clone(), "the cluster is forming".into()));
+                Some(ClusterShard::new(actor_of(&launch.node_name), view, peers.clone(), lease))
+            }
+            Err(error) => {
+                let _ = ready.send(Err(format!("shard {index}: opening the counter lease: {error}")));
+                return;
+            }
+        },
+        None => None,
+    };
     let shard = Rc::new(Shard {
         index,
         count,
@@ -155,15 +212,22 @@ pub async fn run(launch: ShardLaunch) {
         connections_max,
         large_buffer_budget: Rc::new(glommio::sync::Semaphore::new(large_buffers_size_max as u64)),
         stats: ShardStats::default(),
+        cluster: cluster_shard,
     });
     let mesh_task = match (mesh, receivers) {
         (Some(mesh), Some(receivers)) => {
             let served = shard.clone();
             let execute = move |command| {
                 let shard = served.clone();
-                async move { shard.store.apply(command).await.map_value(|value| value.to_vec()) }
+                async move { shard.apply_here(command).await.map_value(|value| value.to_vec()) }
             };
-            Some(glommio::spawn_local(mesh.serve(receivers, execute)))
+            let viewer = Rc::downgrade(&shard);
+            let on_view = move |view| {
+                if let Some(cluster) = viewer.upgrade().as_ref().and_then(|s| s.cluster.as_ref()) {
+                    cluster.set_view(view);
+                }
+            };
+            Some(glommio::spawn_local(mesh.serve(receivers, execute, on_view)))
         }
         _ => None,
     };
@@ -171,6 +235,42 @@ pub async fn run(launch: ShardLaunch) {
         glommio::spawn_local(crate::net::accept_loop(listener(client_listener), shard.clone())),
         glommio::spawn_local(crate::net::accept_loop(listener(shard_listener), shard.clone())),
     ];
+    let mut cluster_tasks = Vec::new();
+    if let (Some(launch), Some(cluster_shard)) = (cluster, &shard.cluster) {
+        cluster_tasks.push(glommio::spawn_local(replication::replay_hints(shard.clone())));
+        if index == 0 {
+            let weak = Rc::downgrade(&shard);
+            let publish = Box::new(move |view: Arc<ClusterView>| {
+                let Some(shard) = weak.upgrade() else { return };
+                if let Some(mesh) = &shard.mesh {
+                    mesh.broadcast_view(view.clone());
+                }
+                if let Some(cluster) = &shard.cluster {
+                    cluster.set_view(view);
+                }
+            });
+            let membership = Membership::open(
+                launch.node_name,
+                launch.gossip_address,
+                launch.shard_ports,
+                launch.options,
+                &data_dir,
+                peers.clone(),
+                publish,
+            );
+            match membership {
+                Ok(membership) => {
+                    let membership = Rc::new(membership);
+                    *cluster_shard.membership.borrow_mut() = Some(membership.clone());
+                    cluster_tasks.push(glommio::spawn_local(membership.run()));
+                }
+                Err(error) => {
+                    let _ = ready.send(Err(format!("cluster membership: {error:#}")));
+                    return;
+                }
+            }
+        }
+    }
     let _ = ready.send(Ok(report));
 
     // SAFETY: as above, ownership of the descriptor moves to the glommio stream.
@@ -179,6 +279,7 @@ pub async fn run(launch: ShardLaunch) {
     let _ = shutdown.read(&mut byte).await;
 
     drop(accept_tasks);
+    drop(cluster_tasks);
     if let Err(error) = shard.store.close().await {
         eprintln!("kvd: shard {index}: closing the log: {error}");
     }

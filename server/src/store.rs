@@ -95,6 +95,12 @@ impl<S: Storage> Store<S> {
             Command::Cas { key, expected, new_value, ttl_ms } => {
                 self.cas(&key, expected.as_deref(), &new_value, ttl_ms).await
             }
+            Command::Write { .. }
+            | Command::Read { .. }
+            | Command::Replicate { .. }
+            | Command::ReadReplica { .. } => {
+                Reply::error(Status::INTERNAL, "a cluster operation reached the store")
+            }
         }
     }
 
@@ -190,6 +196,61 @@ impl<S: Storage> Store<S> {
             return internal(error);
         }
         Reply::CasFailed(entry.is_live(now_ms).then(|| version(&entry, now_ms, true)))
+    }
+
+    /// A timestamp from the shard's hybrid logical clock.
+    pub fn timestamp_us(&self) -> u64 {
+        self.hlc.now()
+    }
+
+    /// Moves the clock past a peer's timestamp, but never more than `skew_max_us` ahead of
+    /// this node's wall clock: a peer whose clock runs far ahead cannot drag this one along.
+    pub fn observe_peer_timestamp(&self, timestamp_us: u64, skew_max_us: u64) {
+        let bound = now_ms().saturating_mul(1000).saturating_add(skew_max_us);
+        self.hlc.observe(timestamp_us.min(bound));
+    }
+
+    /// Cluster: the acknowledged bytes stored for `key` (its encoded versions), if any.
+    pub async fn read_raw(&self, key: &[u8]) -> Result<Option<Rc<[u8]>>, LocalReply> {
+        let Some(entry) = self.engine.read(key).await.map_err(read_failed)? else {
+            return Ok(None);
+        };
+        self.engine.wal().wait_acked(entry.seq).await.map_err(internal)?;
+        Ok(if entry.is_live(now_ms()) { entry.value } else { None })
+    }
+
+    /// Cluster: reads the bytes stored for `key` and lets `update` compute new ones (with
+    /// their expiry) from them, or `None` to leave them; nothing awaits between the read and
+    /// the write, so concurrent updates of one key never lose each other. Returns the new
+    /// bytes (`None` when unchanged) and the sequence number to pass to
+    /// [`Store::wait_acked`] before telling anyone the key holds them.
+    pub async fn update_raw<F>(
+        &self,
+        key: &[u8],
+        size: usize,
+        update: F,
+    ) -> Result<(Option<Vec<u8>>, u64), LocalReply>
+    where
+        F: FnOnce(Option<&[u8]>) -> Result<Option<(Vec<u8>, u64)>, LocalReply>,
+    {
+        self.engine.reserve(key.len() + size).await.map_err(internal)?;
+        let current = self.engine.read_current(key).await.map_err(read_failed)?;
+        let now_ms = now_ms();
+        let live = current.as_ref().filter(|entry| entry.is_live(now_ms)).and_then(|e| e.value.as_deref());
+        match update(live)? {
+            Some((bytes, expires_at_ms)) => {
+                let timestamp_us = self.hlc.now();
+                let seq =
+                    self.engine.write(key, Some(&bytes), timestamp_us, expires_at_ms).map_err(internal)?;
+                Ok((Some(bytes), seq))
+            }
+            None => Ok((None, current.map_or(0, |entry| entry.seq))),
+        }
+    }
+
+    /// Waits until the write with sequence number `seq` is durable.
+    pub async fn wait_acked(&self, seq: u64) -> Result<(), LocalReply> {
+        self.engine.wal().wait_acked(seq).await.map_err(internal)
     }
 
     /// Logs and applies one mutation; `value: None` deletes.

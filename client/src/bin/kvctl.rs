@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use client::{CasOutcome, Client, Error, Options, Value};
+use client::{CasOutcome, Client, Consistency, Error, Options, Value};
 use serde_json::json;
 
 #[derive(Debug, Parser)]
@@ -22,6 +22,9 @@ struct Cli {
     /// Deadline of the request, e.g. 500ms, 5s.
     #[arg(long, global = true, default_value = "5s", value_parser = parse_duration)]
     timeout: Duration,
+    /// Replicas that must answer (in a cluster): one, quorum or all.
+    #[arg(long, global = true, default_value = "quorum", value_parser = parse_consistency)]
+    consistency: Consistency,
     #[command(subcommand)]
     command: Command,
 }
@@ -67,6 +70,30 @@ enum Command {
     /// Print every shard's counters and storage-engine figures (amplification, cache hit
     /// ratio, compaction debt) as a JSON array.
     Stats,
+    /// Print the cluster's nodes: name, address, up or down, status, load.
+    Status,
+    /// Print the ring: partitions and the share of the key space each node owns.
+    Ring,
+    /// Print every sibling of KEY and its causal context (hex), one line each.
+    Versions { key: String },
+}
+
+fn parse_consistency(text: &str) -> Result<Consistency, String> {
+    match text.to_ascii_lowercase().as_str() {
+        "one" => Ok(Consistency::ONE),
+        "quorum" => Ok(Consistency::QUORUM),
+        "all" => Ok(Consistency::ALL),
+        _ => Err(format!("expected one, quorum or all, got {text:?}")),
+    }
+}
+
+fn status_name(status: client::NodeStatus) -> &'static str {
+    status.variant_name().map_or("unknown", |name| match name {
+        "JOINING" => "joining",
+        "NORMAL" => "normal",
+        "LEAVING" => "leaving",
+        _ => "unknown",
+    })
 }
 
 /// "250ms", "30s", "5m", "2h", "1d"; a bare number is seconds.
@@ -150,7 +177,8 @@ fn not_found(json: bool) -> Outcome {
 async fn run(cli: Cli) -> anyhow::Result<Outcome> {
     // One request needs one connection; stats asks every shard on its own port.
     let shard_aware = matches!(cli.command, Command::Stats);
-    let options = Options { timeout: cli.timeout, shard_aware, ..Options::default() };
+    let options =
+        Options { timeout: cli.timeout, shard_aware, consistency: cli.consistency, ..Options::default() };
     let client = Client::connect(cli.addr.as_str(), options).await?;
     let json = cli.json;
     match cli.command {
@@ -213,6 +241,98 @@ async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             }
             None => Ok(not_found(json)),
         },
+        Command::Status => {
+            let topology = client.topology().await?;
+            if json {
+                let nodes: Vec<_> = topology
+                    .nodes
+                    .iter()
+                    .map(|n| json!({"name": n.name, "address": n.address, "up": n.up,
+                        "status": status_name(n.status), "load_bytes": n.load_bytes, "shards": n.shard_ports.len()}))
+                    .collect();
+                println!(
+                    "{}",
+                    json!({"formed": topology.formed, "replicas": topology.replica_count, "nodes": nodes})
+                );
+            } else {
+                let state = if topology.formed { "formed" } else { "forming" };
+                println!(
+                    "cluster {state}: {} nodes, {} replicas per key",
+                    topology.nodes.len(),
+                    topology.replica_count
+                );
+                println!(
+                    "{:<20} {:<22} {:<5} {:<8} {:>12} {:>6}",
+                    "NODE", "ADDRESS", "UP", "STATUS", "LOAD_BYTES", "SHARDS"
+                );
+                for n in &topology.nodes {
+                    let up = if n.up { "up" } else { "DOWN" };
+                    println!(
+                        "{:<20} {:<22} {:<5} {:<8} {:>12} {:>6}",
+                        n.name,
+                        n.address,
+                        up,
+                        status_name(n.status),
+                        n.load_bytes,
+                        n.shard_ports.len()
+                    );
+                }
+            }
+            Ok(Outcome::Success)
+        }
+        Command::Ring => {
+            let topology = client.topology().await?;
+            if !topology.formed {
+                anyhow::bail!("the cluster has not formed yet");
+            }
+            let partitions = topology.owners.len();
+            let mut counts = vec![0usize; topology.nodes.len()];
+            for &owner in &topology.owners {
+                counts[owner as usize] += 1;
+            }
+            let max = counts.iter().copied().max().unwrap_or(0) as f64;
+            let min = counts.iter().copied().min().unwrap_or(0).max(1) as f64;
+            if json {
+                let nodes: Vec<_> = topology.nodes.iter().zip(&counts)
+                    .map(|(n, &c)| json!({"name": n.name, "partitions": c, "share": c as f64 / partitions as f64}))
+                    .collect();
+                println!(
+                    "{}",
+                    json!({"partitions": partitions, "replicas": topology.replica_count,
+                    "largest_over_smallest": max / min, "nodes": nodes})
+                );
+            } else {
+                println!("{partitions} partitions, {} replicas per key", topology.replica_count);
+                for (node, count) in topology.nodes.iter().zip(&counts) {
+                    println!(
+                        "{:<20} {:>6} partitions  {:>6.2}%",
+                        node.name,
+                        count,
+                        100.0 * *count as f64 / partitions as f64
+                    );
+                }
+                println!("largest share / smallest share: {:.3}", max / min);
+            }
+            Ok(Outcome::Success)
+        }
+        Command::Versions { key } => {
+            let versioned = client.get_versions(key.as_bytes()).await?;
+            let context: String = versioned.context.iter().map(|b| format!("{b:02x}")).collect();
+            if json {
+                let siblings: Vec<_> = versioned.siblings.iter().map(value_json).collect();
+                println!("{}", json!({"siblings": siblings, "context": context}));
+            } else {
+                for sibling in &versioned.siblings {
+                    println!(
+                        "{} (written at {} us)",
+                        String::from_utf8_lossy(&sibling.value),
+                        sibling.timestamp_us
+                    );
+                }
+                println!("context {context}");
+            }
+            Ok(if versioned.siblings.is_empty() { Outcome::Absent } else { Outcome::Success })
+        }
         Command::Stats => {
             let shards: Vec<serde_json::Value> = client
                 .stats()

@@ -108,10 +108,10 @@ impl ::flatbuffers::SimpleToVerifyInSlice for Consistency {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_STATUS: u16 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_STATUS: u16 = 13;
+pub const ENUM_MAX_STATUS: u16 = 14;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_STATUS: [Status; 14] = [
+pub const ENUM_VALUES_STATUS: [Status; 15] = [
   Status::OK,
   Status::NOT_FOUND,
   Status::CAS_FAILED,
@@ -126,6 +126,7 @@ pub const ENUM_VALUES_STATUS: [Status; 14] = [
   Status::UNSUPPORTED_VERSION,
   Status::FRAME_TOO_LARGE,
   Status::NO_SPACE,
+  Status::UNSUPPORTED,
 ];
 
 /// Outcome of a request. Values are stable: new ones are appended, none renumbered.
@@ -150,9 +151,12 @@ impl Status {
   /// The node's disk is full: writes are refused, reads still served; writes are accepted
   /// again by themselves once space is freed. Retry later.
   pub const NO_SPACE: Self = Self(13);
+  /// The operation is not offered in this configuration (CAS in a cluster, until
+  /// linearizable CAS lands).
+  pub const UNSUPPORTED: Self = Self(14);
 
   pub const ENUM_MIN: u16 = 0;
-  pub const ENUM_MAX: u16 = 13;
+  pub const ENUM_MAX: u16 = 14;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::OK,
     Self::NOT_FOUND,
@@ -168,6 +172,7 @@ impl Status {
     Self::UNSUPPORTED_VERSION,
     Self::FRAME_TOO_LARGE,
     Self::NO_SPACE,
+    Self::UNSUPPORTED,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -186,6 +191,7 @@ impl Status {
       Self::UNSUPPORTED_VERSION => Some("UNSUPPORTED_VERSION"),
       Self::FRAME_TOO_LARGE => Some("FRAME_TOO_LARGE"),
       Self::NO_SPACE => Some("NO_SPACE"),
+      Self::UNSUPPORTED => Some("UNSUPPORTED"),
       _ => None,
     }
   }
@@ -325,10 +331,10 @@ impl ::flatbuffers::SimpleToVerifyInSlice for ShardFunction {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_OPERATION: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_OPERATION: u8 = 6;
+pub const ENUM_MAX_OPERATION: u8 = 10;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_OPERATION: [Operation; 7] = [
+pub const ENUM_VALUES_OPERATION: [Operation; 11] = [
   Operation::NONE,
   Operation::Hello,
   Operation::Put,
@@ -336,6 +342,10 @@ pub const ENUM_VALUES_OPERATION: [Operation; 7] = [
   Operation::Delete,
   Operation::Cas,
   Operation::Stats,
+  Operation::Topology,
+  Operation::Replicate,
+  Operation::ReadReplica,
+  Operation::Gossip,
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -350,9 +360,13 @@ impl Operation {
   pub const Delete: Self = Self(4);
   pub const Cas: Self = Self(5);
   pub const Stats: Self = Self(6);
+  pub const Topology: Self = Self(7);
+  pub const Replicate: Self = Self(8);
+  pub const ReadReplica: Self = Self(9);
+  pub const Gossip: Self = Self(10);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 6;
+  pub const ENUM_MAX: u8 = 10;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::NONE,
     Self::Hello,
@@ -361,6 +375,10 @@ impl Operation {
     Self::Delete,
     Self::Cas,
     Self::Stats,
+    Self::Topology,
+    Self::Replicate,
+    Self::ReadReplica,
+    Self::Gossip,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -372,6 +390,10 @@ impl Operation {
       Self::Delete => Some("Delete"),
       Self::Cas => Some("Cas"),
       Self::Stats => Some("Stats"),
+      Self::Topology => Some("Topology"),
+      Self::Replicate => Some("Replicate"),
+      Self::ReadReplica => Some("ReadReplica"),
+      Self::Gossip => Some("Gossip"),
       _ => None,
     }
   }
@@ -427,6 +449,310 @@ impl<'a> ::flatbuffers::Verifiable for Operation {
 
 impl ::flatbuffers::SimpleToVerifyInSlice for Operation {}
 pub struct OperationUnionTableOffset {}
+
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+pub const ENUM_MIN_GOSSIP_KIND: u8 = 0;
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+pub const ENUM_MAX_GOSSIP_KIND: u8 = 2;
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+#[allow(non_camel_case_types)]
+pub const ENUM_VALUES_GOSSIP_KIND: [GossipKind; 3] = [
+  GossipKind::DIGEST,
+  GossipKind::REPLY,
+  GossipKind::STATES,
+];
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[repr(transparent)]
+pub struct GossipKind(pub u8);
+#[allow(non_upper_case_globals)]
+impl GossipKind {
+  pub const DIGEST: Self = Self(0);
+  pub const REPLY: Self = Self(1);
+  pub const STATES: Self = Self(2);
+
+  pub const ENUM_MIN: u8 = 0;
+  pub const ENUM_MAX: u8 = 2;
+  pub const ENUM_VALUES: &'static [Self] = &[
+    Self::DIGEST,
+    Self::REPLY,
+    Self::STATES,
+  ];
+  /// Returns the variant's name or "" if unknown.
+  pub fn variant_name(self) -> Option<&'static str> {
+    match self {
+      Self::DIGEST => Some("DIGEST"),
+      Self::REPLY => Some("REPLY"),
+      Self::STATES => Some("STATES"),
+      _ => None,
+    }
+  }
+}
+impl ::core::fmt::Debug for GossipKind {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter) -> ::core::fmt::Result {
+    if let Some(name) = self.variant_name() {
+      f.write_str(name)
+    } else {
+      f.write_fmt(format_args!("<UNKNOWN {:?}>", self.0))
+    }
+  }
+}
+impl<'a> ::flatbuffers::Follow<'a> for GossipKind {
+  type Inner = Self;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    let b = unsafe { ::flatbuffers::read_scalar_at::<u8>(buf, loc) };
+    Self(b)
+  }
+}
+
+impl ::flatbuffers::Push for GossipKind {
+    type Output = GossipKind;
+    #[inline]
+    unsafe fn push(&self, dst: &mut [u8], _written_len: usize) {
+        unsafe { ::flatbuffers::emplace_scalar::<u8>(dst, self.0) };
+    }
+}
+
+impl ::flatbuffers::EndianScalar for GossipKind {
+  type Scalar = u8;
+  #[inline]
+  fn to_little_endian(self) -> u8 {
+    self.0.to_le()
+  }
+  #[inline]
+  #[allow(clippy::wrong_self_convention)]
+  fn from_little_endian(v: u8) -> Self {
+    let b = u8::from_le(v);
+    Self(b)
+  }
+}
+
+impl<'a> ::flatbuffers::Verifiable for GossipKind {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    u8::run_verifier(v, pos)
+  }
+}
+
+impl ::flatbuffers::SimpleToVerifyInSlice for GossipKind {}
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+pub const ENUM_MIN_NODE_STATUS: u8 = 0;
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+pub const ENUM_MAX_NODE_STATUS: u8 = 2;
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+#[allow(non_camel_case_types)]
+pub const ENUM_VALUES_NODE_STATUS: [NodeStatus; 3] = [
+  NodeStatus::JOINING,
+  NodeStatus::NORMAL,
+  NodeStatus::LEAVING,
+];
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[repr(transparent)]
+pub struct NodeStatus(pub u8);
+#[allow(non_upper_case_globals)]
+impl NodeStatus {
+  pub const JOINING: Self = Self(0);
+  pub const NORMAL: Self = Self(1);
+  pub const LEAVING: Self = Self(2);
+
+  pub const ENUM_MIN: u8 = 0;
+  pub const ENUM_MAX: u8 = 2;
+  pub const ENUM_VALUES: &'static [Self] = &[
+    Self::JOINING,
+    Self::NORMAL,
+    Self::LEAVING,
+  ];
+  /// Returns the variant's name or "" if unknown.
+  pub fn variant_name(self) -> Option<&'static str> {
+    match self {
+      Self::JOINING => Some("JOINING"),
+      Self::NORMAL => Some("NORMAL"),
+      Self::LEAVING => Some("LEAVING"),
+      _ => None,
+    }
+  }
+}
+impl ::core::fmt::Debug for NodeStatus {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter) -> ::core::fmt::Result {
+    if let Some(name) = self.variant_name() {
+      f.write_str(name)
+    } else {
+      f.write_fmt(format_args!("<UNKNOWN {:?}>", self.0))
+    }
+  }
+}
+impl<'a> ::flatbuffers::Follow<'a> for NodeStatus {
+  type Inner = Self;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    let b = unsafe { ::flatbuffers::read_scalar_at::<u8>(buf, loc) };
+    Self(b)
+  }
+}
+
+impl ::flatbuffers::Push for NodeStatus {
+    type Output = NodeStatus;
+    #[inline]
+    unsafe fn push(&self, dst: &mut [u8], _written_len: usize) {
+        unsafe { ::flatbuffers::emplace_scalar::<u8>(dst, self.0) };
+    }
+}
+
+impl ::flatbuffers::EndianScalar for NodeStatus {
+  type Scalar = u8;
+  #[inline]
+  fn to_little_endian(self) -> u8 {
+    self.0.to_le()
+  }
+  #[inline]
+  #[allow(clippy::wrong_self_convention)]
+  fn from_little_endian(v: u8) -> Self {
+    let b = u8::from_le(v);
+    Self(b)
+  }
+}
+
+impl<'a> ::flatbuffers::Verifiable for NodeStatus {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    u8::run_verifier(v, pos)
+  }
+}
+
+impl ::flatbuffers::SimpleToVerifyInSlice for NodeStatus {}
+/// A version-vector entry: every write by `actor` up to `counter` has been seen.
+// struct ClockEntry, aligned to 8
+#[repr(transparent)]
+#[derive(Clone, Copy, PartialEq)]
+pub struct ClockEntry(pub [u8; 16]);
+impl Default for ClockEntry { 
+  fn default() -> Self { 
+    Self([0; 16])
+  }
+}
+impl ::core::fmt::Debug for ClockEntry {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter) -> ::core::fmt::Result {
+    f.debug_struct("ClockEntry")
+      .field("actor", &self.actor())
+      .field("counter", &self.counter())
+      .finish()
+  }
+}
+
+impl ::flatbuffers::SimpleToVerifyInSlice for ClockEntry {}
+impl<'a> ::flatbuffers::Follow<'a> for ClockEntry {
+  type Inner = &'a ClockEntry;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    unsafe { <&'a ClockEntry>::follow(buf, loc) }
+  }
+}
+impl<'a> ::flatbuffers::Follow<'a> for &'a ClockEntry {
+  type Inner = &'a ClockEntry;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    unsafe { ::flatbuffers::follow_cast_ref::<ClockEntry>(buf, loc) }
+  }
+}
+impl<'b> ::flatbuffers::Push for ClockEntry {
+    type Output = ClockEntry;
+    #[inline]
+    unsafe fn push(&self, dst: &mut [u8], _written_len: usize) {
+        let src = unsafe { ::core::slice::from_raw_parts(self as *const ClockEntry as *const u8, <Self as ::flatbuffers::Push>::size()) };
+        dst.copy_from_slice(src);
+    }
+    #[inline]
+    fn alignment() -> ::flatbuffers::PushAlignment {
+        ::flatbuffers::PushAlignment::new(8)
+    }
+}
+
+impl<'a> ::flatbuffers::Verifiable for ClockEntry {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.in_buffer::<Self>(pos)
+  }
+}
+
+impl<'a> ClockEntry {
+  #[allow(clippy::too_many_arguments)]
+  pub fn new(
+    actor: u32,
+    counter: u64,
+  ) -> Self {
+    let mut s = Self([0; 16]);
+    s.set_actor(actor);
+    s.set_counter(counter);
+    s
+  }
+
+  pub fn actor(&self) -> u32 {
+    let mut mem = ::core::mem::MaybeUninit::<<u32 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[0..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u32 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_actor(&mut self, x: u32) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[0..].as_mut_ptr(),
+        ::core::mem::size_of::<<u32 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+  pub fn counter(&self) -> u64 {
+    let mut mem = ::core::mem::MaybeUninit::<<u64 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[8..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_counter(&mut self, x: u64) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[8..].as_mut_ptr(),
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+}
 
 pub enum HelloOffset {}
 #[derive(Copy, Clone, PartialEq)]
@@ -1131,6 +1457,413 @@ impl ::core::fmt::Debug for Stats<'_> {
       ds.finish()
   }
 }
+pub enum TopologyOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Asks a node for the cluster's membership and ring (`Response.topology`).
+pub struct Topology<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for Topology<'a> {
+  type Inner = Topology<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> Topology<'a> {
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    Topology { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    _args: &'args TopologyArgs
+  ) -> ::flatbuffers::WIPOffset<Topology<'bldr>> {
+    let mut builder = TopologyBuilder::new(_fbb);
+    builder.finish()
+  }
+
+}
+
+impl ::flatbuffers::Verifiable for Topology<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct TopologyArgs {
+}
+impl<'a> Default for TopologyArgs {
+  #[inline]
+  fn default() -> Self {
+    TopologyArgs {
+    }
+  }
+}
+
+pub struct TopologyBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> TopologyBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> TopologyBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    TopologyBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<Topology<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for Topology<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("Topology");
+      ds.finish()
+  }
+}
+pub enum ReplicateOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Merge `versions` (a nested `KeyVersions`) into the replica's versions of `key`: a
+/// coordinator's write, a replayed hint or a read repair. Answered OK once durable.
+pub struct Replicate<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for Replicate<'a> {
+  type Inner = Replicate<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> Replicate<'a> {
+  pub const VT_KEY: ::flatbuffers::VOffsetT = 4;
+  pub const VT_VERSIONS: ::flatbuffers::VOffsetT = 6;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    Replicate { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args ReplicateArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<Replicate<'bldr>> {
+    let mut builder = ReplicateBuilder::new(_fbb);
+    if let Some(x) = args.versions { builder.add_versions(x); }
+    if let Some(x) = args.key { builder.add_key(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn key(&self) -> Option<::flatbuffers::Vector<'a, u8>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u8>>>(Replicate::VT_KEY, None)}
+  }
+  #[inline]
+  pub fn versions(&self) -> Option<::flatbuffers::Vector<'a, u8>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u8>>>(Replicate::VT_VERSIONS, None)}
+  }
+  pub fn versions_nested_flatbuffer(&'a self) -> Option<KeyVersions<'a>> {
+    self.versions().map(|data| {
+      use ::flatbuffers::Follow;
+      // Safety:
+      // Created from a valid Table for this object
+      // Which contains a valid flatbuffer in this slot
+      unsafe { <::flatbuffers::ForwardsUOffset<KeyVersions<'a>>>::follow(data.bytes(), 0) }
+    })
+  }
+}
+
+impl ::flatbuffers::Verifiable for Replicate<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u8>>>("key", Self::VT_KEY, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u8>>>("versions", Self::VT_VERSIONS, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct ReplicateArgs<'a> {
+    pub key: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u8>>>,
+    pub versions: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u8>>>,
+}
+impl<'a> Default for ReplicateArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    ReplicateArgs {
+      key: None,
+      versions: None,
+    }
+  }
+}
+
+pub struct ReplicateBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ReplicateBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_key(&mut self, key: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u8>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Replicate::VT_KEY, key);
+  }
+  #[inline]
+  pub fn add_versions(&mut self, versions: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u8>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Replicate::VT_VERSIONS, versions);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ReplicateBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    ReplicateBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<Replicate<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for Replicate<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("Replicate");
+      ds.field("key", &self.key());
+      ds.field("versions", &self.versions());
+      ds.finish()
+  }
+}
+pub enum ReadReplicaOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Asks a replica for its versions of `key` (`Response.versions`, empty when it has none).
+pub struct ReadReplica<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for ReadReplica<'a> {
+  type Inner = ReadReplica<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> ReadReplica<'a> {
+  pub const VT_KEY: ::flatbuffers::VOffsetT = 4;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    ReadReplica { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args ReadReplicaArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<ReadReplica<'bldr>> {
+    let mut builder = ReadReplicaBuilder::new(_fbb);
+    if let Some(x) = args.key { builder.add_key(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn key(&self) -> Option<::flatbuffers::Vector<'a, u8>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u8>>>(ReadReplica::VT_KEY, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for ReadReplica<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u8>>>("key", Self::VT_KEY, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct ReadReplicaArgs<'a> {
+    pub key: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u8>>>,
+}
+impl<'a> Default for ReadReplicaArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    ReadReplicaArgs {
+      key: None,
+    }
+  }
+}
+
+pub struct ReadReplicaBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ReadReplicaBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_key(&mut self, key: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u8>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(ReadReplica::VT_KEY, key);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ReadReplicaBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    ReadReplicaBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<ReadReplica<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for ReadReplica<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("ReadReplica");
+      ds.field("key", &self.key());
+      ds.finish()
+  }
+}
+pub enum GossipOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// One gossip message (a nested `GossipMessage`), sent to a node's shard 0. Answered OK at
+/// once; what the receiver has to say goes back as a gossip message of its own.
+pub struct Gossip<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for Gossip<'a> {
+  type Inner = Gossip<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> Gossip<'a> {
+  pub const VT_MESSAGE: ::flatbuffers::VOffsetT = 4;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    Gossip { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args GossipArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<Gossip<'bldr>> {
+    let mut builder = GossipBuilder::new(_fbb);
+    if let Some(x) = args.message { builder.add_message(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn message(&self) -> Option<::flatbuffers::Vector<'a, u8>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u8>>>(Gossip::VT_MESSAGE, None)}
+  }
+  pub fn message_nested_flatbuffer(&'a self) -> Option<GossipMessage<'a>> {
+    self.message().map(|data| {
+      use ::flatbuffers::Follow;
+      // Safety:
+      // Created from a valid Table for this object
+      // Which contains a valid flatbuffer in this slot
+      unsafe { <::flatbuffers::ForwardsUOffset<GossipMessage<'a>>>::follow(data.bytes(), 0) }
+    })
+  }
+}
+
+impl ::flatbuffers::Verifiable for Gossip<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u8>>>("message", Self::VT_MESSAGE, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct GossipArgs<'a> {
+    pub message: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u8>>>,
+}
+impl<'a> Default for GossipArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    GossipArgs {
+      message: None,
+    }
+  }
+}
+
+pub struct GossipBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> GossipBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_message(&mut self, message: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u8>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Gossip::VT_MESSAGE, message);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> GossipBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    GossipBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<Gossip<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for Gossip<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("Gossip");
+      ds.field("message", &self.message());
+      ds.finish()
+  }
+}
 pub enum RequestOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
@@ -1321,6 +2054,66 @@ impl<'a> Request<'a> {
     }
   }
 
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn op_as_topology(&self) -> Option<Topology<'a>> {
+    if self.op_type() == Operation::Topology {
+      self.op().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { Topology::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn op_as_replicate(&self) -> Option<Replicate<'a>> {
+    if self.op_type() == Operation::Replicate {
+      self.op().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { Replicate::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn op_as_read_replica(&self) -> Option<ReadReplica<'a>> {
+    if self.op_type() == Operation::ReadReplica {
+      self.op().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { ReadReplica::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn op_as_gossip(&self) -> Option<Gossip<'a>> {
+    if self.op_type() == Operation::Gossip {
+      self.op().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { Gossip::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
 }
 
 impl ::flatbuffers::Verifiable for Request<'_> {
@@ -1342,6 +2135,10 @@ impl ::flatbuffers::Verifiable for Request<'_> {
           Operation::Delete => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Delete>>("Operation::Delete", pos),
           Operation::Cas => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Cas>>("Operation::Cas", pos),
           Operation::Stats => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Stats>>("Operation::Stats", pos),
+          Operation::Topology => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Topology>>("Operation::Topology", pos),
+          Operation::Replicate => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Replicate>>("Operation::Replicate", pos),
+          Operation::ReadReplica => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<ReadReplica>>("Operation::ReadReplica", pos),
+          Operation::Gossip => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Gossip>>("Operation::Gossip", pos),
           _ => Ok(()),
         }
      })?
@@ -1468,6 +2265,34 @@ impl ::core::fmt::Debug for Request<'_> {
         },
         Operation::Stats => {
           if let Some(x) = self.op_as_stats() {
+            ds.field("op", &x)
+          } else {
+            ds.field("op", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Operation::Topology => {
+          if let Some(x) = self.op_as_topology() {
+            ds.field("op", &x)
+          } else {
+            ds.field("op", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Operation::Replicate => {
+          if let Some(x) = self.op_as_replicate() {
+            ds.field("op", &x)
+          } else {
+            ds.field("op", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Operation::ReadReplica => {
+          if let Some(x) = self.op_as_read_replica() {
+            ds.field("op", &x)
+          } else {
+            ds.field("op", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Operation::Gossip => {
+          if let Some(x) = self.op_as_gossip() {
             ds.field("op", &x)
           } else {
             ds.field("op", &"InvalidFlatbuffer: Union discriminant does not match value.")
@@ -1950,6 +2775,8 @@ impl<'a> Response<'a> {
   pub const VT_CONTEXT: ::flatbuffers::VOffsetT = 12;
   pub const VT_HELLO: ::flatbuffers::VOffsetT = 14;
   pub const VT_STATS_JSON: ::flatbuffers::VOffsetT = 16;
+  pub const VT_VERSIONS: ::flatbuffers::VOffsetT = 18;
+  pub const VT_TOPOLOGY: ::flatbuffers::VOffsetT = 20;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -1962,6 +2789,8 @@ impl<'a> Response<'a> {
   ) -> ::flatbuffers::WIPOffset<Response<'bldr>> {
     let mut builder = ResponseBuilder::new(_fbb);
     builder.add_id(args.id);
+    if let Some(x) = args.topology { builder.add_topology(x); }
+    if let Some(x) = args.versions { builder.add_versions(x); }
     if let Some(x) = args.stats_json { builder.add_stats_json(x); }
     if let Some(x) = args.hello { builder.add_hello(x); }
     if let Some(x) = args.context { builder.add_context(x); }
@@ -2025,6 +2854,40 @@ impl<'a> Response<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(Response::VT_STATS_JSON, None)}
   }
+  /// Present only in the reply to ReadReplica (a nested `KeyVersions`).
+  #[inline]
+  pub fn versions(&self) -> Option<::flatbuffers::Vector<'a, u8>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u8>>>(Response::VT_VERSIONS, None)}
+  }
+  pub fn versions_nested_flatbuffer(&'a self) -> Option<KeyVersions<'a>> {
+    self.versions().map(|data| {
+      use ::flatbuffers::Follow;
+      // Safety:
+      // Created from a valid Table for this object
+      // Which contains a valid flatbuffer in this slot
+      unsafe { <::flatbuffers::ForwardsUOffset<KeyVersions<'a>>>::follow(data.bytes(), 0) }
+    })
+  }
+  /// Present only in the reply to Topology (a nested `TopologyReply`).
+  #[inline]
+  pub fn topology(&self) -> Option<::flatbuffers::Vector<'a, u8>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u8>>>(Response::VT_TOPOLOGY, None)}
+  }
+  pub fn topology_nested_flatbuffer(&'a self) -> Option<TopologyReply<'a>> {
+    self.topology().map(|data| {
+      use ::flatbuffers::Follow;
+      // Safety:
+      // Created from a valid Table for this object
+      // Which contains a valid flatbuffer in this slot
+      unsafe { <::flatbuffers::ForwardsUOffset<TopologyReply<'a>>>::follow(data.bytes(), 0) }
+    })
+  }
 }
 
 impl ::flatbuffers::Verifiable for Response<'_> {
@@ -2040,6 +2903,8 @@ impl ::flatbuffers::Verifiable for Response<'_> {
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u8>>>("context", Self::VT_CONTEXT, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<HelloReply>>("hello", Self::VT_HELLO, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("stats_json", Self::VT_STATS_JSON, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u8>>>("versions", Self::VT_VERSIONS, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u8>>>("topology", Self::VT_TOPOLOGY, false)?
      .finish();
     Ok(())
   }
@@ -2052,6 +2917,8 @@ pub struct ResponseArgs<'a> {
     pub context: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u8>>>,
     pub hello: Option<::flatbuffers::WIPOffset<HelloReply<'a>>>,
     pub stats_json: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub versions: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u8>>>,
+    pub topology: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u8>>>,
 }
 impl<'a> Default for ResponseArgs<'a> {
   #[inline]
@@ -2064,6 +2931,8 @@ impl<'a> Default for ResponseArgs<'a> {
       context: None,
       hello: None,
       stats_json: None,
+      versions: None,
+      topology: None,
     }
   }
 }
@@ -2102,6 +2971,14 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ResponseBuilder<'a, 'b, A> {
     self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Response::VT_STATS_JSON, stats_json);
   }
   #[inline]
+  pub fn add_versions(&mut self, versions: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u8>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Response::VT_VERSIONS, versions);
+  }
+  #[inline]
+  pub fn add_topology(&mut self, topology: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u8>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Response::VT_TOPOLOGY, topology);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ResponseBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     ResponseBuilder {
@@ -2126,6 +3003,1238 @@ impl ::core::fmt::Debug for Response<'_> {
       ds.field("context", &self.context());
       ds.field("hello", &self.hello());
       ds.field("stats_json", &self.stats_json());
+      ds.field("versions", &self.versions());
+      ds.field("topology", &self.topology());
+      ds.finish()
+  }
+}
+pub enum StoredSiblingOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// One concurrent version, named by the dot (actor, counter) of the write that made it.
+pub struct StoredSibling<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for StoredSibling<'a> {
+  type Inner = StoredSibling<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> StoredSibling<'a> {
+  pub const VT_ACTOR: ::flatbuffers::VOffsetT = 4;
+  pub const VT_COUNTER: ::flatbuffers::VOffsetT = 6;
+  pub const VT_VALUE: ::flatbuffers::VOffsetT = 8;
+  pub const VT_TOMBSTONE: ::flatbuffers::VOffsetT = 10;
+  pub const VT_TIMESTAMP_US: ::flatbuffers::VOffsetT = 12;
+  pub const VT_EXPIRES_AT_MS: ::flatbuffers::VOffsetT = 14;
+  pub const VT_BLIND: ::flatbuffers::VOffsetT = 16;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    StoredSibling { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args StoredSiblingArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<StoredSibling<'bldr>> {
+    let mut builder = StoredSiblingBuilder::new(_fbb);
+    builder.add_expires_at_ms(args.expires_at_ms);
+    builder.add_timestamp_us(args.timestamp_us);
+    builder.add_counter(args.counter);
+    if let Some(x) = args.value { builder.add_value(x); }
+    builder.add_actor(args.actor);
+    builder.add_blind(args.blind);
+    builder.add_tombstone(args.tombstone);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn actor(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(StoredSibling::VT_ACTOR, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn counter(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(StoredSibling::VT_COUNTER, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn value(&self) -> Option<::flatbuffers::Vector<'a, u8>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u8>>>(StoredSibling::VT_VALUE, None)}
+  }
+  /// A deletion: `value` is absent.
+  #[inline]
+  pub fn tombstone(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(StoredSibling::VT_TOMBSTONE, Some(false)).unwrap()}
+  }
+  #[inline]
+  pub fn timestamp_us(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(StoredSibling::VT_TIMESTAMP_US, Some(0)).unwrap()}
+  }
+  /// Milliseconds since the Unix epoch at which the value expires; 0: never.
+  #[inline]
+  pub fn expires_at_ms(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(StoredSibling::VT_EXPIRES_AT_MS, Some(0)).unwrap()}
+  }
+  /// Written without a causal context: last-writer-wins among blind siblings.
+  #[inline]
+  pub fn blind(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(StoredSibling::VT_BLIND, Some(false)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for StoredSibling<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u32>("actor", Self::VT_ACTOR, false)?
+     .visit_field::<u64>("counter", Self::VT_COUNTER, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u8>>>("value", Self::VT_VALUE, false)?
+     .visit_field::<bool>("tombstone", Self::VT_TOMBSTONE, false)?
+     .visit_field::<u64>("timestamp_us", Self::VT_TIMESTAMP_US, false)?
+     .visit_field::<u64>("expires_at_ms", Self::VT_EXPIRES_AT_MS, false)?
+     .visit_field::<bool>("blind", Self::VT_BLIND, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct StoredSiblingArgs<'a> {
+    pub actor: u32,
+    pub counter: u64,
+    pub value: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u8>>>,
+    pub tombstone: bool,
+    pub timestamp_us: u64,
+    pub expires_at_ms: u64,
+    pub blind: bool,
+}
+impl<'a> Default for StoredSiblingArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    StoredSiblingArgs {
+      actor: 0,
+      counter: 0,
+      value: None,
+      tombstone: false,
+      timestamp_us: 0,
+      expires_at_ms: 0,
+      blind: false,
+    }
+  }
+}
+
+pub struct StoredSiblingBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> StoredSiblingBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_actor(&mut self, actor: u32) {
+    self.fbb_.push_slot::<u32>(StoredSibling::VT_ACTOR, actor, 0);
+  }
+  #[inline]
+  pub fn add_counter(&mut self, counter: u64) {
+    self.fbb_.push_slot::<u64>(StoredSibling::VT_COUNTER, counter, 0);
+  }
+  #[inline]
+  pub fn add_value(&mut self, value: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u8>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(StoredSibling::VT_VALUE, value);
+  }
+  #[inline]
+  pub fn add_tombstone(&mut self, tombstone: bool) {
+    self.fbb_.push_slot::<bool>(StoredSibling::VT_TOMBSTONE, tombstone, false);
+  }
+  #[inline]
+  pub fn add_timestamp_us(&mut self, timestamp_us: u64) {
+    self.fbb_.push_slot::<u64>(StoredSibling::VT_TIMESTAMP_US, timestamp_us, 0);
+  }
+  #[inline]
+  pub fn add_expires_at_ms(&mut self, expires_at_ms: u64) {
+    self.fbb_.push_slot::<u64>(StoredSibling::VT_EXPIRES_AT_MS, expires_at_ms, 0);
+  }
+  #[inline]
+  pub fn add_blind(&mut self, blind: bool) {
+    self.fbb_.push_slot::<bool>(StoredSibling::VT_BLIND, blind, false);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> StoredSiblingBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    StoredSiblingBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<StoredSibling<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for StoredSibling<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("StoredSibling");
+      ds.field("actor", &self.actor());
+      ds.field("counter", &self.counter());
+      ds.field("value", &self.value());
+      ds.field("tombstone", &self.tombstone());
+      ds.field("timestamp_us", &self.timestamp_us());
+      ds.field("expires_at_ms", &self.expires_at_ms());
+      ds.field("blind", &self.blind());
+      ds.finish()
+  }
+}
+pub enum KeyVersionsOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct KeyVersions<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for KeyVersions<'a> {
+  type Inner = KeyVersions<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> KeyVersions<'a> {
+  pub const VT_CLOCK: ::flatbuffers::VOffsetT = 4;
+  pub const VT_SIBLINGS: ::flatbuffers::VOffsetT = 6;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    KeyVersions { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args KeyVersionsArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<KeyVersions<'bldr>> {
+    let mut builder = KeyVersionsBuilder::new(_fbb);
+    if let Some(x) = args.siblings { builder.add_siblings(x); }
+    if let Some(x) = args.clock { builder.add_clock(x); }
+    builder.finish()
+  }
+
+
+  /// Sorted by actor, counters above zero.
+  #[inline]
+  pub fn clock(&self) -> Option<::flatbuffers::Vector<'a, ClockEntry>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ClockEntry>>>(KeyVersions::VT_CLOCK, None)}
+  }
+  #[inline]
+  pub fn siblings(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<StoredSibling<'a>>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<StoredSibling>>>>(KeyVersions::VT_SIBLINGS, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for KeyVersions<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ClockEntry>>>("clock", Self::VT_CLOCK, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<StoredSibling>>>>("siblings", Self::VT_SIBLINGS, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct KeyVersionsArgs<'a> {
+    pub clock: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ClockEntry>>>,
+    pub siblings: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<StoredSibling<'a>>>>>,
+}
+impl<'a> Default for KeyVersionsArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    KeyVersionsArgs {
+      clock: None,
+      siblings: None,
+    }
+  }
+}
+
+pub struct KeyVersionsBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> KeyVersionsBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_clock(&mut self, clock: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ClockEntry>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(KeyVersions::VT_CLOCK, clock);
+  }
+  #[inline]
+  pub fn add_siblings(&mut self, siblings: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<StoredSibling<'b >>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(KeyVersions::VT_SIBLINGS, siblings);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> KeyVersionsBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    KeyVersionsBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<KeyVersions<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for KeyVersions<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("KeyVersions");
+      ds.field("clock", &self.clock());
+      ds.field("siblings", &self.siblings());
+      ds.finish()
+  }
+}
+pub enum GossipVersionOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct GossipVersion<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for GossipVersion<'a> {
+  type Inner = GossipVersion<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> GossipVersion<'a> {
+  pub const VT_NODE: ::flatbuffers::VOffsetT = 4;
+  pub const VT_GENERATION: ::flatbuffers::VOffsetT = 6;
+  pub const VT_HEARTBEAT: ::flatbuffers::VOffsetT = 8;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    GossipVersion { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args GossipVersionArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<GossipVersion<'bldr>> {
+    let mut builder = GossipVersionBuilder::new(_fbb);
+    builder.add_heartbeat(args.heartbeat);
+    builder.add_generation(args.generation);
+    if let Some(x) = args.node { builder.add_node(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn node(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(GossipVersion::VT_NODE, None)}
+  }
+  #[inline]
+  pub fn generation(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(GossipVersion::VT_GENERATION, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn heartbeat(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(GossipVersion::VT_HEARTBEAT, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for GossipVersion<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("node", Self::VT_NODE, false)?
+     .visit_field::<u64>("generation", Self::VT_GENERATION, false)?
+     .visit_field::<u64>("heartbeat", Self::VT_HEARTBEAT, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct GossipVersionArgs<'a> {
+    pub node: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub generation: u64,
+    pub heartbeat: u64,
+}
+impl<'a> Default for GossipVersionArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    GossipVersionArgs {
+      node: None,
+      generation: 0,
+      heartbeat: 0,
+    }
+  }
+}
+
+pub struct GossipVersionBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> GossipVersionBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_node(&mut self, node: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(GossipVersion::VT_NODE, node);
+  }
+  #[inline]
+  pub fn add_generation(&mut self, generation: u64) {
+    self.fbb_.push_slot::<u64>(GossipVersion::VT_GENERATION, generation, 0);
+  }
+  #[inline]
+  pub fn add_heartbeat(&mut self, heartbeat: u64) {
+    self.fbb_.push_slot::<u64>(GossipVersion::VT_HEARTBEAT, heartbeat, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> GossipVersionBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    GossipVersionBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<GossipVersion<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for GossipVersion<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("GossipVersion");
+      ds.field("node", &self.node());
+      ds.field("generation", &self.generation());
+      ds.field("heartbeat", &self.heartbeat());
+      ds.finish()
+  }
+}
+pub enum GossipNodeStateOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// What a node says about itself.
+pub struct GossipNodeState<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for GossipNodeState<'a> {
+  type Inner = GossipNodeState<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> GossipNodeState<'a> {
+  pub const VT_NODE: ::flatbuffers::VOffsetT = 4;
+  pub const VT_GENERATION: ::flatbuffers::VOffsetT = 6;
+  pub const VT_HEARTBEAT: ::flatbuffers::VOffsetT = 8;
+  pub const VT_ADDRESS: ::flatbuffers::VOffsetT = 10;
+  pub const VT_STATUS: ::flatbuffers::VOffsetT = 12;
+  pub const VT_SHARD_PORTS: ::flatbuffers::VOffsetT = 14;
+  pub const VT_LOAD_BYTES: ::flatbuffers::VOffsetT = 16;
+  pub const VT_MEMBERS: ::flatbuffers::VOffsetT = 18;
+  pub const VT_REPLICA_COUNT: ::flatbuffers::VOffsetT = 20;
+  pub const VT_PARTITION_BITS: ::flatbuffers::VOffsetT = 22;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    GossipNodeState { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args GossipNodeStateArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<GossipNodeState<'bldr>> {
+    let mut builder = GossipNodeStateBuilder::new(_fbb);
+    builder.add_load_bytes(args.load_bytes);
+    builder.add_heartbeat(args.heartbeat);
+    builder.add_generation(args.generation);
+    if let Some(x) = args.members { builder.add_members(x); }
+    if let Some(x) = args.shard_ports { builder.add_shard_ports(x); }
+    if let Some(x) = args.address { builder.add_address(x); }
+    if let Some(x) = args.node { builder.add_node(x); }
+    builder.add_partition_bits(args.partition_bits);
+    builder.add_replica_count(args.replica_count);
+    builder.add_status(args.status);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn node(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(GossipNodeState::VT_NODE, None)}
+  }
+  #[inline]
+  pub fn generation(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(GossipNodeState::VT_GENERATION, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn heartbeat(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(GossipNodeState::VT_HEARTBEAT, Some(0)).unwrap()}
+  }
+  /// Where gossip and peers reach it: its shard 0's own port.
+  #[inline]
+  pub fn address(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(GossipNodeState::VT_ADDRESS, None)}
+  }
+  #[inline]
+  pub fn status(&self) -> NodeStatus {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<NodeStatus>(GossipNodeState::VT_STATUS, Some(NodeStatus::JOINING)).unwrap()}
+  }
+  /// Shard i's own port is `shard_ports[i]`; the shard count is its length.
+  #[inline]
+  pub fn shard_ports(&self) -> Option<::flatbuffers::Vector<'a, u16>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u16>>>(GossipNodeState::VT_SHARD_PORTS, None)}
+  }
+  #[inline]
+  pub fn load_bytes(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(GossipNodeState::VT_LOAD_BYTES, Some(0)).unwrap()}
+  }
+  /// The cluster the node belongs to once formed: every member's name, sorted (ring node
+  /// i is `members[i]`); empty while forming.
+  #[inline]
+  pub fn members(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<&'a str>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<&'a str>>>>(GossipNodeState::VT_MEMBERS, None)}
+  }
+  #[inline]
+  pub fn replica_count(&self) -> u8 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u8>(GossipNodeState::VT_REPLICA_COUNT, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn partition_bits(&self) -> u8 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u8>(GossipNodeState::VT_PARTITION_BITS, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for GossipNodeState<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("node", Self::VT_NODE, false)?
+     .visit_field::<u64>("generation", Self::VT_GENERATION, false)?
+     .visit_field::<u64>("heartbeat", Self::VT_HEARTBEAT, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("address", Self::VT_ADDRESS, false)?
+     .visit_field::<NodeStatus>("status", Self::VT_STATUS, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u16>>>("shard_ports", Self::VT_SHARD_PORTS, false)?
+     .visit_field::<u64>("load_bytes", Self::VT_LOAD_BYTES, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<&'_ str>>>>("members", Self::VT_MEMBERS, false)?
+     .visit_field::<u8>("replica_count", Self::VT_REPLICA_COUNT, false)?
+     .visit_field::<u8>("partition_bits", Self::VT_PARTITION_BITS, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct GossipNodeStateArgs<'a> {
+    pub node: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub generation: u64,
+    pub heartbeat: u64,
+    pub address: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub status: NodeStatus,
+    pub shard_ports: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u16>>>,
+    pub load_bytes: u64,
+    pub members: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<&'a str>>>>,
+    pub replica_count: u8,
+    pub partition_bits: u8,
+}
+impl<'a> Default for GossipNodeStateArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    GossipNodeStateArgs {
+      node: None,
+      generation: 0,
+      heartbeat: 0,
+      address: None,
+      status: NodeStatus::JOINING,
+      shard_ports: None,
+      load_bytes: 0,
+      members: None,
+      replica_count: 0,
+      partition_bits: 0,
+    }
+  }
+}
+
+pub struct GossipNodeStateBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> GossipNodeStateBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_node(&mut self, node: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(GossipNodeState::VT_NODE, node);
+  }
+  #[inline]
+  pub fn add_generation(&mut self, generation: u64) {
+    self.fbb_.push_slot::<u64>(GossipNodeState::VT_GENERATION, generation, 0);
+  }
+  #[inline]
+  pub fn add_heartbeat(&mut self, heartbeat: u64) {
+    self.fbb_.push_slot::<u64>(GossipNodeState::VT_HEARTBEAT, heartbeat, 0);
+  }
+  #[inline]
+  pub fn add_address(&mut self, address: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(GossipNodeState::VT_ADDRESS, address);
+  }
+  #[inline]
+  pub fn add_status(&mut self, status: NodeStatus) {
+    self.fbb_.push_slot::<NodeStatus>(GossipNodeState::VT_STATUS, status, NodeStatus::JOINING);
+  }
+  #[inline]
+  pub fn add_shard_ports(&mut self, shard_ports: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u16>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(GossipNodeState::VT_SHARD_PORTS, shard_ports);
+  }
+  #[inline]
+  pub fn add_load_bytes(&mut self, load_bytes: u64) {
+    self.fbb_.push_slot::<u64>(GossipNodeState::VT_LOAD_BYTES, load_bytes, 0);
+  }
+  #[inline]
+  pub fn add_members(&mut self, members: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<&'b  str>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(GossipNodeState::VT_MEMBERS, members);
+  }
+  #[inline]
+  pub fn add_replica_count(&mut self, replica_count: u8) {
+    self.fbb_.push_slot::<u8>(GossipNodeState::VT_REPLICA_COUNT, replica_count, 0);
+  }
+  #[inline]
+  pub fn add_partition_bits(&mut self, partition_bits: u8) {
+    self.fbb_.push_slot::<u8>(GossipNodeState::VT_PARTITION_BITS, partition_bits, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> GossipNodeStateBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    GossipNodeStateBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<GossipNodeState<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for GossipNodeState<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("GossipNodeState");
+      ds.field("node", &self.node());
+      ds.field("generation", &self.generation());
+      ds.field("heartbeat", &self.heartbeat());
+      ds.field("address", &self.address());
+      ds.field("status", &self.status());
+      ds.field("shard_ports", &self.shard_ports());
+      ds.field("load_bytes", &self.load_bytes());
+      ds.field("members", &self.members());
+      ds.field("replica_count", &self.replica_count());
+      ds.field("partition_bits", &self.partition_bits());
+      ds.finish()
+  }
+}
+pub enum GossipMessageOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct GossipMessage<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for GossipMessage<'a> {
+  type Inner = GossipMessage<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> GossipMessage<'a> {
+  pub const VT_KIND: ::flatbuffers::VOffsetT = 4;
+  pub const VT_FROM: ::flatbuffers::VOffsetT = 6;
+  pub const VT_ADDRESS: ::flatbuffers::VOffsetT = 8;
+  pub const VT_VERSIONS: ::flatbuffers::VOffsetT = 10;
+  pub const VT_STATES: ::flatbuffers::VOffsetT = 12;
+  pub const VT_WANTED: ::flatbuffers::VOffsetT = 14;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    GossipMessage { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args GossipMessageArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<GossipMessage<'bldr>> {
+    let mut builder = GossipMessageBuilder::new(_fbb);
+    if let Some(x) = args.wanted { builder.add_wanted(x); }
+    if let Some(x) = args.states { builder.add_states(x); }
+    if let Some(x) = args.versions { builder.add_versions(x); }
+    if let Some(x) = args.address { builder.add_address(x); }
+    if let Some(x) = args.from { builder.add_from(x); }
+    builder.add_kind(args.kind);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn kind(&self) -> GossipKind {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<GossipKind>(GossipMessage::VT_KIND, Some(GossipKind::DIGEST)).unwrap()}
+  }
+  #[inline]
+  pub fn from(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(GossipMessage::VT_FROM, None)}
+  }
+  #[inline]
+  pub fn address(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(GossipMessage::VT_ADDRESS, None)}
+  }
+  #[inline]
+  pub fn versions(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<GossipVersion<'a>>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<GossipVersion>>>>(GossipMessage::VT_VERSIONS, None)}
+  }
+  #[inline]
+  pub fn states(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<GossipNodeState<'a>>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<GossipNodeState>>>>(GossipMessage::VT_STATES, None)}
+  }
+  #[inline]
+  pub fn wanted(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<&'a str>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<&'a str>>>>(GossipMessage::VT_WANTED, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for GossipMessage<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<GossipKind>("kind", Self::VT_KIND, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("from", Self::VT_FROM, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("address", Self::VT_ADDRESS, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<GossipVersion>>>>("versions", Self::VT_VERSIONS, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<GossipNodeState>>>>("states", Self::VT_STATES, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<&'_ str>>>>("wanted", Self::VT_WANTED, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct GossipMessageArgs<'a> {
+    pub kind: GossipKind,
+    pub from: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub address: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub versions: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<GossipVersion<'a>>>>>,
+    pub states: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<GossipNodeState<'a>>>>>,
+    pub wanted: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<&'a str>>>>,
+}
+impl<'a> Default for GossipMessageArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    GossipMessageArgs {
+      kind: GossipKind::DIGEST,
+      from: None,
+      address: None,
+      versions: None,
+      states: None,
+      wanted: None,
+    }
+  }
+}
+
+pub struct GossipMessageBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> GossipMessageBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_kind(&mut self, kind: GossipKind) {
+    self.fbb_.push_slot::<GossipKind>(GossipMessage::VT_KIND, kind, GossipKind::DIGEST);
+  }
+  #[inline]
+  pub fn add_from(&mut self, from: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(GossipMessage::VT_FROM, from);
+  }
+  #[inline]
+  pub fn add_address(&mut self, address: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(GossipMessage::VT_ADDRESS, address);
+  }
+  #[inline]
+  pub fn add_versions(&mut self, versions: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<GossipVersion<'b >>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(GossipMessage::VT_VERSIONS, versions);
+  }
+  #[inline]
+  pub fn add_states(&mut self, states: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<GossipNodeState<'b >>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(GossipMessage::VT_STATES, states);
+  }
+  #[inline]
+  pub fn add_wanted(&mut self, wanted: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<&'b  str>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(GossipMessage::VT_WANTED, wanted);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> GossipMessageBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    GossipMessageBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<GossipMessage<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for GossipMessage<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("GossipMessage");
+      ds.field("kind", &self.kind());
+      ds.field("from", &self.from());
+      ds.field("address", &self.address());
+      ds.field("versions", &self.versions());
+      ds.field("states", &self.states());
+      ds.field("wanted", &self.wanted());
+      ds.finish()
+  }
+}
+pub enum TopologyNodeOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct TopologyNode<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for TopologyNode<'a> {
+  type Inner = TopologyNode<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> TopologyNode<'a> {
+  pub const VT_NAME: ::flatbuffers::VOffsetT = 4;
+  pub const VT_ADDRESS: ::flatbuffers::VOffsetT = 6;
+  pub const VT_SHARD_PORTS: ::flatbuffers::VOffsetT = 8;
+  pub const VT_UP: ::flatbuffers::VOffsetT = 10;
+  pub const VT_STATUS: ::flatbuffers::VOffsetT = 12;
+  pub const VT_LOAD_BYTES: ::flatbuffers::VOffsetT = 14;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    TopologyNode { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args TopologyNodeArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<TopologyNode<'bldr>> {
+    let mut builder = TopologyNodeBuilder::new(_fbb);
+    builder.add_load_bytes(args.load_bytes);
+    if let Some(x) = args.shard_ports { builder.add_shard_ports(x); }
+    if let Some(x) = args.address { builder.add_address(x); }
+    if let Some(x) = args.name { builder.add_name(x); }
+    builder.add_status(args.status);
+    builder.add_up(args.up);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn name(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(TopologyNode::VT_NAME, None)}
+  }
+  #[inline]
+  pub fn address(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(TopologyNode::VT_ADDRESS, None)}
+  }
+  #[inline]
+  pub fn shard_ports(&self) -> Option<::flatbuffers::Vector<'a, u16>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u16>>>(TopologyNode::VT_SHARD_PORTS, None)}
+  }
+  #[inline]
+  pub fn up(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(TopologyNode::VT_UP, Some(false)).unwrap()}
+  }
+  #[inline]
+  pub fn status(&self) -> NodeStatus {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<NodeStatus>(TopologyNode::VT_STATUS, Some(NodeStatus::JOINING)).unwrap()}
+  }
+  #[inline]
+  pub fn load_bytes(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(TopologyNode::VT_LOAD_BYTES, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for TopologyNode<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("name", Self::VT_NAME, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("address", Self::VT_ADDRESS, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u16>>>("shard_ports", Self::VT_SHARD_PORTS, false)?
+     .visit_field::<bool>("up", Self::VT_UP, false)?
+     .visit_field::<NodeStatus>("status", Self::VT_STATUS, false)?
+     .visit_field::<u64>("load_bytes", Self::VT_LOAD_BYTES, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct TopologyNodeArgs<'a> {
+    pub name: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub address: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub shard_ports: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u16>>>,
+    pub up: bool,
+    pub status: NodeStatus,
+    pub load_bytes: u64,
+}
+impl<'a> Default for TopologyNodeArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    TopologyNodeArgs {
+      name: None,
+      address: None,
+      shard_ports: None,
+      up: false,
+      status: NodeStatus::JOINING,
+      load_bytes: 0,
+    }
+  }
+}
+
+pub struct TopologyNodeBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> TopologyNodeBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_name(&mut self, name: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(TopologyNode::VT_NAME, name);
+  }
+  #[inline]
+  pub fn add_address(&mut self, address: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(TopologyNode::VT_ADDRESS, address);
+  }
+  #[inline]
+  pub fn add_shard_ports(&mut self, shard_ports: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u16>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(TopologyNode::VT_SHARD_PORTS, shard_ports);
+  }
+  #[inline]
+  pub fn add_up(&mut self, up: bool) {
+    self.fbb_.push_slot::<bool>(TopologyNode::VT_UP, up, false);
+  }
+  #[inline]
+  pub fn add_status(&mut self, status: NodeStatus) {
+    self.fbb_.push_slot::<NodeStatus>(TopologyNode::VT_STATUS, status, NodeStatus::JOINING);
+  }
+  #[inline]
+  pub fn add_load_bytes(&mut self, load_bytes: u64) {
+    self.fbb_.push_slot::<u64>(TopologyNode::VT_LOAD_BYTES, load_bytes, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> TopologyNodeBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    TopologyNodeBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<TopologyNode<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for TopologyNode<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("TopologyNode");
+      ds.field("name", &self.name());
+      ds.field("address", &self.address());
+      ds.field("shard_ports", &self.shard_ports());
+      ds.field("up", &self.up());
+      ds.field("status", &self.status());
+      ds.field("load_bytes", &self.load_bytes());
+      ds.finish()
+  }
+}
+pub enum TopologyReplyOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct TopologyReply<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for TopologyReply<'a> {
+  type Inner = TopologyReply<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> TopologyReply<'a> {
+  pub const VT_FORMED: ::flatbuffers::VOffsetT = 4;
+  pub const VT_REPLICA_COUNT: ::flatbuffers::VOffsetT = 6;
+  pub const VT_PARTITION_BITS: ::flatbuffers::VOffsetT = 8;
+  pub const VT_OWNERS: ::flatbuffers::VOffsetT = 10;
+  pub const VT_NODES: ::flatbuffers::VOffsetT = 12;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    TopologyReply { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args TopologyReplyArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<TopologyReply<'bldr>> {
+    let mut builder = TopologyReplyBuilder::new(_fbb);
+    if let Some(x) = args.nodes { builder.add_nodes(x); }
+    if let Some(x) = args.owners { builder.add_owners(x); }
+    builder.add_partition_bits(args.partition_bits);
+    builder.add_replica_count(args.replica_count);
+    builder.add_formed(args.formed);
+    builder.finish()
+  }
+
+
+  /// False while the cluster forms: `owners` is empty then.
+  #[inline]
+  pub fn formed(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(TopologyReply::VT_FORMED, Some(false)).unwrap()}
+  }
+  #[inline]
+  pub fn replica_count(&self) -> u8 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u8>(TopologyReply::VT_REPLICA_COUNT, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn partition_bits(&self) -> u8 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u8>(TopologyReply::VT_PARTITION_BITS, Some(0)).unwrap()}
+  }
+  /// Partition p (of the hash space cut into 2^partition_bits equal parts) is owned by
+  /// `nodes[owners[p]]`; a key's replicas are its partition's owner and the owners of the
+  /// next partitions clockwise that are distinct nodes.
+  #[inline]
+  pub fn owners(&self) -> Option<::flatbuffers::Vector<'a, u16>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u16>>>(TopologyReply::VT_OWNERS, None)}
+  }
+  #[inline]
+  pub fn nodes(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<TopologyNode<'a>>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<TopologyNode>>>>(TopologyReply::VT_NODES, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for TopologyReply<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<bool>("formed", Self::VT_FORMED, false)?
+     .visit_field::<u8>("replica_count", Self::VT_REPLICA_COUNT, false)?
+     .visit_field::<u8>("partition_bits", Self::VT_PARTITION_BITS, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u16>>>("owners", Self::VT_OWNERS, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<TopologyNode>>>>("nodes", Self::VT_NODES, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct TopologyReplyArgs<'a> {
+    pub formed: bool,
+    pub replica_count: u8,
+    pub partition_bits: u8,
+    pub owners: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u16>>>,
+    pub nodes: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<TopologyNode<'a>>>>>,
+}
+impl<'a> Default for TopologyReplyArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    TopologyReplyArgs {
+      formed: false,
+      replica_count: 0,
+      partition_bits: 0,
+      owners: None,
+      nodes: None,
+    }
+  }
+}
+
+pub struct TopologyReplyBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> TopologyReplyBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_formed(&mut self, formed: bool) {
+    self.fbb_.push_slot::<bool>(TopologyReply::VT_FORMED, formed, false);
+  }
+  #[inline]
+  pub fn add_replica_count(&mut self, replica_count: u8) {
+    self.fbb_.push_slot::<u8>(TopologyReply::VT_REPLICA_COUNT, replica_count, 0);
+  }
+  #[inline]
+  pub fn add_partition_bits(&mut self, partition_bits: u8) {
+    self.fbb_.push_slot::<u8>(TopologyReply::VT_PARTITION_BITS, partition_bits, 0);
+  }
+  #[inline]
+  pub fn add_owners(&mut self, owners: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u16>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(TopologyReply::VT_OWNERS, owners);
+  }
+  #[inline]
+  pub fn add_nodes(&mut self, nodes: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<TopologyNode<'b >>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(TopologyReply::VT_NODES, nodes);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> TopologyReplyBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    TopologyReplyBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<TopologyReply<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for TopologyReply<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("TopologyReply");
+      ds.field("formed", &self.formed());
+      ds.field("replica_count", &self.replica_count());
+      ds.field("partition_bits", &self.partition_bits());
+      ds.field("owners", &self.owners());
+      ds.field("nodes", &self.nodes());
       ds.finish()
   }
 }

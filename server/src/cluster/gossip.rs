@@ -35,11 +35,17 @@ pub struct NodeState {
     pub generation: u64,
     /// Bumped by the node every round.
     pub heartbeat: u64,
-    /// Its `--listen` address, where gossip reaches it.
+    /// Where gossip reaches it: its shard 0's own port.
     pub address: String,
     pub status: NodeStatus,
-    pub shard_count: u16,
+    /// Shard i's own port; the shard count is the length.
+    pub shard_ports: Vec<u16>,
     pub load_bytes: u64,
+    /// The members of the cluster it belongs to, sorted, once formed (ring node i is
+    /// `members[i]`); empty while forming.
+    pub members: Vec<NodeName>,
+    pub replica_count: u8,
+    pub partition_bits: u8,
 }
 
 impl NodeState {
@@ -101,6 +107,12 @@ impl Gossip {
         let seeds = seeds.into_iter().filter(|address| *address != state.address).collect();
         states.insert(me.clone(), state);
         Gossip { me, config, rng: SimRng::new(seed), seeds, states, detectors: BTreeMap::new() }
+    }
+
+    /// Replaces the seed addresses (once they are known).
+    pub fn set_seeds(&mut self, seeds: Vec<String>) {
+        let me = self.my_address();
+        self.seeds = seeds.into_iter().filter(|address| *address != me).collect();
     }
 
     pub fn state(&self, node: &str) -> Option<&NodeState> {
@@ -266,8 +278,11 @@ mod tests {
                         heartbeat: 0,
                         address: address(i),
                         status: NodeStatus::Normal,
-                        shard_count: 1,
+                        shard_ports: vec![1],
                         load_bytes: 0,
+                        members: Vec::new(),
+                        replica_count: 3,
+                        partition_bits: 8,
                     };
                     Gossip::new(
                         format!("node-{i}"),

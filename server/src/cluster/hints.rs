@@ -69,6 +69,11 @@ impl<W: Clone> Hints<W> {
         self.bytes
     }
 
+    /// Targets with hints pending.
+    pub fn targets(&self) -> Vec<NodeId> {
+        self.queues.iter().filter(|(_, queue)| !queue.hints.is_empty()).map(|(&target, _)| target).collect()
+    }
+
     /// Keeps `write` (of `size` bytes) for `target`. Over a bound, the oldest hints go first.
     pub fn add(&mut self, target: NodeId, write: W, size: usize, now_us: u64) {
         let id = self.next_id;

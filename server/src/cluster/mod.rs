@@ -10,7 +10,11 @@ pub mod failure_detector;
 pub mod gossip;
 pub mod hints;
 pub mod lease;
+pub mod membership;
+pub mod peer;
+pub mod replication;
 pub mod ring;
 #[cfg(test)]
 mod simulation;
 pub mod versions;
+pub mod view;

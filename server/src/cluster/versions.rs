@@ -57,6 +57,15 @@ impl VersionVector {
         other.0.iter().all(|(&actor, &counter)| self.get(actor) >= counter)
     }
 
+    /// Entries in actor order.
+    pub fn entries(&self) -> impl Iterator<Item = (Actor, u64)> + '_ {
+        self.0.iter().map(|(&actor, &counter)| (actor, counter))
+    }
+
+    pub fn from_entries(entries: impl IntoIterator<Item = (Actor, u64)>) -> VersionVector {
+        VersionVector(entries.into_iter().filter(|&(_, counter)| counter > 0).collect())
+    }
+
     /// Wire form (the protocol's opaque context): (actor u32, counter u64) pairs, LE.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.0.len() * 12);
@@ -111,6 +120,11 @@ impl<V> Default for Versions<V> {
 }
 
 impl<V: Clone> Versions<V> {
+    /// Versions as stored or shipped (already resolved by whoever wrote them).
+    pub fn from_parts(clock: VersionVector, siblings: Vec<Sibling<V>>) -> Versions<V> {
+        Versions { clock, siblings, dropped_sibling_count: 0 }
+    }
+
     /// The context a reader gets: everything this replica has seen of the key.
     pub fn context(&self) -> &VersionVector {
         &self.clock

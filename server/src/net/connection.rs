@@ -21,6 +21,11 @@ use schema::{
     FRAME_HEADER_SIZE, FRAME_SIZE_MAX, PROTOCOL_VERSION,
 };
 
+use schema::peer::encode_topology;
+
+use crate::cluster::coordinator::Consistency;
+use crate::cluster::replication::ClusterShard;
+use crate::cluster::versions::VersionVector;
 use crate::command::{Command, LocalReply, Reply, Version};
 use crate::event::Event;
 use crate::shard::Shard;
@@ -50,6 +55,7 @@ enum Body {
     Hello,
     Stats(String),
     Status(Status, String),
+    Topology(Vec<u8>),
 }
 
 struct Outgoing {
@@ -188,16 +194,25 @@ fn dispatch<S: Storage>(payload: &[u8], permit: StaticPermit, outbox: &Rc<Outbox
         }
     };
     let RequestView { id, timeout_ms, op, .. } = request;
-    let Some(command) = Command::from_op(&op) else {
-        let body = match op {
+    let timeout = match timeout_ms {
+        0 => shard.limits.request_timeout_default,
+        ms => Duration::from_millis(u64::from(ms)).min(shard.limits.request_timeout_max),
+    };
+    let command = match shard.cluster.as_ref() {
+        Some(cluster) => cluster_command(shard, cluster, &request, timeout),
+        None => Command::from_op(&op).ok_or_else(|| match op {
             Op::Hello { protocol_version: 0, .. } => Body::Status(
                 Status::UNSUPPORTED_VERSION,
                 format!("protocol version 0; this node speaks {PROTOCOL_VERSION}"),
             ),
+            Op::Hello { .. } => Body::Hello,
             Op::Stats => Body::Stats(shard.stats_json()),
-            _ => Body::Hello,
-        };
-        return outbox.push(Outgoing { id, body, _permit: Some(permit) });
+            _ => Body::Status(Status::UNSUPPORTED, "this node is not part of a cluster".into()),
+        }),
+    };
+    let command = match command {
+        Ok(command) => command,
+        Err(body) => return outbox.push(Outgoing { id, body, _permit: Some(permit) }),
     };
     // Fast path: a read of this shard's keys that needs no waiting is answered right here,
     // without a task or a timer.
@@ -208,10 +223,6 @@ fn dispatch<S: Storage>(payload: &[u8], permit: StaticPermit, outbox: &Rc<Outbox
             }
         }
     }
-    let timeout = match timeout_ms {
-        0 => shard.limits.request_timeout_default,
-        ms => Duration::from_millis(u64::from(ms)).min(shard.limits.request_timeout_max),
-    };
     outbox.running_count.set(outbox.running_count.get() + 1);
     let outbox = outbox.clone();
     let shard = shard.clone();
@@ -229,6 +240,90 @@ fn dispatch<S: Storage>(payload: &[u8], permit: StaticPermit, outbox: &Rc<Outbox
         outbox.push(Outgoing { id, body: Body::Reply(reply), _permit: Some(permit) });
     })
     .detach();
+}
+
+/// A cluster node's command for a request, or the reply when there is nothing to run.
+fn cluster_command<S: Storage>(
+    shard: &Shard<S>,
+    cluster: &ClusterShard<S>,
+    request: &RequestView<'_>,
+    timeout: Duration,
+) -> Result<Command, Body> {
+    let consistency = match request.consistency {
+        schema::Consistency::ONE => Consistency::One,
+        schema::Consistency::QUORUM => Consistency::Quorum,
+        schema::Consistency::ALL => Consistency::All,
+        _ => {
+            return Err(Body::Status(
+                Status::UNSUPPORTED,
+                "SERIAL consistency comes with linearizable CAS; use ONE, QUORUM or ALL".into(),
+            ))
+        }
+    };
+    let context = match request.context {
+        [] => None,
+        bytes => Some(
+            VersionVector::decode(bytes)
+                .ok_or_else(|| Body::Status(Status::BAD_REQUEST, "malformed causal context".into()))?,
+        ),
+    };
+    // The coordinator gives up a little before the connection's own timer, so that the
+    // client hears the coordinator's account (how many replicas answered) rather than a bare
+    // timeout.
+    let timeout_ms = (timeout.as_millis() as u64 * 9 / 10).max(1);
+    Ok(match request.op {
+        Op::Hello { protocol_version: 0, .. } => {
+            return Err(Body::Status(
+                Status::UNSUPPORTED_VERSION,
+                format!("protocol version 0; this node speaks {PROTOCOL_VERSION}"),
+            ))
+        }
+        Op::Hello { .. } => return Err(Body::Hello),
+        Op::Stats => return Err(Body::Stats(shard.stats_json())),
+        Op::Topology => {
+            let view = match cluster.membership.borrow().as_ref() {
+                Some(membership) => membership.view_with_load(),
+                None => (*cluster.view()).clone(),
+            };
+            return Err(Body::Topology(encode_topology(&view.topology())));
+        }
+        Op::Gossip { message } => {
+            let body = match cluster.membership.borrow().as_ref() {
+                Some(membership) => match membership.receive(message) {
+                    Ok(()) => Body::Status(Status::OK, String::new()),
+                    Err(error) => Body::Status(Status::BAD_REQUEST, error),
+                },
+                None => Body::Status(Status::BAD_REQUEST, "gossip goes to shard 0's own port".into()),
+            };
+            return Err(body);
+        }
+        Op::Put { key, value, ttl_ms } => Command::Write {
+            key: key.to_vec(),
+            value: Some(value.to_vec()),
+            ttl_ms,
+            context,
+            consistency,
+            timeout_ms,
+        },
+        Op::Delete { key } => {
+            Command::Write { key: key.to_vec(), value: None, ttl_ms: 0, context, consistency, timeout_ms }
+        }
+        Op::Get { key, metadata_only } => {
+            Command::Read { key: key.to_vec(), metadata_only, consistency, timeout_ms }
+        }
+        Op::Cas { .. } => {
+            return Err(Body::Status(
+                Status::UNSUPPORTED,
+                "compare-and-swap in a cluster needs consensus, which is not built yet; it is not offered \
+                 rather than offered without atomicity"
+                    .into(),
+            ))
+        }
+        Op::Replicate { key, versions } => {
+            Command::Replicate { key: key.to_vec(), versions: versions.to_vec() }
+        }
+        Op::ReadReplica { key } => Command::ReadReplica { key: key.to_vec() },
+    })
 }
 
 fn encode(
@@ -251,6 +346,10 @@ fn encode(
             encode_response(builder, out, &ResponseOut::status(id, *status, message))
         }
         Body::Reply(reply) => encode_reply(builder, out, id, reply),
+        Body::Topology(bytes) => {
+            let response = ResponseOut { topology: bytes, ..ResponseOut::status(id, Status::OK, "") };
+            encode_response(builder, out, &response);
+        }
     }
 }
 
@@ -272,6 +371,17 @@ pub fn encode_reply(builder: &mut FlatBufferBuilder<'_>, out: &mut Vec<u8>, id: 
         }
         Reply::Error { status, message } => {
             encode_response(builder, out, &ResponseOut::status(id, *status, message));
+        }
+        Reply::Siblings { versions, context } => {
+            let siblings: Vec<SiblingOut<'_>> = versions.iter().map(sibling_of).collect();
+            let status = if siblings.is_empty() { Status::NOT_FOUND } else { Status::OK };
+            let response =
+                ResponseOut { siblings: &siblings, context, ..ResponseOut::status(id, status, "") };
+            encode_response(builder, out, &response);
+        }
+        Reply::Versions(bytes) => {
+            let response = ResponseOut { versions: bytes, ..ResponseOut::status(id, Status::OK, "") };
+            encode_response(builder, out, &response);
         }
     }
 }

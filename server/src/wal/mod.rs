@@ -46,6 +46,16 @@ pub enum SyncPolicy {
     Never,
 }
 
+impl std::fmt::Display for SyncPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SyncPolicy::Always => write!(f, "always"),
+            SyncPolicy::Never => write!(f, "never"),
+            SyncPolicy::Interval(interval) => write!(f, "interval:{}", interval.as_millis()),
+        }
+    }
+}
+
 impl std::str::FromStr for SyncPolicy {
     type Err = String;
 

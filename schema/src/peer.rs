@@ -1,0 +1,457 @@
+//! Node-to-node payloads (nested FlatBuffers inside a Request or Response): a key's versions,
+//! gossip messages and the topology. Owned structs with one encoder and one verifying
+//! decoder each, so nothing else touches these buffers.
+
+use flatbuffers::{FlatBufferBuilder, WIPOffset};
+
+use crate::wire;
+use crate::{KEY_SIZE_MAX, VALUE_SIZE_MAX};
+
+/// Siblings a stored or shipped key may hold (the cluster bounds them lower).
+pub const STORED_SIBLING_COUNT_MAX: usize = 64;
+/// Entries in one version vector (actors: the nodes that ever coordinated a write of the key).
+pub const CLOCK_ENTRY_COUNT_MAX: usize = 1024;
+/// Nodes in one gossip message or topology.
+pub const NODE_COUNT_MAX: usize = 1024;
+/// Partition bits a topology may name.
+pub const PARTITION_BITS_MAX: u8 = 16;
+
+/// One concurrent version of a key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredSibling {
+    pub actor: u32,
+    pub counter: u64,
+    /// `None`: a tombstone.
+    pub value: Option<Vec<u8>>,
+    pub timestamp_us: u64,
+    pub expires_at_ms: u64,
+    pub blind: bool,
+}
+
+/// Everything one replica holds of one key.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeyVersionsData {
+    /// Sorted by actor, counters above zero.
+    pub clock: Vec<(u32, u64)>,
+    pub siblings: Vec<StoredSibling>,
+}
+
+fn options() -> flatbuffers::VerifierOptions {
+    flatbuffers::VerifierOptions {
+        max_depth: 8,
+        max_tables: 8 * NODE_COUNT_MAX + 4 * STORED_SIBLING_COUNT_MAX + 64,
+        max_apparent_size: 1 << 30,
+        ignore_missing_null_terminator: false,
+    }
+}
+
+pub fn encode_key_versions(versions: &KeyVersionsData) -> Vec<u8> {
+    let size: usize = versions.siblings.iter().map(|s| s.value.as_ref().map_or(0, Vec::len) + 64).sum();
+    let mut builder = FlatBufferBuilder::with_capacity(size + versions.clock.len() * 16 + 64);
+    let siblings: Vec<_> = versions
+        .siblings
+        .iter()
+        .map(|sibling| {
+            let value = sibling.value.as_ref().map(|value| builder.create_vector(value));
+            wire::StoredSibling::create(
+                &mut builder,
+                &wire::StoredSiblingArgs {
+                    actor: sibling.actor,
+                    counter: sibling.counter,
+                    value,
+                    tombstone: sibling.value.is_none(),
+                    timestamp_us: sibling.timestamp_us,
+                    expires_at_ms: sibling.expires_at_ms,
+                    blind: sibling.blind,
+                },
+            )
+        })
+        .collect();
+    let siblings = builder.create_vector(&siblings);
+    let clock: Vec<_> =
+        versions.clock.iter().map(|&(actor, counter)| wire::ClockEntry::new(actor, counter)).collect();
+    let clock = builder.create_vector(&clock);
+    let root = wire::KeyVersions::create(
+        &mut builder,
+        &wire::KeyVersionsArgs { clock: Some(clock), siblings: Some(siblings) },
+    );
+    builder.finish_minimal(root);
+    builder.finished_data().to_vec()
+}
+
+/// Verifies and copies out a key's versions; checks order, counts and sizes.
+pub fn decode_key_versions(bytes: &[u8]) -> Result<KeyVersionsData, String> {
+    let root = flatbuffers::root_with_opts::<wire::KeyVersions>(&options(), bytes)
+        .map_err(|error| format!("invalid versions: {error}"))?;
+    let clock: Vec<(u32, u64)> =
+        root.clock().iter().flatten().map(|entry| (entry.actor(), entry.counter())).collect();
+    if clock.len() > CLOCK_ENTRY_COUNT_MAX {
+        return Err(format!("version vector of {} entries", clock.len()));
+    }
+    if clock.windows(2).any(|pair| pair[0].0 >= pair[1].0) || clock.iter().any(|&(_, counter)| counter == 0) {
+        return Err("version vector out of order or with a zero counter".into());
+    }
+    let siblings = root.siblings();
+    if siblings.map_or(0, |s| s.len()) > STORED_SIBLING_COUNT_MAX {
+        return Err("too many siblings".into());
+    }
+    let mut out = Vec::new();
+    for sibling in siblings.iter().flatten() {
+        let value = sibling.value().map(|v| v.bytes().to_vec());
+        if sibling.tombstone() != value.is_none() {
+            return Err("a sibling must be a tombstone or hold a value, not both".into());
+        }
+        if value.as_ref().is_some_and(|v| v.len() > VALUE_SIZE_MAX) {
+            return Err("sibling value beyond the size limit".into());
+        }
+        if sibling.counter() == 0 {
+            return Err("sibling with a zero counter".into());
+        }
+        out.push(StoredSibling {
+            actor: sibling.actor(),
+            counter: sibling.counter(),
+            value,
+            timestamp_us: sibling.timestamp_us(),
+            expires_at_ms: sibling.expires_at_ms(),
+            blind: sibling.blind(),
+        });
+    }
+    Ok(KeyVersionsData { clock, siblings: out })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GossipKind {
+    Digest,
+    Reply,
+    States,
+}
+
+/// What a node says about itself (see `wire::GossipNodeState`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GossipNode {
+    pub node: String,
+    pub generation: u64,
+    pub heartbeat: u64,
+    pub address: String,
+    pub status: wire::NodeStatus,
+    pub shard_ports: Vec<u16>,
+    pub load_bytes: u64,
+    pub members: Vec<String>,
+    pub replica_count: u8,
+    pub partition_bits: u8,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GossipData {
+    pub kind: GossipKind,
+    pub from: String,
+    pub address: String,
+    pub versions: Vec<(String, u64, u64)>,
+    pub states: Vec<GossipNode>,
+    pub wanted: Vec<String>,
+}
+
+fn strings<'b>(
+    builder: &mut FlatBufferBuilder<'b>,
+    items: &[String],
+) -> WIPOffset<flatbuffers::Vector<'b, flatbuffers::ForwardsUOffset<&'b str>>> {
+    let offsets: Vec<_> = items.iter().map(|item| builder.create_string(item)).collect();
+    builder.create_vector(&offsets)
+}
+
+pub fn encode_gossip(message: &GossipData) -> Vec<u8> {
+    let mut builder = FlatBufferBuilder::with_capacity(1024);
+    let from = builder.create_string(&message.from);
+    let address = builder.create_string(&message.address);
+    let versions: Vec<_> = message
+        .versions
+        .iter()
+        .map(|(node, generation, heartbeat)| {
+            let node = builder.create_string(node);
+            wire::GossipVersion::create(
+                &mut builder,
+                &wire::GossipVersionArgs { node: Some(node), generation: *generation, heartbeat: *heartbeat },
+            )
+        })
+        .collect();
+    let versions = builder.create_vector(&versions);
+    let states: Vec<_> = message
+        .states
+        .iter()
+        .map(|state| {
+            let node = builder.create_string(&state.node);
+            let address = builder.create_string(&state.address);
+            let shard_ports = builder.create_vector(&state.shard_ports);
+            let members = strings(&mut builder, &state.members);
+            wire::GossipNodeState::create(
+                &mut builder,
+                &wire::GossipNodeStateArgs {
+                    node: Some(node),
+                    generation: state.generation,
+                    heartbeat: state.heartbeat,
+                    address: Some(address),
+                    status: state.status,
+                    shard_ports: Some(shard_ports),
+                    load_bytes: state.load_bytes,
+                    members: Some(members),
+                    replica_count: state.replica_count,
+                    partition_bits: state.partition_bits,
+                },
+            )
+        })
+        .collect();
+    let states = builder.create_vector(&states);
+    let wanted = strings(&mut builder, &message.wanted);
+    let kind = match message.kind {
+        GossipKind::Digest => wire::GossipKind::DIGEST,
+        GossipKind::Reply => wire::GossipKind::REPLY,
+        GossipKind::States => wire::GossipKind::STATES,
+    };
+    let root = wire::GossipMessage::create(
+        &mut builder,
+        &wire::GossipMessageArgs {
+            kind,
+            from: Some(from),
+            address: Some(address),
+            versions: Some(versions),
+            states: Some(states),
+            wanted: Some(wanted),
+        },
+    );
+    builder.finish_minimal(root);
+    builder.finished_data().to_vec()
+}
+
+fn check_node_count(count: usize) -> Result<(), String> {
+    if count > NODE_COUNT_MAX {
+        return Err(format!("{count} nodes in one message"));
+    }
+    Ok(())
+}
+
+pub fn decode_gossip(bytes: &[u8]) -> Result<GossipData, String> {
+    let root = flatbuffers::root_with_opts::<wire::GossipMessage>(&options(), bytes)
+        .map_err(|error| format!("invalid gossip: {error}"))?;
+    let kind = match root.kind() {
+        wire::GossipKind::DIGEST => GossipKind::Digest,
+        wire::GossipKind::REPLY => GossipKind::Reply,
+        wire::GossipKind::STATES => GossipKind::States,
+        other => return Err(format!("unknown gossip kind {}", other.0)),
+    };
+    let versions: Vec<_> = root
+        .versions()
+        .iter()
+        .flatten()
+        .map(|v| (v.node().unwrap_or("").to_string(), v.generation(), v.heartbeat()))
+        .collect();
+    check_node_count(versions.len())?;
+    let mut states = Vec::new();
+    for state in root.states().iter().flatten() {
+        if state.status().variant_name().is_none() {
+            return Err(format!("unknown node status {}", state.status().0));
+        }
+        if state.partition_bits() > PARTITION_BITS_MAX {
+            return Err(format!("{} partition bits", state.partition_bits()));
+        }
+        let members: Vec<String> = state.members().iter().flatten().map(str::to_string).collect();
+        check_node_count(members.len())?;
+        states.push(GossipNode {
+            node: state.node().unwrap_or("").to_string(),
+            generation: state.generation(),
+            heartbeat: state.heartbeat(),
+            address: state.address().unwrap_or("").to_string(),
+            status: state.status(),
+            shard_ports: state.shard_ports().map(|p| p.iter().collect()).unwrap_or_default(),
+            load_bytes: state.load_bytes(),
+            members,
+            replica_count: state.replica_count(),
+            partition_bits: state.partition_bits(),
+        });
+    }
+    check_node_count(states.len())?;
+    let wanted: Vec<String> = root.wanted().iter().flatten().map(str::to_string).collect();
+    check_node_count(wanted.len())?;
+    Ok(GossipData {
+        kind,
+        from: root.from().unwrap_or("").to_string(),
+        address: root.address().unwrap_or("").to_string(),
+        versions,
+        states,
+        wanted,
+    })
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopologyNode {
+    pub name: String,
+    pub address: String,
+    pub shard_ports: Vec<u16>,
+    pub up: bool,
+    pub status: wire::NodeStatus,
+    pub load_bytes: u64,
+}
+
+/// The cluster as one node sees it (see `wire::TopologyReply`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TopologyData {
+    pub formed: bool,
+    pub replica_count: u8,
+    pub partition_bits: u8,
+    pub owners: Vec<u16>,
+    pub nodes: Vec<TopologyNode>,
+}
+
+pub fn encode_topology(topology: &TopologyData) -> Vec<u8> {
+    let mut builder = FlatBufferBuilder::with_capacity(1024);
+    let nodes: Vec<_> = topology
+        .nodes
+        .iter()
+        .map(|node| {
+            let name = builder.create_string(&node.name);
+            let address = builder.create_string(&node.address);
+            let shard_ports = builder.create_vector(&node.shard_ports);
+            wire::TopologyNode::create(
+                &mut builder,
+                &wire::TopologyNodeArgs {
+                    name: Some(name),
+                    address: Some(address),
+                    shard_ports: Some(shard_ports),
+                    up: node.up,
+                    status: node.status,
+                    load_bytes: node.load_bytes,
+                },
+            )
+        })
+        .collect();
+    let nodes = builder.create_vector(&nodes);
+    let owners = builder.create_vector(&topology.owners);
+    let root = wire::TopologyReply::create(
+        &mut builder,
+        &wire::TopologyReplyArgs {
+            formed: topology.formed,
+            replica_count: topology.replica_count,
+            partition_bits: topology.partition_bits,
+            owners: Some(owners),
+            nodes: Some(nodes),
+        },
+    );
+    builder.finish_minimal(root);
+    builder.finished_data().to_vec()
+}
+
+/// Verifies a topology, including that every owner names a listed node.
+pub fn decode_topology(bytes: &[u8]) -> Result<TopologyData, String> {
+    let root = flatbuffers::root_with_opts::<wire::TopologyReply>(&options(), bytes)
+        .map_err(|error| format!("invalid topology: {error}"))?;
+    let nodes: Vec<_> = root
+        .nodes()
+        .iter()
+        .flatten()
+        .map(|node| TopologyNode {
+            name: node.name().unwrap_or("").to_string(),
+            address: node.address().unwrap_or("").to_string(),
+            shard_ports: node.shard_ports().map(|p| p.iter().collect()).unwrap_or_default(),
+            up: node.up(),
+            status: node.status(),
+            load_bytes: node.load_bytes(),
+        })
+        .collect();
+    check_node_count(nodes.len())?;
+    let owners: Vec<u16> = root.owners().map(|o| o.iter().collect()).unwrap_or_default();
+    if root.partition_bits() > PARTITION_BITS_MAX {
+        return Err(format!("{} partition bits", root.partition_bits()));
+    }
+    if root.formed() && owners.len() != 1 << root.partition_bits() {
+        return Err(format!("{} owners for {} partition bits", owners.len(), root.partition_bits()));
+    }
+    if owners.iter().any(|&owner| owner as usize >= nodes.len()) {
+        return Err("a partition owner names no node".into());
+    }
+    Ok(TopologyData {
+        formed: root.formed(),
+        replica_count: root.replica_count(),
+        partition_bits: root.partition_bits(),
+        owners,
+        nodes,
+    })
+}
+
+/// Checks a key from a peer the way a client's is checked.
+pub fn key_is_valid(key: &[u8]) -> bool {
+    !key.is_empty() && key.len() <= KEY_SIZE_MAX
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_versions_roundtrip_and_reject_disorder() {
+        let versions = KeyVersionsData {
+            clock: vec![(1, 5), (7, 2)],
+            siblings: vec![
+                StoredSibling {
+                    actor: 1,
+                    counter: 5,
+                    value: Some(b"v".to_vec()),
+                    timestamp_us: 3,
+                    expires_at_ms: 0,
+                    blind: false,
+                },
+                StoredSibling {
+                    actor: 7,
+                    counter: 2,
+                    value: None,
+                    timestamp_us: 4,
+                    expires_at_ms: 9,
+                    blind: true,
+                },
+            ],
+        };
+        assert_eq!(decode_key_versions(&encode_key_versions(&versions)), Ok(versions));
+        let disordered = KeyVersionsData { clock: vec![(7, 2), (1, 5)], siblings: Vec::new() };
+        assert!(decode_key_versions(&encode_key_versions(&disordered)).is_err());
+        assert!(decode_key_versions(b"\x01\x02").is_err());
+    }
+
+    #[test]
+    fn gossip_and_topology_roundtrip() {
+        let gossip = GossipData {
+            kind: GossipKind::Reply,
+            from: "a".into(),
+            address: "127.0.0.1:1".into(),
+            versions: vec![("a".into(), 1, 2)],
+            states: vec![GossipNode {
+                node: "a".into(),
+                generation: 1,
+                heartbeat: 2,
+                address: "127.0.0.1:1".into(),
+                status: wire::NodeStatus::NORMAL,
+                shard_ports: vec![1, 2],
+                load_bytes: 3,
+                members: vec!["a".into(), "b".into()],
+                replica_count: 3,
+                partition_bits: 8,
+            }],
+            wanted: vec!["b".into()],
+        };
+        assert_eq!(decode_gossip(&encode_gossip(&gossip)), Ok(gossip));
+        let topology = TopologyData {
+            formed: true,
+            replica_count: 1,
+            partition_bits: 1,
+            owners: vec![0, 0],
+            nodes: vec![TopologyNode {
+                name: "a".into(),
+                address: "x".into(),
+                shard_ports: vec![5],
+                up: true,
+                status: wire::NodeStatus::NORMAL,
+                load_bytes: 0,
+            }],
+        };
+        assert_eq!(decode_topology(&encode_topology(&topology)), Ok(topology.clone()));
+        let bad = TopologyData { owners: vec![0, 1], ..topology };
+        assert!(decode_topology(&encode_topology(&bad)).is_err());
+    }
+}

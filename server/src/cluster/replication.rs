@@ -1,0 +1,664 @@
+//! A shard's part in replication, with real I/O: it coordinates the writes and reads of the
+//! keys it owns (the sans-IO rounds of `coordinator` decide; this sends and waits), serves
+//! other coordinators as a replica, keeps hints for replicas that are down and replays them,
+//! and repairs replicas that a read found stale.
+//!
+//! The write path, at the coordinator's owning shard for the key:
+//! 1. The preference list (N nodes) comes from the ring; a coordinator that is not a replica
+//!    forwards the request to the first live replica, which coordinates instead.
+//! 2. Too few live replicas for the consistency level: `UNAVAILABLE`, nothing written.
+//! 3. A fresh counter from the shard's lease, then read-modify-write of the key's versions
+//!    in the local engine with no await in between (the new dot supersedes what the
+//!    client's context covers); the local log append is in flight.
+//! 4. The new versions go to the other live replicas as `Replicate` (they merge); down
+//!    replicas, and replicas that fail or time out, get a hint.
+//! 5. The client hears OK after W durable acknowledgements (the local one included),
+//!    `TIMEOUT` otherwise; the rest finish in the background.
+//!
+//! The read path: R replies (the local one included) are merged; the client gets every live
+//! sibling and the merged context. The round keeps listening until every replica asked has
+//! answered or the deadline passes, and then sends the merged versions to the replicas that
+//! lacked something (read repair).
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::channel::{mpsc, oneshot};
+use futures::StreamExt;
+use schema::peer::{decode_key_versions, encode_key_versions, KeyVersionsData, StoredSibling};
+use schema::{Op, ResponseView, Status};
+
+use super::coordinator::{Consistency, Outcome, ReadRound, WriteRound};
+use super::hints::{HintLimits, Hints};
+use super::lease::CounterLease;
+use super::peer::{PeerPool, PeerRequest};
+use super::ring::NodeId;
+use super::versions::{Dot, Sibling, VersionVector, Versions};
+use super::view::ClusterView;
+use crate::clock::now_ms;
+use crate::command::{LocalReply, Reply, Version};
+use crate::shard::Shard;
+use crate::storage::Storage;
+
+/// A stored value and when it expires (Unix ms, 0: never).
+pub type Value = (Vec<u8>, u64);
+
+/// How far ahead of this node's clock a peer's timestamp may move it.
+pub const CLOCK_SKEW_MAX_US: u64 = 5_000_000;
+/// How often a shard looks for hints to replay.
+const HINT_REPLAY_INTERVAL: Duration = Duration::from_millis(200);
+
+#[derive(Debug, Default)]
+pub struct ReplicationStats {
+    pub read_repair_count: std::cell::Cell<u64>,
+    pub hint_count: std::cell::Cell<u64>,
+    pub hint_replayed_count: std::cell::Cell<u64>,
+    pub forwarded_count: std::cell::Cell<u64>,
+    pub unavailable_count: std::cell::Cell<u64>,
+    pub sibling_dropped_count: std::cell::Cell<u64>,
+}
+
+/// A write kept for a replica that missed it: the key and its encoded versions.
+pub type HintedWrite = (Vec<u8>, Rc<[u8]>);
+
+/// One shard's replication state.
+pub struct ClusterShard<S: Storage> {
+    /// This node's actor in version vectors.
+    pub actor: u32,
+    view: RefCell<Arc<ClusterView>>,
+    pub peers: Rc<PeerPool>,
+    lease: CounterLease<S>,
+    hints: RefCell<Hints<HintedWrite>>,
+    pub stats: ReplicationStats,
+    /// Shard 0 only: the gossip driver.
+    pub membership: RefCell<Option<Rc<super::membership::Membership>>>,
+}
+
+/// The actor of a node: its id hashed to 32 bits (members are checked for collisions when
+/// the cluster forms).
+pub fn actor_of(node_name: &str) -> u32 {
+    (schema::key_hash(node_name.as_bytes()) >> 32) as u32
+}
+
+impl<S: Storage> ClusterShard<S> {
+    pub fn new(
+        actor: u32,
+        view: Arc<ClusterView>,
+        peers: Rc<PeerPool>,
+        lease: CounterLease<S>,
+    ) -> ClusterShard<S> {
+        ClusterShard {
+            actor,
+            view: RefCell::new(view),
+            peers,
+            lease,
+            hints: RefCell::new(Hints::new(HintLimits::default())),
+            stats: ReplicationStats::default(),
+            membership: RefCell::new(None),
+        }
+    }
+
+    pub fn view(&self) -> Arc<ClusterView> {
+        self.view.borrow().clone()
+    }
+
+    pub fn set_view(&self, view: Arc<ClusterView>) {
+        *self.view.borrow_mut() = view;
+    }
+
+    pub fn hints_pending(&self) -> (usize, usize, u64) {
+        let hints = self.hints.borrow();
+        (hints.pending_count(), hints.pending_bytes(), hints.dropped_count)
+    }
+
+    pub fn stats_json(&self) -> serde_json::Value {
+        let (hints_pending, hint_bytes, hints_dropped) = self.hints_pending();
+        let view = self.view();
+        let stats = &self.stats;
+        serde_json::json!({
+            "formed": view.formed.is_some(),
+            "nodes_known": view.nodes.len(),
+            "nodes_up": view.nodes.values().filter(|n| n.up).count(),
+            "hints_pending": hints_pending,
+            "hint_bytes_pending": hint_bytes,
+            "hints_dropped": hints_dropped,
+            "hints_written": stats.hint_count.get(),
+            "hints_replayed": stats.hint_replayed_count.get(),
+            "read_repairs": stats.read_repair_count.get(),
+            "forwarded": stats.forwarded_count.get(),
+            "unavailable": stats.unavailable_count.get(),
+            "siblings_dropped": stats.sibling_dropped_count.get(),
+        })
+    }
+
+    fn add_hint(&self, target: NodeId, key: &[u8], versions: &Rc<[u8]>) {
+        let size = key.len() + versions.len();
+        self.hints.borrow_mut().add(target, (key.to_vec(), versions.clone()), size, monotonic_us());
+        self.stats.hint_count.set(self.stats.hint_count.get() + 1);
+    }
+}
+
+fn monotonic_us() -> u64 {
+    thread_local! {
+        static START: Instant = Instant::now();
+    }
+    START.with(|start| start.elapsed().as_micros() as u64)
+}
+
+pub fn versions_from_data(data: KeyVersionsData) -> Versions<Value> {
+    let clock = VersionVector::from_entries(data.clock);
+    let siblings = data
+        .siblings
+        .into_iter()
+        .map(|s| Sibling {
+            dot: Dot { actor: s.actor, counter: s.counter },
+            value: s.value.map(|bytes| (bytes, s.expires_at_ms)),
+            timestamp_us: s.timestamp_us,
+            blind: s.blind,
+        })
+        .collect();
+    Versions::from_parts(clock, siblings)
+}
+
+pub fn versions_to_data(versions: &Versions<Value>) -> KeyVersionsData {
+    KeyVersionsData {
+        clock: versions.context().entries().collect(),
+        siblings: versions
+            .siblings()
+            .iter()
+            .map(|s| StoredSibling {
+                actor: s.dot.actor,
+                counter: s.dot.counter,
+                value: s.value.as_ref().map(|(bytes, _)| bytes.clone()),
+                timestamp_us: s.timestamp_us,
+                expires_at_ms: s.value.as_ref().map_or(0, |(_, expires)| *expires),
+                blind: s.blind,
+            })
+            .collect(),
+    }
+}
+
+fn decode_stored(bytes: Option<&[u8]>) -> Result<Versions<Value>, LocalReply> {
+    match bytes {
+        None => Ok(Versions::default()),
+        Some(bytes) => decode_key_versions(bytes)
+            .map(versions_from_data)
+            .map_err(|error| Reply::error(Status::INTERNAL, format!("stored versions unreadable: {error}"))),
+    }
+}
+
+/// When the engine may forget the whole entry: once every sibling has expired (never while
+/// a tombstone or an unexpiring value is among them).
+fn engine_expiry(versions: &Versions<Value>) -> u64 {
+    let mut latest = 0;
+    for sibling in versions.siblings() {
+        match &sibling.value {
+            Some((_, expires)) if *expires > 0 => latest = latest.max(*expires),
+            _ => return 0,
+        }
+    }
+    latest
+}
+
+fn encode(versions: &Versions<Value>) -> (Vec<u8>, u64) {
+    (encode_key_versions(&versions_to_data(versions)), engine_expiry(versions))
+}
+
+/// The live siblings a client sees.
+fn client_reply(versions: &Versions<Value>, metadata_only: bool) -> LocalReply {
+    let now = now_ms();
+    let live = versions
+        .siblings()
+        .iter()
+        .filter_map(|s| {
+            let (bytes, expires) = s.value.as_ref()?;
+            if *expires != 0 && *expires <= now {
+                return None;
+            }
+            Some(Version {
+                value: (!metadata_only).then(|| Rc::from(bytes.as_slice())),
+                timestamp_us: s.timestamp_us,
+                ttl_left_ms: if *expires == 0 { 0 } else { (*expires - now).max(1) },
+            })
+        })
+        .collect();
+    Reply::Siblings { versions: live, context: versions.context().encode() }
+}
+
+fn cluster_of<S: Storage>(shard: &Shard<S>) -> Result<&ClusterShard<S>, LocalReply> {
+    shard.cluster.as_ref().ok_or_else(|| Reply::error(Status::UNSUPPORTED, "this node is not in a cluster"))
+}
+
+/// Replica side: merges `bytes` (verified versions) into what this replica holds of `key`.
+pub async fn replicate<S: Storage>(shard: &Shard<S>, key: &[u8], bytes: &[u8]) -> LocalReply {
+    let incoming = match decode_key_versions(bytes) {
+        Ok(data) => versions_from_data(data),
+        Err(error) => return Reply::error(Status::BAD_REQUEST, error),
+    };
+    for sibling in incoming.siblings() {
+        shard.store.observe_peer_timestamp(sibling.timestamp_us, CLOCK_SKEW_MAX_US);
+    }
+    match merge_local(shard, key, &incoming).await {
+        Ok(()) => Reply::Done,
+        Err(reply) => reply,
+    }
+}
+
+async fn merge_local<S: Storage>(
+    shard: &Shard<S>,
+    key: &[u8],
+    incoming: &Versions<Value>,
+) -> Result<(), LocalReply> {
+    let size: usize =
+        incoming.siblings().iter().map(|s| s.value.as_ref().map_or(0, |v| v.0.len()) + 48).sum();
+    let (_, seq) = shard
+        .store
+        .update_raw(key, size, |current| {
+            let mut mine = decode_stored(current)?;
+            let before = mine.clone();
+            mine.merge(incoming);
+            Ok((mine != before).then(|| encode(&mine)))
+        })
+        .await?;
+    shard.store.wait_acked(seq).await
+}
+
+/// Replica side: the versions this replica holds of `key`, encoded (empty: none).
+pub async fn read_replica<S: Storage>(shard: &Shard<S>, key: &[u8]) -> LocalReply {
+    match shard.store.read_raw(key).await {
+        Ok(Some(bytes)) => Reply::Versions(bytes.to_vec()),
+        Ok(None) => Reply::Versions(Vec::new()),
+        Err(reply) => reply,
+    }
+}
+
+fn wire_consistency(consistency: Consistency) -> schema::Consistency {
+    match consistency {
+        Consistency::One => schema::Consistency::ONE,
+        Consistency::Quorum => schema::Consistency::QUORUM,
+        Consistency::All => schema::Consistency::ALL,
+    }
+}
+
+fn unavailable<S: Storage>(cluster: &ClusterShard<S>, message: String) -> LocalReply {
+    cluster.stats.unavailable_count.set(cluster.stats.unavailable_count.get() + 1);
+    Reply::error(Status::UNAVAILABLE, message)
+}
+
+/// A reply from a peer coordinator, as this node's reply.
+fn reply_from_peer(response: ResponseView, is_read: bool) -> LocalReply {
+    match response.status {
+        Status::OK | Status::NOT_FOUND if is_read => Reply::Siblings {
+            versions: response
+                .siblings
+                .into_iter()
+                .map(|s| Version {
+                    value: Some(Rc::from(s.value)),
+                    timestamp_us: s.timestamp_us,
+                    ttl_left_ms: s.ttl_left_ms,
+                })
+                .collect(),
+            context: response.context,
+        },
+        Status::OK => Reply::Done,
+        status => Reply::Error { status, message: response.message },
+    }
+}
+
+/// A request for a key this node holds no replica of: the first live replica coordinates.
+async fn forward<S: Storage>(
+    cluster: &ClusterShard<S>,
+    view: &ClusterView,
+    key: &[u8],
+    op: Op<'_>,
+    consistency: Consistency,
+    context: &[u8],
+    timeout: Duration,
+) -> LocalReply {
+    let Some(replicas) = view.preference_list(key) else {
+        return unavailable(cluster, view.forming_note.clone());
+    };
+    let Some(address) =
+        replicas.iter().filter(|&&n| view.is_live(n)).find_map(|&n| view.replica_address(n, key))
+    else {
+        return unavailable(cluster, "no replica of the key is up".into());
+    };
+    cluster.stats.forwarded_count.set(cluster.stats.forwarded_count.get() + 1);
+    let is_read = matches!(op, Op::Get { .. });
+    let request = PeerRequest { op, consistency: wire_consistency(consistency), context, timeout };
+    match cluster.peers.link(address).call(request).await {
+        Ok(response) => reply_from_peer(response, is_read),
+        Err(error) => Reply::error(Status::TIMEOUT, format!("forwarding to replica {address}: {error}")),
+    }
+}
+
+/// Coordinates a write (`value: None` deletes) of a key this shard owns.
+#[allow(clippy::too_many_arguments)]
+pub async fn coordinate_write<S: Storage>(
+    shard: &Rc<Shard<S>>,
+    key: Vec<u8>,
+    value: Option<Vec<u8>>,
+    ttl_ms: u64,
+    context: Option<VersionVector>,
+    consistency: Consistency,
+    timeout: Duration,
+) -> LocalReply {
+    let cluster = match cluster_of(shard) {
+        Ok(cluster) => cluster,
+        Err(reply) => return reply,
+    };
+    let view = cluster.view();
+    let (Some(replicas), Some(me)) = (view.preference_list(&key), view.my_id()) else {
+        return unavailable(cluster, view.forming_note.clone());
+    };
+    if !replicas.contains(&me) {
+        let context_bytes = context.as_ref().map(VersionVector::encode).unwrap_or_default();
+        let op = match &value {
+            Some(value) => Op::Put { key: &key, value, ttl_ms },
+            None => Op::Delete { key: &key },
+        };
+        return forward(cluster, &view, &key, op, consistency, &context_bytes, timeout).await;
+    }
+    let timeout_us = timeout.as_micros() as u64;
+    let (mut round, plan) =
+        match WriteRound::start(&replicas, |n| view.is_live(n), consistency, 0, timeout_us) {
+            Ok(started) => started,
+            Err(too_few) => {
+                return unavailable(
+                    cluster,
+                    format!(
+                        "{} of {} replicas are up; {} needed",
+                        too_few.live,
+                        replicas.len(),
+                        too_few.required
+                    ),
+                )
+            }
+        };
+    // A counter never used before, then the local read-modify-write with no await between.
+    let floor = match cluster.lease.next().await {
+        Ok(floor) => floor,
+        Err(error) => return Reply::error(Status::INTERNAL, format!("counter lease: {error}")),
+    };
+    let timestamp_us = shard.store.timestamp_us();
+    let expires_at_ms = if ttl_ms == 0 { 0 } else { timestamp_us / 1000 + ttl_ms };
+    let size = value.as_ref().map_or(0, Vec::len) + 64;
+    let actor = cluster.actor;
+    let updated = shard
+        .store
+        .update_raw(&key, size, |current| {
+            let mut versions = decode_stored(current)?;
+            versions.write(actor, floor, context.as_ref(), value.map(|v| (v, expires_at_ms)), timestamp_us);
+            Ok(Some(encode(&versions)))
+        })
+        .await;
+    let (bytes, seq) = match updated {
+        Ok((Some(bytes), seq)) => (Rc::<[u8]>::from(bytes), seq),
+        Ok((None, _)) => unreachable!("a coordinator's write always changes the key"),
+        Err(reply) => return reply,
+    };
+    let (sender, mut acks) = mpsc::unbounded::<(NodeId, bool)>();
+    {
+        let shard = shard.clone();
+        let sender = sender.clone();
+        glommio::spawn_local(async move {
+            let ok = shard.store.wait_acked(seq).await.is_ok();
+            let _ = sender.unbounded_send((me, ok));
+        })
+        .detach();
+    }
+    for &node in plan.send_to.iter().filter(|&&n| n != me) {
+        let Some(address) = view.replica_address(node, &key) else { continue };
+        let shard = shard.clone();
+        let sender = sender.clone();
+        let key = key.clone();
+        let bytes = bytes.clone();
+        glommio::spawn_local(async move {
+            let op = Op::Replicate { key: &key, versions: &bytes };
+            let request = PeerRequest { op, consistency: schema::Consistency::ONE, context: &[], timeout };
+            let ok = matches!(cluster_link_call(&shard, address, request).await, Some(Status::OK));
+            if !ok {
+                if let Some(cluster) = &shard.cluster {
+                    cluster.add_hint(node, &key, &bytes);
+                }
+            }
+            let _ = sender.unbounded_send((node, ok));
+        })
+        .detach();
+    }
+    drop(sender);
+    for &node in &plan.hint_for {
+        cluster.add_hint(node, &key, &bytes);
+    }
+    let deadline = glommio::timer::sleep(timeout);
+    futures::pin_mut!(deadline);
+    let outcome = loop {
+        let next = futures_lite::future::or(async { acks.next().await.map(Some) }, async {
+            (&mut deadline).await;
+            None
+        });
+        let outcome = match next.await {
+            Some(Some((node, true))) => round.on_ack(node),
+            Some(Some((node, false))) => round.on_error(node),
+            // The deadline passed, or every reply is in and the round is still short.
+            Some(None) | None => round.on_time(u64::MAX),
+        };
+        if outcome != Outcome::Pending {
+            break outcome;
+        }
+    };
+    match outcome {
+        Outcome::Done => Reply::Done,
+        Outcome::TimedOut { replies } | Outcome::Failed { replies } => Reply::error(
+            Status::TIMEOUT,
+            format!(
+                "{replies} of {} required replicas acknowledged in time; the write may or may not have landed",
+                consistency.required(replicas.len())
+            ),
+        ),
+        Outcome::Pending => Reply::error(Status::TIMEOUT, "no outcome"),
+    }
+}
+
+/// Sends one request to a peer; the status it answered, or `None` if it did not.
+async fn cluster_link_call<S: Storage>(
+    shard: &Shard<S>,
+    address: std::net::SocketAddr,
+    request: PeerRequest<'_>,
+) -> Option<Status> {
+    let cluster = shard.cluster.as_ref()?;
+    cluster.peers.link(address).call(request).await.ok().map(|response| response.status)
+}
+
+/// Coordinates a read of a key this shard owns.
+pub async fn coordinate_read<S: Storage>(
+    shard: &Rc<Shard<S>>,
+    key: Vec<u8>,
+    metadata_only: bool,
+    consistency: Consistency,
+    timeout: Duration,
+) -> LocalReply {
+    let cluster = match cluster_of(shard) {
+        Ok(cluster) => cluster,
+        Err(reply) => return reply,
+    };
+    let view = cluster.view();
+    let (Some(replicas), Some(me)) = (view.preference_list(&key), view.my_id()) else {
+        return unavailable(cluster, view.forming_note.clone());
+    };
+    if !replicas.contains(&me) {
+        let op = Op::Get { key: &key, metadata_only };
+        return forward(cluster, &view, &key, op, consistency, &[], timeout).await;
+    }
+    let timeout_us = timeout.as_micros() as u64;
+    let (round, plan) =
+        match ReadRound::<Value>::start(&replicas, |n| view.is_live(n), consistency, 0, timeout_us) {
+            Ok(started) => started,
+            Err(too_few) => {
+                return unavailable(
+                    cluster,
+                    format!(
+                        "{} of {} replicas are up; {} needed",
+                        too_few.live,
+                        replicas.len(),
+                        too_few.required
+                    ),
+                )
+            }
+        };
+    let (sender, replies) = mpsc::unbounded::<(NodeId, Option<Versions<Value>>)>();
+    for &node in &plan.send_to {
+        let shard = shard.clone();
+        let sender = sender.clone();
+        let key = key.clone();
+        let address = view.replica_address(node, &key);
+        glommio::spawn_local(async move {
+            let versions = if node == me {
+                match shard.store.read_raw(&key).await {
+                    Ok(bytes) => decode_stored(bytes.as_deref()).ok(),
+                    Err(_) => None,
+                }
+            } else {
+                remote_versions(&shard, address, &key, timeout).await
+            };
+            let _ = sender.unbounded_send((node, versions));
+        })
+        .detach();
+    }
+    drop(sender);
+    let (answer, answered) = oneshot::channel();
+    let asked = plan.send_to.len();
+    glommio::spawn_local(finish_read(
+        shard.clone(),
+        key,
+        me,
+        round,
+        replies,
+        answer,
+        asked,
+        timeout,
+        metadata_only,
+    ))
+    .detach();
+    answered.await.unwrap_or_else(|_| Reply::error(Status::INTERNAL, "read round ended without an answer"))
+}
+
+async fn remote_versions<S: Storage>(
+    shard: &Shard<S>,
+    address: Option<std::net::SocketAddr>,
+    key: &[u8],
+    timeout: Duration,
+) -> Option<Versions<Value>> {
+    let cluster = shard.cluster.as_ref()?;
+    let op = Op::ReadReplica { key };
+    let request = PeerRequest { op, consistency: schema::Consistency::ONE, context: &[], timeout };
+    let response = cluster.peers.link(address?).call(request).await.ok()?;
+    if response.status != Status::OK {
+        return None;
+    }
+    if response.versions.is_empty() {
+        return Some(Versions::default());
+    }
+    decode_key_versions(&response.versions).ok().map(versions_from_data)
+}
+
+/// Collects a read's replies: answers the client once the round settles, then keeps
+/// listening for the rest and repairs the replicas that were stale.
+#[allow(clippy::too_many_arguments)]
+async fn finish_read<S: Storage>(
+    shard: Rc<Shard<S>>,
+    key: Vec<u8>,
+    me: NodeId,
+    mut round: ReadRound<Value>,
+    mut replies: mpsc::UnboundedReceiver<(NodeId, Option<Versions<Value>>)>,
+    answer: oneshot::Sender<LocalReply>,
+    asked: usize,
+    timeout: Duration,
+    metadata_only: bool,
+) {
+    let mut answer = Some(answer);
+    let mut heard = 0;
+    let deadline = glommio::timer::sleep(timeout);
+    futures::pin_mut!(deadline);
+    while heard < asked {
+        let next = futures_lite::future::or(async { replies.next().await.map(Some) }, async {
+            (&mut deadline).await;
+            None
+        });
+        let outcome = match next.await {
+            Some(Some((node, Some(versions)))) => round.on_reply(node, versions),
+            Some(Some((node, None))) => round.on_error(node),
+            Some(None) | None => round.on_time(u64::MAX),
+        };
+        heard += 1;
+        if outcome != Outcome::Pending {
+            if let Some(answer) = answer.take() {
+                let reply = match outcome {
+                    Outcome::Done => client_reply(round.merged(), metadata_only),
+                    Outcome::TimedOut { replies } | Outcome::Failed { replies } => Reply::error(
+                        Status::TIMEOUT,
+                        format!("{replies} replicas answered in time; not enough"),
+                    ),
+                    Outcome::Pending => unreachable!(),
+                };
+                let _ = answer.send(reply);
+            }
+            if matches!(outcome, Outcome::TimedOut { .. }) {
+                break;
+            }
+        }
+    }
+    // Read repair: every replica that answered without something the merge holds gets it.
+    let stale = round.stale_replicas();
+    if stale.is_empty() {
+        return;
+    }
+    let Some(cluster) = shard.cluster.as_ref() else { return };
+    let merged = round.merged().clone();
+    let bytes: Rc<[u8]> = Rc::from(encode(&merged).0);
+    let view = cluster.view();
+    for node in stale {
+        cluster.stats.read_repair_count.set(cluster.stats.read_repair_count.get() + 1);
+        if node == me {
+            let _ = merge_local(&shard, &key, &merged).await;
+            continue;
+        }
+        let Some(address) = view.replica_address(node, &key) else { continue };
+        let op = Op::Replicate { key: &key, versions: &bytes };
+        let request = PeerRequest { op, consistency: schema::Consistency::ONE, context: &[], timeout };
+        if cluster_link_call(&shard, address, request).await != Some(Status::OK) {
+            cluster.add_hint(node, &key, &bytes);
+        }
+    }
+}
+
+/// Replays hints to replicas that are up again, forever; drops those past their age.
+pub async fn replay_hints<S: Storage>(shard: Rc<Shard<S>>) {
+    loop {
+        glommio::timer::sleep(HINT_REPLAY_INTERVAL).await;
+        let Some(cluster) = shard.cluster.as_ref() else { return };
+        cluster.hints.borrow_mut().expire(monotonic_us());
+        let view = cluster.view();
+        let targets = cluster.hints.borrow().targets();
+        for target in targets.into_iter().filter(|&t| view.is_live(t)) {
+            let batch = cluster.hints.borrow_mut().replay(target);
+            for hint in batch {
+                let (key, bytes) = &hint.write;
+                let Some(address) = view.replica_address(target, key) else { continue };
+                let op = Op::Replicate { key, versions: bytes };
+                let timeout = Duration::from_secs(2);
+                let request =
+                    PeerRequest { op, consistency: schema::Consistency::ONE, context: &[], timeout };
+                if cluster_link_call(&shard, address, request).await == Some(Status::OK) {
+                    cluster.hints.borrow_mut().acknowledged(target, hint.id);
+                    cluster.stats.hint_replayed_count.set(cluster.stats.hint_replayed_count.get() + 1);
+                } else {
+                    cluster.hints.borrow_mut().replay_failed(target);
+                    break;
+                }
+            }
+        }
+    }
+}
