@@ -114,6 +114,10 @@ pub struct ClusterLaunch {
     pub shard_ports: Vec<u16>,
 }
 
+fn hello_ip(cluster: &Option<ClusterLaunch>) -> std::net::IpAddr {
+    cluster.as_ref().map_or(std::net::IpAddr::from([0, 0, 0, 0]), |launch| launch.gossip_address.ip())
+}
+
 /// Everything a shard thread needs, prepared by the main thread.
 pub struct ShardLaunch {
     pub index: usize,
@@ -187,7 +191,7 @@ pub async fn run(launch: ShardLaunch) {
         },
         None => (None, None),
     };
-    let peers = Rc::new(PeerPool::default());
+    let peers = Rc::new(PeerPool::new(hello_ip(&cluster)));
     let cluster_shard = match &cluster {
         Some(launch) => match CounterLease::open(storage.clone(), &shard_dir, LEASE_BLOCK).await {
             Ok(lease) => {

@@ -72,6 +72,8 @@ impl Connection {
 /// This shard's connection to one peer address.
 pub struct PeerLink {
     address: SocketAddr,
+    /// This node's address, bound before connecting (unless unspecified).
+    local_ip: Option<std::net::IpAddr>,
     connection: RefCell<Option<Rc<Connection>>>,
     /// Held while connecting, so that concurrent callers share one attempt.
     connecting: glommio::sync::Semaphore,
@@ -87,8 +89,13 @@ pub struct PeerRequest<'a> {
 }
 
 impl PeerLink {
-    pub fn new(address: SocketAddr) -> PeerLink {
-        PeerLink { address, connection: RefCell::new(None), connecting: glommio::sync::Semaphore::new(1) }
+    pub fn new(address: SocketAddr, local_ip: Option<std::net::IpAddr>) -> PeerLink {
+        PeerLink {
+            address,
+            local_ip,
+            connection: RefCell::new(None),
+            connecting: glommio::sync::Semaphore::new(1),
+        }
     }
 
     async fn connection(&self, timeout: Duration) -> Result<Rc<Connection>, PeerError> {
@@ -100,15 +107,26 @@ impl PeerLink {
         if let Some(connection) = self.live_connection() {
             return Ok(connection);
         }
-        let connect = async { Some(TcpStream::connect(self.address).await) };
-        let expired = async {
-            glommio::timer::sleep(timeout).await;
-            None
-        };
-        let stream = match futures_lite::future::or(connect, expired).await {
-            Some(Ok(stream)) => stream,
-            Some(Err(error)) => return Err(PeerError::Unreachable(format!("{}: {error}", self.address))),
-            None => return Err(PeerError::Timeout),
+        // Connecting binds to this node's own address first, so that peers (and firewall
+        // rules) see connections come from it; a blocking connect with a timeout runs on
+        // glommio's blocking pool, never on the shard's thread.
+        let (address, local_ip) = (self.address, self.local_ip);
+        let connected = glommio::executor()
+            .spawn_blocking(move || -> std::io::Result<std::os::fd::RawFd> {
+                let socket =
+                    socket2::Socket::new(socket2::Domain::for_address(address), socket2::Type::STREAM, None)?;
+                if let Some(ip) = local_ip {
+                    socket.bind(&SocketAddr::new(ip, 0).into())?;
+                }
+                socket.connect_timeout(&address.into(), timeout)?;
+                Ok(std::os::fd::IntoRawFd::into_raw_fd(socket))
+            })
+            .await;
+        let stream = match connected {
+            // SAFETY: a connected TCP socket whose only owner was the closure above.
+            Ok(fd) => unsafe { <TcpStream as std::os::fd::FromRawFd>::from_raw_fd(fd) },
+            Err(error) if error.kind() == std::io::ErrorKind::TimedOut => return Err(PeerError::Timeout),
+            Err(error) => return Err(PeerError::Unreachable(format!("{}: {error}", self.address))),
         };
         let _ = stream.set_nodelay(true);
         let connection = Rc::new(Connection {
@@ -236,13 +254,24 @@ async fn read_replies(mut reader: futures_lite::io::ReadHalf<TcpStream>, connect
 }
 
 /// A shard's links, one per peer address, made on first use.
-#[derive(Default)]
 pub struct PeerPool {
+    local_ip: Option<std::net::IpAddr>,
     links: RefCell<HashMap<SocketAddr, Rc<PeerLink>>>,
 }
 
 impl PeerPool {
+    /// `local_ip`: the address this node listens on (bound before connecting).
+    pub fn new(local_ip: std::net::IpAddr) -> PeerPool {
+        let local_ip = (!local_ip.is_unspecified()).then_some(local_ip);
+        PeerPool { local_ip, links: RefCell::new(HashMap::new()) }
+    }
+
     pub fn link(&self, address: SocketAddr) -> Rc<PeerLink> {
-        self.links.borrow_mut().entry(address).or_insert_with(|| Rc::new(PeerLink::new(address))).clone()
+        let local_ip = self.local_ip;
+        self.links
+            .borrow_mut()
+            .entry(address)
+            .or_insert_with(|| Rc::new(PeerLink::new(address, local_ip)))
+            .clone()
     }
 }

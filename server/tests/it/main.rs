@@ -2,6 +2,7 @@
 //! interface, and real `kvd` processes (kill -9, hostile input, shutdown).
 
 mod bitflip;
+mod cluster;
 mod disk_full;
 mod harness;
 mod hostile;
