@@ -381,3 +381,58 @@ fn a_partitioned_node_refuses_quorum_the_majority_serves_and_healing_loses_nothi
     }
     println!("cluster: {} acknowledged writes all read at ALL after healing", acked.len());
 }
+
+#[test]
+fn five_nodes_converge_ride_out_a_pause_and_detect_a_kill() {
+    let rt = runtime();
+    let started = Instant::now();
+    let mut cluster = Cluster::start(5, "five");
+    let addresses = cluster.addresses.clone();
+    wait_until_all_see(&rt, &addresses, 5, CONVERGE_DEADLINE);
+    println!("cluster: 5 nodes converged {:?} after the first start", started.elapsed());
+
+    let topology =
+        rt.block_on(async { connect(&addresses[0], Consistency::ONE).await.topology().await }).expect("ring");
+    let mut owned = vec![0usize; topology.nodes.len()];
+    for &owner in &topology.owners {
+        owned[owner as usize] += 1;
+    }
+    let balance = *owned.iter().max().unwrap_or(&0) as f64 / *owned.iter().min().unwrap_or(&1).max(&1) as f64;
+    println!(
+        "cluster: ring of {} partitions over 5 nodes {owned:?}: largest/smallest share {balance:.3}",
+        topology.owners.len()
+    );
+    assert!(balance <= 1.15);
+
+    // SIGSTOP for 1 s: nobody marks the paused node down, during the pause or after it.
+    let paused = cluster.nodes[4].as_ref().map(|n| n.child.id() as i32).expect("node 5");
+    // SAFETY: signals to our own child process.
+    unsafe { libc::kill(paused, libc::SIGSTOP) };
+    let pause_start = Instant::now();
+    let mut checks = 0;
+    while pause_start.elapsed() < Duration::from_secs(2) {
+        if pause_start.elapsed() >= Duration::from_secs(1) && checks > 0 {
+            // SAFETY: as above.
+            unsafe { libc::kill(paused, libc::SIGCONT) };
+        }
+        for address in &addresses[..4] {
+            assert!(
+                rt.block_on(sees_up(address, 5)),
+                "{address} marked the paused node down after {:?}",
+                pause_start.elapsed()
+            );
+        }
+        checks += 1;
+    }
+    // SAFETY: as above.
+    unsafe { libc::kill(paused, libc::SIGCONT) };
+    println!("cluster: a node paused for 1 s stayed up in every view ({checks} rounds of checks over 2 s)");
+
+    let killed_at = Instant::now();
+    cluster.kill9(4);
+    let detected = wait_until_all_see(&rt, &addresses[..4], 4, DETECT_DEADLINE);
+    println!(
+        "cluster: a killed node was down in all 4 other views {detected:?} after kill -9 ({:?})",
+        killed_at.elapsed()
+    );
+}
