@@ -19,8 +19,13 @@ pub enum Protocol {
 pub struct Args {
     #[arg(long, value_enum, default_value = "native")]
     pub protocol: Protocol,
+    /// Server address; a comma-separated list spreads the connections over several nodes
+    /// of a cluster (each node coordinates what it receives).
     #[arg(long, default_value = "127.0.0.1:7400")]
     pub addr: String,
+    /// Native protocol: replicas that must answer in a cluster (one, quorum, all).
+    #[arg(long, default_value = "quorum")]
+    pub consistency: String,
     /// Connections (native: client instances; each opens one connection per shard when shard-aware).
     #[arg(long, default_value_t = 4)]
     pub connections: usize,

@@ -75,7 +75,9 @@ fn process_cpu_seconds(pids: &[u32]) -> Option<f64> {
 async fn connect_all(args: &Args) -> anyhow::Result<Vec<Target>> {
     let mut targets = Vec::with_capacity(args.connections);
     for _ in 0..args.connections.max(1) {
-        targets.push(Target::connect(args.protocol, &args.addr, args).await?);
+        let addresses: Vec<&str> = args.addr.split(',').collect();
+        let address = addresses[targets.len() % addresses.len()];
+        targets.push(Target::connect(args.protocol, address, args).await?);
     }
     Ok(targets)
 }

@@ -37,8 +37,18 @@ impl Target {
     ) -> anyhow::Result<Target> {
         match protocol {
             crate::args::Protocol::Native => {
-                let options =
-                    Options { timeout: args.timeout, shard_aware: args.shard_aware, ..Options::default() };
+                let consistency = match args.consistency.to_ascii_lowercase().as_str() {
+                    "one" => client::Consistency::ONE,
+                    "quorum" => client::Consistency::QUORUM,
+                    "all" => client::Consistency::ALL,
+                    other => anyhow::bail!("--consistency: expected one, quorum or all, got {other:?}"),
+                };
+                let options = Options {
+                    timeout: args.timeout,
+                    shard_aware: args.shard_aware,
+                    consistency,
+                    ..Options::default()
+                };
                 let client = Client::connect(address, options)
                     .await
                     .with_context(|| format!("connecting to {address}"))?;

@@ -65,6 +65,9 @@ pub struct CounterLease<S: Storage> {
     next: Cell<u64>,
     /// The highest counter that may be handed out: durable.
     bound: Cell<u64>,
+    /// Held while a new bound is made durable, so that concurrent callers wait for one
+    /// file replacement instead of racing on the same temporary file.
+    raising: glommio::sync::Semaphore,
 }
 
 impl<S: Storage> CounterLease<S> {
@@ -90,6 +93,7 @@ impl<S: Storage> CounterLease<S> {
             block,
             next: Cell::new(bound + 1),
             bound: Cell::new(bound),
+            raising: glommio::sync::Semaphore::new(1),
         };
         Ok(lease)
     }
@@ -102,7 +106,15 @@ impl<S: Storage> CounterLease<S> {
     /// A counter never handed out before. Makes a new bound durable first when the block is
     /// used up (one atomic file replacement per `block` counters).
     pub async fn next(&self) -> io::Result<u64> {
-        if self.next.get() > self.bound.get() {
+        while self.next.get() > self.bound.get() {
+            let _raising = self
+                .raising
+                .acquire_permit(1)
+                .await
+                .map_err(|_| io::Error::other("the counter lease is closed"))?;
+            if self.next.get() <= self.bound.get() {
+                break; // another caller raised it meanwhile
+            }
             let bound = self.next.get() + self.block - 1;
             crate::storage::replace_file(&self.storage, &self.dir, LEASE_FILE, &encode(bound)).await?;
             self.bound.set(bound.max(self.bound.get()));
