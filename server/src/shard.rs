@@ -197,7 +197,14 @@ pub async fn run(launch: ShardLaunch) {
             Ok(lease) => {
                 let view =
                     Arc::new(ClusterView::forming(launch.node_name.clone(), "the cluster is forming".into()));
-                Some(ClusterShard::new(actor_of(&launch.node_name), view, peers.clone(), lease))
+                match ClusterShard::open(actor_of(&launch.node_name), view, peers.clone(), lease, &shard_dir)
+                {
+                    Ok(cluster) => Some(cluster),
+                    Err(error) => {
+                        let _ = ready.send(Err(format!("shard {index}: opening the hint log: {error}")));
+                        return;
+                    }
+                }
             }
             Err(error) => {
                 let _ = ready.send(Err(format!("shard {index}: opening the counter lease: {error}")));
@@ -242,6 +249,7 @@ pub async fn run(launch: ShardLaunch) {
     let mut cluster_tasks = Vec::new();
     if let (Some(launch), Some(cluster_shard)) = (cluster, &shard.cluster) {
         cluster_tasks.push(glommio::spawn_local(replication::replay_hints(shard.clone())));
+        cluster_tasks.push(glommio::spawn_local(replication::flush_hint_log(shard.clone())));
         if index == 0 {
             let weak = Rc::downgrade(&shard);
             let publish = Box::new(move |view: Arc<ClusterView>| {

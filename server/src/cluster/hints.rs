@@ -74,8 +74,9 @@ impl<W: Clone> Hints<W> {
         self.queues.iter().filter(|(_, queue)| !queue.hints.is_empty()).map(|(&target, _)| target).collect()
     }
 
-    /// Keeps `write` (of `size` bytes) for `target`. Over a bound, the oldest hints go first.
-    pub fn add(&mut self, target: NodeId, write: W, size: usize, now_us: u64) {
+    /// Keeps `write` (of `size` bytes) for `target` and returns its id. Over a bound, the
+    /// oldest hints go first.
+    pub fn add(&mut self, target: NodeId, write: W, size: usize, now_us: u64) -> u64 {
         let id = self.next_id;
         self.next_id += 1;
         let queue = self
@@ -90,6 +91,7 @@ impl<W: Clone> Hints<W> {
                 break;
             }
         }
+        id
     }
 
     fn drop_oldest(&mut self) -> bool {

@@ -66,6 +66,14 @@ fn formed(members: Vec<String>, replica_count: usize, partition_bits: u32) -> an
     if replica_count == 0 || replica_count > members.len() {
         anyhow::bail!("replica count {replica_count} with {} members", members.len());
     }
+    // Version vectors name nodes by a 32-bit hash of their id: two members must differ.
+    let mut actors: Vec<u32> = members.iter().map(|name| super::replication::actor_of(name)).collect();
+    actors.sort_unstable();
+    if actors.windows(2).any(|pair| pair[0] == pair[1]) {
+        anyhow::bail!(
+            "two members' ids hash to the same version-vector actor; restart one with a new data directory"
+        );
+    }
     Ok(Formed { members, replica_count, partition_bits, ring })
 }
 

@@ -8,6 +8,7 @@
 pub mod coordinator;
 pub mod failure_detector;
 pub mod gossip;
+pub mod hint_log;
 pub mod hints;
 pub mod lease;
 pub mod membership;

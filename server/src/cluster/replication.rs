@@ -31,6 +31,7 @@ use schema::peer::{decode_key_versions, encode_key_versions, KeyVersionsData, St
 use schema::{Op, ResponseView, Status};
 
 use super::coordinator::{Consistency, Outcome, ReadRound, WriteRound};
+use super::hint_log::{self, LoggedHint};
 use super::hints::{HintLimits, Hints};
 use super::lease::CounterLease;
 use super::peer::{PeerPool, PeerRequest};
@@ -71,6 +72,9 @@ pub struct ClusterShard<S: Storage> {
     pub peers: Rc<PeerPool>,
     lease: CounterLease<S>,
     hints: RefCell<Hints<HintedWrite>>,
+    /// Hint log records not yet appended to `hint_log_path`.
+    hint_log_pending: RefCell<Vec<u8>>,
+    hint_log_path: std::path::PathBuf,
     pub stats: ReplicationStats,
     /// Shard 0 only: the gossip driver.
     pub membership: RefCell<Option<Rc<super::membership::Membership>>>,
@@ -83,21 +87,35 @@ pub fn actor_of(node_name: &str) -> u32 {
 }
 
 impl<S: Storage> ClusterShard<S> {
-    pub fn new(
+    /// Opens the shard's replication state in `shard_dir`, with the hints a previous run left.
+    pub fn open(
         actor: u32,
         view: Arc<ClusterView>,
         peers: Rc<PeerPool>,
         lease: CounterLease<S>,
-    ) -> ClusterShard<S> {
-        ClusterShard {
+        shard_dir: &std::path::Path,
+    ) -> std::io::Result<ClusterShard<S>> {
+        let mut hints = Hints::new(HintLimits::default());
+        let mut kept = Vec::new();
+        for logged in hint_log::load(shard_dir)? {
+            let versions: Rc<[u8]> = Rc::from(logged.versions.as_slice());
+            let size = logged.key.len() + versions.len();
+            let id = hints.add(logged.target, (logged.key.clone(), versions), size, monotonic_us());
+            kept.push(LoggedHint { id, ..logged });
+        }
+        // Under the ids this run uses, and without the history of the last.
+        hint_log::rewrite(shard_dir, &kept)?;
+        Ok(ClusterShard {
             actor,
             view: RefCell::new(view),
             peers,
             lease,
-            hints: RefCell::new(Hints::new(HintLimits::default())),
+            hints: RefCell::new(hints),
+            hint_log_pending: RefCell::new(Vec::new()),
+            hint_log_path: shard_dir.join(hint_log::HINT_LOG_FILE),
             stats: ReplicationStats::default(),
             membership: RefCell::new(None),
-        }
+        })
     }
 
     pub fn view(&self) -> Arc<ClusterView> {
@@ -135,8 +153,16 @@ impl<S: Storage> ClusterShard<S> {
 
     fn add_hint(&self, target: NodeId, key: &[u8], versions: &Rc<[u8]>) {
         let size = key.len() + versions.len();
-        self.hints.borrow_mut().add(target, (key.to_vec(), versions.clone()), size, monotonic_us());
+        let id = self.hints.borrow_mut().add(target, (key.to_vec(), versions.clone()), size, monotonic_us());
+        let logged = LoggedHint { id, target, key: key.to_vec(), versions: versions.to_vec() };
+        self.hint_log_pending.borrow_mut().extend(hint_log::add_record(&logged));
         self.stats.hint_count.set(self.stats.hint_count.get() + 1);
+    }
+
+    fn hint_acknowledged(&self, target: NodeId, id: u64) {
+        self.hints.borrow_mut().acknowledged(target, id);
+        self.hint_log_pending.borrow_mut().extend(hint_log::acknowledged_record(target, id));
+        self.stats.hint_replayed_count.set(self.stats.hint_replayed_count.get() + 1);
     }
 }
 
@@ -634,6 +660,32 @@ async fn finish_read<S: Storage>(
     }
 }
 
+/// Appends the hint log's new records every `FLUSH_INTERVAL`, forever; once nothing is
+/// pending and the log has grown, starts it afresh.
+pub async fn flush_hint_log<S: Storage>(shard: Rc<Shard<S>>) {
+    let mut appended = 0usize;
+    loop {
+        glommio::timer::sleep(hint_log::FLUSH_INTERVAL).await;
+        let Some(cluster) = shard.cluster.as_ref() else { return };
+        let bytes = std::mem::take(&mut *cluster.hint_log_pending.borrow_mut());
+        if !bytes.is_empty() {
+            appended += bytes.len();
+            let path = cluster.hint_log_path.clone();
+            if let Err(error) =
+                glommio::executor().spawn_blocking(move || hint_log::append(path, bytes)).await
+            {
+                eprintln!("kvd: shard {}: appending to the hint log: {error}", shard.index);
+            }
+        }
+        if appended > (1 << 20) && cluster.hints.borrow().pending_count() == 0 {
+            let dir = cluster.hint_log_path.parent().map(std::path::Path::to_path_buf).unwrap_or_default();
+            if glommio::executor().spawn_blocking(move || hint_log::rewrite(&dir, &[])).await.is_ok() {
+                appended = 0;
+            }
+        }
+    }
+}
+
 /// Replays hints to replicas that are up again, forever; drops those past their age.
 pub async fn replay_hints<S: Storage>(shard: Rc<Shard<S>>) {
     loop {
@@ -652,8 +704,7 @@ pub async fn replay_hints<S: Storage>(shard: Rc<Shard<S>>) {
                 let request =
                     PeerRequest { op, consistency: schema::Consistency::ONE, context: &[], timeout };
                 if cluster_link_call(&shard, address, request).await == Some(Status::OK) {
-                    cluster.hints.borrow_mut().acknowledged(target, hint.id);
-                    cluster.stats.hint_replayed_count.set(cluster.stats.hint_replayed_count.get() + 1);
+                    cluster.hint_acknowledged(target, hint.id);
                 } else {
                     cluster.hints.borrow_mut().replay_failed(target);
                     break;
