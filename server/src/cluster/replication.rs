@@ -257,6 +257,14 @@ fn cluster_of<S: Storage>(shard: &Shard<S>) -> Result<&ClusterShard<S>, LocalRep
     shard.cluster.as_ref().ok_or_else(|| Reply::error(Status::UNSUPPORTED, "this node is not in a cluster"))
 }
 
+/// Siblings beyond `SIBLING_COUNT_MAX` that an update dropped (the oldest go first).
+fn count_dropped_siblings<S: Storage>(cluster: &ClusterShard<S>, versions: &Versions<Value>) {
+    let dropped = versions.dropped_sibling_count();
+    if dropped > 0 {
+        cluster.stats.sibling_dropped_count.set(cluster.stats.sibling_dropped_count.get() + dropped);
+    }
+}
+
 /// Replica side: merges `bytes` (verified versions) into what this replica holds of `key`.
 pub async fn replicate<S: Storage>(shard: &Shard<S>, key: &[u8], bytes: &[u8]) -> LocalReply {
     let incoming = match decode_key_versions(bytes) {
@@ -285,6 +293,9 @@ async fn merge_local<S: Storage>(
             let mut mine = decode_stored(current)?;
             let before = mine.clone();
             mine.merge(incoming);
+            if let Some(cluster) = &shard.cluster {
+                count_dropped_siblings(cluster, &mine);
+            }
             Ok((mine != before).then(|| encode(&mine)))
         })
         .await?;
@@ -417,6 +428,7 @@ pub async fn coordinate_write<S: Storage>(
         .update_raw(&key, size, |current| {
             let mut versions = decode_stored(current)?;
             versions.write(actor, floor, context.as_ref(), value.map(|v| (v, expires_at_ms)), timestamp_us);
+            count_dropped_siblings(cluster, &versions);
             Ok(Some(encode(&versions)))
         })
         .await;

@@ -139,6 +139,30 @@ async fn put_retrying(
     Err(last)
 }
 
+/// A read retried like [`put_retrying`].
+async fn get_retrying(
+    clients: &[Option<Client>],
+    first: usize,
+    key: &[u8],
+) -> Result<Option<Vec<u8>>, Error> {
+    let start = Instant::now();
+    let mut last = Error::Timeout;
+    let mut attempt = 0;
+    while start.elapsed() < Duration::from_secs(10) {
+        let index = (first + attempt) % clients.len();
+        attempt += 1;
+        let Some(client) = &clients[index] else { continue };
+        match client.get(key).await {
+            Ok(value) => return Ok(value.map(|v| v.value)),
+            Err(error) => last = error,
+        }
+        if attempt % clients.len() == 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    Err(last)
+}
+
 #[test]
 fn kill9_under_quorum_load_loses_nothing_and_hints_bring_the_replica_back() {
     let rt = runtime();
@@ -156,6 +180,7 @@ fn kill9_under_quorum_load_loses_nothing_and_hints_bring_the_replica_back() {
         rt.block_on(async { futures_join(addresses.iter().map(|a| connect(a, Consistency::QUORUM))).await });
     let mut acked: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
     let mut failed = 0;
+    let mut reads = 0;
     let mut write = |clients: &[Option<Client>], i: usize, acked: &mut BTreeMap<Vec<u8>, Vec<u8>>| {
         let key = format!("key-{i:05}").into_bytes();
         let value = format!("value-{i}").into_bytes();
@@ -166,6 +191,17 @@ fn kill9_under_quorum_load_loses_nothing_and_hints_bring_the_replica_back() {
             Err(error) => {
                 eprintln!("write {i} failed after retries: {error}");
                 failed += 1;
+            }
+        }
+        // And a QUORUM read of an earlier acknowledged write, through another node.
+        let earlier = format!("key-{:05}", i / 2).into_bytes();
+        if let Some(expected) = acked.get(&earlier) {
+            match rt.block_on(get_retrying(clients, i % 3 + 1, &earlier)) {
+                Ok(Some(got)) if got == *expected => reads += 1,
+                other => {
+                    eprintln!("read of {} gave {other:?}", String::from_utf8_lossy(&earlier));
+                    failed += 1;
+                }
             }
         }
     };
@@ -186,7 +222,9 @@ fn kill9_under_quorum_load_loses_nothing_and_hints_bring_the_replica_back() {
     for i in 600..700 {
         write(&clients, i, &mut acked);
     }
-    assert_eq!(failed, 0, "QUORUM writes that failed even after retrying on every node");
+    drop(write);
+    assert_eq!(failed, 0, "QUORUM requests that failed (or read wrong) even after retrying on every node");
+    println!("cluster: {reads} QUORUM reads of acknowledged writes during the kill, all current");
     let pending: u64 = rt.block_on(async {
         let mut total = 0;
         for address in &addresses[..2] {
@@ -296,6 +334,27 @@ fn concurrent_writers_with_contexts_make_siblings_and_lose_none() {
             assert_eq!(values, [&b"resolved"[..]]);
         }
         println!("cluster: 20 keys written concurrently through two coordinators: 2 siblings each, resolved by a write with the merged context");
+        // Any N-1 replicas stopped (SIGSTOP): every key still reads at ONE from the third.
+        for survivor in 0..3 {
+            let stopped: Vec<i32> = (0..3)
+                .filter(|&i| i != survivor)
+                .filter_map(|i| cluster.nodes[i].as_ref().map(|n| n.child.id() as i32))
+                .collect();
+            for &pid in &stopped {
+                // SAFETY: a signal to our own child process.
+                unsafe { libc::kill(pid, libc::SIGSTOP) };
+            }
+            let one = connect(&cluster.addresses[survivor], Consistency::ONE).await;
+            for i in 0..20 {
+                let got = one.get(format!("shared-{i}").as_bytes()).await;
+                assert_eq!(got.map(|v| v.map(|v| v.value)), Ok(Some(b"resolved".to_vec())), "node {survivor} alone, key {i}");
+            }
+            for &pid in &stopped {
+                // SAFETY: as above.
+                unsafe { libc::kill(pid, libc::SIGCONT) };
+            }
+        }
+        println!("cluster: with any 2 of 3 nodes stopped, all 20 keys read at ONE from the third");
         // CAS is refused in a cluster until consensus lands.
         let outcome = a.cas(b"shared-0", Some(b"resolved"), b"x", None).await;
         assert!(matches!(outcome, Err(Error::Unsupported(_))), "{outcome:?}");
