@@ -222,7 +222,6 @@ fn kill9_under_quorum_load_loses_nothing_and_hints_bring_the_replica_back() {
     for i in 600..700 {
         write(&clients, i, &mut acked);
     }
-    drop(write);
     assert_eq!(failed, 0, "QUORUM requests that failed (or read wrong) even after retrying on every node");
     println!("cluster: {reads} QUORUM reads of acknowledged writes during the kill, all current");
     let pending: u64 = rt.block_on(async {
