@@ -145,6 +145,9 @@ pub struct Options {
     /// Route each key to its shard's own port (no cross-core hop on the server).
     pub shard_aware: bool,
     pub consistency: Consistency,
+    /// In a cluster: learn the ring and send each request to a replica of its key, on the
+    /// shard that owns it (else everything goes to the node connected to, which forwards).
+    pub cluster_aware: bool,
 }
 
 impl Default for Options {
@@ -154,6 +157,7 @@ impl Default for Options {
             pool_size: 1,
             shard_aware: true,
             consistency: Consistency::QUORUM,
+            cluster_aware: true,
         }
     }
 }
@@ -190,6 +194,44 @@ struct Inner {
     /// `routes[shard]`: the pool for that shard (all the same pool if not shard-aware).
     routes: Vec<Vec<Slot>>,
     next: AtomicUsize,
+    /// The ring as last learned, when the node is in a cluster and `cluster_aware` is set.
+    cluster: std::sync::RwLock<Option<Arc<ClusterRoutes>>>,
+}
+
+/// How often a cluster-aware client asks for the topology again.
+const TOPOLOGY_REFRESH: Duration = Duration::from_secs(2);
+
+/// Where a cluster's keys live, and a connection slot per node shard.
+#[derive(Debug)]
+struct ClusterRoutes {
+    topology: schema::peer::TopologyData,
+    learned: std::time::Instant,
+    slots: std::sync::Mutex<std::collections::HashMap<SocketAddr, Arc<Slot>>>,
+}
+
+impl ClusterRoutes {
+    /// The addresses of the shards owning `key` on its replicas, up ones first.
+    fn replica_addresses(&self, key: &[u8]) -> Vec<SocketAddr> {
+        let mut replicas: Vec<&schema::peer::TopologyNode> =
+            self.topology.replicas(key).into_iter().filter_map(|i| self.topology.nodes.get(i)).collect();
+        replicas.sort_by_key(|node| !node.up); // stable: ring order among the up ones
+        replicas
+            .into_iter()
+            .filter_map(|node| {
+                let ip = node.address.parse::<SocketAddr>().ok()?.ip();
+                let port = *node.shard_ports.get(shard_of(key, node.shard_ports.len().max(1)))?;
+                Some(SocketAddr::new(ip, port))
+            })
+            .collect()
+    }
+
+    fn slot(&self, address: SocketAddr) -> Arc<Slot> {
+        let mut slots = self.slots.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        slots
+            .entry(address)
+            .or_insert_with(|| Arc::new(Slot { address, connection: Mutex::new(None) }))
+            .clone()
+    }
 }
 
 fn check_key(key: &[u8]) -> Result<(), Error> {
@@ -268,7 +310,108 @@ impl Client {
         if !options.shard_aware {
             *routes[0][0].connection.lock().await = Some(Arc::new(first));
         }
-        Ok(Client { inner: Arc::new(Inner { hello, options, routes, next: AtomicUsize::new(0) }) })
+        let client = Client {
+            inner: Arc::new(Inner {
+                hello,
+                options,
+                routes,
+                next: AtomicUsize::new(0),
+                cluster: std::sync::RwLock::new(None),
+            }),
+        };
+        if client.inner.options.cluster_aware {
+            client.refresh_topology(None).await;
+        }
+        Ok(client)
+    }
+
+    /// Learns the ring again: from the node connected to, else from any node the previous
+    /// view knew. Keeps the connections it had; keeps the old view if nobody answers.
+    async fn refresh_topology(&self, previous: Option<&ClusterRoutes>) {
+        let mut learned = match self.call_route(0, Op::Topology).await {
+            Ok(response) if response.status == Status::OK => response.topology,
+            _ => None,
+        };
+        if let (None, Some(previous)) = (&learned, previous) {
+            let timeout = self.inner.options.timeout;
+            let request = RequestView {
+                id: 0,
+                timeout_ms: timeout.as_millis().min(u128::from(u32::MAX)) as u32,
+                consistency: self.inner.options.consistency,
+                context: &[],
+                write_id: None,
+                op: Op::Topology,
+            };
+            for node in &previous.topology.nodes {
+                let Ok(address) = node.address.parse::<SocketAddr>() else { continue };
+                let Ok(connection) = previous.slot(address).get(timeout).await else { continue };
+                if let Ok(response) = connection.call(&request, timeout).await {
+                    if response.status == Status::OK && response.topology.is_some() {
+                        learned = response.topology;
+                        break;
+                    }
+                }
+            }
+        }
+        let topology = match (learned.filter(|t| t.formed), previous) {
+            (Some(topology), _) => topology,
+            (None, Some(previous)) => previous.topology.clone(), // try again later
+            (None, None) => return,
+        };
+        let slots = previous
+            .map(|p| p.slots.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone())
+            .unwrap_or_default();
+        let routes = ClusterRoutes {
+            topology,
+            learned: std::time::Instant::now(),
+            slots: std::sync::Mutex::new(slots),
+        };
+        *self.inner.cluster.write().unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some(Arc::new(routes));
+    }
+
+    fn cluster_routes(&self) -> Option<Arc<ClusterRoutes>> {
+        self.inner.cluster.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// A keyed request in a cluster: to the owning shard of the first up replica; a read
+    /// moves on to the next replica when a connection fails, a write only when it could not
+    /// connect (it may have been applied otherwise).
+    async fn call_replicas(
+        &self,
+        routes: &ClusterRoutes,
+        key: &[u8],
+        op: Op<'_>,
+        context: &[u8],
+    ) -> Result<ResponseView, Error> {
+        let timeout = self.inner.options.timeout;
+        let request = RequestView {
+            id: 0,
+            timeout_ms: timeout.as_millis().min(u128::from(u32::MAX)) as u32,
+            consistency: self.inner.options.consistency,
+            context,
+            write_id: None,
+            op,
+        };
+        let is_read = matches!(op, Op::Get { .. });
+        let mut last = Error::Unavailable("no replica of the key is known".into());
+        for address in routes.replica_addresses(key) {
+            let connection = match routes.slot(address).get(timeout).await {
+                Ok(connection) => connection,
+                Err(error) => {
+                    last = error;
+                    continue;
+                }
+            };
+            match connection.call(&request, timeout).await {
+                // A read is safe to repeat on the next replica, even after a timeout.
+                Err(error @ (Error::ConnectionClosed | Error::Io(_) | Error::Timeout)) if is_read => {
+                    last = error
+                }
+                result => return result,
+            }
+        }
+        Err(last)
     }
 
     /// What the node said in the handshake.
@@ -281,6 +424,16 @@ impl Client {
     }
 
     async fn call_with_context(&self, op: Op<'_>, context: &[u8]) -> Result<ResponseView, Error> {
+        if let (Some(key), Some(cluster)) = (op.key(), self.cluster_routes()) {
+            if cluster.learned.elapsed() > TOPOLOGY_REFRESH {
+                self.refresh_topology(Some(&cluster)).await;
+            }
+            let result = self.call_replicas(&cluster, key, op, context).await;
+            if matches!(result, Err(Error::ConnectionClosed | Error::Io(_) | Error::Unavailable(_))) {
+                self.refresh_topology(Some(&cluster)).await;
+            }
+            return result;
+        }
         let routes = &self.inner.routes;
         let route = match op.key() {
             Some(key) if routes.len() > 1 => shard_of(key, routes.len()),

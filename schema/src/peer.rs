@@ -301,6 +301,30 @@ pub struct TopologyData {
     pub nodes: Vec<TopologyNode>,
 }
 
+impl TopologyData {
+    /// The replicas of `key`, as indexes into `nodes`: the owner of the key's partition (the
+    /// top `partition_bits` bits of [`crate::key_hash`]) and the owners of the next
+    /// partitions clockwise, distinct, up to `replica_count`. The server's ring computes the
+    /// same (`server/src/cluster/ring.rs`, checked against this in its tests).
+    pub fn replicas(&self, key: &[u8]) -> Vec<usize> {
+        let mut replicas = Vec::with_capacity(self.replica_count as usize);
+        if !self.formed || self.owners.is_empty() || self.partition_bits == 0 {
+            return replicas;
+        }
+        let partition = (crate::key_hash(key) >> (64 - u32::from(self.partition_bits))) as usize;
+        for step in 0..self.owners.len() {
+            if replicas.len() == self.replica_count as usize {
+                break;
+            }
+            let owner = self.owners[(partition + step) % self.owners.len()] as usize;
+            if !replicas.contains(&owner) {
+                replicas.push(owner);
+            }
+        }
+        replicas
+    }
+}
+
 pub fn encode_topology(topology: &TopologyData) -> Vec<u8> {
     let mut builder = FlatBufferBuilder::with_capacity(1024);
     let nodes: Vec<_> = topology

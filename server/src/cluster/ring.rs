@@ -190,6 +190,24 @@ impl Ring {
 mod tests {
     use super::*;
 
+    #[test]
+    fn clients_compute_the_same_preference_lists() {
+        let ring = Ring::new(6, &[0, 1, 2, 3, 4]).expect("ring");
+        let topology = schema::peer::TopologyData {
+            formed: true,
+            replica_count: 3,
+            partition_bits: 6,
+            owners: (0..ring.partition_count()).map(|p| ring.owner(p) as u16).collect(),
+            nodes: Vec::new(),
+        };
+        for i in 0..1000 {
+            let key = format!("key-{i}");
+            let ours: Vec<usize> =
+                ring.preference_list(key.as_bytes(), 3).iter().map(|&n| n as usize).collect();
+            assert_eq!(ours, topology.replicas(key.as_bytes()), "{key}");
+        }
+    }
+
     fn keys(count: usize) -> impl Iterator<Item = Vec<u8>> {
         (0..count).map(|i| format!("key-{i}").into_bytes())
     }

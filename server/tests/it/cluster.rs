@@ -70,6 +70,13 @@ async fn connect(address: &str, consistency: Consistency) -> Client {
     Client::connect(address, options).await.expect("client connects")
 }
 
+/// A client that sends everything to `address` (which coordinates), not to replicas.
+async fn connect_direct(address: &str, consistency: Consistency) -> Client {
+    let options =
+        Options { consistency, timeout: Duration::from_secs(3), cluster_aware: false, ..Options::default() };
+    Client::connect(address, options).await.expect("client connects")
+}
+
 async fn try_connect(address: &str, consistency: Consistency) -> Option<Client> {
     let options = Options { consistency, timeout: Duration::from_secs(2), ..Options::default() };
     Client::connect(address, options).await.ok()
@@ -274,7 +281,7 @@ fn kill9_under_quorum_load_loses_nothing_and_hints_bring_the_replica_back() {
     // N-1 replicas down: every acknowledged key reads at ONE from the one left.
     cluster.kill9(0);
     cluster.kill9(1);
-    let survivor = rt.block_on(connect(&addresses[2], Consistency::ONE));
+    let survivor = rt.block_on(connect_direct(&addresses[2], Consistency::ONE));
     let mut lost = 0;
     for (key, value) in &acked {
         let got = rt.block_on(survivor.get(key)).expect("read at ONE with two replicas down");
@@ -343,7 +350,7 @@ fn concurrent_writers_with_contexts_make_siblings_and_lose_none() {
                 // SAFETY: a signal to our own child process.
                 unsafe { libc::kill(pid, libc::SIGSTOP) };
             }
-            let one = connect(&cluster.addresses[survivor], Consistency::ONE).await;
+            let one = connect_direct(&cluster.addresses[survivor], Consistency::ONE).await;
             for i in 0..20 {
                 let got = one.get(format!("shared-{i}").as_bytes()).await;
                 assert_eq!(got.map(|v| v.map(|v| v.value)), Ok(Some(b"resolved".to_vec())), "node {survivor} alone, key {i}");
@@ -427,7 +434,7 @@ fn a_partitioned_node_refuses_quorum_the_majority_serves_and_healing_loses_nothi
         rt.block_on(majority.put(&key, &value)).expect("majority write during the partition");
         acked.insert(key, value);
     }
-    let isolated = rt.block_on(connect(&addresses[2], Consistency::QUORUM));
+    let isolated = rt.block_on(connect_direct(&addresses[2], Consistency::QUORUM));
     let refused = rt.block_on(isolated.put(b"isolated-write", b"x"));
     assert!(matches!(refused, Err(Error::Unavailable(_))), "isolated QUORUM write: {refused:?}");
     let refused = rt.block_on(isolated.get(b"before-1"));
@@ -475,6 +482,21 @@ fn five_nodes_converge_ride_out_a_pause_and_detect_a_kill() {
         topology.owners.len()
     );
     assert!(balance <= 1.15);
+
+    // A node that holds no replica of a key hands the request to one that does.
+    rt.block_on(async {
+        let via_first = connect_direct(&addresses[0], Consistency::QUORUM).await;
+        let via_second = connect_direct(&addresses[1], Consistency::QUORUM).await;
+        for i in 0..50 {
+            let key = format!("spread-{i}").into_bytes();
+            via_first.put(&key, &key).await.expect("write through any node");
+            let got = via_second.get(&key).await.expect("read through any node");
+            assert_eq!(got.map(|v| v.value), Some(key));
+        }
+        let forwarded = cluster_stats(&addresses[0]).await.and_then(|s| s["forwarded"].as_u64()).unwrap_or(0);
+        println!("cluster: 50 writes and reads through nodes that are not replicas of every key ({forwarded} forwarded by the first)");
+        assert!(forwarded > 0);
+    });
 
     // SIGSTOP for 1 s: nobody marks the paused node down, during the pause or after it.
     let paused = cluster.nodes[4].as_ref().map(|n| n.child.id() as i32).expect("node 5");
