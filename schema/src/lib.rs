@@ -28,6 +28,10 @@ pub const PROTOCOL_VERSION: u32 = 1;
 pub const KEY_SIZE_MAX: usize = 256;
 /// Values are 0..=1 MiB.
 pub const VALUE_SIZE_MAX: usize = 1 << 20;
+/// The largest value a node's storage engine holds. A cluster node stores all of a key's
+/// versions (siblings and version vector) as one value, bounded to this by dropping the
+/// oldest siblings: room for two maximal values and their metadata.
+pub const STORED_VALUE_SIZE_MAX: usize = 2 * VALUE_SIZE_MAX + 16 * 1024;
 /// Bytes of the little-endian length prefix in front of every frame.
 pub const FRAME_HEADER_SIZE: usize = 4;
 /// The largest frame payload either side accepts: a CAS carries two values plus a key,
@@ -42,6 +46,8 @@ pub const SIBLING_COUNT_MAX: usize = 64;
 
 const _: () = assert!(FRAME_SIZE_MAX <= u32::MAX as usize);
 const _: () = assert!(FRAME_SIZE_MAX > 2 * VALUE_SIZE_MAX + KEY_SIZE_MAX);
+// A replica's versions travel in one frame (Replicate, the reply to ReadReplica).
+const _: () = assert!(FRAME_SIZE_MAX >= STORED_VALUE_SIZE_MAX + KEY_SIZE_MAX + 4096);
 
 /// The stable 64-bit hash of a key: xxh3-64 with [`SHARD_HASH_SEED`]. Ring tokens and shard
 /// placement both derive from it, so it must never change for an existing data directory.

@@ -81,6 +81,9 @@ pub fn encode_key_versions(versions: &KeyVersionsData) -> Vec<u8> {
 
 /// Verifies and copies out a key's versions; checks order, counts and sizes.
 pub fn decode_key_versions(bytes: &[u8]) -> Result<KeyVersionsData, String> {
+    if bytes.len() > crate::STORED_VALUE_SIZE_MAX {
+        return Err(format!("versions of {} bytes exceed the stored-value limit", bytes.len()));
+    }
     let root = flatbuffers::root_with_opts::<wire::KeyVersions>(&options(), bytes)
         .map_err(|error| format!("invalid versions: {error}"))?;
     let clock: Vec<(u32, u64)> =

@@ -232,6 +232,23 @@ fn encode(versions: &Versions<Value>) -> (Vec<u8>, u64) {
     (encode_key_versions(&versions_to_data(versions)), engine_expiry(versions))
 }
 
+/// Encodes `versions` for the engine, dropping the oldest siblings (counted) until they fit
+/// in a stored value.
+fn encode_bounded<S: Storage>(
+    cluster: Option<&ClusterShard<S>>,
+    versions: &mut Versions<Value>,
+) -> (Vec<u8>, u64) {
+    loop {
+        let encoded = encode(versions);
+        if encoded.0.len() <= schema::STORED_VALUE_SIZE_MAX || !versions.shed_oldest() {
+            if let Some(cluster) = cluster {
+                count_dropped_siblings(cluster, versions);
+            }
+            return encoded;
+        }
+    }
+}
+
 /// The live siblings a client sees.
 fn client_reply(versions: &Versions<Value>, metadata_only: bool) -> LocalReply {
     let now = now_ms();
@@ -293,10 +310,7 @@ async fn merge_local<S: Storage>(
             let mut mine = decode_stored(current)?;
             let before = mine.clone();
             mine.merge(incoming);
-            if let Some(cluster) = &shard.cluster {
-                count_dropped_siblings(cluster, &mine);
-            }
-            Ok((mine != before).then(|| encode(&mine)))
+            Ok((mine != before).then(|| encode_bounded(shard.cluster.as_ref(), &mut mine)))
         })
         .await?;
     shard.store.wait_acked(seq).await
@@ -428,8 +442,7 @@ pub async fn coordinate_write<S: Storage>(
         .update_raw(&key, size, |current| {
             let mut versions = decode_stored(current)?;
             versions.write(actor, floor, context.as_ref(), value.map(|v| (v, expires_at_ms)), timestamp_us);
-            count_dropped_siblings(cluster, &versions);
-            Ok(Some(encode(&versions)))
+            Ok(Some(encode_bounded(Some(cluster), &mut versions)))
         })
         .await;
     let (bytes, seq) = match updated {

@@ -180,6 +180,21 @@ impl<V: Clone> Versions<V> {
         self.resolve();
     }
 
+    /// Drops the oldest sibling (by timestamp, then dot), counted as a bound's drop; false if
+    /// one or none is left. Deterministic, so replicas that shed the same set agree.
+    pub fn shed_oldest(&mut self) -> bool {
+        if self.siblings.len() <= 1 {
+            return false;
+        }
+        let oldest =
+            (0..self.siblings.len()).min_by_key(|&i| (self.siblings[i].timestamp_us, self.siblings[i].dot));
+        if let Some(index) = oldest {
+            self.siblings.remove(index);
+            self.dropped_sibling_count += 1;
+        }
+        true
+    }
+
     /// Blind siblings are last-writer-wins among themselves; the sibling count is bounded.
     fn resolve(&mut self) {
         if let Some(winner) = self.siblings.iter().filter(|s| s.blind).map(|s| (s.timestamp_us, s.dot)).max()

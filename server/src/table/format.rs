@@ -20,7 +20,7 @@
 //! are equal may straddle two blocks; a lookup then reads on (64-bit tokens make it rare).
 //! Decoders require the padding to be zero, so no bit of a table goes unchecked.
 
-use schema::{KEY_SIZE_MAX, VALUE_SIZE_MAX};
+use schema::{KEY_SIZE_MAX, STORED_VALUE_SIZE_MAX};
 
 use super::bloom::Bloom;
 use crate::le::{u16_at, u32_at, u64_at};
@@ -165,7 +165,7 @@ impl TableBuilder {
         value: &[u8],
     ) {
         assert!(!key.is_empty() && key.len() <= KEY_SIZE_MAX);
-        assert!(value.len() <= VALUE_SIZE_MAX);
+        assert!(value.len() <= STORED_VALUE_SIZE_MAX);
         assert!(kind == EntryKind::Put || value.is_empty());
         if let Some((last_token, last_key)) = &self.last {
             assert!(
@@ -424,7 +424,7 @@ pub fn parse_data_block(block: &[u8], offset: u64) -> Result<Vec<EntryRef<'_>>, 
         };
         let key_size = usize::from(u16_at(header, 33).ok_or_else(|| bad("cut short"))?);
         let value_size = u32_at(header, 35).ok_or_else(|| bad("cut short"))? as usize;
-        if key_size == 0 || key_size > KEY_SIZE_MAX || value_size > VALUE_SIZE_MAX {
+        if key_size == 0 || key_size > KEY_SIZE_MAX || value_size > STORED_VALUE_SIZE_MAX {
             return Err(bad("entry size out of range"));
         }
         let body = at + ENTRY_HEADER_SIZE;

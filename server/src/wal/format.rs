@@ -15,7 +15,7 @@
 //!                           expires_at_ms:u64 key value
 //! ```
 
-use schema::{KEY_SIZE_MAX, VALUE_SIZE_MAX};
+use schema::{KEY_SIZE_MAX, STORED_VALUE_SIZE_MAX};
 
 use crate::le::{u16_at, u32_at, u64_at};
 use crate::storage::{block_align_up, BLOCK_SIZE};
@@ -26,7 +26,7 @@ pub const SEGMENT_HEADER_SIZE: usize = 44;
 pub const BATCH_MAGIC: u32 = u32::from_le_bytes(*b"KVBT");
 pub const BATCH_HEADER_SIZE: usize = 32;
 pub const RECORD_HEADER_SIZE: usize = 40;
-pub const RECORD_SIZE_MAX: usize = RECORD_HEADER_SIZE + KEY_SIZE_MAX + VALUE_SIZE_MAX;
+pub const RECORD_SIZE_MAX: usize = RECORD_HEADER_SIZE + KEY_SIZE_MAX + STORED_VALUE_SIZE_MAX;
 /// A batch holds at most this many payload bytes; one record of the largest size always fits.
 pub const BATCH_PAYLOAD_SIZE_MAX: usize = 4 << 20;
 
@@ -128,7 +128,7 @@ pub fn decode_segment_header(block: &[u8]) -> Result<SegmentHeader, SegmentHeade
 /// Appends one record to a batch payload under construction.
 pub fn encode_record(payload: &mut Vec<u8>, record: &Record<'_>) {
     assert!(!record.key.is_empty() && record.key.len() <= KEY_SIZE_MAX);
-    assert!(record.value.len() <= VALUE_SIZE_MAX);
+    assert!(record.value.len() <= STORED_VALUE_SIZE_MAX);
     let start = payload.len();
     payload.extend_from_slice(&0u32.to_le_bytes()); // crc, filled in below
     payload.extend_from_slice(&(record.encoded_size() as u32).to_le_bytes());

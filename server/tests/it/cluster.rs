@@ -361,6 +361,24 @@ fn concurrent_writers_with_contexts_make_siblings_and_lose_none() {
             }
         }
         println!("cluster: with any 2 of 3 nodes stopped, all 20 keys read at ONE from the third");
+        // Values of the largest size replicate, and concurrent ones are kept while they fit in
+        // a stored value (two); a third sheds the oldest, counted.
+        let big = |fill: u8| vec![fill; client::VALUE_SIZE_MAX];
+        a.put(b"big", &big(1)).await.expect("1 MiB write");
+        let seen = a.get_versions(b"big").await.expect("read 1 MiB");
+        assert_eq!(seen.siblings.len(), 1);
+        for fill in [2u8, 3, 4] {
+            a.put_with_context(b"big", &big(fill), None, &seen.context).await.expect("concurrent 1 MiB write");
+        }
+        let kept = all.get_versions(b"big").await.expect("read siblings");
+        let mut fills: Vec<u8> = kept.siblings.iter().map(|s| s.value[0]).collect();
+        fills.sort();
+        assert_eq!(fills, [3, 4], "the two newest 1 MiB siblings are kept");
+        let mut dropped = 0;
+        for address in &cluster.addresses {
+            dropped += cluster_stats(address).await.and_then(|s| s["siblings_dropped"].as_u64()).unwrap_or(0);
+        }
+        assert!(dropped >= 1, "siblings dropped by the size bound are counted");
         // CAS is refused in a cluster until consensus lands.
         let outcome = a.cas(b"shared-0", Some(b"resolved"), b"x", None).await;
         assert!(matches!(outcome, Err(Error::Unsupported(_))), "{outcome:?}");
@@ -429,9 +447,12 @@ fn a_partitioned_node_refuses_quorum_the_majority_serves_and_healing_loses_nothi
     println!("cluster: partition seen from both sides {:?} after the cut", cut.elapsed());
 
     // The majority keeps serving QUORUM; the isolated node answers UNAVAILABLE.
+    let majority_side =
+        vec![Some(majority.clone()), Some(rt.block_on(connect(&addresses[1], Consistency::QUORUM)))];
     for i in 0..100 {
         let (key, value) = (format!("during-{i}").into_bytes(), format!("w{i}").into_bytes());
-        rt.block_on(majority.put(&key, &value)).expect("majority write during the partition");
+        rt.block_on(put_retrying(&majority_side, i, &key, &value))
+            .expect("majority write during the partition");
         acked.insert(key, value);
     }
     let isolated = rt.block_on(connect_direct(&addresses[2], Consistency::QUORUM));
