@@ -26,6 +26,9 @@ use crate::event::Event;
 
 /// Requests one connection may have outstanding.
 pub const INFLIGHT_MAX: usize = 4096;
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Encoded bytes a connection may hold unwritten; beyond, calls fail at once as overloaded.
+const OUTGOING_SIZE_MAX: usize = 64 << 20;
 /// Encoded bytes the writer sends per write call, at most (plus one frame).
 const WRITE_BATCH_SIZE: usize = 256 << 10;
 
@@ -129,6 +132,9 @@ impl PeerLink {
             Err(error) => return Err(PeerError::Unreachable(format!("{}: {error}", self.address))),
         };
         let _ = stream.set_nodelay(true);
+        // A peer that takes nothing for this long (gone, or cut off) breaks the connection,
+        // failing what waits on it; the next call connects afresh.
+        let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
         let connection = Rc::new(Connection {
             outgoing: RefCell::new(Vec::new()),
             wake_writer: Event::default(),
@@ -149,38 +155,56 @@ impl PeerLink {
 
     /// Sends one request and waits for its reply, at most `request.timeout` in all.
     pub async fn call(&self, request: PeerRequest<'_>) -> Result<ResponseView, PeerError> {
-        let work = async {
-            let connection = self.connection(request.timeout).await?;
-            if connection.waiting.borrow().len() >= INFLIGHT_MAX {
-                return Err(PeerError::Overloaded);
+        let deadline = glommio::timer::sleep(request.timeout);
+        futures::pin_mut!(deadline);
+        let connection = {
+            let connect = async { Some(self.connection(request.timeout).await) };
+            match futures_lite::future::or(connect, async {
+                (&mut deadline).await;
+                None
+            })
+            .await
+            {
+                Some(result) => result?,
+                None => return Err(PeerError::Timeout),
             }
-            let id = connection.next_id.get();
-            connection.next_id.set(id + 1);
-            let view = RequestView {
-                id,
-                timeout_ms: request.timeout.as_millis().min(u128::from(u32::MAX)) as u32,
-                consistency: request.consistency,
-                context: request.context,
-                write_id: None,
-                op: request.op,
-            };
-            let mut builder = FlatBufferBuilder::new();
-            encode_request(&mut builder, &mut connection.outgoing.borrow_mut(), &view);
-            let (sender, receiver) = oneshot::channel();
-            connection.waiting.borrow_mut().insert(id, sender);
-            connection.wake_writer.notify_all();
-            let reply =
-                receiver.await.unwrap_or_else(|_| Err(PeerError::Unreachable("connection closed".into())));
-            Ok::<_, PeerError>((reply, connection, id))
         };
-        let expired = async {
-            glommio::timer::sleep(request.timeout).await;
+        // Bounded: requests outstanding, and bytes not yet written (a peer that stopped
+        // reading must not make this node buffer without end).
+        if connection.waiting.borrow().len() >= INFLIGHT_MAX
+            || connection.outgoing.borrow().len() >= OUTGOING_SIZE_MAX
+        {
+            return Err(PeerError::Overloaded);
+        }
+        let id = connection.next_id.get();
+        connection.next_id.set(id + 1);
+        let view = RequestView {
+            id,
+            timeout_ms: request.timeout.as_millis().min(u128::from(u32::MAX)) as u32,
+            consistency: request.consistency,
+            context: request.context,
+            write_id: None,
+            op: request.op,
+        };
+        let mut builder = FlatBufferBuilder::new();
+        encode_request(&mut builder, &mut connection.outgoing.borrow_mut(), &view);
+        let (sender, receiver) = oneshot::channel();
+        connection.waiting.borrow_mut().insert(id, sender);
+        connection.wake_writer.notify_all();
+        let reply = async { Some(receiver.await) };
+        match futures_lite::future::or(reply, async {
+            (&mut deadline).await;
             None
-        };
-        match futures_lite::future::or(async { Some(work.await) }, expired).await {
-            Some(Ok((reply, _, _))) => reply,
-            Some(Err(error)) => Err(error),
-            None => Err(PeerError::Timeout),
+        })
+        .await
+        {
+            Some(Ok(reply)) => reply,
+            Some(Err(_)) => Err(PeerError::Unreachable("connection closed".into())),
+            None => {
+                // Forget the request: a late reply is dropped, and it no longer counts.
+                connection.waiting.borrow_mut().remove(&id);
+                Err(PeerError::Timeout)
+            }
         }
     }
 }
