@@ -52,7 +52,10 @@ impl Cluster {
 
     fn restart(&mut self, index: usize) {
         let seed = self.addresses[(index + 1) % self.size].clone();
-        let flags = cluster_flags(self.size, Some(&seed));
+        let mut flags = cluster_flags(self.size, Some(&seed));
+        // The client port is kept; shard ports are picked afresh (client + 1 may be taken by
+        // an outgoing connection meanwhile).
+        flags.extend(["--shard-port-base".to_string(), "0".to_string()]);
         let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
         let node = Node::start_listening(&self.dirs[index].0, &self.addresses[index], 1, &flags);
         self.nodes[index] = Some(node);
@@ -212,32 +215,58 @@ fn kill9_under_quorum_load_loses_nothing_and_hints_bring_the_replica_back() {
             }
         }
     };
-    for i in 0..300 {
-        write(&clients, i, &mut acked);
+    let hints_pending = |rt: &tokio::runtime::Runtime, nodes: &[String]| -> Option<u64> {
+        rt.block_on(async {
+            let mut total = 0;
+            for address in nodes {
+                total += cluster_stats(address).await?["hints_pending"].as_u64()?;
+            }
+            Some(total)
+        })
+    };
+    // Kill cycles: kill -9 a replica under load, keep writing and reading through the others
+    // (a client whose node died retries on the next), see it marked down, restart it, wait
+    // for its hints. The last cycle's victim (node 3) stays down for the checks below.
+    let cycles = std::env::var("KILL_CYCLES").ok().and_then(|n| n.parse().ok()).unwrap_or(3usize).max(1);
+    let mut next = 0;
+    let mut detections = Vec::new();
+    for cycle in 0..cycles {
+        let victim = if cycle + 1 == cycles { 2 } else { cycle % 2 };
+        for _ in 0..150 {
+            write(&clients, next, &mut acked);
+            next += 1;
+        }
+        let killed_at = Instant::now();
+        cluster.kill9(victim);
+        for _ in 0..300 {
+            write(&clients, next, &mut acked);
+            next += 1;
+        }
+        let watcher = (victim + 1) % 3;
+        let detect = wait_for("the killed node marked down", DETECT_DEADLINE, || {
+            rt.block_on(sees_up(&addresses[watcher], 2)).then(|| killed_at.elapsed())
+        });
+        detections.push(detect);
+        for _ in 0..50 {
+            write(&clients, next, &mut acked);
+            next += 1;
+        }
+        if cycle + 1 == cycles {
+            break;
+        }
+        cluster.restart(victim);
+        clients[victim] = Some(rt.block_on(connect(&addresses[victim], Consistency::QUORUM)));
+        wait_until_all_see(&rt, &addresses, 3, CONVERGE_DEADLINE);
+        wait_for("hints replayed to the restarted node", Duration::from_secs(30), || {
+            (hints_pending(&rt, &addresses) == Some(0)).then_some(())
+        });
     }
-    // kill -9 one replica in the middle of the load; writes continue through the others
-    // (a client whose node died retries on the next).
-    let killed_at = Instant::now();
-    cluster.kill9(2);
-    for i in 300..600 {
-        write(&clients, i, &mut acked);
-    }
-    let detect = wait_for("node 3 marked down", DETECT_DEADLINE, || {
-        rt.block_on(sees_up(&addresses[0], 2)).then(|| killed_at.elapsed())
-    });
-    println!("cluster: killed node marked down {detect:?} after kill -9 (600 writes issued meanwhile)");
-    for i in 600..700 {
-        write(&clients, i, &mut acked);
-    }
+    println!(
+        "cluster: {cycles} kill -9 cycles under QUORUM load; killed node marked down after {detections:?}"
+    );
     assert_eq!(failed, 0, "QUORUM requests that failed (or read wrong) even after retrying on every node");
     println!("cluster: {reads} QUORUM reads of acknowledged writes during the kill, all current");
-    let pending: u64 = rt.block_on(async {
-        let mut total = 0;
-        for address in &addresses[..2] {
-            total += cluster_stats(address).await.map_or(0, |s| s["hints_pending"].as_u64().unwrap_or(0));
-        }
-        total
-    });
+    let pending = hints_pending(&rt, &addresses[..2]).unwrap_or(0);
     println!(
         "cluster: {} writes acknowledged, {failed} failed; {pending} hints pending for the dead node",
         acked.len()
@@ -265,13 +294,7 @@ fn kill9_under_quorum_load_loses_nothing_and_hints_bring_the_replica_back() {
     let back = wait_until_all_see(&rt, &addresses, 3, CONVERGE_DEADLINE);
     let replay_start = Instant::now();
     wait_for("hints replayed", Duration::from_secs(30), || {
-        rt.block_on(async {
-            let mut total = 0;
-            for address in &addresses[..2] {
-                total += cluster_stats(address).await?["hints_pending"].as_u64()?;
-            }
-            (total == 0).then_some(())
-        })
+        (hints_pending(&rt, &addresses[..2]) == Some(0)).then_some(())
     });
     println!(
         "cluster: restarted node seen up after {back:?}; hints replayed {:?} later",
@@ -382,6 +405,25 @@ fn concurrent_writers_with_contexts_make_siblings_and_lose_none() {
         // CAS is refused in a cluster until consensus lands.
         let outcome = a.cas(b"shared-0", Some(b"resolved"), b"x", None).await;
         assert!(matches!(outcome, Err(Error::Unsupported(_))), "{outcome:?}");
+        // A node that reaches a formed cluster which does not list it is refused.
+        let stranger_dir = DataDir::new("stranger");
+        let mut stranger = Command::new(env!("CARGO_BIN_EXE_kvd"))
+            .arg("--data-dir")
+            .arg(&stranger_dir.0)
+            .args(["--listen", "127.0.0.5:0", "--shards", "1", "--no-pin", "--cluster-size", "3"])
+            .args(["--seeds", &cluster.addresses[0]])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn a fourth kvd");
+        let status = wait_for("the fourth node to be refused", Duration::from_secs(15), || {
+            stranger.try_wait().ok().flatten()
+        });
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut stranger.stderr.take().expect("stderr"), &mut stderr).expect("stderr");
+        assert_eq!(status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains("refusing to join"), "{stderr}");
+        println!("cluster: a fourth node reaching the formed cluster was refused: {}", stderr.lines().last().unwrap_or(""));
         // A blind delete, then the key reads as absent everywhere.
         assert!(a.delete(b"shared-0").await.expect("delete"));
         assert_eq!(all.get(b"shared-0").await.expect("read after delete"), None);
