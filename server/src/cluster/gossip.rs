@@ -154,6 +154,17 @@ impl Gossip {
             let pick = self.rng.below(peers.len() as u64) as usize;
             targets.push(peers.swap_remove(pick));
         }
+        // Now and then one node believed down is tried too: a node that restarted (or a
+        // partition that healed) is heard again even when nobody it knows is its seed.
+        let down: Vec<String> = self
+            .states
+            .iter()
+            .filter(|(name, _)| **name != self.me && !self.is_up(name, now_us))
+            .map(|(_, state)| state.address.clone())
+            .collect();
+        if !down.is_empty() && self.rng.below(5) == 0 {
+            targets.push(down[self.rng.below(down.len() as u64) as usize].clone());
+        }
         // A node that knows nobody asks a seed; one that does still asks a seed now and then,
         // so that two halves that formed apart find each other.
         let known = self.states.len() > 1;

@@ -18,8 +18,9 @@ const CONVERGE_DEADLINE: Duration = Duration::from_secs(15);
 struct Cluster {
     dirs: Vec<DataDir>,
     nodes: Vec<Option<Node>>,
-    /// Client addresses, kept for restarts on the same address.
+    /// Client addresses and first shard ports, kept for restarts on the same ports.
     addresses: Vec<String>,
+    shard_ports: Vec<u16>,
     size: usize,
 }
 
@@ -37,6 +38,7 @@ impl Cluster {
         let dirs: Vec<DataDir> = (0..size).map(|i| DataDir::new(&format!("{name}-{i}"))).collect();
         let mut nodes = Vec::new();
         let mut addresses = Vec::new();
+        let mut shard_ports = Vec::new();
         for (i, dir) in dirs.iter().enumerate() {
             let seed = addresses.first().cloned();
             let flags = cluster_flags(size, seed.as_deref());
@@ -45,19 +47,30 @@ impl Cluster {
             // partition rule names.
             let node = Node::start_listening(&dir.0, &format!("127.0.0.{}:0", i + 2), 1, &flags);
             addresses.push(node.address());
+            shard_ports.push(node.ports.shards[0].port());
             nodes.push(Some(node));
         }
-        Cluster { dirs, nodes, addresses, size }
+        Cluster { dirs, nodes, addresses, shard_ports, size }
     }
 
     fn restart(&mut self, index: usize) {
         let seed = self.addresses[(index + 1) % self.size].clone();
         let mut flags = cluster_flags(self.size, Some(&seed));
-        // The client port is kept; shard ports are picked afresh (client + 1 may be taken by
-        // an outgoing connection meanwhile).
-        flags.extend(["--shard-port-base".to_string(), "0".to_string()]);
+        // The same ports as before, as a node on fixed ports has: peers that believe it down
+        // try its old address now and then, which is how it is heard again when its seed is
+        // down too.
+        flags.extend(["--shard-port-base".to_string(), self.shard_ports[index].to_string()]);
         let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-        let node = Node::start_listening(&self.dirs[index].0, &self.addresses[index], 1, &flags);
+        // A port of the killed process can stay taken for a moment (a socket of this test
+        // bound to it while the node was down): try again until a deadline.
+        let dir = &self.dirs[index].0;
+        let node = wait_for("the node to restart on its ports", Duration::from_secs(10), || {
+            let started = Node::try_start_listening(dir, &self.addresses[index], 1, &flags).ok();
+            if started.is_none() {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            started
+        });
         self.nodes[index] = Some(node);
     }
 
@@ -592,4 +605,43 @@ fn five_nodes_converge_ride_out_a_pause_and_detect_a_kill() {
         "cluster: a killed node was down in all 4 other views {detected:?} after kill -9 ({:?})",
         killed_at.elapsed()
     );
+}
+
+#[test]
+fn a_read_repairs_a_replica_that_missed_writes_and_lost_its_hints() {
+    let rt = runtime();
+    let mut cluster = Cluster::start(3, "repair");
+    let addresses = cluster.addresses.clone();
+    wait_until_all_see(&rt, &addresses, 3, CONVERGE_DEADLINE);
+    // Node 3 misses 50 writes; their hints sit on node 1 (the coordinator), which then dies.
+    cluster.kill9(2);
+    wait_until_all_see(&rt, &addresses[..2], 2, DETECT_DEADLINE);
+    let via_first = rt.block_on(connect_direct(&addresses[0], Consistency::QUORUM));
+    for i in 0..50 {
+        let key = format!("repair-{i}").into_bytes();
+        rt.block_on(via_first.put(&key, &key)).expect("write with a replica down");
+    }
+    cluster.kill9(0);
+    cluster.restart(2);
+    wait_until_all_see(&rt, &addresses[1..], 2, CONVERGE_DEADLINE);
+    // QUORUM reads through node 3 find it stale (node 2 has the writes) and repair it.
+    let via_third = rt.block_on(connect_direct(&addresses[2], Consistency::QUORUM));
+    for i in 0..50 {
+        let key = format!("repair-{i}").into_bytes();
+        let got = rt.block_on(via_third.get(&key)).expect("QUORUM read");
+        assert_eq!(got.map(|v| v.value), Some(key));
+    }
+    let repairs = wait_for("read repairs counted", Duration::from_secs(10), || {
+        let repairs = rt.block_on(cluster_stats(&addresses[2]))?["read_repairs"].as_u64()?;
+        (repairs >= 50).then_some(repairs)
+    });
+    // Then node 3 alone holds them all.
+    cluster.kill9(1);
+    let alone = rt.block_on(connect_direct(&addresses[2], Consistency::ONE));
+    for i in 0..50 {
+        let key = format!("repair-{i}").into_bytes();
+        let got = rt.block_on(alone.get(&key)).expect("read at ONE");
+        assert_eq!(got.map(|v| v.value), Some(key), "key {i} was not repaired");
+    }
+    println!("cluster: {repairs} read repairs brought a replica that missed 50 writes (hints lost with their coordinator) up to date");
 }

@@ -61,6 +61,18 @@ impl Node {
 
     /// Starts on a given client address (a restart that keeps its port).
     pub fn start_listening(data_dir: &Path, listen: &str, shard_count: usize, extra: &[&str]) -> Node {
+        Node::try_start_listening(data_dir, listen, shard_count, extra)
+            .unwrap_or_else(|status| panic!("kvd exited during start-up: {status}"))
+    }
+
+    /// As [`Node::start_listening`], but a start-up failure (such as a port still taken) is
+    /// returned, not a panic.
+    pub fn try_start_listening(
+        data_dir: &Path,
+        listen: &str,
+        shard_count: usize,
+        extra: &[&str],
+    ) -> Result<Node, std::process::ExitStatus> {
         let ports_file = data_dir.join(server::node::PORTS_FILE);
         let _ = std::fs::remove_file(&ports_file);
         let mut child = Command::new(env!("CARGO_BIN_EXE_kvd"))
@@ -74,13 +86,13 @@ impl Node {
             .expect("spawn kvd");
         let ports = wait_for("kvd to write ports.json", Duration::from_secs(30), || {
             if let Ok(Some(status)) = child.try_wait() {
-                panic!("kvd exited during start-up: {status}");
+                return Some(Err(status));
             }
             let text = std::fs::read_to_string(&ports_file).ok()?;
-            serde_json::from_str::<Ports>(&text).ok()
-        });
+            serde_json::from_str::<Ports>(&text).ok().map(Ok)
+        })?;
         assert_eq!(ports.pid, child.id());
-        Node { child, ports }
+        Ok(Node { child, ports })
     }
 
     pub fn address(&self) -> String {
