@@ -34,7 +34,7 @@ use super::coordinator::{Consistency, Outcome, ReadRound, WriteRound};
 use super::hint_log::{self, LoggedHint};
 use super::hints::{HintLimits, Hints};
 use super::lease::CounterLease;
-use super::peer::{PeerPool, PeerRequest};
+use super::peer::{PeerError, PeerPool, PeerRequest};
 use super::ring::NodeId;
 use super::versions::{Dot, Sibling, VersionVector, Versions};
 use super::view::ClusterView;
@@ -42,6 +42,15 @@ use crate::clock::now_ms;
 use crate::command::{LocalReply, Reply, Version};
 use crate::shard::Shard;
 use crate::storage::Storage;
+
+/// What a replica said to a write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ack {
+    Durable,
+    Failed,
+    /// The replica, or this node's link to it, refused for load.
+    Overloaded,
+}
 
 /// A stored value and when it expires (Unix ms, 0: never).
 pub type Value = (Vec<u8>, u64);
@@ -450,13 +459,13 @@ pub async fn coordinate_write<S: Storage>(
         Ok((None, _)) => unreachable!("a coordinator's write always changes the key"),
         Err(reply) => return reply,
     };
-    let (sender, mut acks) = mpsc::unbounded::<(NodeId, bool)>();
+    let (sender, mut acks) = mpsc::unbounded::<(NodeId, Ack)>();
     {
         let shard = shard.clone();
         let sender = sender.clone();
         glommio::spawn_local(async move {
-            let ok = shard.store.wait_acked(seq).await.is_ok();
-            let _ = sender.unbounded_send((me, ok));
+            let ack = if shard.store.wait_acked(seq).await.is_ok() { Ack::Durable } else { Ack::Failed };
+            let _ = sender.unbounded_send((me, ack));
         })
         .detach();
     }
@@ -469,13 +478,21 @@ pub async fn coordinate_write<S: Storage>(
         glommio::spawn_local(async move {
             let op = Op::Replicate { key: &key, versions: &bytes };
             let request = PeerRequest { op, consistency: schema::Consistency::ONE, context: &[], timeout };
-            let ok = matches!(cluster_link_call(&shard, address, request).await, Some(Status::OK));
-            if !ok {
+            let ack = match shard.cluster.as_ref() {
+                Some(cluster) => match cluster.peers.link(address).call(request).await {
+                    Ok(response) if response.status == Status::OK => Ack::Durable,
+                    Ok(response) if response.status == Status::OVERLOADED => Ack::Overloaded,
+                    Err(PeerError::Overloaded) => Ack::Overloaded,
+                    _ => Ack::Failed,
+                },
+                None => Ack::Failed,
+            };
+            if ack != Ack::Durable {
                 if let Some(cluster) = &shard.cluster {
                     cluster.add_hint(node, &key, &bytes);
                 }
             }
-            let _ = sender.unbounded_send((node, ok));
+            let _ = sender.unbounded_send((node, ack));
         })
         .detach();
     }
@@ -485,14 +502,18 @@ pub async fn coordinate_write<S: Storage>(
     }
     let deadline = glommio::timer::sleep(timeout);
     futures::pin_mut!(deadline);
+    let mut overloaded = false;
     let outcome = loop {
         let next = futures_lite::future::or(async { acks.next().await.map(Some) }, async {
             (&mut deadline).await;
             None
         });
         let outcome = match next.await {
-            Some(Some((node, true))) => round.on_ack(node),
-            Some(Some((node, false))) => round.on_error(node),
+            Some(Some((node, Ack::Durable))) => round.on_ack(node),
+            Some(Some((node, ack))) => {
+                overloaded |= ack == Ack::Overloaded;
+                round.on_error(node)
+            }
             // The deadline passed, or every reply is in and the round is still short.
             Some(None) | None => round.on_time(u64::MAX),
         };
@@ -502,6 +523,14 @@ pub async fn coordinate_write<S: Storage>(
     };
     match outcome {
         Outcome::Done => Reply::Done,
+        Outcome::TimedOut { replies } | Outcome::Failed { replies } if overloaded => Reply::error(
+            Status::OVERLOADED,
+            format!(
+                "{replies} of {} required replicas acknowledged; replicas or the links to them are \
+                 overloaded (retry later; the write may have landed on some)",
+                consistency.required(replicas.len())
+            ),
+        ),
         Outcome::TimedOut { replies } | Outcome::Failed { replies } => Reply::error(
             Status::TIMEOUT,
             format!(
