@@ -16,7 +16,7 @@ pub mod peer;
 
 pub use decode::{
     parse_request, parse_response, split_frame, FrameError, Op, ParseError, RequestView, ResponseView,
-    SiblingView,
+    SiblingView, TTL_MS_MAX,
 };
 pub use encode::{encode_request, encode_response, HelloInfo, ResponseOut, SiblingOut};
 pub use generated::kv::wire;

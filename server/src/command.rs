@@ -30,6 +30,11 @@ pub enum Command {
         new_value: Vec<u8>,
         ttl_ms: u64,
     },
+    /// An atomic read-modify-write of one key (RESP's conditional and counter commands).
+    Update {
+        key: Vec<u8>,
+        update: crate::update::Update,
+    },
     /// Cluster: coordinate a write to the key's replicas; `value: None` deletes (a tombstone).
     /// `context: None` is a blind (last-writer-wins) write.
     Write {
@@ -89,6 +94,7 @@ impl Command {
             | Command::Put { key, .. }
             | Command::Delete { key }
             | Command::Cas { key, .. }
+            | Command::Update { key, .. }
             | Command::Write { key, .. }
             | Command::Read { key, .. }
             | Command::Replicate { key, .. }
@@ -126,6 +132,8 @@ pub enum Reply<V> {
     },
     /// Node to node: a replica's encoded versions (empty: it holds none).
     Versions(Vec<u8>),
+    /// The outcome of an `Update`.
+    Updated(crate::update::Answer<V>),
 }
 
 pub type LocalReply = Reply<Rc<[u8]>>;
@@ -152,6 +160,7 @@ impl<V> Reply<V> {
                 Reply::Siblings { versions: versions.into_iter().map(map_version).collect(), context }
             }
             Reply::Versions(bytes) => Reply::Versions(bytes),
+            Reply::Updated(answer) => Reply::Updated(answer.map_value(&f)),
         }
     }
 }

@@ -95,6 +95,16 @@ pub struct Args {
     /// Milliseconds between gossip rounds.
     #[arg(long, global = true, default_value_t = 100)]
     pub gossip_interval_ms: u64,
+    /// Serve the Redis protocol (RESP2/RESP3) on this address too, on every shard. Port 0
+    /// picks one (written to ports.json).
+    #[arg(long, global = true)]
+    pub resp_listen: Option<SocketAddr>,
+    /// RESP clients must AUTH with this password first (as Redis's requirepass).
+    #[arg(long, global = true, env = "KVD_REQUIREPASS")]
+    pub requirepass: Option<String>,
+    /// Consistency of RESP reads and writes in a cluster: one, quorum or all.
+    #[arg(long, global = true, default_value = "quorum", value_parser = parse_consistency)]
+    pub resp_consistency: crate::cluster::coordinator::Consistency,
     /// Suspicion level (phi) at which a silent node counts as down.
     #[arg(long, global = true, default_value_t = crate::cluster::failure_detector::PHI_THRESHOLD_DEFAULT)]
     pub phi_threshold: f64,
@@ -111,11 +121,24 @@ pub enum Command {
     },
 }
 
+fn parse_consistency(text: &str) -> Result<crate::cluster::coordinator::Consistency, String> {
+    use crate::cluster::coordinator::Consistency;
+    match text.to_ascii_lowercase().as_str() {
+        "one" => Ok(Consistency::One),
+        "quorum" => Ok(Consistency::Quorum),
+        "all" => Ok(Consistency::All),
+        _ => Err(format!("expected one, quorum or all, got {text:?}")),
+    }
+}
+
 /// The addresses a running node bound, written to `DATA_DIR/ports.json` once it serves.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct Ports {
     pub client: SocketAddr,
     pub shards: Vec<SocketAddr>,
+    /// The RESP address, when `--resp-listen` is given.
+    #[serde(default)]
+    pub resp: Option<SocketAddr>,
     pub pid: u32,
     pub node_id: String,
 }
@@ -188,6 +211,12 @@ fn check_mode(data_dir: &Path, clustered: bool) -> anyhow::Result<()> {
     }
 }
 
+/// The demo's RESP ports start 21 below the first client port (7379 for 7400), clear of
+/// every node's client and shard ports.
+fn demo_resp_port(first_client_port: u16) -> u16 {
+    first_client_port.saturating_sub(21).max(1)
+}
+
 /// `kvd demo --nodes n` with n > 1: one child `kvd` per node, all on this machine.
 fn run_demo_cluster(args: &Args, nodes: usize) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("finding the kvd executable")?;
@@ -195,6 +224,7 @@ fn run_demo_cluster(args: &Args, nodes: usize) -> anyhow::Result<()> {
     let ip = args.listen.ip();
     let first_port = args.listen.port();
     let address = |i: usize| SocketAddr::new(ip, first_port + 10 * i as u16);
+    let resp_address = |i: usize| SocketAddr::new(ip, demo_resp_port(first_port) + i as u16);
     let signals = termination_signals();
     // SAFETY: blocks the signals in this thread (children get a fresh mask from exec).
     unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &signals, std::ptr::null_mut()) };
@@ -215,6 +245,7 @@ fn run_demo_cluster(args: &Args, nodes: usize) -> anyhow::Result<()> {
         if i > 0 {
             command.arg("--seeds").arg(address(0).to_string());
         }
+        command.arg("--resp-listen").arg(resp_address(i).to_string());
         if let Some(shards) = args.shards {
             command.arg("--shards").arg(shards.to_string());
         }
@@ -230,11 +261,13 @@ fn run_demo_cluster(args: &Args, nodes: usize) -> anyhow::Result<()> {
          cargo run -q -p client --bin kvctl -- put greeting 'hello world'\n  \
          cargo run -q -p client --bin kvctl -- get greeting --consistency all\n  \
          cargo run -q -p client --bin kvctl -- --addr {} get greeting\n  \
-         cargo run -q -p client --bin kvctl -- ring\n\
+         cargo run -q -p client --bin kvctl -- ring\n  \
+         redis-cli -p {} set greeting hi\n\
          Stop with Ctrl-C.",
         addresses.join(", "),
         base.display(),
         addresses.last().map_or("", String::as_str),
+        resp_address(0).port(),
     );
     loop {
         let mut signal = 0;
@@ -262,6 +295,9 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
         }
         if nodes > 1 {
             return run_demo_cluster(&args, nodes);
+        }
+        if args.resp_listen.is_none() {
+            args.resp_listen = Some(SocketAddr::new(args.listen.ip(), demo_resp_port(args.listen.port())));
         }
     }
     let data_dir = match (&args.data_dir, demo) {
@@ -319,6 +355,23 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
     }
     let shard_addresses: Vec<SocketAddr> =
         shard_listeners.iter().map(TcpListener::local_addr).collect::<Result<_, _>>()?;
+    // RESP: one SO_REUSEPORT listener per shard on the same address, as for the client port.
+    let mut resp_listeners: Vec<Option<TcpListener>> = (0..shard_count).map(|_| None).collect();
+    let mut resp_address = None;
+    if let Some(address) = args.resp_listen {
+        let first = reuse_port_listener(address)?;
+        let bound = first.local_addr()?;
+        resp_listeners[0] = Some(first);
+        for slot in resp_listeners.iter_mut().skip(1) {
+            *slot = Some(reuse_port_listener(bound)?);
+        }
+        resp_address = Some(bound);
+    }
+    let resp_settings = resp_address.map(|address| crate::shard::RespLaunch {
+        password: args.requirepass.clone(),
+        consistency: args.resp_consistency,
+        port: address.port(),
+    });
     let hello = HelloInfo {
         protocol_version: PROTOCOL_VERSION,
         node_id: node.node_id.clone(),
@@ -374,8 +427,8 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
     let (ready_sender, ready) = std::sync::mpsc::channel();
     let mut shutdown_senders = Vec::with_capacity(shard_count);
     let mut handles = Vec::with_capacity(shard_count);
-    let shard_listeners_iter = client_listeners.into_iter().zip(shard_listeners);
-    for (index, (client_listener, shard_listener)) in shard_listeners_iter.enumerate() {
+    let shard_listeners_iter = client_listeners.into_iter().zip(shard_listeners).zip(resp_listeners);
+    for (index, ((client_listener, shard_listener), resp_listener)) in shard_listeners_iter.enumerate() {
         let (shutdown_sender, shutdown) = UnixStream::pair()?;
         shutdown_senders.push(shutdown_sender);
         let launch = ShardLaunch {
@@ -393,6 +446,7 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
             hello: hello.clone(),
             client_listener,
             shard_listener,
+            resp: resp_listener.zip(resp_settings.clone()),
             mesh: mesh.clone(),
             cluster: cluster_options.clone().map(|options| ClusterLaunch {
                 node_name: node.node_id.clone(),
@@ -429,6 +483,7 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
     let ports = Ports {
         client: client_address,
         shards: shard_addresses,
+        resp: resp_address,
         pid: std::process::id(),
         node_id: node.node_id.clone(),
     };
@@ -448,8 +503,10 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
              cargo run -q -p client --bin kvctl -- get greeting\n  \
              cargo run -q -p client --bin kvctl -- put session abc --ttl 30s\n  \
              cargo run -q -p client --bin kvctl -- ttl session\n  \
-             cargo run -q -p client --bin kvctl -- cas greeting --expect 'hello world' 'hi'\n\
+             cargo run -q -p client --bin kvctl -- cas greeting --expect 'hello world' 'hi'\n  \
+             redis-cli -p {} get greeting\n\
              Data lives in {}. Stop with Ctrl-C.",
+            ports.resp.map_or(0, |a| a.port()),
             data_dir.display()
         );
     }

@@ -100,6 +100,10 @@ impl<S: Storage> Shard<S> {
             }
             Command::Replicate { key, versions } => replication::replicate(self, &key, &versions).await,
             Command::ReadReplica { key } => replication::read_replica(self, &key).await,
+            // A cluster's keys change only through the coordinator.
+            Command::Update { .. } | Command::Cas { .. } if self.cluster.is_some() => {
+                Reply::error(Status::UNSUPPORTED, "atomic read-modify-write needs consensus in a cluster")
+            }
             command => self.store.apply(command).await,
         }
     }
@@ -118,6 +122,14 @@ fn hello_ip(cluster: &Option<ClusterLaunch>) -> std::net::IpAddr {
     cluster.as_ref().map_or(std::net::IpAddr::from([0, 0, 0, 0]), |launch| launch.gossip_address.ip())
 }
 
+/// What a shard needs to serve RESP.
+#[derive(Debug, Clone)]
+pub struct RespLaunch {
+    pub password: Option<String>,
+    pub consistency: crate::cluster::coordinator::Consistency,
+    pub port: u16,
+}
+
 /// Everything a shard thread needs, prepared by the main thread.
 pub struct ShardLaunch {
     pub index: usize,
@@ -133,6 +145,8 @@ pub struct ShardLaunch {
     /// Bound and listening; the shared client port (SO_REUSEPORT) and the shard's own.
     pub client_listener: std::net::TcpListener,
     pub shard_listener: std::net::TcpListener,
+    /// The RESP listener (`--resp-listen`), bound and listening, with its settings.
+    pub resp: Option<(std::net::TcpListener, RespLaunch)>,
     pub mesh: Option<MeshBuilder<Message, Full>>,
     pub cluster: Option<ClusterLaunch>,
     pub ready: std::sync::mpsc::Sender<Result<RecoveryReport, String>>,
@@ -160,6 +174,7 @@ pub async fn run(launch: ShardLaunch) {
         hello,
         client_listener,
         shard_listener,
+        resp,
         mesh,
         cluster,
         ready,
@@ -242,10 +257,26 @@ pub async fn run(launch: ShardLaunch) {
         }
         _ => None,
     };
-    let accept_tasks = [
+    let mut accept_tasks = vec![
         glommio::spawn_local(crate::net::accept_loop(listener(client_listener), shard.clone())),
         glommio::spawn_local(crate::net::accept_loop(listener(shard_listener), shard.clone())),
     ];
+    if let Some((resp_listener, launch)) = resp {
+        let settings = Rc::new(crate::resp::commands::RespSettings {
+            password: launch.password,
+            access: crate::resp::store_ops::Access {
+                consistency: launch.consistency,
+                timeout: limits.request_timeout_default,
+            },
+            started: std::time::Instant::now(),
+            port: launch.port,
+        });
+        accept_tasks.push(glommio::spawn_local(crate::resp::connection::accept_loop(
+            listener(resp_listener),
+            shard.clone(),
+            settings,
+        )));
+    }
     let mut cluster_tasks = Vec::new();
     if let (Some(launch), Some(cluster_shard)) = (cluster, &shard.cluster) {
         cluster_tasks.push(glommio::spawn_local(replication::replay_hints(shard.clone())));

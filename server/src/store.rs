@@ -17,6 +17,7 @@ use crate::command::{Command, LocalReply, Reply, Version};
 use crate::engine::{Engine, EngineOptions, Entry};
 use crate::storage::Storage;
 use crate::table::reader::TableError;
+use crate::update::{self, Update};
 use crate::wal::{RecoveryReport, ShardIdentity, SyncPolicy, WalError};
 
 fn version(entry: &Entry, now_ms: u64, with_value: bool) -> Version<Rc<[u8]>> {
@@ -95,6 +96,7 @@ impl<S: Storage> Store<S> {
             Command::Cas { key, expected, new_value, ttl_ms } => {
                 self.cas(&key, expected.as_deref(), &new_value, ttl_ms).await
             }
+            Command::Update { key, update } => self.update(&key, &update).await,
             Command::Write { .. }
             | Command::Read { .. }
             | Command::Replicate { .. }
@@ -196,6 +198,47 @@ impl<S: Storage> Store<S> {
             return internal(error);
         }
         Reply::CasFailed(entry.is_live(now_ms).then(|| version(&entry, now_ms, true)))
+    }
+
+    /// Applies `update` atomically: reads the current version, decides, and writes with no
+    /// await in between. Answers once what the key holds is durable.
+    pub async fn update(&self, key: &[u8], update: &Update) -> LocalReply {
+        // Room for the largest write an update can make: its own value, or the current one
+        // rewritten with a new TTL.
+        let size = match update {
+            Update::Set { value, .. } => value.len(),
+            Update::IncrementBy(_) | Update::GetDelete | Update::DeleteIf(_) => 32,
+            Update::Expire { .. } | Update::Persist => schema::VALUE_SIZE_MAX,
+        };
+        if let Err(error) = self.engine.reserve(key.len() + size).await {
+            return internal(error);
+        }
+        let current = match self.engine.read_current(key).await {
+            Ok(current) => current,
+            Err(error) => return read_failed(error),
+        };
+        let now_ms = now_ms();
+        let live = current.as_ref().filter(|entry| entry.is_live(now_ms));
+        let view = live.and_then(|entry| {
+            let ttl_left_ms = version(entry, now_ms, false).ttl_left_ms;
+            entry.value.as_deref().map(|value| update::Current { value, ttl_left_ms })
+        });
+        let (write, answer) = update::decide(update, view);
+        let seq = match write {
+            update::Write::Nothing => current.map_or(0, |entry| entry.seq),
+            update::Write::Put { value, ttl_ms } => match self.write(key, Some(&value), ttl_ms) {
+                Ok(seq) => seq,
+                Err(error) => return internal(error),
+            },
+            update::Write::Delete => match self.write(key, None, 0) {
+                Ok(seq) => seq,
+                Err(error) => return internal(error),
+            },
+        };
+        match self.engine.wal().wait_acked(seq).await {
+            Ok(()) => Reply::Updated(answer),
+            Err(error) => internal(error),
+        }
     }
 
     /// A timestamp from the shard's hybrid logical clock.

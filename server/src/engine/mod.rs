@@ -278,6 +278,15 @@ impl<S: Storage> Engine<S> {
         self.inner.options
     }
 
+    /// Entries in the memtables and the tables: at least the live keys, more while
+    /// overwritten, deleted and expired entries wait for compaction (RESP's DBSIZE).
+    pub fn entry_count_estimate(&self) -> u64 {
+        let inner = &self.inner;
+        let memory = inner.active.borrow().len() + inner.immutable.borrow().as_ref().map_or(0, |m| m.len());
+        let tables: u64 = inner.tables.borrow().iter().map(|table| table.reader.footer.entry_count).sum();
+        memory as u64 + tables
+    }
+
     /// Whether any sorted table is live (if none, the memtables hold everything).
     pub fn has_tables(&self) -> bool {
         !self.inner.tables.borrow().is_empty()

@@ -383,6 +383,14 @@ pub fn encode_reply(builder: &mut FlatBufferBuilder<'_>, out: &mut Vec<u8>, id: 
             let response = ResponseOut { versions: bytes, ..ResponseOut::status(id, Status::OK, "") };
             encode_response(builder, out, &response);
         }
+        // Updates come only from the RESP front door; the native protocol never sends one.
+        Reply::Updated(_) => {
+            encode_response(
+                builder,
+                out,
+                &ResponseOut::status(id, Status::INTERNAL, "unexpected update reply"),
+            );
+        }
     }
 }
 

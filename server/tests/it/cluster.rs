@@ -41,7 +41,8 @@ impl Cluster {
         let mut shard_ports = Vec::new();
         for (i, dir) in dirs.iter().enumerate() {
             let seed = addresses.first().cloned();
-            let flags = cluster_flags(size, seed.as_deref());
+            let mut flags = cluster_flags(size, seed.as_deref());
+            flags.extend(["--resp-listen".to_string(), format!("127.0.0.{}:0", i + 2)]);
             let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
             // 127.0.0.2 onwards: the test's own connections come from 127.0.0.1, which no
             // partition rule names.
@@ -418,6 +419,23 @@ fn concurrent_writers_with_contexts_make_siblings_and_lose_none() {
         // CAS is refused in a cluster until consensus lands.
         let outcome = a.cas(b"shared-0", Some(b"resolved"), b"x", None).await;
         assert!(matches!(outcome, Err(Error::Unsupported(_))), "{outcome:?}");
+        // The RESP front door goes through the coordinator: written through one node, read
+        // through another; read-modify-write commands are refused until consensus exists.
+        let resp = |index: usize, request: &str| {
+            let port = cluster.nodes[index].as_ref().and_then(|n| n.ports.resp).expect("resp port").port();
+            let ip = format!("127.0.0.{}", index + 2);
+            let mut stream = std::net::TcpStream::connect((ip.as_str(), port)).expect("resp connect");
+            std::io::Write::write_all(&mut stream, request.as_bytes()).expect("resp write");
+            stream.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+            let mut reply = String::new();
+            let _ = std::io::Read::read_to_string(&mut stream, &mut reply);
+            reply
+        };
+        assert_eq!(resp(0, "SET resp-key hello\r\nQUIT\r\n"), "+OK\r\n+OK\r\n");
+        assert_eq!(resp(2, "GET resp-key\r\nQUIT\r\n"), "$5\r\nhello\r\n+OK\r\n");
+        let refused = resp(1, "INCR resp-counter\r\nQUIT\r\n");
+        assert!(refused.starts_with("-ERR conditional and read-modify-write"), "{refused}");
+        println!("cluster: RESP SET through one node, GET through another; INCR refused");
         // A node that reaches a formed cluster which does not list it is refused.
         let stranger_dir = DataDir::new("stranger");
         let mut stranger = Command::new(env!("CARGO_BIN_EXE_kvd"))

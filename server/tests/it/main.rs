@@ -12,4 +12,5 @@ mod model;
 mod no_space;
 mod node;
 mod power_loss;
+mod resp;
 mod table;

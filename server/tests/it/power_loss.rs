@@ -118,7 +118,9 @@ async fn crash_cycles(seed: u64, policy: SyncPolicy, cycle_count: usize) -> (u64
                         }
                         Reply::CasFailed(_) => {}
                         Reply::Error { .. } => return acked, // the log stopped: the machine is going down
-                        Reply::Found(_) | Reply::Siblings { .. } | Reply::Versions(_) => unreachable!(),
+                        Reply::Found(_) | Reply::Siblings { .. } | Reply::Versions(_) | Reply::Updated(_) => {
+                            unreachable!()
+                        }
                     }
                     *done_ops.borrow_mut() += 1;
                     if *done_ops.borrow() >= crash_after_ops {

@@ -1,0 +1,147 @@
+//! One RESP client: reads what it sent, runs the commands of each batch concurrently (session
+//! commands at once, in order), and writes the replies in order, as Redis does.
+
+use std::cell::Cell;
+use std::rc::Rc;
+use std::time::Duration;
+
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::net::TcpStream;
+
+use super::commands::{dispatch, RespSettings, Session, Step};
+use super::parser::{parse, ARG_SIZE_MAX};
+use super::reply::{encode, Value};
+use crate::shard::Shard;
+use crate::storage::Storage;
+
+/// Commands of one batch run together; more wait for the next batch.
+const BATCH_COMMANDS_MAX: usize = 256;
+const READ_SIZE: usize = 16 << 10;
+
+thread_local! {
+    static NEXT_CLIENT_ID: Cell<u64> = const { Cell::new(1) };
+}
+
+enum Slot {
+    Ready(Value, u8),
+    Later(super::commands::Pending, u8),
+}
+
+pub async fn serve<S: Storage>(mut stream: TcpStream, shard: Rc<Shard<S>>, settings: Rc<RespSettings>) {
+    let _ = stream.set_nodelay(true);
+    let _ = stream.set_write_timeout(Some(shard.limits.write_timeout));
+    // Client ids are unique per node: the shard index in the low bits.
+    let id = NEXT_CLIENT_ID.with(|next| {
+        let id = next.get();
+        next.set(id + 1);
+        id * 256 + shard.index as u64
+    });
+    let mut session = Session::new(id, &settings);
+    let mut buffer: Vec<u8> = Vec::with_capacity(READ_SIZE);
+    let mut out = Vec::new();
+    let idle = shard.limits.idle_timeout;
+    loop {
+        // Parse every whole command buffered (up to the batch bound).
+        let mut batch = Vec::new();
+        let mut close_after = false;
+        let mut consumed = 0;
+        while batch.len() < BATCH_COMMANDS_MAX {
+            match parse(&buffer[consumed..]) {
+                Ok(Some(parsed)) => {
+                    consumed += parsed.consumed;
+                    if parsed.args.is_empty() {
+                        continue; // an empty inline line
+                    }
+                    let protocol = session.protocol;
+                    match dispatch(&shard, &settings, &mut session, parsed.args) {
+                        Step::Reply(value) => batch.push(Slot::Ready(value, session.protocol)),
+                        Step::Later(pending) => batch.push(Slot::Later(pending, protocol)),
+                        Step::Close(value) => {
+                            batch.push(Slot::Ready(value, protocol));
+                            close_after = true;
+                            break;
+                        }
+                    }
+                }
+                Ok(None) => break,
+                Err(error) => {
+                    batch.push(Slot::Ready(Value::error(format!("ERR {error}")), session.protocol));
+                    close_after = true;
+                    break;
+                }
+            }
+        }
+        buffer.drain(..consumed);
+        if !batch.is_empty() {
+            let values = futures::future::join_all(batch.into_iter().map(|slot| async move {
+                match slot {
+                    Slot::Ready(value, protocol) => (value, protocol),
+                    Slot::Later(pending, protocol) => (pending.await, protocol),
+                }
+            }))
+            .await;
+            for (value, protocol) in &values {
+                encode(value, *protocol, &mut out);
+            }
+            if stream.write_all(&out).await.is_err() {
+                return;
+            }
+            out.clear();
+            if out.capacity() > 4 * READ_SIZE {
+                out = Vec::new();
+            }
+        }
+        if close_after {
+            let _ = stream.close().await;
+            return;
+        }
+        if consumed > 0 && parse(&buffer).ok().flatten().is_some() {
+            continue; // more whole commands already buffered
+        }
+        // Read more. The parser refuses oversized requests before they are buffered whole,
+        // so the buffer stays under one maximal command.
+        let start = buffer.len();
+        let room = READ_SIZE.max(buffer.capacity() - start).min(ARG_SIZE_MAX * 4);
+        buffer.resize(start + room, 0);
+        let read = async { Some(stream.read(&mut buffer[start..]).await) };
+        let expired = async {
+            glommio::timer::sleep(idle).await;
+            None
+        };
+        match futures_lite::future::or(read, expired).await {
+            Some(Ok(count)) if count > 0 => buffer.truncate(start + count),
+            _ => return, // closed, reset or idle
+        }
+        if buffer.capacity() > 8 * READ_SIZE && buffer.len() < READ_SIZE {
+            buffer.shrink_to(READ_SIZE);
+        }
+    }
+}
+
+/// Accepts RESP clients on `listener` forever.
+pub async fn accept_loop<S: Storage>(
+    listener: glommio::net::TcpListener,
+    shard: Rc<Shard<S>>,
+    settings: Rc<RespSettings>,
+) {
+    loop {
+        let Ok(stream) = listener.accept().await else {
+            // Typically EMFILE: back off instead of spinning on a full descriptor table.
+            glommio::timer::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        // RESP clients count against the same cap as native ones.
+        if shard.stats.connection_count.get() >= shard.connections_max {
+            shard.stats.refused_connection_count.set(shard.stats.refused_connection_count.get() + 1);
+            continue;
+        }
+        shard.stats.connection_count.set(shard.stats.connection_count.get() + 1);
+        let shard = shard.clone();
+        let settings = settings.clone();
+        glommio::spawn_local(async move {
+            serve(stream, shard.clone(), settings).await;
+            shard.stats.connection_count.set(shard.stats.connection_count.get() - 1);
+        })
+        .detach();
+    }
+}

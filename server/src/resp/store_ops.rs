@@ -1,0 +1,183 @@
+//! What RESP commands need from the store, on a standalone node or through the cluster's
+//! coordinator: read, write, delete, and compare-and-set (standalone only: in a cluster a
+//! quorum write is not atomic, so conditional commands are refused there until consensus).
+
+use std::rc::Rc;
+use std::time::Duration;
+
+use schema::Status;
+
+use super::reply::Value;
+use crate::cluster::coordinator::Consistency;
+use crate::command::{Command, LocalReply, Reply};
+use crate::shard::Shard;
+use crate::storage::Storage;
+
+/// A key's current value as RESP sees it.
+#[derive(Debug, Clone)]
+pub struct Current {
+    pub value: Rc<[u8]>,
+    /// Milliseconds left; 0: no expiry.
+    pub ttl_left_ms: u64,
+}
+
+/// How RESP requests reach the store.
+#[derive(Debug, Clone, Copy)]
+pub struct Access {
+    /// Consistency of reads and writes in a cluster.
+    pub consistency: Consistency,
+    pub timeout: Duration,
+}
+
+/// The refusal of a read-modify-write command in a cluster.
+pub const NEEDS_CAS: &str =
+    "ERR conditional and read-modify-write commands are atomic only on a standalone node; \
+                             this cluster has no linearizable compare-and-swap yet";
+
+/// A store error as a RESP error, with a code a client can match.
+pub fn error_value(status: Status, message: &str) -> Value {
+    let code = match status {
+        Status::UNAVAILABLE => "UNAVAILABLE",
+        Status::TIMEOUT => "TIMEOUT",
+        Status::OVERLOADED => "OVERLOADED",
+        Status::NO_SPACE => "NOSPACE",
+        _ => "ERR",
+    };
+    let detail = match status {
+        Status::KEY_EMPTY => "empty keys are not supported".to_string(),
+        Status::KEY_TOO_LARGE => format!("key is larger than {} bytes", schema::KEY_SIZE_MAX),
+        Status::VALUE_TOO_LARGE => format!("value is larger than {} bytes", schema::VALUE_SIZE_MAX),
+        _ if message.is_empty() => format!("{status:?}").to_lowercase(),
+        _ => message.to_string(),
+    };
+    Value::error(format!("{code} {detail}"))
+}
+
+fn failed(reply: LocalReply) -> Value {
+    match reply {
+        Reply::Error { status, message } => error_value(status, &message),
+        other => Value::error(format!("ERR unexpected reply {other:?}")),
+    }
+}
+
+/// Checks a key against the store's limits before anything is sent.
+pub fn check_key(key: &[u8]) -> Result<(), Value> {
+    if key.is_empty() {
+        return Err(error_value(Status::KEY_EMPTY, ""));
+    }
+    if key.len() > schema::KEY_SIZE_MAX {
+        return Err(error_value(Status::KEY_TOO_LARGE, ""));
+    }
+    Ok(())
+}
+
+pub fn check_value(value: &[u8]) -> Result<(), Value> {
+    if value.len() > schema::VALUE_SIZE_MAX {
+        return Err(error_value(Status::VALUE_TOO_LARGE, ""));
+    }
+    Ok(())
+}
+
+pub async fn get<S: Storage>(
+    shard: &Rc<Shard<S>>,
+    access: Access,
+    key: &[u8],
+) -> Result<Option<Current>, Value> {
+    check_key(key)?;
+    let command = if shard.cluster.is_some() {
+        let timeout_ms = access.timeout.as_millis() as u64;
+        Command::Read { key: key.to_vec(), metadata_only: false, consistency: access.consistency, timeout_ms }
+    } else {
+        Command::Get { key: key.to_vec(), metadata_only: false }
+    };
+    match shard.execute(command).await {
+        Reply::Found(version) => Ok(Some(Current {
+            value: version.value.unwrap_or_else(|| Rc::from(&[][..])),
+            ttl_left_ms: version.ttl_left_ms,
+        })),
+        Reply::NotFound => Ok(None),
+        // A cluster may hold concurrent values: the newest (by timestamp) is the value.
+        Reply::Siblings { versions, .. } => {
+            Ok(versions.into_iter().max_by_key(|v| v.timestamp_us).map(|v| Current {
+                value: v.value.unwrap_or_else(|| Rc::from(&[][..])),
+                ttl_left_ms: v.ttl_left_ms,
+            }))
+        }
+        other => Err(failed(other)),
+    }
+}
+
+pub async fn put<S: Storage>(
+    shard: &Rc<Shard<S>>,
+    access: Access,
+    key: &[u8],
+    value: &[u8],
+    ttl_ms: u64,
+) -> Result<(), Value> {
+    check_key(key)?;
+    check_value(value)?;
+    let command = if shard.cluster.is_some() {
+        Command::Write {
+            key: key.to_vec(),
+            value: Some(value.to_vec()),
+            ttl_ms,
+            context: None,
+            consistency: access.consistency,
+            timeout_ms: access.timeout.as_millis() as u64,
+        }
+    } else {
+        Command::Put { key: key.to_vec(), value: value.to_vec(), ttl_ms }
+    };
+    match shard.execute(command).await {
+        Reply::Done => Ok(()),
+        other => Err(failed(other)),
+    }
+}
+
+/// Deletes `key`; whether it existed. In a cluster the existence check is a read before the
+/// (blind) deletion.
+pub async fn delete<S: Storage>(shard: &Rc<Shard<S>>, access: Access, key: &[u8]) -> Result<bool, Value> {
+    check_key(key)?;
+    if shard.cluster.is_none() {
+        return match shard.execute(Command::Delete { key: key.to_vec() }).await {
+            Reply::Done => Ok(true),
+            Reply::NotFound => Ok(false),
+            other => Err(failed(other)),
+        };
+    }
+    if get(shard, access, key).await?.is_none() {
+        return Ok(false);
+    }
+    let command = Command::Write {
+        key: key.to_vec(),
+        value: None,
+        ttl_ms: 0,
+        context: None,
+        consistency: access.consistency,
+        timeout_ms: access.timeout.as_millis() as u64,
+    };
+    match shard.execute(command).await {
+        Reply::Done => Ok(true),
+        other => Err(failed(other)),
+    }
+}
+
+/// Applies an atomic update on the key's owning shard. Refused in a cluster, where a quorum
+/// write is not a compare-and-swap.
+pub async fn update<S: Storage>(
+    shard: &Rc<Shard<S>>,
+    key: &[u8],
+    update: crate::update::Update,
+) -> Result<crate::update::Answer<Rc<[u8]>>, Value> {
+    check_key(key)?;
+    if let crate::update::Update::Set { value, .. } = &update {
+        check_value(value)?;
+    }
+    if shard.cluster.is_some() {
+        return Err(Value::error(NEEDS_CAS));
+    }
+    match shard.execute(Command::Update { key: key.to_vec(), update }).await {
+        Reply::Updated(answer) => Ok(answer),
+        other => Err(failed(other)),
+    }
+}
