@@ -61,6 +61,9 @@ pub enum Command {
     ReadReplica {
         key: Vec<u8>,
     },
+    /// The receiving shard's entry count estimate (RESP's DBSIZE sums every shard's). Sent
+    /// to a shard by index, never routed by key.
+    EntryCount,
 }
 
 impl Command {
@@ -99,6 +102,7 @@ impl Command {
             | Command::Read { key, .. }
             | Command::Replicate { key, .. }
             | Command::ReadReplica { key } => key,
+            Command::EntryCount => &[],
         }
     }
 }

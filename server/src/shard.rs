@@ -86,6 +86,22 @@ impl<S: Storage> Shard<S> {
 }
 
 impl<S: Storage> Shard<S> {
+    /// Entries held by every shard of the node (an estimate: see
+    /// [`crate::engine::Engine::entry_count_estimate`]).
+    pub async fn entry_count_total(&self) -> u64 {
+        let mut total = self.store.engine().entry_count_estimate();
+        if let Some(mesh) = &self.mesh {
+            for target in (0..self.count).filter(|&t| t != self.index) {
+                if let Reply::Updated(crate::update::Answer::Integer(count)) =
+                    mesh.forward(target, Command::EntryCount).await
+                {
+                    total += count.max(0) as u64;
+                }
+            }
+        }
+        total
+    }
+
     /// Runs `command`, whose key this shard owns: on the store, or as the key's
     /// coordinator or replica in the cluster.
     pub async fn apply_here(self: &Rc<Self>, command: Command) -> LocalReply {

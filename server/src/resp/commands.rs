@@ -162,7 +162,10 @@ pub fn dispatch<S: Storage>(
         "COMMAND" => Step::Reply(command(&args)),
         "CONFIG" => Step::Reply(config(&args)),
         "INFO" => Step::Reply(info(shard, settings, session, &args)),
-        "DBSIZE" => Step::Reply(Value::Integer(shard.store.engine().entry_count_estimate() as i64)),
+        "DBSIZE" => {
+            let shard = shard.clone();
+            Step::Later(Box::pin(async move { Value::Integer(shard.entry_count_total().await as i64) }))
+        }
         _ => Step::Later(data(shard.clone(), settings.access, name, args)),
     }
 }
