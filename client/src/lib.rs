@@ -334,14 +334,7 @@ impl Client {
         };
         if let (None, Some(previous)) = (&learned, previous) {
             let timeout = self.inner.options.timeout;
-            let request = RequestView {
-                id: 0,
-                timeout_ms: timeout.as_millis().min(u128::from(u32::MAX)) as u32,
-                consistency: self.inner.options.consistency,
-                context: &[],
-                write_id: None,
-                op: Op::Topology,
-            };
+            let request = self.request(Op::Topology, &[]);
             for node in &previous.topology.nodes {
                 let Ok(address) = node.address.parse::<SocketAddr>() else { continue };
                 let Ok(connection) = previous.slot(address).get(timeout).await else { continue };
@@ -374,6 +367,19 @@ impl Client {
         self.inner.cluster.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
+    /// A request with this client's deadline and consistency.
+    fn request<'a>(&self, op: Op<'a>, context: &'a [u8]) -> RequestView<'a> {
+        let timeout = self.inner.options.timeout;
+        RequestView {
+            id: 0,
+            timeout_ms: timeout.as_millis().min(u128::from(u32::MAX)) as u32,
+            consistency: self.inner.options.consistency,
+            context,
+            write_id: None,
+            op,
+        }
+    }
+
     /// A keyed request in a cluster: to the owning shard of the first up replica; a read
     /// moves on to the next replica when a connection fails, a write only when it could not
     /// connect (it may have been applied otherwise).
@@ -385,14 +391,7 @@ impl Client {
         context: &[u8],
     ) -> Result<ResponseView, Error> {
         let timeout = self.inner.options.timeout;
-        let request = RequestView {
-            id: 0,
-            timeout_ms: timeout.as_millis().min(u128::from(u32::MAX)) as u32,
-            consistency: self.inner.options.consistency,
-            context,
-            write_id: None,
-            op,
-        };
+        let request = self.request(op, context);
         let is_read = matches!(op, Op::Get { .. });
         let mut last = Error::Unavailable("no replica of the key is known".into());
         for address in routes.replica_addresses(key) {
@@ -456,14 +455,7 @@ impl Client {
         let slot = &route[self.inner.next.fetch_add(1, Ordering::Relaxed) % route.len()];
         let timeout = self.inner.options.timeout;
         let connection = slot.get(timeout).await?;
-        let request = RequestView {
-            id: 0,
-            timeout_ms: timeout.as_millis().min(u128::from(u32::MAX)) as u32,
-            consistency: self.inner.options.consistency,
-            context,
-            write_id: None,
-            op,
-        };
+        let request = self.request(op, context);
         let result = connection.call(&request, timeout).await;
         // A read is safe to repeat: when the connection died under it (a node restart, a
         // reset), try once more on a fresh connection. Writes are not retried: without

@@ -394,6 +394,19 @@ async fn forward<S: Storage>(
     }
 }
 
+/// The shard's replication state, the view, the key's replicas and this node.
+type Placement<'a, S> = (&'a ClusterShard<S>, Arc<ClusterView>, super::ring::PreferenceList, NodeId);
+
+/// Where `key` lives as this shard sees the cluster; `UNAVAILABLE` while the cluster forms.
+fn place<'a, S: Storage>(shard: &'a Shard<S>, key: &[u8]) -> Result<Placement<'a, S>, LocalReply> {
+    let cluster = cluster_of(shard)?;
+    let view = cluster.view();
+    match (view.preference_list(key), view.my_id()) {
+        (Some(replicas), Some(me)) => Ok((cluster, view, replicas, me)),
+        _ => Err(unavailable(cluster, view.forming_note.clone())),
+    }
+}
+
 /// Coordinates a write (`value: None` deletes) of a key this shard owns.
 #[allow(clippy::too_many_arguments)]
 pub async fn coordinate_write<S: Storage>(
@@ -405,13 +418,9 @@ pub async fn coordinate_write<S: Storage>(
     consistency: Consistency,
     timeout: Duration,
 ) -> LocalReply {
-    let cluster = match cluster_of(shard) {
-        Ok(cluster) => cluster,
+    let (cluster, view, replicas, me) = match place(shard, &key) {
+        Ok(placed) => placed,
         Err(reply) => return reply,
-    };
-    let view = cluster.view();
-    let (Some(replicas), Some(me)) = (view.preference_list(&key), view.my_id()) else {
-        return unavailable(cluster, view.forming_note.clone());
     };
     if !replicas.contains(&me) {
         let context_bytes = context.as_ref().map(VersionVector::encode).unwrap_or_default();
@@ -560,13 +569,9 @@ pub async fn coordinate_read<S: Storage>(
     consistency: Consistency,
     timeout: Duration,
 ) -> LocalReply {
-    let cluster = match cluster_of(shard) {
-        Ok(cluster) => cluster,
+    let (cluster, view, replicas, me) = match place(shard, &key) {
+        Ok(placed) => placed,
         Err(reply) => return reply,
-    };
-    let view = cluster.view();
-    let (Some(replicas), Some(me)) = (view.preference_list(&key), view.my_id()) else {
-        return unavailable(cluster, view.forming_note.clone());
     };
     if !replicas.contains(&me) {
         let op = Op::Get { key: &key, metadata_only };

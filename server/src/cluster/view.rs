@@ -3,7 +3,7 @@
 //! shards over the mesh as an immutable snapshot; nothing locks it.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 
 use schema::peer::{TopologyData, TopologyNode};
 use schema::{shard_of, wire};
@@ -117,9 +117,4 @@ impl ClusterView {
 /// Parses a gossiped address; gossip from a hostile peer may hold anything.
 pub fn parse_address(address: &str) -> Option<SocketAddr> {
     address.parse().ok()
-}
-
-/// The IP a node listens on, for building its shards' addresses.
-pub fn ip_of(address: &SocketAddr) -> IpAddr {
-    address.ip()
 }

@@ -137,14 +137,13 @@ async fn cluster_stats(address: &str) -> Option<serde_json::Value> {
     Some(stats["cluster"].clone())
 }
 
-/// A write retried on every node in turn (from `first`) until one acknowledges it or 10 s
+/// `request` tried on every node's client in turn (from `first`) until one succeeds or 10 s
 /// pass; `Err` only when none did.
-async fn put_retrying(
-    clients: &[Option<Client>],
-    first: usize,
-    key: &[u8],
-    value: &[u8],
-) -> Result<(), Error> {
+async fn retrying<T, F, Fut>(clients: &[Option<Client>], first: usize, request: F) -> Result<T, Error>
+where
+    F: Fn(Client) -> Fut,
+    Fut: std::future::Future<Output = Result<T, Error>>,
+{
     let start = Instant::now();
     let mut last = Error::Timeout;
     let mut attempt = 0;
@@ -152,8 +151,8 @@ async fn put_retrying(
         let index = (first + attempt) % clients.len();
         attempt += 1;
         let Some(client) = &clients[index] else { continue };
-        match client.put(key, value).await {
-            Ok(()) => return Ok(()),
+        match request(client.clone()).await {
+            Ok(value) => return Ok(value),
             Err(error) => last = error,
         }
         if attempt % clients.len() == 0 {
@@ -163,28 +162,21 @@ async fn put_retrying(
     Err(last)
 }
 
-/// A read retried like [`put_retrying`].
+async fn put_retrying(
+    clients: &[Option<Client>],
+    first: usize,
+    key: &[u8],
+    value: &[u8],
+) -> Result<(), Error> {
+    retrying(clients, first, |client| async move { client.put(key, value).await }).await
+}
+
 async fn get_retrying(
     clients: &[Option<Client>],
     first: usize,
     key: &[u8],
 ) -> Result<Option<Vec<u8>>, Error> {
-    let start = Instant::now();
-    let mut last = Error::Timeout;
-    let mut attempt = 0;
-    while start.elapsed() < Duration::from_secs(10) {
-        let index = (first + attempt) % clients.len();
-        attempt += 1;
-        let Some(client) = &clients[index] else { continue };
-        match client.get(key).await {
-            Ok(value) => return Ok(value.map(|v| v.value)),
-            Err(error) => last = error,
-        }
-        if attempt % clients.len() == 0 {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-    Err(last)
+    retrying(clients, first, |client| async move { client.get(key).await.map(|v| v.map(|v| v.value)) }).await
 }
 
 #[test]
