@@ -64,6 +64,9 @@ pub enum Command {
     /// The receiving shard's entry count estimate (RESP's DBSIZE sums every shard's). Sent
     /// to a shard by index, never routed by key.
     EntryCount,
+    /// The receiving shard's stats object (a metrics scrape gathers every shard's). Sent to
+    /// a shard by index.
+    ShardStats,
 }
 
 impl Command {
@@ -102,7 +105,7 @@ impl Command {
             | Command::Read { key, .. }
             | Command::Replicate { key, .. }
             | Command::ReadReplica { key } => key,
-            Command::EntryCount => &[],
+            Command::EntryCount | Command::ShardStats => &[],
         }
     }
 }
@@ -138,6 +141,8 @@ pub enum Reply<V> {
     Versions(Vec<u8>),
     /// The outcome of an `Update`.
     Updated(crate::update::Answer<V>),
+    /// A shard's stats object, as JSON text.
+    Stats(String),
 }
 
 pub type LocalReply = Reply<Rc<[u8]>>;
@@ -165,6 +170,7 @@ impl<V> Reply<V> {
             }
             Reply::Versions(bytes) => Reply::Versions(bytes),
             Reply::Updated(answer) => Reply::Updated(answer.map_value(&f)),
+            Reply::Stats(text) => Reply::Stats(text),
         }
     }
 }

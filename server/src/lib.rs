@@ -12,6 +12,7 @@ pub mod event;
 pub mod le;
 pub mod mesh;
 pub mod meta;
+pub mod metrics;
 pub mod net;
 pub mod node;
 pub mod resp;

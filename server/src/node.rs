@@ -95,6 +95,10 @@ pub struct Args {
     /// Milliseconds between gossip rounds.
     #[arg(long, global = true, default_value_t = 100)]
     pub gossip_interval_ms: u64,
+    /// Serve `GET /metrics` (Prometheus text format) and `GET /health` on this address (from
+    /// shard 0). Port 0 picks one (written to ports.json).
+    #[arg(long, global = true)]
+    pub metrics_listen: Option<SocketAddr>,
     /// Serve the Redis protocol (RESP2/RESP3) on this address too, on every shard. Port 0
     /// picks one (written to ports.json).
     #[arg(long, global = true)]
@@ -139,6 +143,9 @@ pub struct Ports {
     /// The RESP address, when `--resp-listen` is given.
     #[serde(default)]
     pub resp: Option<SocketAddr>,
+    /// The metrics address, when `--metrics-listen` is given.
+    #[serde(default)]
+    pub metrics: Option<SocketAddr>,
     pub pid: u32,
     pub node_id: String,
 }
@@ -367,6 +374,13 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
         }
         resp_address = Some(bound);
     }
+    let mut metrics_listener = match args.metrics_listen {
+        Some(address) => {
+            Some(TcpListener::bind(address).with_context(|| format!("binding metrics to {address}"))?)
+        }
+        None => None,
+    };
+    let metrics_address = metrics_listener.as_ref().map(TcpListener::local_addr).transpose()?;
     let resp_settings = resp_address.map(|address| crate::shard::RespLaunch {
         password: args.requirepass.clone(),
         consistency: args.resp_consistency,
@@ -447,6 +461,7 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
             client_listener,
             shard_listener,
             resp: resp_listener.zip(resp_settings.clone()),
+            metrics: if index == 0 { metrics_listener.take() } else { None },
             mesh: mesh.clone(),
             cluster: cluster_options.clone().map(|options| ClusterLaunch {
                 node_name: node.node_id.clone(),
@@ -484,6 +499,7 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
         client: client_address,
         shards: shard_addresses,
         resp: resp_address,
+        metrics: metrics_address,
         pid: std::process::id(),
         node_id: node.node_id.clone(),
     };

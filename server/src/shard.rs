@@ -32,6 +32,8 @@ pub struct ShardStats {
     pub timeout_count: Cell<u64>,
     pub connection_count: Cell<usize>,
     pub refused_connection_count: Cell<u64>,
+    /// Requests by operation and status, latency, bytes in and out.
+    pub requests: crate::metrics::RequestMetrics,
 }
 
 pub struct Shard<S: Storage> {
@@ -56,8 +58,14 @@ impl<S: Storage> Shard<S> {
 
     /// This shard's counters and storage-engine figures, as one JSON object.
     pub fn stats_json(&self) -> String {
+        self.stats_value().to_string()
+    }
+
+    pub fn stats_value(&self) -> serde_json::Value {
         let stats = &self.stats;
         serde_json::json!({
+            "requests": stats.requests.to_json(),
+            "mesh_hop_count": self.mesh.as_ref().map_or(0, |mesh| mesh.hop_count()),
             "cluster": self.cluster.as_ref().map(ClusterShard::stats_json),
             "shard": self.index,
             "shard_count": self.count,
@@ -69,7 +77,6 @@ impl<S: Storage> Shard<S> {
             "log_batch_count": self.store.wal().batch_count(),
             "engine": self.store.engine().stats(),
         })
-        .to_string()
     }
 
     /// Runs `command` on the shard that owns its key: here, or one hop away.
@@ -116,6 +123,7 @@ impl<S: Storage> Shard<S> {
             }
             Command::Replicate { key, versions } => replication::replicate(self, &key, &versions).await,
             Command::ReadReplica { key } => replication::read_replica(self, &key).await,
+            Command::ShardStats => Reply::Stats(self.stats_json()),
             // A cluster's keys change only through the coordinator.
             Command::Update { .. } | Command::Cas { .. } if self.cluster.is_some() => {
                 Reply::error(Status::UNSUPPORTED, "atomic read-modify-write needs consensus in a cluster")
@@ -161,6 +169,8 @@ pub struct ShardLaunch {
     /// Bound and listening; the shared client port (SO_REUSEPORT) and the shard's own.
     pub client_listener: std::net::TcpListener,
     pub shard_listener: std::net::TcpListener,
+    /// Shard 0 only: the `--metrics-listen` listener.
+    pub metrics: Option<std::net::TcpListener>,
     /// The RESP listener (`--resp-listen`), bound and listening, with its settings.
     pub resp: Option<(std::net::TcpListener, RespLaunch)>,
     pub mesh: Option<MeshBuilder<Message, Full>>,
@@ -190,6 +200,7 @@ pub async fn run(launch: ShardLaunch) {
         hello,
         client_listener,
         shard_listener,
+        metrics,
         resp,
         mesh,
         cluster,
@@ -277,6 +288,10 @@ pub async fn run(launch: ShardLaunch) {
         glommio::spawn_local(crate::net::accept_loop(listener(client_listener), shard.clone())),
         glommio::spawn_local(crate::net::accept_loop(listener(shard_listener), shard.clone())),
     ];
+    if let Some(metrics_listener) = metrics {
+        accept_tasks
+            .push(glommio::spawn_local(crate::metrics::serve(listener(metrics_listener), shard.clone())));
+    }
     if let Some((resp_listener, launch)) = resp {
         let settings = Rc::new(crate::resp::commands::RespSettings {
             password: launch.password,

@@ -97,6 +97,7 @@ impl<S: Storage> Store<S> {
                 self.cas(&key, expected.as_deref(), &new_value, ttl_ms).await
             }
             Command::Update { key, update } => self.update(&key, &update).await,
+            Command::ShardStats => Reply::error(Status::INTERNAL, "stats are the shard's, not the store's"),
             Command::EntryCount => {
                 Reply::Updated(update::Answer::Integer(self.engine.entry_count_estimate() as i64))
             }

@@ -179,7 +179,11 @@ async fn read_requests<S: Storage>(
         };
         match futures_lite::future::or(read, expired).await {
             Some(Ok(0)) | Some(Err(_)) | None => return, // closed, reset, idle or frame timeout
-            Some(Ok(count)) => end += count,
+            Some(Ok(count)) => {
+                end += count;
+                let requests = &shard.stats.requests;
+                requests.bytes_in.set(requests.bytes_in.get() + count as u64);
+            }
         }
     }
 }
@@ -214,11 +218,14 @@ fn dispatch<S: Storage>(payload: &[u8], permit: StaticPermit, outbox: &Rc<Outbox
         Ok(command) => command,
         Err(body) => return outbox.push(Outgoing { id, body, _permit: Some(permit) }),
     };
+    let started = Instant::now();
+    let op = crate::metrics::op_name(&command);
     // Fast path: a read of this shard's keys that needs no waiting is answered right here,
     // without a task or a timer.
     if let Command::Get { key, metadata_only } = &command {
         if shard.owns(key) {
             if let Some(reply) = shard.store.try_get(key, *metadata_only) {
+                shard.stats.requests.record(op, crate::metrics::status_name(&reply), started.elapsed());
                 return outbox.push(Outgoing { id, body: Body::Reply(reply), _permit: Some(permit) });
             }
         }
@@ -236,6 +243,7 @@ fn dispatch<S: Storage>(payload: &[u8], permit: StaticPermit, outbox: &Rc<Outbox
             shard.stats.timeout_count.set(shard.stats.timeout_count.get() + 1);
             Reply::error(Status::TIMEOUT, format!("no reply within {} ms", timeout.as_millis()))
         });
+        shard.stats.requests.record(op, crate::metrics::status_name(&reply), started.elapsed());
         outbox.running_count.set(outbox.running_count.get() - 1);
         outbox.push(Outgoing { id, body: Body::Reply(reply), _permit: Some(permit) });
     })
@@ -383,8 +391,8 @@ pub fn encode_reply(builder: &mut FlatBufferBuilder<'_>, out: &mut Vec<u8>, id: 
             let response = ResponseOut { versions: bytes, ..ResponseOut::status(id, Status::OK, "") };
             encode_response(builder, out, &response);
         }
-        // Updates come only from the RESP front door; the native protocol never sends one.
-        Reply::Updated(_) => {
+        // Updates and shard stats never answer a native request.
+        Reply::Updated(_) | Reply::Stats(_) => {
             encode_response(
                 builder,
                 out,
@@ -431,6 +439,8 @@ async fn write_replies<S: Storage>(
             listener.await;
             continue;
         }
+        let requests = &shard.stats.requests;
+        requests.bytes_out.set(requests.bytes_out.get() + out.len() as u64);
         if writer.write_all(&out).await.is_err() {
             // The client stopped reading (write timeout) or went away: stop admitting its
             // requests; the reader sees the closed semaphore and ends the connection.

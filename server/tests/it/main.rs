@@ -8,6 +8,7 @@ mod harness;
 mod hostile;
 mod kill9;
 mod kill9_engine;
+mod metrics;
 mod model;
 mod no_space;
 mod node;

@@ -118,7 +118,11 @@ async fn crash_cycles(seed: u64, policy: SyncPolicy, cycle_count: usize) -> (u64
                         }
                         Reply::CasFailed(_) => {}
                         Reply::Error { .. } => return acked, // the log stopped: the machine is going down
-                        Reply::Found(_) | Reply::Siblings { .. } | Reply::Versions(_) | Reply::Updated(_) => {
+                        Reply::Found(_)
+                        | Reply::Siblings { .. }
+                        | Reply::Versions(_)
+                        | Reply::Updated(_)
+                        | Reply::Stats(_) => {
                             unreachable!()
                         }
                     }

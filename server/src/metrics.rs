@@ -1,0 +1,290 @@
+//! Metrics: each shard counts its own requests (plain cells on its thread, no atomics on the
+//! data path), and `--metrics-listen` serves `GET /metrics` (Prometheus text format 0.0.4)
+//! and `GET /health` from shard 0, which gathers every shard's figures over the mesh per
+//! scrape.
+//!
+//! The exposition is written here rather than with a registry crate: the figures live in
+//! per-shard cells gathered as snapshots, which a registry of shared atomic metrics does not
+//! model, and the text format is a few lines of escaping and labels.
+
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::rc::Rc;
+use std::time::Duration;
+
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use schema::Status;
+use serde_json::{json, Value};
+
+use crate::command::{Command, LocalReply, Reply};
+use crate::shard::Shard;
+use crate::storage::Storage;
+
+/// Upper bounds of the latency buckets, in microseconds.
+pub const BUCKETS_US: [u64; 14] = [
+    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000,
+    5_000_000,
+];
+
+#[derive(Debug, Default)]
+struct OpMetrics {
+    by_status: BTreeMap<&'static str, u64>,
+    /// Per bucket (not cumulative); the last counts what is above every bound.
+    buckets: [u64; BUCKETS_US.len() + 1],
+    sum_us: u64,
+    count: u64,
+}
+
+/// One shard's request figures.
+#[derive(Debug, Default)]
+pub struct RequestMetrics {
+    ops: RefCell<BTreeMap<&'static str, OpMetrics>>,
+    pub bytes_in: Cell<u64>,
+    pub bytes_out: Cell<u64>,
+}
+
+pub fn op_name(command: &Command) -> &'static str {
+    match command {
+        Command::Get { .. } | Command::Read { .. } => "get",
+        Command::Put { .. } => "put",
+        Command::Delete { .. } => "delete",
+        Command::Write { value: Some(_), .. } => "put",
+        Command::Write { value: None, .. } => "delete",
+        Command::Cas { .. } => "cas",
+        Command::Update { .. } => "update",
+        Command::Replicate { .. } => "replicate",
+        Command::ReadReplica { .. } => "read_replica",
+        Command::EntryCount => "entry_count",
+        Command::ShardStats => "shard_stats",
+    }
+}
+
+pub fn status_name(reply: &LocalReply) -> &'static str {
+    let status = match reply {
+        Reply::Done | Reply::Found(_) | Reply::Versions(_) | Reply::Updated(_) | Reply::Stats(_) => {
+            Status::OK
+        }
+        Reply::NotFound => Status::NOT_FOUND,
+        Reply::Siblings { versions, .. } if versions.is_empty() => Status::NOT_FOUND,
+        Reply::Siblings { .. } => Status::OK,
+        Reply::CasFailed(_) => Status::CAS_FAILED,
+        Reply::Error { status, .. } => *status,
+    };
+    status_label(status)
+}
+
+pub fn status_label(status: Status) -> &'static str {
+    match status {
+        Status::OK => "ok",
+        Status::NOT_FOUND => "not_found",
+        Status::CAS_FAILED => "cas_failed",
+        Status::UNAVAILABLE => "unavailable",
+        Status::TIMEOUT => "timeout",
+        Status::OVERLOADED => "overloaded",
+        Status::NO_SPACE => "no_space",
+        Status::UNSUPPORTED => "unsupported",
+        Status::INTERNAL => "internal",
+        _ => "bad_request",
+    }
+}
+
+impl RequestMetrics {
+    pub fn record(&self, op: &'static str, status: &'static str, elapsed: Duration) {
+        let mut ops = self.ops.borrow_mut();
+        let metrics = ops.entry(op).or_default();
+        *metrics.by_status.entry(status).or_insert(0) += 1;
+        let us = elapsed.as_micros() as u64;
+        let bucket = BUCKETS_US.iter().position(|&bound| us <= bound).unwrap_or(BUCKETS_US.len());
+        metrics.buckets[bucket] += 1;
+        metrics.sum_us += us;
+        metrics.count += 1;
+    }
+
+    pub fn to_json(&self) -> Value {
+        let ops: serde_json::Map<String, Value> = self
+            .ops
+            .borrow()
+            .iter()
+            .map(|(op, m)| {
+                let value = json!({
+                    "by_status": m.by_status,
+                    "buckets": m.buckets.to_vec(),
+                    "sum_us": m.sum_us,
+                    "count": m.count,
+                });
+                (op.to_string(), value)
+            })
+            .collect();
+        json!({ "ops": ops, "bytes_in": self.bytes_in.get(), "bytes_out": self.bytes_out.get() })
+    }
+}
+
+fn label(value: &str) -> String {
+    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+/// Every numeric field of a shard's stats (booleans as 0/1), flattened to `a_b_c` names.
+fn flatten(prefix: &str, value: &Value, out: &mut Vec<(String, f64)>) {
+    match value {
+        Value::Number(n) => out.push((prefix.to_string(), n.as_f64().unwrap_or(0.0))),
+        Value::Bool(b) => out.push((prefix.to_string(), f64::from(u8::from(*b)))),
+        Value::Object(map) => {
+            for (key, inner) in map {
+                if prefix.is_empty() && matches!(key.as_str(), "shard" | "requests") {
+                    continue; // a label, and the request figures rendered on their own
+                }
+                let name = if prefix.is_empty() { key.clone() } else { format!("{prefix}_{key}") };
+                flatten(&name, inner, out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The Prometheus text exposition of every shard's stats object.
+pub fn render(node: &str, shards: &[Value]) -> String {
+    let mut out = String::new();
+    let node = label(node);
+    let _ = writeln!(out, "# HELP kvd_requests_total Requests served, by operation and status.");
+    let _ = writeln!(out, "# TYPE kvd_requests_total counter");
+    for shard in shards {
+        let index = shard["shard"].as_u64().unwrap_or(0);
+        for (op, m) in shard["requests"]["ops"].as_object().into_iter().flatten() {
+            for (status, count) in m["by_status"].as_object().into_iter().flatten() {
+                let _ = writeln!(
+                    out,
+                    "kvd_requests_total{{node=\"{node}\",shard=\"{index}\",op=\"{}\",status=\"{}\"}} {}",
+                    label(op),
+                    label(status),
+                    count.as_u64().unwrap_or(0)
+                );
+            }
+        }
+    }
+    let _ = writeln!(out, "# HELP kvd_request_duration_seconds Time from receipt to reply, by operation.");
+    let _ = writeln!(out, "# TYPE kvd_request_duration_seconds histogram");
+    for shard in shards {
+        let index = shard["shard"].as_u64().unwrap_or(0);
+        for (op, m) in shard["requests"]["ops"].as_object().into_iter().flatten() {
+            let labels = format!("node=\"{node}\",shard=\"{index}\",op=\"{}\"", label(op));
+            let buckets: Vec<u64> =
+                m["buckets"].as_array().into_iter().flatten().map(|b| b.as_u64().unwrap_or(0)).collect();
+            let mut cumulative = 0;
+            for (i, bound) in BUCKETS_US.iter().enumerate() {
+                cumulative += buckets.get(i).copied().unwrap_or(0);
+                let le = *bound as f64 / 1e6;
+                let _ =
+                    writeln!(out, "kvd_request_duration_seconds_bucket{{{labels},le=\"{le}\"}} {cumulative}");
+            }
+            let count = m["count"].as_u64().unwrap_or(0);
+            let _ = writeln!(out, "kvd_request_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {count}");
+            let sum = m["sum_us"].as_u64().unwrap_or(0) as f64 / 1e6;
+            let _ = writeln!(out, "kvd_request_duration_seconds_sum{{{labels}}} {sum}");
+            let _ = writeln!(out, "kvd_request_duration_seconds_count{{{labels}}} {count}");
+        }
+    }
+    // Everything else a shard reports (engine, log, connections, cluster), as gauges.
+    let mut series: BTreeMap<String, Vec<(u64, f64)>> = BTreeMap::new();
+    for shard in shards {
+        let index = shard["shard"].as_u64().unwrap_or(0);
+        let mut fields = Vec::new();
+        flatten("", shard, &mut fields);
+        if let Some(requests) = shard.get("requests") {
+            for key in ["bytes_in", "bytes_out"] {
+                fields.push((key.to_string(), requests[key].as_f64().unwrap_or(0.0)));
+            }
+        }
+        for (name, value) in fields {
+            series.entry(name).or_default().push((index, value));
+        }
+    }
+    for (name, values) in series {
+        let metric: String = format!("kvd_{name}")
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '_' })
+            .collect();
+        let _ = writeln!(out, "# TYPE {metric} gauge");
+        for (index, value) in values {
+            let _ = writeln!(out, "{metric}{{node=\"{node}\",shard=\"{index}\"}} {value}");
+        }
+    }
+    out
+}
+
+/// Every shard's stats object: this one's, and the others' over the mesh.
+pub async fn gather<S: Storage>(shard: &Rc<Shard<S>>) -> Vec<Value> {
+    let mut shards = vec![shard.stats_value()];
+    if let Some(mesh) = &shard.mesh {
+        for target in (0..shard.count).filter(|&t| t != shard.index) {
+            if let Reply::Stats(text) = mesh.forward(target, Command::ShardStats).await {
+                shards.push(serde_json::from_str(&text).unwrap_or(Value::Null));
+            }
+        }
+    }
+    shards
+}
+
+/// Whether the node serves, and if not why (for `/health`).
+fn health<S: Storage>(shard: &Shard<S>) -> Result<(), String> {
+    if let Some(error) = shard.store.wal().failure() {
+        return Err(format!("the write path stopped: {error}"));
+    }
+    if let Some(cluster) = &shard.cluster {
+        let view = cluster.view();
+        if view.formed.is_none() {
+            return Err(view.forming_note.clone());
+        }
+    }
+    Ok(())
+}
+
+/// Serves `/metrics` and `/health` on `listener` (shard 0), one request per connection.
+pub async fn serve<S: Storage>(listener: glommio::net::TcpListener, shard: Rc<Shard<S>>) {
+    loop {
+        let Ok(mut stream) = listener.accept().await else {
+            glommio::timer::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let shard = shard.clone();
+        glommio::spawn_local(async move {
+            let mut request = Vec::new();
+            let mut buffer = [0u8; 1024];
+            let read = async {
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 8192 {
+                    match stream.read(&mut buffer).await {
+                        Ok(0) | Err(_) => return false,
+                        Ok(count) => request.extend_from_slice(&buffer[..count]),
+                    }
+                }
+                true
+            };
+            let deadline = async {
+                glommio::timer::sleep(Duration::from_secs(10)).await;
+                false
+            };
+            if !futures_lite::future::or(read, deadline).await {
+                return;
+            }
+            let line = String::from_utf8_lossy(&request);
+            let target = line.split_whitespace().nth(1).unwrap_or("");
+            let (status, body) = match (line.starts_with("GET "), target) {
+                (true, "/metrics") => ("200 OK", render(&shard.hello.node_id, &gather(&shard).await)),
+                (true, "/health") => match health(&shard) {
+                    Ok(()) => ("200 OK", "ok\n".to_string()),
+                    Err(reason) => ("503 Service Unavailable", format!("{reason}\n")),
+                },
+                (true, _) => ("404 Not Found", "GET /metrics or /health\n".to_string()),
+                (false, _) => ("405 Method Not Allowed", "GET only\n".to_string()),
+            };
+            let response = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n\
+                 Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(response.as_bytes()).await;
+            let _ = stream.close().await;
+        })
+        .detach();
+    }
+}
