@@ -7,6 +7,7 @@
 pub mod clock;
 pub mod cluster;
 pub mod command;
+pub mod config;
 pub mod engine;
 pub mod event;
 pub mod le;

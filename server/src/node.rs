@@ -24,10 +24,19 @@ use crate::wal::SyncPolicy;
 pub const SHARD_COUNT_MAX: usize = 256;
 
 #[derive(Debug, Parser)]
-#[command(name = "kvd", version, about = "kv node: a thread-per-core key-value server")]
+#[command(
+    name = "kvd",
+    version,
+    about = "kv node: a thread-per-core key-value server",
+    args_override_self = true
+)]
 pub struct Args {
     #[command(subcommand)]
     pub command: Option<Command>,
+    /// A TOML file of settings: any long flag as a key (`memory_per_shard = 512`); flags on
+    /// the command line override it.
+    #[arg(long, global = true)]
+    pub config: Option<PathBuf>,
     /// Client address, served by every shard (SO_REUSEPORT). Port 0 picks a free port.
     #[arg(long, global = true, default_value = "127.0.0.1:7400")]
     pub listen: SocketAddr,
@@ -115,7 +124,20 @@ pub struct Args {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum ConfigAction {
+    /// Checks a config file: every key known, every value valid; names the bad key and why.
+    Check { file: PathBuf },
+    /// Prints the effective settings (defaults, `--config` file, flags) as TOML.
+    Print,
+}
+
+#[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Check or print configuration.
+    Config {
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
     /// Start a local cluster (nodes on 127.0.0.1:7400, :7410, ...) with data in ./kvd-demo,
     /// and say how to use it.
     Demo {
@@ -295,6 +317,22 @@ fn run_demo_cluster(args: &Args, nodes: usize) -> anyhow::Result<()> {
 }
 
 pub fn run(mut args: Args) -> anyhow::Result<()> {
+    match &args.command {
+        Some(Command::Config { action: ConfigAction::Check { file } }) => {
+            let settings = crate::config::file_args(file)?;
+            let mut all = vec!["kvd".to_string()];
+            all.extend(settings);
+            <Args as Parser>::try_parse_from(all)
+                .map_err(|error| anyhow::anyhow!("{}: {error}", file.display()))?;
+            println!("{}: ok", file.display());
+            return Ok(());
+        }
+        Some(Command::Config { action: ConfigAction::Print }) => {
+            print!("{}", crate::config::print(&args));
+            return Ok(());
+        }
+        _ => {}
+    }
     let demo = matches!(args.command, Some(Command::Demo { .. }));
     if let Some(Command::Demo { nodes }) = args.command {
         if nodes == 0 || nodes > 9 {

@@ -3,6 +3,7 @@
 
 mod bitflip;
 mod cluster;
+mod config;
 mod disk_full;
 mod harness;
 mod hostile;

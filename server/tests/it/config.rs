@@ -1,0 +1,31 @@
+//! `kvd --config FILE` on a real process, and `kvd config check` naming a bad key.
+
+use std::process::Command;
+
+use crate::harness::{DataDir, Node};
+
+#[test]
+fn a_node_starts_from_a_config_file_and_check_names_bad_keys() {
+    let dir = DataDir::new("config");
+    let file = dir.0.join("kvd.toml");
+    std::fs::write(
+        &file,
+        "metrics_listen = \"127.0.0.1:0\"\nresp-listen = \"127.0.0.1:0\"\nmemory_per_shard = 16\n",
+    )
+    .expect("write config");
+    let data = dir.0.join("data");
+    std::fs::create_dir_all(&data).expect("data dir");
+    let node = Node::start(&data, &["--config", file.to_str().expect("utf-8 path")]);
+    assert!(node.ports.metrics.is_some() && node.ports.resp.is_some(), "{:?}", node.ports.resp);
+
+    let bad = dir.0.join("bad.toml");
+    std::fs::write(&bad, "memory_per_shard = 16\nshard_count = 4\n").expect("write config");
+    let output =
+        Command::new(env!("CARGO_BIN_EXE_kvd")).args(["config", "check"]).arg(&bad).output().expect("kvd");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("unknown key `shard_count`"), "{stderr}");
+    let output =
+        Command::new(env!("CARGO_BIN_EXE_kvd")).args(["config", "check"]).arg(&file).output().expect("kvd");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+}
