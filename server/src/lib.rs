@@ -16,6 +16,7 @@ pub mod meta;
 pub mod metrics;
 pub mod net;
 pub mod node;
+pub mod preflight;
 pub mod resp;
 pub mod shard;
 pub mod storage;

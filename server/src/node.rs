@@ -358,7 +358,13 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
     if args.inflight_max == 0 {
         bail!("--inflight-max must be at least 1");
     }
-    fs::create_dir_all(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+    fs::create_dir_all(&data_dir).with_context(|| {
+        format!(
+            "cannot create the data directory {}: create it and make it writable by this user, or pass \
+             --data-dir a writable path",
+            data_dir.display()
+        )
+    })?;
     // glommio opens directories relative to no descriptor, so paths must be absolute.
     let data_dir =
         fs::canonicalize(&data_dir).with_context(|| format!("resolving {}", data_dir.display()))?;
@@ -366,6 +372,10 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
     let _ = fs::remove_file(data_dir.join(PORTS_FILE));
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let shards_default = std::thread::available_parallelism().map_or(1, |n| n.get()).min(SHARD_COUNT_MAX);
+    raise_file_limit();
+    for warning in crate::preflight::check(&data_dir, args.connections_max)? {
+        eprintln!("kvd: warning: {warning}");
+    }
     let node = meta::load_or_create(&data_dir, args.shards, shards_default)?;
     let clustered = !args.seeds.is_empty()
         || args.cluster_size.is_some()
@@ -373,7 +383,6 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
     check_mode(&data_dir, clustered)?;
     let shard_count = node.shard_count;
     args.shards = Some(shard_count);
-    raise_file_limit();
 
     // Bind everything before any shard starts, so that the ports are known up front.
     let first = reuse_port_listener(args.listen)?;

@@ -29,3 +29,23 @@ fn a_node_starts_from_a_config_file_and_check_names_bad_keys() {
         Command::new(env!("CARGO_BIN_EXE_kvd")).args(["config", "check"]).arg(&file).output().expect("kvd");
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
 }
+
+#[test]
+fn startup_checks_name_the_fix() {
+    let dir = DataDir::new("preflight");
+    let kvd = env!("CARGO_BIN_EXE_kvd");
+    // bash's ulimit lowers the soft and hard limits, so kvd cannot raise them back.
+    let script = format!("ulimit -n 100; exec {kvd} --data-dir {} --listen 127.0.0.1:0", dir.0.display());
+    let output = Command::new("bash").args(["-c", &script]).output().expect("bash");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("open-file limit is 100") && stderr.contains("LimitNOFILE"), "{stderr}");
+
+    let output = Command::new(kvd)
+        .args(["--data-dir", "/proc/kvd-no-such-dir", "--listen", "127.0.0.1:0"])
+        .output()
+        .expect("kvd");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("create it and make it writable"), "{stderr}");
+}
