@@ -49,3 +49,13 @@ fn startup_checks_name_the_fix() {
     assert!(!output.status.success());
     assert!(stderr.contains("create it and make it writable"), "{stderr}");
 }
+
+#[test]
+fn the_example_cluster_configs_check() {
+    for node in 1..=3 {
+        let file = format!("{}/../tuning/examples/node-{node}.toml", env!("CARGO_MANIFEST_DIR"));
+        let output =
+            Command::new(env!("CARGO_BIN_EXE_kvd")).args(["config", "check", &file]).output().expect("kvd");
+        assert!(output.status.success(), "{file}: {}", String::from_utf8_lossy(&output.stderr));
+    }
+}

@@ -16,3 +16,4 @@ mod node;
 mod power_loss;
 mod resp;
 mod table;
+mod tuning;
