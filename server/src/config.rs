@@ -156,6 +156,8 @@ pub fn print(args: &Args) -> String {
     if args.requirepass.is_some() {
         set(&mut table, "requirepass", toml::Value::String("(set)".into()));
     }
+    set(&mut table, "log_format", text(&args.log_format));
+    set(&mut table, "log_level", text(&args.log_level));
     set(&mut table, "resp_consistency", text(&format!("{:?}", args.resp_consistency).to_lowercase()));
     toml::to_string(&table).unwrap_or_default()
 }

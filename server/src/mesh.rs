@@ -126,7 +126,7 @@ impl Mesh {
             let view = view.clone();
             glommio::spawn_local(async move {
                 if mesh.senders.send_to(peer, Message::View(view)).await.is_err() {
-                    eprintln!("kvd: shard mesh: shard {shard} did not take the cluster view");
+                    tracing::warn!("shard mesh: shard {shard} did not take the cluster view");
                 }
             })
             .detach();
@@ -170,7 +170,7 @@ impl Mesh {
                             }
                             Message::View(view) => on_view(view),
                             Message::Introduce { .. } => {
-                                eprintln!("kvd: shard mesh: unexpected second introduction from peer {peer}");
+                                tracing::warn!("shard mesh: unexpected second introduction from peer {peer}");
                             }
                         }
                     }

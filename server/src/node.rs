@@ -118,6 +118,13 @@ pub struct Args {
     /// Consistency of RESP reads and writes in a cluster: one, quorum or all.
     #[arg(long, global = true, default_value = "quorum", value_parser = parse_consistency)]
     pub resp_consistency: crate::cluster::coordinator::Consistency,
+    /// Log format: human or json (one object per line).
+    #[arg(long, global = true, default_value = "human", value_parser = ["human", "json"])]
+    pub log_format: String,
+    /// Log level (error, warn, info, debug, trace, or a filter such as `server=debug`);
+    /// `RUST_LOG` overrides it.
+    #[arg(long, global = true, default_value = "info")]
+    pub log_level: String,
     /// Suspicion level (phi) at which a silent node counts as down.
     #[arg(long, global = true, default_value_t = crate::cluster::failure_detector::PHI_THRESHOLD_DEFAULT)]
     pub phi_threshold: f64,
@@ -316,7 +323,28 @@ fn run_demo_cluster(args: &Args, nodes: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Logs go to stderr through `tracing`: human-readable or JSON lines, at `--log-level` unless
+/// `RUST_LOG` says otherwise. Nothing logs per request at the default level.
+fn init_logging(args: &Args) -> anyhow::Result<()> {
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(filter) => tracing_subscriber::EnvFilter::try_new(filter),
+        Err(_) => tracing_subscriber::EnvFilter::try_new(&args.log_level),
+    }
+    .map_err(|error| anyhow::anyhow!("--log-level or RUST_LOG: {error}"))?;
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(ansi);
+    let installed = if args.log_format == "json" { builder.json().try_init() } else { builder.try_init() };
+    // Already installed (a test calling `run` twice in one process): keep the first.
+    let _ = installed;
+    Ok(())
+}
+
 pub fn run(mut args: Args) -> anyhow::Result<()> {
+    init_logging(&args)?;
     match &args.command {
         Some(Command::Config { action: ConfigAction::Check { file } }) => {
             let settings = crate::config::file_args(file)?;
@@ -374,7 +402,7 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
     let shards_default = std::thread::available_parallelism().map_or(1, |n| n.get()).min(SHARD_COUNT_MAX);
     raise_file_limit();
     for warning in crate::preflight::check(&data_dir, args.connections_max)? {
-        eprintln!("kvd: warning: {warning}");
+        tracing::warn!("{warning}");
     }
     let node = meta::load_or_create(&data_dir, args.shards, shards_default)?;
     let clustered = !args.seeds.is_empty()
@@ -551,8 +579,8 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
         node_id: node.node_id.clone(),
     };
     write_ports(&data_dir, &ports)?;
-    eprintln!(
-        "kvd: node {} serving on {client_address} ({shard_count} shards, shard ports {:?}, fsync {:?}, \
+    tracing::info!(
+        "node {} serving on {client_address} ({shard_count} shards, shard ports {:?}, fsync {:?}, \
          {record_count} log records replayed, data in {})",
         node.node_id,
         hello.shard_ports.iter().map(|p| p.1).collect::<Vec<_>>(),
@@ -581,7 +609,7 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
         // SAFETY: sigwait reads the set and writes the signal number into memory we own.
         let result = unsafe { libc::sigwait(&signals, &mut signal) };
         if result == 0 && (signal == libc::SIGTERM || signal == libc::SIGINT) {
-            eprintln!("kvd: shutting down");
+            tracing::info!("shutting down");
             break;
         }
     }
@@ -592,6 +620,6 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
         }
     }
     let _ = fs::remove_file(data_dir.join(PORTS_FILE));
-    eprintln!("kvd: stopped cleanly");
+    tracing::info!("stopped cleanly");
     Ok(())
 }

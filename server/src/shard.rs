@@ -355,7 +355,7 @@ pub async fn run(launch: ShardLaunch) {
     drop(accept_tasks);
     drop(cluster_tasks);
     if let Err(error) = shard.store.close().await {
-        eprintln!("kvd: shard {index}: closing the log: {error}");
+        tracing::error!(shard = index, "closing the log: {error}");
     }
     if let Some(mesh) = &shard.mesh {
         mesh.close();

@@ -319,7 +319,7 @@ impl Membership {
     fn refresh(&self) {
         if self.formed.borrow().is_none() {
             if let Err(refusal) = self.try_form() {
-                eprintln!("kvd: {refusal}");
+                tracing::error!("{refusal}");
                 std::process::exit(2);
             }
         }
@@ -370,8 +370,8 @@ impl Membership {
         let (members, replica_count, partition_bits) = chosen;
         let formed = formed(members, replica_count, partition_bits).map_err(|error| error.to_string())?;
         save_formed(&self.data_dir, &formed).map_err(|error| format!("saving {CLUSTER_FILE}: {error:#}"))?;
-        eprintln!(
-            "kvd: cluster formed: {} nodes, {} replicas, {} partitions",
+        tracing::info!(
+            "cluster formed: {} nodes, {} replicas, {} partitions",
             formed.members.len(),
             formed.replica_count,
             formed.ring.partition_count()

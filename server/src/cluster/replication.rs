@@ -733,7 +733,7 @@ pub async fn flush_hint_log<S: Storage>(shard: Rc<Shard<S>>) {
             if let Err(error) =
                 glommio::executor().spawn_blocking(move || hint_log::append(path, bytes)).await
             {
-                eprintln!("kvd: shard {}: appending to the hint log: {error}", shard.index);
+                tracing::error!(shard = shard.index, "appending to the hint log: {error}");
             }
         }
         if appended > (1 << 20) && cluster.hints.borrow().pending_count() == 0 {

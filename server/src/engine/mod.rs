@@ -530,7 +530,7 @@ impl<S: Storage> Inner<S> {
     fn count_corruption(&self, error: &TableError) {
         if let TableError::Corrupt { .. } = error {
             self.counters.corruption_count.set(self.counters.corruption_count.get() + 1);
-            eprintln!("kvd: {error}");
+            tracing::error!("{error}");
         }
     }
 
@@ -780,25 +780,25 @@ async fn flusher<S: Storage>(running: Running<S>) {
         match inner.flush_memtable(&memtable).await {
             Ok(()) => {
                 if inner.no_space.replace(false) {
-                    eprintln!("kvd: {}: space available again; accepting writes", inner.dir.display());
+                    tracing::info!("{}: space available again; accepting writes", inner.dir.display());
                 }
                 *inner.immutable.borrow_mut() = None;
                 inner.installed.notify_all();
                 let flushed_seq = inner.manifest.borrow().flushed_seq;
                 if let Err(error) = inner.wal.release_through(flushed_seq).await {
-                    eprintln!("kvd: releasing log segments: {error}");
+                    tracing::error!("releasing log segments: {error}");
                 }
                 inner.maybe_seal_memtable();
             }
             Err(error) if is_no_space(&error) => {
                 if !inner.no_space.replace(true) {
-                    eprintln!("kvd: {error}; refusing writes until there is space");
+                    tracing::warn!("{error}; refusing writes until there is space");
                     inner.installed.notify_all();
                 }
                 glommio::timer::sleep(NO_SPACE_RETRY_INTERVAL).await;
             }
             Err(error) => {
-                eprintln!("kvd: flush failed: {error}; refusing writes until restart");
+                tracing::error!("flush failed: {error}; refusing writes until restart");
                 inner.count_corruption(&error);
                 inner.fail(&error);
                 return;
@@ -832,11 +832,11 @@ async fn compactor<S: Storage>(running: Running<S>) {
                 // Damage in an input: merging it would spread or drop it. Reads of the
                 // damaged block keep failing loudly; compaction waits for an operator.
                 inner.count_corruption(&error);
-                eprintln!("kvd: compaction stopped: {error}");
+                tracing::warn!("compaction stopped: {error}");
                 return;
             }
             Err(error) => {
-                eprintln!("kvd: compaction failed: {error}; refusing writes until restart");
+                tracing::error!("compaction failed: {error}; refusing writes until restart");
                 inner.fail(&error);
                 return;
             }

@@ -32,7 +32,7 @@ pub async fn accept_loop<S: Storage>(listener: TcpListener, shard: Rc<Shard<S>>)
             }
             Err(error) => {
                 // Typically EMFILE: back off instead of spinning on a full descriptor table.
-                eprintln!("kvd: shard {}: accept: {error}", shard.index);
+                tracing::warn!(shard = shard.index, "accept: {error}");
                 glommio::timer::sleep(Duration::from_millis(50)).await;
             }
         }

@@ -487,7 +487,7 @@ impl<S: Storage> Shared<S> {
     }
 
     fn fail(&self, error: WalError) {
-        eprintln!("kvd: shard {}: {error}; refusing writes until restart", self.identity.shard_index);
+        tracing::error!(shard = self.identity.shard_index, "{error}; refusing writes until restart");
         let mut state = self.state.borrow_mut();
         state.failed = Some(error.clone());
         state.pending.payload.clear();
@@ -557,18 +557,18 @@ async fn prepare_segment_when_space<S: Storage>(
         match prepare_segment(&shared.storage, &shared.dir, segment_index).await {
             Ok(file) => {
                 if shared.no_space.replace(false) {
-                    eprintln!(
-                        "kvd: shard {}: space available again; accepting writes",
-                        shared.identity.shard_index
+                    tracing::info!(
+                        shard = shared.identity.shard_index,
+                        "space available again; accepting writes"
                     );
                 }
                 return Ok(file);
             }
             Err(error) if crate::storage::is_no_space(&error) => {
                 if !shared.no_space.replace(true) {
-                    eprintln!(
-                        "kvd: shard {}: no space for the next log segment; refusing writes until there is",
-                        shared.identity.shard_index
+                    tracing::warn!(
+                        shard = shared.identity.shard_index,
+                        "no space for the next log segment; refusing writes until there is"
                     );
                     shared.room.notify_all();
                 }
@@ -740,8 +740,8 @@ async fn replay_segment<S: Storage>(
     } else if damaged && !is_last || later_valid.is_some() {
         // Written under `interval` or `never`: a power loss may lose or reorder unsynced
         // writes, which those policies allow. Keep the valid prefix, drop the rest, say so.
-        eprintln!(
-            "kvd: {}: damaged at offset {bad_offset} in a segment whose writes were acknowledged \
+        tracing::warn!(
+            "{}: damaged at offset {bad_offset} in a segment whose writes were acknowledged \
              before fdatasync; records from there to the end of the segment are dropped",
             path.display()
         );
@@ -757,7 +757,7 @@ async fn replay_segment<S: Storage>(
         file.truncate(offset as u64).await.map_err(io_error)?;
         file.sync_data().await.map_err(io_error)?;
         if torn {
-            eprintln!("kvd: {}: torn tail truncated at offset {offset}", path.display());
+            tracing::info!("{}: torn tail truncated at offset {offset}", path.display());
             report.truncated = Some((path.to_path_buf(), offset as u64));
         }
     }
