@@ -483,6 +483,16 @@ impl Client {
         Ok(shards)
     }
 
+    /// Takes a consistent snapshot of the node into `dir` (absolute, on the node's data
+    /// file system, not existing yet) while it keeps serving.
+    pub async fn snapshot(&self, dir: &str) -> Result<(), Error> {
+        let response = self.call_route(0, Op::Snapshot { dir }).await?;
+        match response.status {
+            Status::OK => Ok(()),
+            _ => Err(status_error(response)),
+        }
+    }
+
     /// The cluster's membership and ring as the node sees it.
     pub async fn topology(&self) -> Result<schema::peer::TopologyData, Error> {
         let response = self.call_route(0, Op::Topology).await?;

@@ -85,6 +85,10 @@ pub enum Op<'a> {
     },
     /// The cluster's membership and ring.
     Topology,
+    /// A consistent snapshot of the node into a directory.
+    Snapshot {
+        dir: &'a str,
+    },
     /// Node to node: merge a key's versions (verified nested `KeyVersions` bytes).
     Replicate {
         key: &'a [u8],
@@ -111,7 +115,7 @@ impl<'a> Op<'a> {
     /// The key the operation addresses; `None` for Hello and Stats.
     pub fn key(&self) -> Option<&'a [u8]> {
         match *self {
-            Op::Hello { .. } | Op::Stats | Op::Topology | Op::Gossip { .. } => None,
+            Op::Hello { .. } | Op::Stats | Op::Topology | Op::Gossip { .. } | Op::Snapshot { .. } => None,
             Op::Put { key, .. }
             | Op::Get { key, .. }
             | Op::Delete { key }
@@ -199,6 +203,10 @@ pub fn parse_request(payload: &[u8]) -> Result<RequestView<'_>, ParseError> {
             }
         }
         wire::Operation::Topology => Op::Topology,
+        wire::Operation::Snapshot => {
+            let snapshot = request.op_as_snapshot().ok_or_else(|| bad("Snapshot without a body".into()))?;
+            Op::Snapshot { dir: snapshot.dir().unwrap_or("") }
+        }
         wire::Operation::Replicate => {
             let replicate =
                 request.op_as_replicate().ok_or_else(|| bad("Replicate without a body".into()))?;

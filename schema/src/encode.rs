@@ -146,6 +146,11 @@ pub fn encode_request(builder: &mut FlatBufferBuilder<'_>, out: &mut Vec<u8>, re
             wire::Operation::Topology,
             wire::Topology::create(builder, &wire::TopologyArgs {}).as_union_value(),
         ),
+        Op::Snapshot { dir } => {
+            let dir = builder.create_string(dir);
+            let args = wire::SnapshotArgs { dir: Some(dir) };
+            (wire::Operation::Snapshot, wire::Snapshot::create(builder, &args).as_union_value())
+        }
         Op::Replicate { key, versions } => {
             let key = builder.create_vector(key);
             let versions = builder.create_vector(versions);

@@ -67,6 +67,10 @@ pub enum Command {
     /// The receiving shard's stats object (a metrics scrape gathers every shard's). Sent to
     /// a shard by index.
     ShardStats,
+    /// Snapshot the receiving shard into `dir` (its own subdirectory is made). By index.
+    SnapshotShard {
+        dir: std::path::PathBuf,
+    },
 }
 
 impl Command {
@@ -79,7 +83,8 @@ impl Command {
             | Op::Topology
             | Op::Gossip { .. }
             | Op::Replicate { .. }
-            | Op::ReadReplica { .. } => return None,
+            | Op::ReadReplica { .. }
+            | Op::Snapshot { .. } => return None,
             Op::Get { key, metadata_only } => Command::Get { key: key.to_vec(), metadata_only },
             Op::Put { key, value, ttl_ms } => {
                 Command::Put { key: key.to_vec(), value: value.to_vec(), ttl_ms }
@@ -105,7 +110,7 @@ impl Command {
             | Command::Read { key, .. }
             | Command::Replicate { key, .. }
             | Command::ReadReplica { key } => key,
-            Command::EntryCount | Command::ShardStats => &[],
+            Command::EntryCount | Command::ShardStats | Command::SnapshotShard { .. } => &[],
         }
     }
 }

@@ -57,6 +57,7 @@ pub fn op_name(command: &Command) -> &'static str {
         Command::ReadReplica { .. } => "read_replica",
         Command::EntryCount => "entry_count",
         Command::ShardStats => "shard_stats",
+        Command::SnapshotShard { .. } => "snapshot",
     }
 }
 

@@ -49,6 +49,8 @@ pub struct Shard<S: Storage> {
     pub stats: ShardStats,
     /// Present when the node is part of a cluster.
     pub cluster: Option<ClusterShard<S>>,
+    /// The node's data directory.
+    pub data_dir: PathBuf,
 }
 
 impl<S: Storage> Shard<S> {
@@ -107,6 +109,54 @@ impl<S: Storage> Shard<S> {
             }
         }
         total
+    }
+
+    /// A consistent snapshot of the whole node into `dir` (see `Engine::snapshot`): every
+    /// shard's tables and manifest in `dir/shard-N`, and the node's identity files.
+    pub async fn snapshot_node(&self, dir: &std::path::Path) -> Result<(), String> {
+        if !dir.is_absolute() {
+            return Err(format!("snapshot directory {} must be an absolute path", dir.display()));
+        }
+        if dir.exists() {
+            return Err(format!("snapshot directory {} exists already", dir.display()));
+        }
+        let data_dir = self.data_dir.clone();
+        std::fs::create_dir_all(dir).map_err(|error| format!("creating {}: {error}", dir.display()))?;
+        for target in 0..self.count {
+            let shard_dir = dir.join(format!("shard-{target}"));
+            let reply = if target == self.index {
+                self.store.apply(Command::SnapshotShard { dir: shard_dir }).await
+            } else {
+                match &self.mesh {
+                    Some(mesh) => mesh
+                        .forward(target, Command::SnapshotShard { dir: shard_dir })
+                        .await
+                        .map_value(Rc::from),
+                    None => Reply::error(Status::INTERNAL, "no mesh"),
+                }
+            };
+            match reply {
+                Reply::Done => {}
+                Reply::Error { message, .. }
+                    if message.contains("Invalid cross-device link") || message.contains("os error 18") =>
+                {
+                    return Err(format!(
+                        "{}: the snapshot directory must be on the data directory's file system (hard links)",
+                        dir.display()
+                    ));
+                }
+                Reply::Error { message, .. } => return Err(message),
+                other => return Err(format!("unexpected reply {other:?}")),
+            }
+        }
+        for name in [crate::meta::NODE_FILE, "MODE", crate::cluster::membership::CLUSTER_FILE] {
+            let source = data_dir.join(name);
+            if source.exists() {
+                std::fs::copy(&source, dir.join(name)).map_err(|error| format!("copying {name}: {error}"))?;
+            }
+        }
+        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|error| error.to_string())?;
+        Ok(())
     }
 
     /// Runs `command`, whose key this shard owns: on the store, or as the key's
@@ -266,6 +316,7 @@ pub async fn run(launch: ShardLaunch) {
         large_buffer_budget: Rc::new(glommio::sync::Semaphore::new(large_buffers_size_max as u64)),
         stats: ShardStats::default(),
         cluster: cluster_shard,
+        data_dir: data_dir.clone(),
     });
     let mesh_task = match (mesh, receivers) {
         (Some(mesh), Some(receivers)) => {

@@ -98,6 +98,12 @@ impl<S: Storage> Store<S> {
             }
             Command::Update { key, update } => self.update(&key, &update).await,
             Command::ShardStats => Reply::error(Status::INTERNAL, "stats are the shard's, not the store's"),
+            Command::SnapshotShard { dir } => match self.engine.snapshot(&dir).await {
+                Ok(_) => Reply::Done,
+                Err(error) => {
+                    Reply::error(Status::INTERNAL, format!("snapshot into {}: {error}", dir.display()))
+                }
+            },
             Command::EntryCount => {
                 Reply::Updated(update::Answer::Integer(self.engine.entry_count_estimate() as i64))
             }

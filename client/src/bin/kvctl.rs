@@ -76,6 +76,9 @@ enum Command {
     Ring,
     /// Print every sibling of KEY and its causal context (hex), one line each.
     Versions { key: String },
+    /// Take a consistent snapshot of the node into DIR (absolute, on the node's data file
+    /// system, not existing yet) while it keeps serving. Restore: start kvd on a copy of DIR.
+    Snapshot { dir: String },
 }
 
 fn parse_consistency(text: &str) -> Result<Consistency, String> {
@@ -314,6 +317,10 @@ async fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 println!("largest share / smallest share: {:.3}", max / min);
             }
             Ok(Outcome::Success)
+        }
+        Command::Snapshot { dir } => {
+            client.snapshot(&dir).await?;
+            Ok(success(json))
         }
         Command::Versions { key } => {
             let versioned = client.get_versions(key.as_bytes()).await?;

@@ -331,10 +331,10 @@ impl ::flatbuffers::SimpleToVerifyInSlice for ShardFunction {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_OPERATION: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_OPERATION: u8 = 10;
+pub const ENUM_MAX_OPERATION: u8 = 11;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_OPERATION: [Operation; 11] = [
+pub const ENUM_VALUES_OPERATION: [Operation; 12] = [
   Operation::NONE,
   Operation::Hello,
   Operation::Put,
@@ -346,6 +346,7 @@ pub const ENUM_VALUES_OPERATION: [Operation; 11] = [
   Operation::Replicate,
   Operation::ReadReplica,
   Operation::Gossip,
+  Operation::Snapshot,
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -364,9 +365,10 @@ impl Operation {
   pub const Replicate: Self = Self(8);
   pub const ReadReplica: Self = Self(9);
   pub const Gossip: Self = Self(10);
+  pub const Snapshot: Self = Self(11);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 10;
+  pub const ENUM_MAX: u8 = 11;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::NONE,
     Self::Hello,
@@ -379,6 +381,7 @@ impl Operation {
     Self::Replicate,
     Self::ReadReplica,
     Self::Gossip,
+    Self::Snapshot,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -394,6 +397,7 @@ impl Operation {
       Self::Replicate => Some("Replicate"),
       Self::ReadReplica => Some("ReadReplica"),
       Self::Gossip => Some("Gossip"),
+      Self::Snapshot => Some("Snapshot"),
       _ => None,
     }
   }
@@ -1864,6 +1868,104 @@ impl ::core::fmt::Debug for Gossip<'_> {
       ds.finish()
   }
 }
+pub enum SnapshotOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Takes a consistent snapshot of the node into `dir` (an absolute path on the data
+/// directory's file system, which must not exist yet) while it keeps serving.
+pub struct Snapshot<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for Snapshot<'a> {
+  type Inner = Snapshot<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> Snapshot<'a> {
+  pub const VT_DIR: ::flatbuffers::VOffsetT = 4;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    Snapshot { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args SnapshotArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<Snapshot<'bldr>> {
+    let mut builder = SnapshotBuilder::new(_fbb);
+    if let Some(x) = args.dir { builder.add_dir(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn dir(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(Snapshot::VT_DIR, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for Snapshot<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("dir", Self::VT_DIR, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct SnapshotArgs<'a> {
+    pub dir: Option<::flatbuffers::WIPOffset<&'a str>>,
+}
+impl<'a> Default for SnapshotArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    SnapshotArgs {
+      dir: None,
+    }
+  }
+}
+
+pub struct SnapshotBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> SnapshotBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_dir(&mut self, dir: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Snapshot::VT_DIR, dir);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> SnapshotBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    SnapshotBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<Snapshot<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for Snapshot<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("Snapshot");
+      ds.field("dir", &self.dir());
+      ds.finish()
+  }
+}
 pub enum RequestOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
@@ -2114,6 +2216,21 @@ impl<'a> Request<'a> {
     }
   }
 
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn op_as_snapshot(&self) -> Option<Snapshot<'a>> {
+    if self.op_type() == Operation::Snapshot {
+      self.op().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { Snapshot::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
 }
 
 impl ::flatbuffers::Verifiable for Request<'_> {
@@ -2139,6 +2256,7 @@ impl ::flatbuffers::Verifiable for Request<'_> {
           Operation::Replicate => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Replicate>>("Operation::Replicate", pos),
           Operation::ReadReplica => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<ReadReplica>>("Operation::ReadReplica", pos),
           Operation::Gossip => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Gossip>>("Operation::Gossip", pos),
+          Operation::Snapshot => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Snapshot>>("Operation::Snapshot", pos),
           _ => Ok(()),
         }
      })?
@@ -2293,6 +2411,13 @@ impl ::core::fmt::Debug for Request<'_> {
         },
         Operation::Gossip => {
           if let Some(x) = self.op_as_gossip() {
+            ds.field("op", &x)
+          } else {
+            ds.field("op", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Operation::Snapshot => {
+          if let Some(x) = self.op_as_snapshot() {
             ds.field("op", &x)
           } else {
             ds.field("op", &"InvalidFlatbuffer: Union discriminant does not match value.")

@@ -379,6 +379,36 @@ impl<S: Storage> Engine<S> {
         Ok(seq)
     }
 
+    /// A consistent copy of this shard in `dest` (same file system) while it keeps serving:
+    /// flushes every acknowledged write into tables, then, holding the manifest so that no
+    /// flush or compaction changes the table set meanwhile, hard-links the (immutable) tables
+    /// the manifest names and writes that manifest and the counter lease beside them. A node
+    /// started on the copy has every write acknowledged before the call. Returns the log
+    /// position the copy holds everything up to.
+    pub async fn snapshot(&self, dest: &Path) -> Result<u64, WalError> {
+        // Everything acknowledged so far, not "everything": under load the memtable never
+        // empties.
+        self.flush_through(self.inner.wal.acked_seq()).await?;
+        let io_error =
+            |error: std::io::Error| WalError::Io { path: dest.to_path_buf(), message: error.to_string() };
+        let _permit = self.inner.manifest_lock.acquire_permit(1).await;
+        let manifest = self.inner.manifest.borrow().clone();
+        std::fs::create_dir_all(dest).map_err(io_error)?;
+        for &id in &manifest.table_ids {
+            let name = manifest::table_file_name(id);
+            std::fs::hard_link(self.inner.dir.join(&name), dest.join(&name)).map_err(io_error)?;
+        }
+        let lease = self.inner.dir.join(crate::cluster::lease::LEASE_FILE);
+        if lease.exists() {
+            std::fs::copy(&lease, dest.join(crate::cluster::lease::LEASE_FILE)).map_err(io_error)?;
+        }
+        let mut file = std::fs::File::create(dest.join(manifest::MANIFEST_FILE)).map_err(io_error)?;
+        std::io::Write::write_all(&mut file, &manifest::encode(&manifest)).map_err(io_error)?;
+        file.sync_all().map_err(io_error)?;
+        std::fs::File::open(dest).and_then(|dir| dir.sync_all()).map_err(io_error)?;
+        Ok(manifest.flushed_seq)
+    }
+
     /// Flushes everything in the memtables to tables, and waits until it is installed.
     pub async fn flush(&self) -> Result<(), WalError> {
         loop {
@@ -388,6 +418,22 @@ impl<S: Storage> Engine<S> {
                 if self.inner.active.borrow().is_empty() {
                     return Ok(());
                 }
+                self.inner.seal_memtable();
+            }
+            listener.await;
+        }
+    }
+
+    /// Waits until every write up to `seq` is in the tables (the manifest says so), sealing
+    /// the active memtable when no flush is under way.
+    pub async fn flush_through(&self, seq: u64) -> Result<(), WalError> {
+        loop {
+            let listener = self.inner.installed.listen();
+            self.inner.check_failed()?;
+            if self.inner.manifest.borrow().flushed_seq >= seq {
+                return Ok(());
+            }
+            if self.inner.immutable.borrow().is_none() && !self.inner.active.borrow().is_empty() {
                 self.inner.seal_memtable();
             }
             listener.await;

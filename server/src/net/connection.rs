@@ -202,6 +202,22 @@ fn dispatch<S: Storage>(payload: &[u8], permit: StaticPermit, outbox: &Rc<Outbox
         0 => shard.limits.request_timeout_default,
         ms => Duration::from_millis(u64::from(ms)).min(shard.limits.request_timeout_max),
     };
+    if let Op::Snapshot { dir } = op {
+        let dir = std::path::PathBuf::from(dir);
+        let shard = shard.clone();
+        let outbox = outbox.clone();
+        outbox.running_count.set(outbox.running_count.get() + 1);
+        glommio::spawn_local(async move {
+            let body = match shard.snapshot_node(&dir).await {
+                Ok(()) => Body::Status(Status::OK, String::new()),
+                Err(message) => Body::Status(Status::INTERNAL, message),
+            };
+            outbox.running_count.set(outbox.running_count.get() - 1);
+            outbox.push(Outgoing { id, body, _permit: Some(permit) });
+        })
+        .detach();
+        return;
+    }
     let command = match shard.cluster.as_ref() {
         Some(cluster) => cluster_command(shard, cluster, &request, timeout),
         None => Command::from_op(&op).ok_or_else(|| match op {
@@ -288,6 +304,9 @@ fn cluster_command<S: Storage>(
         }
         Op::Hello { .. } => return Err(Body::Hello),
         Op::Stats => return Err(Body::Stats(shard.stats_json())),
+        Op::Snapshot { .. } => {
+            return Err(Body::Status(Status::INTERNAL, "snapshot is handled before".into()))
+        }
         Op::Topology => {
             let view = match cluster.membership.borrow().as_ref() {
                 Some(membership) => membership.view_with_load(),

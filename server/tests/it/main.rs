@@ -15,5 +15,6 @@ mod no_space;
 mod node;
 mod power_loss;
 mod resp;
+mod snapshot;
 mod table;
 mod tuning;
