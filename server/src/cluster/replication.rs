@@ -342,6 +342,16 @@ fn wire_consistency(consistency: Consistency) -> schema::Consistency {
     }
 }
 
+/// `UNAVAILABLE` before anything was sent: fewer replicas up than the consistency needs.
+fn too_few_replicas<S: Storage>(
+    cluster: &ClusterShard<S>,
+    replica_count: usize,
+    too_few: super::coordinator::Unavailable,
+) -> LocalReply {
+    let message = format!("{} of {replica_count} replicas are up; {} needed", too_few.live, too_few.required);
+    unavailable(cluster, message)
+}
+
 fn unavailable<S: Storage>(cluster: &ClusterShard<S>, message: String) -> LocalReply {
     cluster.stats.unavailable_count.set(cluster.stats.unavailable_count.get() + 1);
     Reply::error(Status::UNAVAILABLE, message)
@@ -434,17 +444,7 @@ pub async fn coordinate_write<S: Storage>(
     let (mut round, plan) =
         match WriteRound::start(&replicas, |n| view.is_live(n), consistency, 0, timeout_us) {
             Ok(started) => started,
-            Err(too_few) => {
-                return unavailable(
-                    cluster,
-                    format!(
-                        "{} of {} replicas are up; {} needed",
-                        too_few.live,
-                        replicas.len(),
-                        too_few.required
-                    ),
-                )
-            }
+            Err(too_few) => return too_few_replicas(cluster, replicas.len(), too_few),
         };
     // A counter never used before, then the local read-modify-write with no await between.
     let floor = match cluster.lease.next().await {
@@ -465,7 +465,8 @@ pub async fn coordinate_write<S: Storage>(
         .await;
     let (bytes, seq) = match updated {
         Ok((Some(bytes), seq)) => (Rc::<[u8]>::from(bytes), seq),
-        Ok((None, _)) => unreachable!("a coordinator's write always changes the key"),
+        // A coordinator's write always changes the key; answer rather than abort if not.
+        Ok((None, _)) => return Reply::error(Status::INTERNAL, "the write changed nothing"),
         Err(reply) => return reply,
     };
     let (sender, mut acks) = mpsc::unbounded::<(NodeId, Ack)>();
@@ -581,17 +582,7 @@ pub async fn coordinate_read<S: Storage>(
     let (round, plan) =
         match ReadRound::<Value>::start(&replicas, |n| view.is_live(n), consistency, 0, timeout_us) {
             Ok(started) => started,
-            Err(too_few) => {
-                return unavailable(
-                    cluster,
-                    format!(
-                        "{} of {} replicas are up; {} needed",
-                        too_few.live,
-                        replicas.len(),
-                        too_few.required
-                    ),
-                )
-            }
+            Err(too_few) => return too_few_replicas(cluster, replicas.len(), too_few),
         };
     let (sender, replies) = mpsc::unbounded::<(NodeId, Option<Versions<Value>>)>();
     for &node in &plan.send_to {
@@ -757,7 +748,12 @@ pub async fn replay_hints<S: Storage>(shard: Rc<Shard<S>>) {
             let batch = cluster.hints.borrow_mut().replay(target);
             for hint in batch {
                 let (key, bytes) = &hint.write;
-                let Some(address) = view.replica_address(target, key) else { continue };
+                let Some(address) = view.replica_address(target, key) else {
+                    // No address known yet: send the batch again later rather than leave it
+                    // marked in flight for good.
+                    cluster.hints.borrow_mut().replay_failed(target);
+                    break;
+                };
                 let op = Op::Replicate { key, versions: bytes };
                 let timeout = Duration::from_secs(2);
                 let request =
