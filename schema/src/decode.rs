@@ -102,6 +102,14 @@ pub enum Op<'a> {
     Gossip {
         message: &'a [u8],
     },
+    /// Node to node: one message of a key's Paxos. `proposal`: verified nested
+    /// `KeyVersions` bytes (empty for PREPARE).
+    Paxos {
+        key: &'a [u8],
+        phase: crate::wire::PaxosPhase,
+        ballot: crate::peer::Ballot,
+        proposal: &'a [u8],
+    },
     /// `expected: None` means "the key must be absent".
     Cas {
         key: &'a [u8],
@@ -121,7 +129,8 @@ impl<'a> Op<'a> {
             | Op::Delete { key }
             | Op::Cas { key, .. }
             | Op::Replicate { key, .. }
-            | Op::ReadReplica { key } => Some(key),
+            | Op::ReadReplica { key }
+            | Op::Paxos { key, .. } => Some(key),
         }
     }
 }
@@ -218,6 +227,22 @@ pub fn parse_request(payload: &[u8]) -> Result<RequestView<'_>, ParseError> {
             let read =
                 request.op_as_read_replica().ok_or_else(|| bad("ReadReplica without a body".into()))?;
             Op::ReadReplica { key: check_key(id, read.key())? }
+        }
+        wire::Operation::Paxos => {
+            let paxos = request.op_as_paxos().ok_or_else(|| bad("Paxos without a body".into()))?;
+            let phase = paxos.phase();
+            if phase.variant_name().is_none() {
+                return Err(bad(format!("unknown Paxos phase {}", phase.0)));
+            }
+            let ballot = paxos.ballot().map(crate::peer::Ballot::from_wire).unwrap_or_default();
+            let proposal = paxos.proposal().map(|v| v.bytes()).unwrap_or(&[]);
+            if phase != wire::PaxosPhase::PREPARE {
+                let decoded = crate::peer::decode_key_versions(proposal).map_err(bad)?;
+                if decoded.acceptor != crate::peer::AcceptorData::default() {
+                    return Err(bad("a Paxos proposal carries no acceptor state".into()));
+                }
+            }
+            Op::Paxos { key: check_key(id, paxos.key())?, phase, ballot, proposal }
         }
         wire::Operation::Gossip => {
             let gossip = request.op_as_gossip().ok_or_else(|| bad("Gossip without a body".into()))?;

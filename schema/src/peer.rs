@@ -28,12 +28,42 @@ pub struct StoredSibling {
     pub blind: bool,
 }
 
+/// A Paxos ballot. Ordered by time, then actor, then counter; zero (the default) is below
+/// every ballot a proposer uses.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Ballot {
+    pub time_us: u64,
+    pub actor: u32,
+    pub counter: u64,
+}
+
+impl Ballot {
+    pub fn from_wire(ballot: &wire::Ballot) -> Ballot {
+        Ballot { time_us: ballot.time_us(), actor: ballot.actor(), counter: ballot.counter() }
+    }
+
+    pub fn to_wire(self) -> wire::Ballot {
+        wire::Ballot::new(self.time_us, self.counter, self.actor)
+    }
+}
+
+/// A key's Paxos acceptor state, stored with its versions.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AcceptorData {
+    pub promised: Ballot,
+    /// The accepted proposal not known to be committed, and its ballot.
+    pub accepted: Option<(Ballot, Box<KeyVersionsData>)>,
+    pub committed: Ballot,
+}
+
 /// Everything one replica holds of one key.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct KeyVersionsData {
     /// Sorted by actor, counters above zero.
     pub clock: Vec<(u32, u64)>,
     pub siblings: Vec<StoredSibling>,
+    /// Only in a stored record (and a replica's answer to Paxos); default elsewhere.
+    pub acceptor: AcceptorData,
 }
 
 fn options() -> flatbuffers::VerifierOptions {
@@ -71,9 +101,23 @@ pub fn encode_key_versions(versions: &KeyVersionsData) -> Vec<u8> {
     let clock: Vec<_> =
         versions.clock.iter().map(|&(actor, counter)| wire::ClockEntry::new(actor, counter)).collect();
     let clock = builder.create_vector(&clock);
+    let acceptor = &versions.acceptor;
+    let has_state = *acceptor != AcceptorData::default();
+    let promised = acceptor.promised.to_wire();
+    let committed = acceptor.committed.to_wire();
+    let accepted = acceptor.accepted.as_ref().map(|(ballot, _)| ballot.to_wire());
+    let accepted_proposal =
+        acceptor.accepted.as_ref().map(|(_, proposal)| builder.create_vector(&encode_key_versions(proposal)));
     let root = wire::KeyVersions::create(
         &mut builder,
-        &wire::KeyVersionsArgs { clock: Some(clock), siblings: Some(siblings) },
+        &wire::KeyVersionsArgs {
+            clock: Some(clock),
+            siblings: Some(siblings),
+            promised: has_state.then_some(&promised),
+            accepted: accepted.as_ref(),
+            accepted_proposal,
+            committed: has_state.then_some(&committed),
+        },
     );
     builder.finish_minimal(root);
     builder.finished_data().to_vec()
@@ -81,6 +125,12 @@ pub fn encode_key_versions(versions: &KeyVersionsData) -> Vec<u8> {
 
 /// Verifies and copies out a key's versions; checks order, counts and sizes.
 pub fn decode_key_versions(bytes: &[u8]) -> Result<KeyVersionsData, String> {
+    decode_versions(bytes, true)
+}
+
+/// `may_hold_acceptor` is false for a proposal inside a record, which may not hold acceptor
+/// state of its own (so decoding never recurses twice).
+fn decode_versions(bytes: &[u8], may_hold_acceptor: bool) -> Result<KeyVersionsData, String> {
     if bytes.len() > crate::STORED_VALUE_SIZE_MAX {
         return Err(format!("versions of {} bytes exceed the stored-value limit", bytes.len()));
     }
@@ -119,7 +169,26 @@ pub fn decode_key_versions(bytes: &[u8]) -> Result<KeyVersionsData, String> {
             blind: sibling.blind(),
         });
     }
-    Ok(KeyVersionsData { clock, siblings: out })
+    let has_acceptor = root.promised().is_some()
+        || root.accepted().is_some()
+        || root.accepted_proposal().is_some()
+        || root.committed().is_some();
+    if has_acceptor && !may_hold_acceptor {
+        return Err("a proposal with acceptor state of its own".into());
+    }
+    let accepted = match (root.accepted(), root.accepted_proposal()) {
+        (None, None) => None,
+        (Some(ballot), Some(proposal)) => {
+            Some((Ballot::from_wire(ballot), Box::new(decode_versions(proposal.bytes(), false)?)))
+        }
+        _ => return Err("an accepted ballot without its proposal, or the reverse".into()),
+    };
+    let acceptor = AcceptorData {
+        promised: root.promised().map(Ballot::from_wire).unwrap_or_default(),
+        accepted,
+        committed: root.committed().map(Ballot::from_wire).unwrap_or_default(),
+    };
+    Ok(KeyVersionsData { clock, siblings: out, acceptor })
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -434,9 +503,28 @@ mod tests {
                     blind: true,
                 },
             ],
+            acceptor: AcceptorData::default(),
         };
-        assert_eq!(decode_key_versions(&encode_key_versions(&versions)), Ok(versions));
-        let disordered = KeyVersionsData { clock: vec![(7, 2), (1, 5)], siblings: Vec::new() };
+        assert_eq!(decode_key_versions(&encode_key_versions(&versions)), Ok(versions.clone()));
+        // A stored record: the acceptor state round-trips too, and a proposal may not nest
+        // acceptor state of its own.
+        let ballot = |time_us| Ballot { time_us, actor: 3, counter: 1 };
+        let record = KeyVersionsData {
+            acceptor: AcceptorData {
+                promised: ballot(9),
+                accepted: Some((ballot(8), Box::new(versions.clone()))),
+                committed: ballot(7),
+            },
+            ..versions.clone()
+        };
+        assert_eq!(decode_key_versions(&encode_key_versions(&record)), Ok(record.clone()));
+        let nested = KeyVersionsData {
+            acceptor: AcceptorData { accepted: Some((ballot(10), Box::new(record))), ..Default::default() },
+            ..versions
+        };
+        assert!(decode_key_versions(&encode_key_versions(&nested)).is_err());
+        let disordered =
+            KeyVersionsData { clock: vec![(7, 2), (1, 5)], siblings: Vec::new(), ..Default::default() };
         assert!(decode_key_versions(&encode_key_versions(&disordered)).is_err());
         assert!(decode_key_versions(b"\x01\x02").is_err());
     }

@@ -52,6 +52,21 @@ pub enum Command {
         consistency: Consistency,
         timeout_ms: u64,
     },
+    /// Cluster: a linearizable operation through the key's Paxos (CAS, an atomic update, a
+    /// SERIAL read); `commit` is how many replicas must hold a write before the answer.
+    Serial {
+        key: Vec<u8>,
+        op: crate::cluster::serial::SerialOp,
+        commit: Consistency,
+        timeout_ms: u64,
+    },
+    /// Cluster, node to node: one Paxos message for a key (`proposal`: encoded versions).
+    Paxos {
+        key: Vec<u8>,
+        phase: schema::wire::PaxosPhase,
+        ballot: crate::cluster::paxos::Ballot,
+        proposal: Vec<u8>,
+    },
     /// Cluster, node to node: merge encoded versions into this replica's.
     Replicate {
         key: Vec<u8>,
@@ -84,6 +99,7 @@ impl Command {
             | Op::Gossip { .. }
             | Op::Replicate { .. }
             | Op::ReadReplica { .. }
+            | Op::Paxos { .. }
             | Op::Snapshot { .. } => return None,
             Op::Get { key, metadata_only } => Command::Get { key: key.to_vec(), metadata_only },
             Op::Put { key, value, ttl_ms } => {
@@ -108,6 +124,8 @@ impl Command {
             | Command::Update { key, .. }
             | Command::Write { key, .. }
             | Command::Read { key, .. }
+            | Command::Serial { key, .. }
+            | Command::Paxos { key, .. }
             | Command::Replicate { key, .. }
             | Command::ReadReplica { key } => key,
             Command::EntryCount | Command::ShardStats | Command::SnapshotShard { .. } => &[],

@@ -11,6 +11,7 @@ pub mod config;
 pub mod engine;
 pub mod event;
 pub mod le;
+pub mod linearizability;
 pub mod mesh;
 pub mod meta;
 pub mod metrics;

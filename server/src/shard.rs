@@ -171,12 +171,19 @@ impl<S: Storage> Shard<S> {
                 let timeout = Duration::from_millis(timeout_ms);
                 replication::coordinate_read(self, key, metadata_only, consistency, timeout).await
             }
+            Command::Serial { key, op, commit, timeout_ms } => {
+                let timeout = Duration::from_millis(timeout_ms);
+                crate::cluster::serial::coordinate(self, key, op, commit, timeout).await
+            }
+            Command::Paxos { key, phase, ballot, proposal } => {
+                crate::cluster::serial::accept(self, &key, phase, ballot, &proposal).await
+            }
             Command::Replicate { key, versions } => replication::replicate(self, &key, &versions).await,
             Command::ReadReplica { key } => replication::read_replica(self, &key).await,
             Command::ShardStats => Reply::Stats(self.stats_json()),
-            // A cluster's keys change only through the coordinator.
+            // A cluster's keys change only through a coordinator (`Serial` for these).
             Command::Update { .. } | Command::Cas { .. } if self.cluster.is_some() => {
-                Reply::error(Status::UNSUPPORTED, "atomic read-modify-write needs consensus in a cluster")
+                Reply::error(Status::INTERNAL, "a standalone update reached a cluster node")
             }
             command => self.store.apply(command).await,
         }

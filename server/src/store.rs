@@ -109,6 +109,8 @@ impl<S: Storage> Store<S> {
             }
             Command::Write { .. }
             | Command::Read { .. }
+            | Command::Serial { .. }
+            | Command::Paxos { .. }
             | Command::Replicate { .. }
             | Command::ReadReplica { .. } => {
                 Reply::error(Status::INTERNAL, "a cluster operation reached the store")

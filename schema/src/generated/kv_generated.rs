@@ -33,7 +33,9 @@ impl Consistency {
   pub const ONE: Self = Self(0);
   pub const QUORUM: Self = Self(1);
   pub const ALL: Self = Self(2);
-  /// Reserved for linearizable CAS and reads that must see the latest CAS.
+  /// Linearizable: a read that sees every CAS completed before it (per-key Paxos). CAS
+  /// itself is always serial; its consistency level says how many replicas must have the
+  /// committed value before it is acknowledged (ONE: none beyond the chosen value).
   pub const SERIAL: Self = Self(3);
 
   pub const ENUM_MIN: u8 = 0;
@@ -151,8 +153,8 @@ impl Status {
   /// The node's disk is full: writes are refused, reads still served; writes are accepted
   /// again by themselves once space is freed. Retry later.
   pub const NO_SPACE: Self = Self(13);
-  /// The operation is not offered in this configuration (CAS in a cluster, until
-  /// linearizable CAS lands).
+  /// The operation is not offered in this configuration (for example SERIAL on a
+  /// standalone node's node-to-node operations).
   pub const UNSUPPORTED: Self = Self(14);
 
   pub const ENUM_MIN: u16 = 0;
@@ -329,12 +331,100 @@ impl<'a> ::flatbuffers::Verifiable for ShardFunction {
 
 impl ::flatbuffers::SimpleToVerifyInSlice for ShardFunction {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MIN_OPERATION: u8 = 0;
+pub const ENUM_MIN_PAXOS_PHASE: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_OPERATION: u8 = 11;
+pub const ENUM_MAX_PAXOS_PHASE: u8 = 2;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_OPERATION: [Operation; 12] = [
+pub const ENUM_VALUES_PAXOS_PHASE: [PaxosPhase; 3] = [
+  PaxosPhase::PREPARE,
+  PaxosPhase::PROPOSE,
+  PaxosPhase::COMMIT,
+];
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[repr(transparent)]
+pub struct PaxosPhase(pub u8);
+#[allow(non_upper_case_globals)]
+impl PaxosPhase {
+  pub const PREPARE: Self = Self(0);
+  pub const PROPOSE: Self = Self(1);
+  pub const COMMIT: Self = Self(2);
+
+  pub const ENUM_MIN: u8 = 0;
+  pub const ENUM_MAX: u8 = 2;
+  pub const ENUM_VALUES: &'static [Self] = &[
+    Self::PREPARE,
+    Self::PROPOSE,
+    Self::COMMIT,
+  ];
+  /// Returns the variant's name or "" if unknown.
+  pub fn variant_name(self) -> Option<&'static str> {
+    match self {
+      Self::PREPARE => Some("PREPARE"),
+      Self::PROPOSE => Some("PROPOSE"),
+      Self::COMMIT => Some("COMMIT"),
+      _ => None,
+    }
+  }
+}
+impl ::core::fmt::Debug for PaxosPhase {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter) -> ::core::fmt::Result {
+    if let Some(name) = self.variant_name() {
+      f.write_str(name)
+    } else {
+      f.write_fmt(format_args!("<UNKNOWN {:?}>", self.0))
+    }
+  }
+}
+impl<'a> ::flatbuffers::Follow<'a> for PaxosPhase {
+  type Inner = Self;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    let b = unsafe { ::flatbuffers::read_scalar_at::<u8>(buf, loc) };
+    Self(b)
+  }
+}
+
+impl ::flatbuffers::Push for PaxosPhase {
+    type Output = PaxosPhase;
+    #[inline]
+    unsafe fn push(&self, dst: &mut [u8], _written_len: usize) {
+        unsafe { ::flatbuffers::emplace_scalar::<u8>(dst, self.0) };
+    }
+}
+
+impl ::flatbuffers::EndianScalar for PaxosPhase {
+  type Scalar = u8;
+  #[inline]
+  fn to_little_endian(self) -> u8 {
+    self.0.to_le()
+  }
+  #[inline]
+  #[allow(clippy::wrong_self_convention)]
+  fn from_little_endian(v: u8) -> Self {
+    let b = u8::from_le(v);
+    Self(b)
+  }
+}
+
+impl<'a> ::flatbuffers::Verifiable for PaxosPhase {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    u8::run_verifier(v, pos)
+  }
+}
+
+impl ::flatbuffers::SimpleToVerifyInSlice for PaxosPhase {}
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+pub const ENUM_MIN_OPERATION: u8 = 0;
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+pub const ENUM_MAX_OPERATION: u8 = 12;
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+#[allow(non_camel_case_types)]
+pub const ENUM_VALUES_OPERATION: [Operation; 13] = [
   Operation::NONE,
   Operation::Hello,
   Operation::Put,
@@ -347,6 +437,7 @@ pub const ENUM_VALUES_OPERATION: [Operation; 12] = [
   Operation::ReadReplica,
   Operation::Gossip,
   Operation::Snapshot,
+  Operation::Paxos,
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -366,9 +457,10 @@ impl Operation {
   pub const ReadReplica: Self = Self(9);
   pub const Gossip: Self = Self(10);
   pub const Snapshot: Self = Self(11);
+  pub const Paxos: Self = Self(12);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 11;
+  pub const ENUM_MAX: u8 = 12;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::NONE,
     Self::Hello,
@@ -382,6 +474,7 @@ impl Operation {
     Self::ReadReplica,
     Self::Gossip,
     Self::Snapshot,
+    Self::Paxos,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -398,6 +491,7 @@ impl Operation {
       Self::ReadReplica => Some("ReadReplica"),
       Self::Gossip => Some("Gossip"),
       Self::Snapshot => Some("Snapshot"),
+      Self::Paxos => Some("Paxos"),
       _ => None,
     }
   }
@@ -752,6 +846,167 @@ impl<'a> ClockEntry {
         &x_le as *const _ as *const u8,
         self.0[8..].as_mut_ptr(),
         ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+}
+
+/// A Paxos ballot: ordered by time, then actor, then counter; (actor, counter) is never
+/// reused, so two proposers never share a ballot.
+// struct Ballot, aligned to 8
+#[repr(transparent)]
+#[derive(Clone, Copy, PartialEq)]
+pub struct Ballot(pub [u8; 24]);
+impl Default for Ballot { 
+  fn default() -> Self { 
+    Self([0; 24])
+  }
+}
+impl ::core::fmt::Debug for Ballot {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter) -> ::core::fmt::Result {
+    f.debug_struct("Ballot")
+      .field("time_us", &self.time_us())
+      .field("counter", &self.counter())
+      .field("actor", &self.actor())
+      .finish()
+  }
+}
+
+impl ::flatbuffers::SimpleToVerifyInSlice for Ballot {}
+impl<'a> ::flatbuffers::Follow<'a> for Ballot {
+  type Inner = &'a Ballot;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    unsafe { <&'a Ballot>::follow(buf, loc) }
+  }
+}
+impl<'a> ::flatbuffers::Follow<'a> for &'a Ballot {
+  type Inner = &'a Ballot;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    unsafe { ::flatbuffers::follow_cast_ref::<Ballot>(buf, loc) }
+  }
+}
+impl<'b> ::flatbuffers::Push for Ballot {
+    type Output = Ballot;
+    #[inline]
+    unsafe fn push(&self, dst: &mut [u8], _written_len: usize) {
+        let src = unsafe { ::core::slice::from_raw_parts(self as *const Ballot as *const u8, <Self as ::flatbuffers::Push>::size()) };
+        dst.copy_from_slice(src);
+    }
+    #[inline]
+    fn alignment() -> ::flatbuffers::PushAlignment {
+        ::flatbuffers::PushAlignment::new(8)
+    }
+}
+
+impl<'a> ::flatbuffers::Verifiable for Ballot {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.in_buffer::<Self>(pos)
+  }
+}
+
+impl<'a> Ballot {
+  #[allow(clippy::too_many_arguments)]
+  pub fn new(
+    time_us: u64,
+    counter: u64,
+    actor: u32,
+  ) -> Self {
+    let mut s = Self([0; 24]);
+    s.set_time_us(time_us);
+    s.set_counter(counter);
+    s.set_actor(actor);
+    s
+  }
+
+  pub fn time_us(&self) -> u64 {
+    let mut mem = ::core::mem::MaybeUninit::<<u64 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[0..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_time_us(&mut self, x: u64) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[0..].as_mut_ptr(),
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+  pub fn counter(&self) -> u64 {
+    let mut mem = ::core::mem::MaybeUninit::<<u64 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[8..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_counter(&mut self, x: u64) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[8..].as_mut_ptr(),
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+  pub fn actor(&self) -> u32 {
+    let mut mem = ::core::mem::MaybeUninit::<<u32 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[16..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u32 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_actor(&mut self, x: u32) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[16..].as_mut_ptr(),
+        ::core::mem::size_of::<<u32 as ::flatbuffers::EndianScalar>::Scalar>(),
       );
     }
   }
@@ -1966,6 +2221,167 @@ impl ::core::fmt::Debug for Snapshot<'_> {
       ds.finish()
   }
 }
+pub enum PaxosOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// One message of the per-key Paxos that makes CAS linearizable (see ARCHITECTURE.md).
+/// Answered OK with the replica's stored record of the key after handling it
+/// (`Response.versions`: versions and acceptor state), once that record is durable.
+pub struct Paxos<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for Paxos<'a> {
+  type Inner = Paxos<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> Paxos<'a> {
+  pub const VT_KEY: ::flatbuffers::VOffsetT = 4;
+  pub const VT_PHASE: ::flatbuffers::VOffsetT = 6;
+  pub const VT_BALLOT: ::flatbuffers::VOffsetT = 8;
+  pub const VT_PROPOSAL: ::flatbuffers::VOffsetT = 10;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    Paxos { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args PaxosArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<Paxos<'bldr>> {
+    let mut builder = PaxosBuilder::new(_fbb);
+    if let Some(x) = args.proposal { builder.add_proposal(x); }
+    if let Some(x) = args.ballot { builder.add_ballot(x); }
+    if let Some(x) = args.key { builder.add_key(x); }
+    builder.add_phase(args.phase);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn key(&self) -> Option<::flatbuffers::Vector<'a, u8>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u8>>>(Paxos::VT_KEY, None)}
+  }
+  #[inline]
+  pub fn phase(&self) -> PaxosPhase {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<PaxosPhase>(Paxos::VT_PHASE, Some(PaxosPhase::PREPARE)).unwrap()}
+  }
+  #[inline]
+  pub fn ballot(&self) -> Option<&'a Ballot> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<Ballot>(Paxos::VT_BALLOT, None)}
+  }
+  /// PROPOSE and COMMIT: the proposed state of the key (a nested `KeyVersions` without
+  /// acceptor state).
+  #[inline]
+  pub fn proposal(&self) -> Option<::flatbuffers::Vector<'a, u8>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u8>>>(Paxos::VT_PROPOSAL, None)}
+  }
+  pub fn proposal_nested_flatbuffer(&'a self) -> Option<KeyVersions<'a>> {
+    self.proposal().map(|data| {
+      use ::flatbuffers::Follow;
+      // Safety:
+      // Created from a valid Table for this object
+      // Which contains a valid flatbuffer in this slot
+      unsafe { <::flatbuffers::ForwardsUOffset<KeyVersions<'a>>>::follow(data.bytes(), 0) }
+    })
+  }
+}
+
+impl ::flatbuffers::Verifiable for Paxos<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u8>>>("key", Self::VT_KEY, false)?
+     .visit_field::<PaxosPhase>("phase", Self::VT_PHASE, false)?
+     .visit_field::<Ballot>("ballot", Self::VT_BALLOT, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u8>>>("proposal", Self::VT_PROPOSAL, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct PaxosArgs<'a> {
+    pub key: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u8>>>,
+    pub phase: PaxosPhase,
+    pub ballot: Option<&'a Ballot>,
+    pub proposal: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u8>>>,
+}
+impl<'a> Default for PaxosArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    PaxosArgs {
+      key: None,
+      phase: PaxosPhase::PREPARE,
+      ballot: None,
+      proposal: None,
+    }
+  }
+}
+
+pub struct PaxosBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> PaxosBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_key(&mut self, key: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u8>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Paxos::VT_KEY, key);
+  }
+  #[inline]
+  pub fn add_phase(&mut self, phase: PaxosPhase) {
+    self.fbb_.push_slot::<PaxosPhase>(Paxos::VT_PHASE, phase, PaxosPhase::PREPARE);
+  }
+  #[inline]
+  pub fn add_ballot(&mut self, ballot: &Ballot) {
+    self.fbb_.push_slot_always::<&Ballot>(Paxos::VT_BALLOT, ballot);
+  }
+  #[inline]
+  pub fn add_proposal(&mut self, proposal: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u8>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Paxos::VT_PROPOSAL, proposal);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> PaxosBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    PaxosBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<Paxos<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for Paxos<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("Paxos");
+      ds.field("key", &self.key());
+      ds.field("phase", &self.phase());
+      ds.field("ballot", &self.ballot());
+      ds.field("proposal", &self.proposal());
+      ds.finish()
+  }
+}
 pub enum RequestOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
@@ -2231,6 +2647,21 @@ impl<'a> Request<'a> {
     }
   }
 
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn op_as_paxos(&self) -> Option<Paxos<'a>> {
+    if self.op_type() == Operation::Paxos {
+      self.op().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { Paxos::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
 }
 
 impl ::flatbuffers::Verifiable for Request<'_> {
@@ -2257,6 +2688,7 @@ impl ::flatbuffers::Verifiable for Request<'_> {
           Operation::ReadReplica => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<ReadReplica>>("Operation::ReadReplica", pos),
           Operation::Gossip => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Gossip>>("Operation::Gossip", pos),
           Operation::Snapshot => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Snapshot>>("Operation::Snapshot", pos),
+          Operation::Paxos => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Paxos>>("Operation::Paxos", pos),
           _ => Ok(()),
         }
      })?
@@ -2418,6 +2850,13 @@ impl ::core::fmt::Debug for Request<'_> {
         },
         Operation::Snapshot => {
           if let Some(x) = self.op_as_snapshot() {
+            ds.field("op", &x)
+          } else {
+            ds.field("op", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Operation::Paxos => {
+          if let Some(x) = self.op_as_paxos() {
             ds.field("op", &x)
           } else {
             ds.field("op", &"InvalidFlatbuffer: Union discriminant does not match value.")
@@ -3353,6 +3792,10 @@ impl<'a> ::flatbuffers::Follow<'a> for KeyVersions<'a> {
 impl<'a> KeyVersions<'a> {
   pub const VT_CLOCK: ::flatbuffers::VOffsetT = 4;
   pub const VT_SIBLINGS: ::flatbuffers::VOffsetT = 6;
+  pub const VT_PROMISED: ::flatbuffers::VOffsetT = 8;
+  pub const VT_ACCEPTED: ::flatbuffers::VOffsetT = 10;
+  pub const VT_ACCEPTED_PROPOSAL: ::flatbuffers::VOffsetT = 12;
+  pub const VT_COMMITTED: ::flatbuffers::VOffsetT = 14;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -3364,6 +3807,10 @@ impl<'a> KeyVersions<'a> {
     args: &'args KeyVersionsArgs<'args>
   ) -> ::flatbuffers::WIPOffset<KeyVersions<'bldr>> {
     let mut builder = KeyVersionsBuilder::new(_fbb);
+    if let Some(x) = args.committed { builder.add_committed(x); }
+    if let Some(x) = args.accepted_proposal { builder.add_accepted_proposal(x); }
+    if let Some(x) = args.accepted { builder.add_accepted(x); }
+    if let Some(x) = args.promised { builder.add_promised(x); }
     if let Some(x) = args.siblings { builder.add_siblings(x); }
     if let Some(x) = args.clock { builder.add_clock(x); }
     builder.finish()
@@ -3385,6 +3832,46 @@ impl<'a> KeyVersions<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<StoredSibling>>>>(KeyVersions::VT_SIBLINGS, None)}
   }
+  /// The Paxos acceptor state of the key, kept in the stored record only (never shipped
+  /// in Replicate): the highest ballot promised, the accepted and not yet committed
+  /// proposal (a nested `KeyVersions` without acceptor state), the highest ballot committed.
+  #[inline]
+  pub fn promised(&self) -> Option<&'a Ballot> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<Ballot>(KeyVersions::VT_PROMISED, None)}
+  }
+  #[inline]
+  pub fn accepted(&self) -> Option<&'a Ballot> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<Ballot>(KeyVersions::VT_ACCEPTED, None)}
+  }
+  #[inline]
+  pub fn accepted_proposal(&self) -> Option<::flatbuffers::Vector<'a, u8>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u8>>>(KeyVersions::VT_ACCEPTED_PROPOSAL, None)}
+  }
+  pub fn accepted_proposal_nested_flatbuffer(&'a self) -> Option<KeyVersions<'a>> {
+    self.accepted_proposal().map(|data| {
+      use ::flatbuffers::Follow;
+      // Safety:
+      // Created from a valid Table for this object
+      // Which contains a valid flatbuffer in this slot
+      unsafe { <::flatbuffers::ForwardsUOffset<KeyVersions<'a>>>::follow(data.bytes(), 0) }
+    })
+  }
+  #[inline]
+  pub fn committed(&self) -> Option<&'a Ballot> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<Ballot>(KeyVersions::VT_COMMITTED, None)}
+  }
 }
 
 impl ::flatbuffers::Verifiable for KeyVersions<'_> {
@@ -3395,6 +3882,10 @@ impl ::flatbuffers::Verifiable for KeyVersions<'_> {
     v.visit_table(pos)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ClockEntry>>>("clock", Self::VT_CLOCK, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<StoredSibling>>>>("siblings", Self::VT_SIBLINGS, false)?
+     .visit_field::<Ballot>("promised", Self::VT_PROMISED, false)?
+     .visit_field::<Ballot>("accepted", Self::VT_ACCEPTED, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u8>>>("accepted_proposal", Self::VT_ACCEPTED_PROPOSAL, false)?
+     .visit_field::<Ballot>("committed", Self::VT_COMMITTED, false)?
      .finish();
     Ok(())
   }
@@ -3402,6 +3893,10 @@ impl ::flatbuffers::Verifiable for KeyVersions<'_> {
 pub struct KeyVersionsArgs<'a> {
     pub clock: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ClockEntry>>>,
     pub siblings: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<StoredSibling<'a>>>>>,
+    pub promised: Option<&'a Ballot>,
+    pub accepted: Option<&'a Ballot>,
+    pub accepted_proposal: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u8>>>,
+    pub committed: Option<&'a Ballot>,
 }
 impl<'a> Default for KeyVersionsArgs<'a> {
   #[inline]
@@ -3409,6 +3904,10 @@ impl<'a> Default for KeyVersionsArgs<'a> {
     KeyVersionsArgs {
       clock: None,
       siblings: None,
+      promised: None,
+      accepted: None,
+      accepted_proposal: None,
+      committed: None,
     }
   }
 }
@@ -3425,6 +3924,22 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> KeyVersionsBuilder<'a, 'b, A>
   #[inline]
   pub fn add_siblings(&mut self, siblings: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<StoredSibling<'b >>>>) {
     self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(KeyVersions::VT_SIBLINGS, siblings);
+  }
+  #[inline]
+  pub fn add_promised(&mut self, promised: &Ballot) {
+    self.fbb_.push_slot_always::<&Ballot>(KeyVersions::VT_PROMISED, promised);
+  }
+  #[inline]
+  pub fn add_accepted(&mut self, accepted: &Ballot) {
+    self.fbb_.push_slot_always::<&Ballot>(KeyVersions::VT_ACCEPTED, accepted);
+  }
+  #[inline]
+  pub fn add_accepted_proposal(&mut self, accepted_proposal: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u8>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(KeyVersions::VT_ACCEPTED_PROPOSAL, accepted_proposal);
+  }
+  #[inline]
+  pub fn add_committed(&mut self, committed: &Ballot) {
+    self.fbb_.push_slot_always::<&Ballot>(KeyVersions::VT_COMMITTED, committed);
   }
   #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> KeyVersionsBuilder<'a, 'b, A> {
@@ -3446,6 +3961,10 @@ impl ::core::fmt::Debug for KeyVersions<'_> {
     let mut ds = f.debug_struct("KeyVersions");
       ds.field("clock", &self.clock());
       ds.field("siblings", &self.siblings());
+      ds.field("promised", &self.promised());
+      ds.field("accepted", &self.accepted());
+      ds.field("accepted_proposal", &self.accepted_proposal());
+      ds.field("committed", &self.committed());
       ds.finish()
   }
 }

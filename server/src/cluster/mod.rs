@@ -12,9 +12,13 @@ pub mod hint_log;
 pub mod hints;
 pub mod lease;
 pub mod membership;
+pub mod paxos;
 pub mod peer;
 pub mod replication;
 pub mod ring;
+pub mod serial;
+#[cfg(test)]
+mod serial_simulation;
 #[cfg(test)]
 mod simulation;
 pub mod versions;

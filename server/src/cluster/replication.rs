@@ -27,13 +27,14 @@ use std::time::{Duration, Instant};
 
 use futures::channel::{mpsc, oneshot};
 use futures::StreamExt;
-use schema::peer::{decode_key_versions, encode_key_versions, KeyVersionsData, StoredSibling};
+use schema::peer::{decode_key_versions, encode_key_versions, AcceptorData, KeyVersionsData, StoredSibling};
 use schema::{Op, ResponseView, Status};
 
 use super::coordinator::{Consistency, Outcome, ReadRound, WriteRound};
 use super::hint_log::{self, LoggedHint};
 use super::hints::{HintLimits, Hints};
 use super::lease::CounterLease;
+use super::paxos::{Acceptor, Ballot};
 use super::peer::{PeerError, PeerPool, PeerRequest};
 use super::ring::NodeId;
 use super::versions::{Dot, Sibling, VersionVector, Versions};
@@ -79,7 +80,7 @@ pub struct ClusterShard<S: Storage> {
     pub actor: u32,
     view: RefCell<Arc<ClusterView>>,
     pub peers: Rc<PeerPool>,
-    lease: CounterLease<S>,
+    pub(crate) lease: CounterLease<S>,
     hints: RefCell<Hints<HintedWrite>>,
     /// Hint log records not yet appended to `hint_log_path`.
     hint_log_pending: RefCell<Vec<u8>>,
@@ -197,6 +198,7 @@ pub fn versions_from_data(data: KeyVersionsData) -> Versions<Value> {
     Versions::from_parts(clock, siblings)
 }
 
+/// The versions as shipped between replicas (no acceptor state).
 pub fn versions_to_data(versions: &Versions<Value>) -> KeyVersionsData {
     KeyVersionsData {
         clock: versions.context().entries().collect(),
@@ -212,54 +214,115 @@ pub fn versions_to_data(versions: &Versions<Value>) -> KeyVersionsData {
                 blind: s.blind,
             })
             .collect(),
+        acceptor: AcceptorData::default(),
     }
 }
 
-fn decode_stored(bytes: Option<&[u8]>) -> Result<Versions<Value>, LocalReply> {
+/// What a cluster node stores for a key: its versions and its Paxos acceptor state, in one
+/// record, so that one durable write makes both current.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Record {
+    pub versions: Versions<Value>,
+    pub acceptor: Acceptor<Value>,
+}
+
+pub fn record_from_data(mut data: KeyVersionsData) -> Record {
+    let acceptor = std::mem::take(&mut data.acceptor);
+    Record {
+        versions: versions_from_data(data),
+        acceptor: Acceptor {
+            promised: acceptor.promised,
+            accepted: acceptor.accepted.map(|(ballot, proposal)| (ballot, versions_from_data(*proposal))),
+            committed: acceptor.committed,
+        },
+    }
+}
+
+fn record_to_data(record: &Record) -> KeyVersionsData {
+    let acceptor = &record.acceptor;
+    KeyVersionsData {
+        acceptor: AcceptorData {
+            promised: acceptor.promised,
+            accepted: acceptor
+                .accepted
+                .as_ref()
+                .map(|(ballot, proposal)| (*ballot, Box::new(versions_to_data(proposal)))),
+            committed: acceptor.committed,
+        },
+        ..versions_to_data(&record.versions)
+    }
+}
+
+pub fn decode_record(bytes: Option<&[u8]>) -> Result<Record, LocalReply> {
     match bytes {
-        None => Ok(Versions::default()),
+        None => Ok(Record::default()),
         Some(bytes) => decode_key_versions(bytes)
-            .map(versions_from_data)
+            .map(record_from_data)
             .map_err(|error| Reply::error(Status::INTERNAL, format!("stored versions unreadable: {error}"))),
     }
 }
 
-/// When the engine may forget the whole entry: once every sibling has expired (never while
-/// a tombstone or an unexpiring value is among them).
-fn engine_expiry(versions: &Versions<Value>) -> u64 {
+fn decode_stored(bytes: Option<&[u8]>) -> Result<Versions<Value>, LocalReply> {
+    decode_record(bytes).map(|record| record.versions)
+}
+
+/// How long a key's Paxos state outlives its last ballot once every sibling has expired:
+/// far longer than any round can last, so the engine never forgets a promise a round in
+/// flight relies on.
+const PAXOS_STATE_KEEP_MS: u64 = 10 * 60 * 1000;
+
+/// When the engine may forget the whole record: once every sibling has expired (never while
+/// a tombstone or an unexpiring value is among them, nor while a proposal is accepted and
+/// uncommitted), and the Paxos state is old.
+fn engine_expiry(record: &Record) -> u64 {
     let mut latest = 0;
-    for sibling in versions.siblings() {
+    for sibling in record.versions.siblings() {
         match &sibling.value {
             Some((_, expires)) if *expires > 0 => latest = latest.max(*expires),
             _ => return 0,
         }
     }
+    let acceptor = &record.acceptor;
+    if acceptor.accepted.is_some() {
+        return 0;
+    }
+    let last_ballot = acceptor.promised.max(acceptor.committed);
+    if last_ballot != Ballot::default() {
+        latest = latest.max(last_ballot.time_us / 1000 + PAXOS_STATE_KEEP_MS);
+    }
     latest
 }
 
-fn encode(versions: &Versions<Value>) -> (Vec<u8>, u64) {
-    (encode_key_versions(&versions_to_data(versions)), engine_expiry(versions))
+/// Encodes versions to ship (no acceptor state).
+pub(crate) fn encode_versions(versions: &Versions<Value>) -> Vec<u8> {
+    encode_key_versions(&versions_to_data(versions))
 }
 
-/// Encodes `versions` for the engine, dropping the oldest siblings (counted) until they fit
-/// in a stored value.
-fn encode_bounded<S: Storage>(
+/// Encodes `record` for the engine, dropping the oldest siblings (counted) until it fits in
+/// a stored value; `BAD_REQUEST` if even one sibling and the accepted proposal do not.
+pub(crate) fn encode_bounded<S: Storage>(
     cluster: Option<&ClusterShard<S>>,
-    versions: &mut Versions<Value>,
-) -> (Vec<u8>, u64) {
+    record: &mut Record,
+) -> Result<(Vec<u8>, u64), LocalReply> {
     loop {
-        let encoded = encode(versions);
-        if encoded.0.len() <= schema::STORED_VALUE_SIZE_MAX || !versions.shed_oldest() {
+        let bytes = encode_key_versions(&record_to_data(record));
+        if bytes.len() <= schema::STORED_VALUE_SIZE_MAX || !record.versions.shed_oldest() {
             if let Some(cluster) = cluster {
-                count_dropped_siblings(cluster, versions);
+                count_dropped_siblings(cluster, &record.versions);
             }
-            return encoded;
+            if bytes.len() > schema::STORED_VALUE_SIZE_MAX {
+                return Err(Reply::error(
+                    Status::VALUE_TOO_LARGE,
+                    format!("the key's versions and pending proposal need {} bytes", bytes.len()),
+                ));
+            }
+            return Ok((bytes, engine_expiry(record)));
         }
     }
 }
 
 /// The live siblings a client sees.
-fn client_reply(versions: &Versions<Value>, metadata_only: bool) -> LocalReply {
+pub(crate) fn client_reply(versions: &Versions<Value>, metadata_only: bool) -> LocalReply {
     let now = now_ms();
     let live = versions
         .siblings()
@@ -316,10 +379,13 @@ async fn merge_local<S: Storage>(
     let (_, seq) = shard
         .store
         .update_raw(key, size, |current| {
-            let mut mine = decode_stored(current)?;
-            let before = mine.clone();
-            mine.merge(incoming);
-            Ok((mine != before).then(|| encode_bounded(shard.cluster.as_ref(), &mut mine)))
+            let mut mine = decode_record(current)?;
+            let before = mine.versions.clone();
+            mine.versions.merge(incoming);
+            if mine.versions == before {
+                return Ok(None);
+            }
+            encode_bounded(shard.cluster.as_ref(), &mut mine).map(Some)
         })
         .await?;
     shard.store.wait_acked(seq).await
@@ -343,7 +409,7 @@ fn wire_consistency(consistency: Consistency) -> schema::Consistency {
 }
 
 /// `UNAVAILABLE` before anything was sent: fewer replicas up than the consistency needs.
-fn too_few_replicas<S: Storage>(
+pub(crate) fn too_few_replicas<S: Storage>(
     cluster: &ClusterShard<S>,
     replica_count: usize,
     too_few: super::coordinator::Unavailable,
@@ -405,10 +471,11 @@ async fn forward<S: Storage>(
 }
 
 /// The shard's replication state, the view, the key's replicas and this node.
-type Placement<'a, S> = (&'a ClusterShard<S>, Arc<ClusterView>, super::ring::PreferenceList, NodeId);
+pub(crate) type Placement<'a, S> =
+    (&'a ClusterShard<S>, Arc<ClusterView>, super::ring::PreferenceList, NodeId);
 
 /// Where `key` lives as this shard sees the cluster; `UNAVAILABLE` while the cluster forms.
-fn place<'a, S: Storage>(shard: &'a Shard<S>, key: &[u8]) -> Result<Placement<'a, S>, LocalReply> {
+pub(crate) fn place<'a, S: Storage>(shard: &'a Shard<S>, key: &[u8]) -> Result<Placement<'a, S>, LocalReply> {
     let cluster = cluster_of(shard)?;
     let view = cluster.view();
     match (view.preference_list(key), view.my_id()) {
@@ -455,19 +522,28 @@ pub async fn coordinate_write<S: Storage>(
     let expires_at_ms = if ttl_ms == 0 { 0 } else { timestamp_us / 1000 + ttl_ms };
     let size = value.as_ref().map_or(0, Vec::len) + 64;
     let actor = cluster.actor;
+    // Replicas get the versions only; the acceptor state is this replica's own.
+    let mut shipped = None;
     let updated = shard
         .store
         .update_raw(&key, size, |current| {
-            let mut versions = decode_stored(current)?;
-            versions.write(actor, floor, context.as_ref(), value.map(|v| (v, expires_at_ms)), timestamp_us);
-            Ok(Some(encode_bounded(Some(cluster), &mut versions)))
+            let mut record = decode_record(current)?;
+            let value = value.map(|v| (v, expires_at_ms));
+            record.versions.write(actor, floor, context.as_ref(), value, timestamp_us);
+            let stored = encode_bounded(Some(cluster), &mut record)?;
+            shipped = Some(if record.acceptor == Acceptor::default() {
+                Rc::<[u8]>::from(stored.0.as_slice())
+            } else {
+                Rc::from(encode_versions(&record.versions))
+            });
+            Ok(Some(stored))
         })
         .await;
-    let (bytes, seq) = match updated {
-        Ok((Some(bytes), seq)) => (Rc::<[u8]>::from(bytes), seq),
+    let (bytes, seq) = match (updated, shipped) {
+        (Ok((Some(_), seq)), Some(bytes)) => (bytes, seq),
         // A coordinator's write always changes the key; answer rather than abort if not.
-        Ok((None, _)) => return Reply::error(Status::INTERNAL, "the write changed nothing"),
-        Err(reply) => return reply,
+        (Err(reply), _) => return reply,
+        (Ok(_), _) => return Reply::error(Status::INTERNAL, "the write changed nothing"),
     };
     let (sender, mut acks) = mpsc::unbounded::<(NodeId, Ack)>();
     {
@@ -693,7 +769,7 @@ async fn finish_read<S: Storage>(
     }
     let Some(cluster) = shard.cluster.as_ref() else { return };
     let merged = round.merged().clone();
-    let bytes: Rc<[u8]> = Rc::from(encode(&merged).0);
+    let bytes: Rc<[u8]> = Rc::from(encode_versions(&merged));
     let view = cluster.view();
     for node in stale {
         cluster.stats.read_repair_count.set(cluster.stats.read_repair_count.get() + 1);

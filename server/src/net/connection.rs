@@ -25,6 +25,7 @@ use schema::peer::encode_topology;
 
 use crate::cluster::coordinator::Consistency;
 use crate::cluster::replication::ClusterShard;
+use crate::cluster::serial::SerialOp;
 use crate::cluster::versions::VersionVector;
 use crate::command::{Command, LocalReply, Reply, Version};
 use crate::event::Event;
@@ -273,17 +274,19 @@ fn cluster_command<S: Storage>(
     request: &RequestView<'_>,
     timeout: Duration,
 ) -> Result<Command, Body> {
+    let serial = request.consistency == schema::Consistency::SERIAL;
     let consistency = match request.consistency {
         schema::Consistency::ONE => Consistency::One,
-        schema::Consistency::QUORUM => Consistency::Quorum,
         schema::Consistency::ALL => Consistency::All,
-        _ => {
-            return Err(Body::Status(
-                Status::UNSUPPORTED,
-                "SERIAL consistency comes with linearizable CAS; use ONE, QUORUM or ALL".into(),
-            ))
-        }
+        // SERIAL writes wait for a quorum of commits, as QUORUM does.
+        _ => Consistency::Quorum,
     };
+    if serial && matches!(request.op, Op::Put { .. } | Op::Delete { .. }) {
+        return Err(Body::Status(
+            Status::BAD_REQUEST,
+            "SERIAL is for CAS and reads; a plain PUT or DELETE is ONE, QUORUM or ALL".into(),
+        ));
+    }
     let context = match request.context {
         [] => None,
         bytes => Some(
@@ -335,16 +338,27 @@ fn cluster_command<S: Storage>(
         Op::Delete { key } => {
             Command::Write { key: key.to_vec(), value: None, ttl_ms: 0, context, consistency, timeout_ms }
         }
+        Op::Get { key, metadata_only } if serial => Command::Serial {
+            key: key.to_vec(),
+            op: SerialOp::Read { metadata_only },
+            commit: consistency,
+            timeout_ms,
+        },
         Op::Get { key, metadata_only } => {
             Command::Read { key: key.to_vec(), metadata_only, consistency, timeout_ms }
         }
-        Op::Cas { .. } => {
-            return Err(Body::Status(
-                Status::UNSUPPORTED,
-                "compare-and-swap in a cluster needs consensus, which is not built yet; it is not offered \
-                 rather than offered without atomicity"
-                    .into(),
-            ))
+        Op::Cas { key, expected, new_value, ttl_ms } => Command::Serial {
+            key: key.to_vec(),
+            op: SerialOp::Cas {
+                expected: expected.map(<[u8]>::to_vec),
+                new_value: new_value.to_vec(),
+                ttl_ms,
+            },
+            commit: consistency,
+            timeout_ms,
+        },
+        Op::Paxos { key, phase, ballot, proposal } => {
+            Command::Paxos { key: key.to_vec(), phase, ballot, proposal: proposal.to_vec() }
         }
         Op::Replicate { key, versions } => {
             Command::Replicate { key: key.to_vec(), versions: versions.to_vec() }

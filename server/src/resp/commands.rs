@@ -403,8 +403,13 @@ fn answer(answer: Answer<Rc<[u8]>>) -> Value {
     }
 }
 
-async fn apply<S: Storage>(shard: &Rc<Shard<S>>, key: &[u8], update: Update) -> Result<Value, Value> {
-    store_ops::update(shard, key, update).await.map(answer)
+async fn apply<S: Storage>(
+    shard: &Rc<Shard<S>>,
+    access: Access,
+    key: &[u8],
+    update: Update,
+) -> Result<Value, Value> {
+    store_ops::update(shard, access, key, update).await.map(answer)
 }
 
 /// IFEQ/IFNE/IFDEQ/IFDNE and their argument; `None` if `word` is none of them.
@@ -484,7 +489,7 @@ async fn set<S: Storage>(shard: &Rc<Shard<S>>, access: Access, args: &[Vec<u8>])
             condition: options.condition,
             answer_previous: options.get,
         };
-        return apply(shard, key, update).await;
+        return apply(shard, access, key, update).await;
     }
     let update = Update::Set {
         value: value.clone(),
@@ -493,12 +498,13 @@ async fn set<S: Storage>(shard: &Rc<Shard<S>>, access: Access, args: &[Vec<u8>])
         condition: options.condition,
         answer_previous: options.get,
     };
-    apply(shard, key, update).await
+    apply(shard, access, key, update).await
 }
 
 /// EXPIRE and friends: `unit` is EX, PX, EXAT or PXAT.
 async fn expire<S: Storage>(
     shard: &Rc<Shard<S>>,
+    access: Access,
     args: &[Vec<u8>],
     unit: &str,
     command: &str,
@@ -518,7 +524,7 @@ async fn expire<S: Storage>(
         Err(_) if amount <= 0 || unit.ends_with("AT") => None,
         Err(error) => return Err(error),
     };
-    apply(shard, &args[1], Update::Expire { ttl_ms, when }).await
+    apply(shard, access, &args[1], Update::Expire { ttl_ms, when }).await
 }
 
 fn bulk_or_null(current: Option<&store_ops::Current>) -> Value {
@@ -546,7 +552,7 @@ async fn run<S: Storage>(
                 condition: Some(Condition::Absent),
                 answer_previous: false,
             };
-            Ok(match apply(shard, &args[1], update).await? {
+            Ok(match apply(shard, access, &args[1], update).await? {
                 Value::Null => Value::Integer(0),
                 _ => Value::Integer(1),
             })
@@ -557,14 +563,14 @@ async fn run<S: Storage>(
             store_ops::put(shard, access, &args[1], &args[3], ttl).await?;
             Ok(Value::ok())
         }
-        "GETDEL" => apply(shard, &args[1], Update::GetDelete).await,
+        "GETDEL" => apply(shard, access, &args[1], Update::GetDelete).await,
         "DIGEST" => Ok(store_ops::get(shard, access, &args[1])
             .await?
             .map_or(Value::Null, |c| Value::text(&crate::update::digest(&c.value)))),
         "DELEX" => match args.len() {
             2 => Ok(Value::Integer(i64::from(store_ops::delete(shard, access, &args[1]).await?))),
             4 => match condition(&upper(&args[2]), args.get(3)) {
-                Some(parsed) => apply(shard, &args[1], Update::DeleteIf(parsed?)).await,
+                Some(parsed) => apply(shard, access, &args[1], Update::DeleteIf(parsed?)).await,
                 None => Err(Value::error(SYNTAX)),
             },
             _ => Err(Value::error(SYNTAX)),
@@ -614,19 +620,19 @@ async fn run<S: Storage>(
             Some(current) if name == "TTL" => current.ttl_left_ms.saturating_add(500) as i64 / 1000,
             Some(current) => current.ttl_left_ms as i64,
         })),
-        "PERSIST" => apply(shard, &args[1], Update::Persist).await,
-        "EXPIRE" => expire(shard, args, "EX", "expire").await,
-        "PEXPIRE" => expire(shard, args, "PX", "pexpire").await,
-        "EXPIREAT" => expire(shard, args, "EXAT", "expireat").await,
-        "PEXPIREAT" => expire(shard, args, "PXAT", "pexpireat").await,
-        "INCR" => apply(shard, &args[1], Update::IncrementBy(1)).await,
-        "DECR" => apply(shard, &args[1], Update::IncrementBy(-1)).await,
-        "INCRBY" => apply(shard, &args[1], Update::IncrementBy(integer(&args[2])?)).await,
+        "PERSIST" => apply(shard, access, &args[1], Update::Persist).await,
+        "EXPIRE" => expire(shard, access, args, "EX", "expire").await,
+        "PEXPIRE" => expire(shard, access, args, "PX", "pexpire").await,
+        "EXPIREAT" => expire(shard, access, args, "EXAT", "expireat").await,
+        "PEXPIREAT" => expire(shard, access, args, "PXAT", "pexpireat").await,
+        "INCR" => apply(shard, access, &args[1], Update::IncrementBy(1)).await,
+        "DECR" => apply(shard, access, &args[1], Update::IncrementBy(-1)).await,
+        "INCRBY" => apply(shard, access, &args[1], Update::IncrementBy(integer(&args[2])?)).await,
         "DECRBY" => {
             let delta = integer(&args[2])?
                 .checked_neg()
                 .ok_or_else(|| Value::error("ERR decrement would overflow"))?;
-            apply(shard, &args[1], Update::IncrementBy(delta)).await
+            apply(shard, access, &args[1], Update::IncrementBy(delta)).await
         }
         other => Err(Value::error(format!("ERR unknown command '{other}'"))),
     }

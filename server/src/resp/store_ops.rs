@@ -29,11 +29,6 @@ pub struct Access {
     pub timeout: Duration,
 }
 
-/// The refusal of a read-modify-write command in a cluster.
-pub const NEEDS_CAS: &str =
-    "ERR conditional and read-modify-write commands are atomic only on a standalone node; \
-                             this cluster has no linearizable compare-and-swap yet";
-
 /// A store error as a RESP error, with a code a client can match.
 pub fn error_value(status: Status, message: &str) -> Value {
     let code = match status {
@@ -162,10 +157,11 @@ pub async fn delete<S: Storage>(shard: &Rc<Shard<S>>, access: Access, key: &[u8]
     }
 }
 
-/// Applies an atomic update on the key's owning shard. Refused in a cluster, where a quorum
-/// write is not a compare-and-swap.
+/// Applies an atomic update: on a standalone node at the key's owning shard; in a cluster
+/// through the key's Paxos (linearizable, the commit acknowledged as `access` asks).
 pub async fn update<S: Storage>(
     shard: &Rc<Shard<S>>,
+    access: Access,
     key: &[u8],
     update: crate::update::Update,
 ) -> Result<crate::update::Answer<Rc<[u8]>>, Value> {
@@ -173,10 +169,17 @@ pub async fn update<S: Storage>(
     if let crate::update::Update::Set { value, .. } = &update {
         check_value(value)?;
     }
-    if shard.cluster.is_some() {
-        return Err(Value::error(NEEDS_CAS));
-    }
-    match shard.execute(Command::Update { key: key.to_vec(), update }).await {
+    let command = if shard.cluster.is_some() {
+        Command::Serial {
+            key: key.to_vec(),
+            op: crate::cluster::serial::SerialOp::Update(update),
+            commit: access.consistency,
+            timeout_ms: access.timeout.as_millis() as u64,
+        }
+    } else {
+        Command::Update { key: key.to_vec(), update }
+    };
+    match shard.execute(command).await {
         Reply::Updated(answer) => Ok(answer),
         other => Err(failed(other)),
     }

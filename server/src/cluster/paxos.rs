@@ -1,0 +1,621 @@
+//! Per-key Paxos, sans-IO: what makes CAS, the Redis conditional and counter commands and
+//! SERIAL reads linearizable in a cluster. Single-decree Paxos among the key's N replicas,
+//! run again for every operation (as Cassandra's lightweight transactions do), with the read
+//! piggybacked on the prepare.
+//!
+//! Every replica keeps an [`Acceptor`] per key next to the key's versions, in the same stored
+//! record, so that one durable write makes both current. A [`Proposer`] drives one operation:
+//! 1. **Prepare** a fresh ballot (hybrid-logical-clock time, then the node's actor and a
+//!    never-reused counter) at the live replicas. A replica promises when the ballot is above
+//!    every ballot it promised, durably, and answers with its whole record: versions, the
+//!    proposal it accepted, the highest ballot it saw committed.
+//! 2. With a majority of promises: if the highest accepted proposal among them is above the
+//!    highest commit among them, an earlier operation may have been chosen without anyone
+//!    learning it; it is proposed again under this ballot and committed first (the
+//!    CASSANDRA-12126 class of bug), and the round starts over. Otherwise the merged versions
+//!    of the promises are the key's current state, and the caller decides against them.
+//! 3. **Propose**: a write becomes the proposal: the state after the write (one sibling whose
+//!    context covers everything read). A replica accepts unless it promised a higher ballot,
+//!    durably. A majority of acceptances chooses it.
+//! 4. **Commit**: every replica merges the chosen proposal into its versions and forgets the
+//!    accepted copy (the Paxos state left is two ballots). The caller waits for as many
+//!    commit acknowledgements as its consistency level asks.
+//!
+//! Rejections and lost messages end a phase; the proposer backs off for a random time that
+//! doubles with each attempt, then tries a higher ballot, until the caller's deadline.
+//!
+//! A proposal of ours that some replica accepted (or that got no answer) may still be chosen
+//! later by another proposer's step 2, so the operation never decides afresh while it may
+//! be: its next round finishes it if a replica still holds it, or finds it chosen (a commit
+//! under its ballot, or its sibling in the state); failing both, the outcome is unknown and
+//! the client hears so (a SERIAL read tells). Only a proposal every replica asked refused
+//! is known to be dead, and the operation decides again. Deciding again on a state that may
+//! already hold our write would report a failed condition for a write that applied, or
+//! apply it twice.
+
+use std::collections::BTreeSet;
+
+pub use schema::peer::Ballot;
+
+use super::coordinator::Unavailable;
+use super::ring::NodeId;
+use super::versions::{Dot, Versions};
+
+/// A replica's acceptor state for one key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Acceptor<V> {
+    pub promised: Ballot,
+    /// Accepted and not known to be committed.
+    pub accepted: Option<(Ballot, Versions<V>)>,
+    pub committed: Ballot,
+}
+
+impl<V> Default for Acceptor<V> {
+    fn default() -> Self {
+        Acceptor { promised: Ballot::default(), accepted: None, committed: Ballot::default() }
+    }
+}
+
+impl<V: Clone + PartialEq> Acceptor<V> {
+    /// Phase 1b: promises `ballot` if it is above every ballot promised. Whether the state
+    /// changed (and must be made durable before the answer).
+    pub fn prepare(&mut self, ballot: Ballot) -> bool {
+        if ballot > self.promised {
+            self.promised = ballot;
+            return true;
+        }
+        false
+    }
+
+    /// Phase 2b: accepts unless a higher ballot was promised. Whether the state changed.
+    pub fn accept(&mut self, ballot: Ballot, proposal: &Versions<V>) -> bool {
+        if ballot < self.promised || self.accepted.as_ref().is_some_and(|(b, _)| *b == ballot) {
+            return false;
+        }
+        self.promised = ballot;
+        self.accepted = Some((ballot, proposal.clone()));
+        true
+    }
+
+    /// Whether this acceptor accepted `ballot` (or has since learnt it was chosen).
+    pub fn has_accepted(&self, ballot: Ballot) -> bool {
+        self.accepted.as_ref().is_some_and(|(b, _)| *b == ballot) || self.committed == ballot
+    }
+
+    /// Learns that `proposal` was chosen under `ballot`: merges it into the key's `versions`
+    /// (a join, so a late or repeated commit changes nothing) and drops the accepted copy
+    /// once it is no newer. Whether anything changed.
+    pub fn commit(&mut self, ballot: Ballot, proposal: &Versions<V>, versions: &mut Versions<V>) -> bool {
+        let before = (versions.clone(), self.committed, self.accepted.is_some());
+        versions.merge(proposal);
+        self.committed = self.committed.max(ballot);
+        if self.accepted.as_ref().is_some_and(|(b, _)| *b <= ballot) {
+            self.accepted = None;
+        }
+        before != (versions.clone(), self.committed, self.accepted.is_some())
+    }
+}
+
+/// The next ballot of a proposer: after `floor` (the highest ballot it has seen) and its own
+/// clock.
+pub fn next_ballot(floor: Ballot, clock_us: u64, actor: u32, counter: u64) -> Ballot {
+    Ballot { time_us: clock_us.max(floor.time_us + 1), actor, counter }
+}
+
+/// How long to wait before attempt `attempt` (1, 2, ...): uniform in [0, cap), where the
+/// cap doubles from 1 ms up to 64 ms; `random` is any uniformly random number.
+pub fn backoff_us(attempt: u32, random: u64) -> u64 {
+    let cap = 1_000u64 << attempt.saturating_sub(1).min(6);
+    100 + random % cap
+}
+
+/// Why an operation ended without an answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// Too few replicas up for a majority; nothing of this operation was proposed.
+    Unavailable(Unavailable),
+    /// A write of this operation may or may not have been chosen.
+    Indeterminate,
+}
+
+/// What the caller does next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step<V, A> {
+    /// Send PREPARE(`ballot`) to each of `to`; answer with `on_promise`.
+    Prepare { phase: u64, ballot: Ballot, to: Vec<NodeId> },
+    /// The key's current state: decide, then call `write` or `answer`.
+    Decide { state: Versions<V> },
+    /// Send PROPOSE(`ballot`, `proposal`) to each of `to`; answer with `on_accept`.
+    Propose { phase: u64, ballot: Ballot, proposal: Versions<V>, to: Vec<NodeId> },
+    /// Send COMMIT(`ballot`, `proposal`) to each of `to`; answer with `on_commit` (and call
+    /// `commits_sent` once sent, for the case that waits for none).
+    Commit { phase: u64, ballot: Ballot, proposal: Versions<V>, to: Vec<NodeId> },
+    /// Wait for answers (or the phase's timeout: `on_phase_timeout`).
+    Wait,
+    /// Start over with `start` and a ballot above `floor()`; after `backoff_us(attempt)` if
+    /// `attempt` > 0.
+    Retry { attempt: u32 },
+    /// The operation's outcome.
+    Done(Result<A, Failure>),
+}
+
+/// What a proposal is for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Purpose<A> {
+    /// This operation's write; its answer once chosen.
+    Own(A),
+    /// Finishing an earlier operation's accepted proposal.
+    Complete,
+}
+
+/// Our write, once proposed, while it may be accepted somewhere.
+#[derive(Debug, Clone)]
+struct Own<V, A> {
+    /// The ballots it was proposed under.
+    ballots: Vec<Ballot>,
+    proposal: Versions<V>,
+    dot: Dot,
+    answer: A,
+}
+
+#[derive(Debug, Clone)]
+enum Stage<V, A> {
+    Idle,
+    Preparing {
+        promised: BTreeSet<NodeId>,
+        refused: BTreeSet<NodeId>,
+        state: Versions<V>,
+        highest_accepted: Option<(Ballot, Versions<V>)>,
+        highest_committed: Ballot,
+        committed: BTreeSet<Ballot>,
+    },
+    Deciding,
+    Proposing {
+        purpose: Purpose<A>,
+        proposal: Versions<V>,
+        accepted: BTreeSet<NodeId>,
+        refused: BTreeSet<NodeId>,
+        /// Failed or unanswered: they may have accepted.
+        unknown: BTreeSet<NodeId>,
+    },
+    Committing {
+        purpose: Purpose<A>,
+        acknowledged: BTreeSet<NodeId>,
+        answered: BTreeSet<NodeId>,
+    },
+    Finished,
+}
+
+/// One operation at its proposer (any node: it need not be a replica).
+#[derive(Debug, Clone)]
+pub struct Proposer<V, A> {
+    replicas: Vec<NodeId>,
+    /// Replicas asked in the current phase.
+    asked: Vec<NodeId>,
+    quorum: usize,
+    /// Commit acknowledgements to wait for (0: answer once chosen).
+    commit_wait: usize,
+    phase: u64,
+    ballot: Ballot,
+    /// The highest ballot seen: the next one goes above it.
+    floor: Ballot,
+    attempt: u32,
+    stage: Stage<V, A>,
+    own: Option<Own<V, A>>,
+}
+
+impl<V: Clone + PartialEq, A: Clone> Proposer<V, A> {
+    pub fn new(replicas: &[NodeId], commit_wait: usize) -> Proposer<V, A> {
+        Proposer {
+            replicas: replicas.to_vec(),
+            asked: Vec::new(),
+            quorum: replicas.len() / 2 + 1,
+            commit_wait: commit_wait.min(replicas.len()),
+            phase: 0,
+            ballot: Ballot::default(),
+            floor: Ballot::default(),
+            attempt: 0,
+            stage: Stage::Idle,
+            own: None,
+        }
+    }
+
+    /// The highest ballot seen so far: the next ballot must be above it.
+    pub fn floor(&self) -> Ballot {
+        self.floor
+    }
+
+    /// Whether a write of this operation may have been accepted: a failure now means "may
+    /// or may not have applied".
+    pub fn may_have_written(&self) -> bool {
+        self.own.is_some()
+    }
+
+    /// Starts a round with `ballot` (above `floor()`), at the replicas `is_live` says are up.
+    pub fn start(&mut self, ballot: Ballot, is_live: impl Fn(NodeId) -> bool) -> Step<V, A> {
+        debug_assert!(ballot > self.floor);
+        self.ballot = ballot;
+        self.floor = ballot;
+        self.phase += 1;
+        self.asked = self.replicas.iter().copied().filter(|&n| is_live(n)).collect();
+        if self.asked.len() < self.quorum {
+            if self.own.is_none() {
+                self.stage = Stage::Finished;
+                let unavailable = Unavailable { live: self.asked.len(), required: self.quorum };
+                return Step::Done(Err(Failure::Unavailable(unavailable)));
+            }
+            // A write of ours may be pending somewhere: keep trying until the deadline.
+            return self.retry();
+        }
+        self.stage = Stage::Preparing {
+            promised: BTreeSet::new(),
+            refused: BTreeSet::new(),
+            state: Versions::default(),
+            highest_accepted: None,
+            highest_committed: Ballot::default(),
+            committed: BTreeSet::new(),
+        };
+        Step::Prepare { phase: self.phase, ballot, to: self.asked.clone() }
+    }
+
+    fn retry(&mut self) -> Step<V, A> {
+        self.attempt += 1;
+        self.stage = Stage::Idle;
+        Step::Retry { attempt: self.attempt }
+    }
+
+    fn current(&self, phase: u64, from: NodeId) -> bool {
+        phase == self.phase && self.asked.contains(&from)
+    }
+
+    /// A replica's answer to PREPARE: its acceptor state and versions after handling it
+    /// (`None`: it failed or did not answer).
+    pub fn on_promise(
+        &mut self,
+        phase: u64,
+        from: NodeId,
+        reply: Option<(&Acceptor<V>, &Versions<V>)>,
+    ) -> Step<V, A> {
+        if !self.current(phase, from) {
+            return Step::Wait;
+        }
+        let ballot = self.ballot;
+        let quorum = self.quorum;
+        let asked = self.asked.len();
+        let Stage::Preparing { promised, refused, state, highest_accepted, highest_committed, committed } =
+            &mut self.stage
+        else {
+            return Step::Wait;
+        };
+        if promised.contains(&from) || refused.contains(&from) {
+            return Step::Wait;
+        }
+        match reply {
+            Some((acceptor, versions)) if acceptor.promised == ballot => {
+                promised.insert(from);
+                state.merge(versions);
+                if let Some((accepted_ballot, proposal)) = &acceptor.accepted {
+                    if highest_accepted.as_ref().is_none_or(|(b, _)| accepted_ballot > b) {
+                        *highest_accepted = Some((*accepted_ballot, proposal.clone()));
+                    }
+                }
+                *highest_committed = (*highest_committed).max(acceptor.committed);
+                committed.insert(acceptor.committed);
+            }
+            Some((acceptor, _)) => {
+                self.floor = self.floor.max(acceptor.promised);
+                refused.insert(from);
+            }
+            None => {
+                refused.insert(from);
+            }
+        }
+        if promised.len() >= quorum {
+            let in_progress = highest_accepted.take().filter(|(b, _)| *b > *highest_committed);
+            let state = std::mem::take(state);
+            let committed = std::mem::take(committed);
+            return match (in_progress, &self.own) {
+                // Our write, still pending: finish it under this ballot.
+                (Some((_, proposal)), Some(own)) if proposal == own.proposal => {
+                    let answer = own.answer.clone();
+                    self.propose(Purpose::Own(answer), proposal)
+                }
+                (Some((_, proposal)), _) => self.propose(Purpose::Complete, proposal),
+                (None, None) => {
+                    self.stage = Stage::Deciding;
+                    Step::Decide { state }
+                }
+                (None, Some(own)) => {
+                    let chosen = own.ballots.iter().any(|b| committed.contains(b))
+                        || state
+                            .siblings()
+                            .iter()
+                            .any(|s| own.proposal.siblings().contains(s) && s.dot == own.dot);
+                    self.stage = Stage::Finished;
+                    if chosen {
+                        Step::Done(Ok(own.answer.clone()))
+                    } else {
+                        Step::Done(Err(Failure::Indeterminate))
+                    }
+                }
+            };
+        }
+        if asked - refused.len() < quorum {
+            return self.retry();
+        }
+        Step::Wait
+    }
+
+    /// The decision: write `proposal` (the state after this operation's write, whose new
+    /// sibling is `dot`); `answer` is the outcome once it is chosen.
+    pub fn write(&mut self, proposal: Versions<V>, dot: Dot, answer: A) -> Step<V, A> {
+        if !matches!(self.stage, Stage::Deciding) {
+            return Step::Wait;
+        }
+        self.own = Some(Own { ballots: Vec::new(), proposal: proposal.clone(), dot, answer: answer.clone() });
+        self.propose(Purpose::Own(answer), proposal)
+    }
+
+    /// The decision: nothing to write; `answer` is the outcome.
+    pub fn answer(&mut self, answer: A) -> Step<V, A> {
+        if !matches!(self.stage, Stage::Deciding) {
+            return Step::Wait;
+        }
+        self.stage = Stage::Finished;
+        Step::Done(Ok(answer))
+    }
+
+    fn propose(&mut self, purpose: Purpose<A>, proposal: Versions<V>) -> Step<V, A> {
+        self.phase += 1;
+        if let (Purpose::Own(_), Some(own)) = (&purpose, &mut self.own) {
+            own.ballots.push(self.ballot);
+        }
+        self.stage = Stage::Proposing {
+            purpose,
+            proposal: proposal.clone(),
+            accepted: BTreeSet::new(),
+            refused: BTreeSet::new(),
+            unknown: BTreeSet::new(),
+        };
+        Step::Propose { phase: self.phase, ballot: self.ballot, proposal, to: self.asked.clone() }
+    }
+
+    /// A replica's answer to PROPOSE: its acceptor state after handling it (`None`: it
+    /// failed or did not answer).
+    pub fn on_accept(&mut self, phase: u64, from: NodeId, reply: Option<&Acceptor<V>>) -> Step<V, A> {
+        if !self.current(phase, from) {
+            return Step::Wait;
+        }
+        let ballot = self.ballot;
+        let Stage::Proposing { accepted, refused, unknown, .. } = &mut self.stage else {
+            return Step::Wait;
+        };
+        if accepted.contains(&from) || refused.contains(&from) || unknown.contains(&from) {
+            return Step::Wait;
+        }
+        match reply {
+            Some(acceptor) if acceptor.has_accepted(ballot) => {
+                accepted.insert(from);
+            }
+            Some(acceptor) => {
+                self.floor = self.floor.max(acceptor.promised);
+                refused.insert(from);
+            }
+            None => {
+                unknown.insert(from);
+            }
+        }
+        let (accepted_count, refused_count) = (accepted.len(), refused.len() + unknown.len());
+        let all_refused = refused.len() == self.asked.len();
+        if accepted_count >= self.quorum {
+            let Stage::Proposing { purpose, proposal, .. } = std::mem::replace(&mut self.stage, Stage::Idle)
+            else {
+                unreachable!()
+            };
+            self.phase += 1;
+            self.stage =
+                Stage::Committing { purpose, acknowledged: BTreeSet::new(), answered: BTreeSet::new() };
+            // Every replica learns the outcome, the ones that were down included (they get
+            // it from a later round's proposal or from anti-entropy otherwise).
+            return Step::Commit { phase: self.phase, ballot, proposal, to: self.asked.clone() };
+        }
+        if self.asked.len() - refused_count < self.quorum {
+            if all_refused {
+                // No replica holds our write: it can never be chosen.
+                self.own = None;
+            }
+            return self.retry();
+        }
+        Step::Wait
+    }
+
+    /// Call once the commits are sent: finishes when no acknowledgement is awaited.
+    pub fn commits_sent(&mut self) -> Step<V, A> {
+        self.settle_commit()
+    }
+
+    /// A replica's answer to COMMIT (`false`: it failed or did not answer).
+    pub fn on_commit(&mut self, phase: u64, from: NodeId, durable: bool) -> Step<V, A> {
+        if !self.current(phase, from) {
+            return Step::Wait;
+        }
+        if let Stage::Committing { acknowledged, answered, .. } = &mut self.stage {
+            answered.insert(from);
+            if durable {
+                acknowledged.insert(from);
+            }
+        }
+        self.settle_commit()
+    }
+
+    fn settle_commit(&mut self) -> Step<V, A> {
+        let Stage::Committing { acknowledged, answered, .. } = &self.stage else {
+            return Step::Wait;
+        };
+        // The proposal is chosen whatever the commits do; waiting only makes it visible to
+        // non-serial reads.
+        if acknowledged.len() < self.commit_wait && answered.len() < self.asked.len() {
+            return Step::Wait;
+        }
+        self.finish_commit()
+    }
+
+    fn finish_commit(&mut self) -> Step<V, A> {
+        let Stage::Committing { purpose, .. } = std::mem::replace(&mut self.stage, Stage::Idle) else {
+            return Step::Wait;
+        };
+        match purpose {
+            Purpose::Own(answer) => {
+                self.stage = Stage::Finished;
+                Step::Done(Ok(answer))
+            }
+            // Someone else's operation is finished; ours starts over at once.
+            Purpose::Complete => Step::Retry { attempt: 0 },
+        }
+    }
+
+    /// The current phase's answers did not all come in time.
+    pub fn on_phase_timeout(&mut self, phase: u64) -> Step<V, A> {
+        if phase != self.phase {
+            return Step::Wait;
+        }
+        match self.stage {
+            Stage::Preparing { .. } | Stage::Proposing { .. } => self.retry(),
+            Stage::Committing { .. } => self.finish_commit(),
+            _ => Step::Wait,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::versions::VersionVector;
+
+    type Value = u32;
+
+    fn ballot(time_us: u64, actor: u32) -> Ballot {
+        Ballot { time_us, actor, counter: 1 }
+    }
+
+    fn written(value: Value, actor: u32, counter: u64) -> (Versions<Value>, Dot) {
+        let mut versions = Versions::default();
+        let dot = versions.write(actor, counter, Some(&VersionVector::default()), Some(value), counter);
+        (versions, dot)
+    }
+
+    #[test]
+    fn an_acceptor_promises_and_accepts_only_upward_and_commits_idempotently() {
+        let mut acceptor = Acceptor::<Value>::default();
+        assert!(acceptor.prepare(ballot(5, 1)));
+        assert!(!acceptor.prepare(ballot(5, 1)), "a repeated promise changes nothing");
+        assert!(!acceptor.prepare(ballot(4, 9)));
+        let (proposal, _) = written(7, 1, 1);
+        assert!(!acceptor.accept(ballot(4, 9), &proposal), "below the promise");
+        assert!(acceptor.accept(ballot(5, 1), &proposal));
+        assert!(acceptor.has_accepted(ballot(5, 1)));
+        let mut versions = Versions::default();
+        assert!(acceptor.commit(ballot(5, 1), &proposal, &mut versions));
+        assert_eq!(acceptor.accepted, None, "the accepted copy is dropped once committed");
+        assert!(!acceptor.commit(ballot(5, 1), &proposal, &mut versions), "a repeated commit");
+        assert_eq!(versions.siblings()[0].value, Some(7));
+    }
+
+    fn promise(
+        proposer: &mut Proposer<Value, &'static str>,
+        phase: u64,
+        from: NodeId,
+        acceptor: &mut Acceptor<Value>,
+        versions: &Versions<Value>,
+    ) -> Step<Value, &'static str> {
+        acceptor.prepare(proposer.ballot);
+        proposer.on_promise(phase, from, Some((acceptor, versions)))
+    }
+
+    #[test]
+    fn a_proposal_accepted_by_a_minority_is_completed_before_anything_else() {
+        // A proposer got its write accepted by replica 1 only, then vanished.
+        let mut acceptors: Vec<Acceptor<Value>> = vec![Acceptor::default(); 3];
+        let (lost, _) = written(1, 9, 1);
+        acceptors[1].prepare(ballot(1, 9));
+        acceptors[1].accept(ballot(1, 9), &lost);
+        let empty = Versions::default();
+
+        let mut proposer = Proposer::<Value, &'static str>::new(&[0, 1, 2], 2);
+        let Step::Prepare { phase, .. } = proposer.start(ballot(2, 1), |_| true) else { panic!() };
+        assert_eq!(promise(&mut proposer, phase, 0, &mut acceptors[0], &empty), Step::Wait);
+        let step = promise(&mut proposer, phase, 1, &mut acceptors[1], &empty);
+        let Step::Propose { proposal, .. } = step else { panic!("expected the lost write again: {step:?}") };
+        assert_eq!(proposal, lost);
+    }
+
+    #[test]
+    fn a_refusal_raises_the_floor_and_retries() {
+        let mut proposer = Proposer::<Value, &'static str>::new(&[0, 1, 2], 2);
+        let Step::Prepare { phase, .. } = proposer.start(ballot(2, 1), |_| true) else { panic!() };
+        let mut higher = Acceptor::default();
+        higher.prepare(ballot(9, 3));
+        assert_eq!(proposer.on_promise(phase, 0, Some((&higher, &Versions::default()))), Step::Wait);
+        assert_eq!(proposer.on_promise(phase, 1, None), Step::Retry { attempt: 1 });
+        assert_eq!(proposer.floor(), ballot(9, 3));
+        assert!(next_ballot(proposer.floor(), 3, 1, 2) > ballot(9, 3));
+    }
+
+    #[test]
+    fn a_retry_after_a_possibly_accepted_write_finishes_it_or_reports_it_unknown() {
+        let empty = Versions::default();
+        let prepared = |acceptors: &mut Vec<Acceptor<Value>>| {
+            let mut proposer = Proposer::<Value, &'static str>::new(&[0, 1, 2], 2);
+            let Step::Prepare { phase, .. } = proposer.start(ballot(2, 1), |_| true) else { panic!() };
+            promise(&mut proposer, phase, 0, &mut acceptors[0], &empty);
+            let Step::Decide { .. } = promise(&mut proposer, phase, 1, &mut acceptors[1], &empty) else {
+                panic!()
+            };
+            let (mine, dot) = written(5, 1, 1);
+            let Step::Propose { phase, ballot, .. } = proposer.write(mine.clone(), dot, "applied") else {
+                panic!()
+            };
+            acceptors[0].accept(ballot, &mine);
+            assert_eq!(proposer.on_accept(phase, 0, Some(&acceptors[0])), Step::Wait);
+            // The other answers are lost: the write may have been chosen.
+            assert_eq!(proposer.on_phase_timeout(phase), Step::Retry { attempt: 1 });
+            assert!(proposer.may_have_written());
+            proposer
+        };
+        // Replica 0 still holds it: the next round finishes it and reports it applied.
+        let mut acceptors: Vec<Acceptor<Value>> = vec![Acceptor::default(); 3];
+        let mut proposer = prepared(&mut acceptors);
+        let Step::Prepare { phase, .. } = proposer.start(next_ballot(proposer.floor(), 0, 1, 2), |_| true)
+        else {
+            panic!()
+        };
+        promise(&mut proposer, phase, 0, &mut acceptors[0], &empty);
+        let Step::Propose { phase, ballot, proposal, .. } =
+            promise(&mut proposer, phase, 1, &mut acceptors[1], &empty)
+        else {
+            panic!()
+        };
+        for (node, acceptor) in acceptors.iter_mut().enumerate().take(2) {
+            acceptor.accept(ballot, &proposal);
+            let step = proposer.on_accept(phase, node as NodeId, Some(acceptor));
+            if node == 1 {
+                let Step::Commit { phase, .. } = step else { panic!("{step:?}") };
+                proposer.on_commit(phase, 0, true);
+                assert_eq!(proposer.on_commit(phase, 1, true), Step::Done(Ok("applied")));
+            }
+        }
+        // A round whose replicas show no trace of it cannot tell: unknown, never "not applied".
+        let mut acceptors: Vec<Acceptor<Value>> = vec![Acceptor::default(); 3];
+        let mut proposer = prepared(&mut acceptors);
+        let Step::Prepare { phase, .. } = proposer.start(next_ballot(proposer.floor(), 0, 1, 2), |_| true)
+        else {
+            panic!()
+        };
+        let (other, _) = written(6, 2, 1);
+        promise(&mut proposer, phase, 1, &mut acceptors[1], &other);
+        assert_eq!(
+            promise(&mut proposer, phase, 2, &mut acceptors[2], &other),
+            Step::Done(Err(Failure::Indeterminate))
+        );
+    }
+}

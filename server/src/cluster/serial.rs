@@ -1,0 +1,363 @@
+//! Linearizable operations in a cluster, with real I/O: CAS, the Redis conditional and
+//! counter commands, and SERIAL reads, each one run of the key's Paxos (`paxos.rs` decides;
+//! this sends, waits and stores). A shard also serves PREPARE, PROPOSE and COMMIT for the
+//! keys it holds a replica of: the acceptor state lives in the key's stored record and is
+//! durable before the answer.
+//!
+//! Any node can propose (the key's owning shard on the node that got the request); the
+//! replicas among the key's preference list on this node are served without the network.
+
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use futures::channel::mpsc;
+use futures::StreamExt;
+use schema::peer::decode_key_versions;
+use schema::wire::PaxosPhase;
+use schema::{Op, Status};
+
+use super::coordinator::Consistency;
+use super::paxos::{backoff_us, next_ballot, Ballot, Failure, Proposer, Step};
+use super::peer::PeerRequest;
+use super::replication::{
+    client_reply, decode_record, encode_bounded, encode_versions, place, record_from_data, too_few_replicas,
+    versions_from_data, Record, Value,
+};
+use super::ring::NodeId;
+use super::versions::Versions;
+use crate::clock::now_ms;
+use crate::command::{LocalReply, Reply, Version};
+use crate::shard::Shard;
+use crate::storage::Storage;
+use crate::update::{self, Update};
+
+/// A linearizable operation on one key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SerialOp {
+    /// `expected: None`: the key must be absent.
+    Cas { expected: Option<Vec<u8>>, new_value: Vec<u8>, ttl_ms: u64 },
+    /// A Redis conditional or counter command.
+    Update(Update),
+    /// A SERIAL read: sees every operation of this kind that completed before it.
+    Read { metadata_only: bool },
+}
+
+/// The longest a single phase waits for a replica (the operation's deadline may be shorter).
+const PHASE_TIMEOUT: Duration = Duration::from_millis(1000);
+
+/// The key's value as a linearizable operation sees it: the newest live sibling (by
+/// timestamp, then dot), as a plain read's client would resolve it.
+fn newest_live(versions: &Versions<Value>, now_ms: u64) -> Option<(&[u8], u64, u64)> {
+    versions
+        .siblings()
+        .iter()
+        .filter_map(|s| {
+            let (bytes, expires) = s.value.as_ref()?;
+            if *expires != 0 && *expires <= now_ms {
+                return None;
+            }
+            let ttl_left_ms = if *expires == 0 { 0 } else { (*expires - now_ms).max(1) };
+            Some(((s.timestamp_us, s.dot), (bytes.as_slice(), ttl_left_ms, s.timestamp_us)))
+        })
+        .max_by_key(|(order, _)| *order)
+        .map(|(_, current)| current)
+}
+
+/// What an operation does to the state it found: `Some(value)` writes (`None` inside
+/// deletes) with a TTL, and the answer once it is chosen; or nothing, with the answer.
+type Decision = (Option<(Option<Vec<u8>>, u64)>, LocalReply);
+
+fn decide(op: &SerialOp, state: &Versions<Value>) -> Decision {
+    let now = now_ms();
+    let current = newest_live(state, now);
+    match op {
+        SerialOp::Read { metadata_only } => (None, client_reply(state, *metadata_only)),
+        SerialOp::Cas { expected, new_value, ttl_ms } => {
+            let value = current.map(|(value, _, _)| value);
+            if value == expected.as_deref() {
+                (Some((Some(new_value.clone()), *ttl_ms)), Reply::Done)
+            } else {
+                let version = current.map(|(value, ttl_left_ms, timestamp_us)| Version {
+                    value: Some(Rc::from(value)),
+                    timestamp_us,
+                    ttl_left_ms,
+                });
+                (None, Reply::CasFailed(version))
+            }
+        }
+        SerialOp::Update(update) => {
+            let current = current.map(|(value, ttl_left_ms, _)| update::Current { value, ttl_left_ms });
+            let (write, answer) = update::decide(update, current);
+            let answer = Reply::Updated(answer);
+            match write {
+                update::Write::Nothing => (None, answer),
+                update::Write::Put { value, ttl_ms } => (Some((Some(value), ttl_ms)), answer),
+                update::Write::Delete => (Some((None, 0)), answer),
+            }
+        }
+    }
+}
+
+/// What a replica answered in one phase: its record after handling the message.
+type PhaseAnswer = (u64, PaxosPhase, NodeId, Option<Record>);
+
+/// Runs `op` on `key` through its Paxos, proposing from this shard.
+pub async fn coordinate<S: Storage>(
+    shard: &Rc<Shard<S>>,
+    key: Vec<u8>,
+    op: SerialOp,
+    commit: Consistency,
+    timeout: Duration,
+) -> LocalReply {
+    let (cluster, view, replicas, me) = match place(shard, &key) {
+        Ok(placed) => placed,
+        Err(reply) => return reply,
+    };
+    let deadline = Instant::now() + timeout;
+    let commit_wait = match op {
+        SerialOp::Read { .. } => 0,
+        _ => match commit {
+            Consistency::One => 0,
+            consistency => consistency.required(replicas.len()),
+        },
+    };
+    let mut proposer = Proposer::<Value, LocalReply>::new(&replicas, commit_wait);
+    let (sender, mut answers) = mpsc::unbounded::<PhaseAnswer>();
+    let mut random = u64::from(cluster.actor) ^ shard.store.timestamp_us();
+    let mut step = Step::Retry { attempt: 0 };
+    loop {
+        step = match step {
+            Step::Retry { attempt } => {
+                if attempt > 0 {
+                    random = random.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    let pause = Duration::from_micros(backoff_us(attempt, random >> 16));
+                    if Instant::now() + pause >= deadline {
+                        return timed_out(&proposer);
+                    }
+                    glommio::timer::sleep(pause).await;
+                }
+                let counter = match cluster.lease.next().await {
+                    Ok(counter) => counter,
+                    Err(error) => return Reply::error(Status::INTERNAL, format!("counter lease: {error}")),
+                };
+                let ballot =
+                    next_ballot(proposer.floor(), shard.store.timestamp_us(), cluster.actor, counter);
+                let view = cluster.view();
+                proposer.start(ballot, |node| view.is_live(node))
+            }
+            Step::Prepare { phase, ballot, to } => {
+                send(
+                    shard,
+                    &view,
+                    me,
+                    &key,
+                    phase,
+                    PaxosPhase::PREPARE,
+                    ballot,
+                    &Versions::default(),
+                    &to,
+                    &sender,
+                    deadline,
+                );
+                Step::Wait
+            }
+            Step::Propose { phase, ballot, proposal, to } => {
+                send(
+                    shard,
+                    &view,
+                    me,
+                    &key,
+                    phase,
+                    PaxosPhase::PROPOSE,
+                    ballot,
+                    &proposal,
+                    &to,
+                    &sender,
+                    deadline,
+                );
+                Step::Wait
+            }
+            Step::Commit { phase, ballot, proposal, to } => {
+                send(
+                    shard,
+                    &view,
+                    me,
+                    &key,
+                    phase,
+                    PaxosPhase::COMMIT,
+                    ballot,
+                    &proposal,
+                    &to,
+                    &sender,
+                    deadline,
+                );
+                proposer.commits_sent()
+            }
+            Step::Decide { state } => match decide(&op, &state) {
+                (None, answer) => proposer.answer(answer),
+                (Some((value, ttl_ms)), answer) => {
+                    let counter = match cluster.lease.next().await {
+                        Ok(counter) => counter,
+                        Err(error) => {
+                            return Reply::error(Status::INTERNAL, format!("counter lease: {error}"))
+                        }
+                    };
+                    let timestamp_us = shard.store.timestamp_us();
+                    let expires_at_ms = if ttl_ms == 0 { 0 } else { timestamp_us / 1000 + ttl_ms };
+                    // The state after the write: one sibling, whose context covers all it read.
+                    let mut proposal = state.clone();
+                    let value = value.map(|v| (v, expires_at_ms));
+                    let dot =
+                        proposal.write(cluster.actor, counter, Some(state.context()), value, timestamp_us);
+                    proposer.write(proposal, dot, answer)
+                }
+            },
+            Step::Done(Ok(reply)) => return reply,
+            Step::Done(Err(Failure::Unavailable(too_few))) => {
+                return too_few_replicas(cluster, replicas.len(), too_few)
+            }
+            Step::Done(Err(Failure::Indeterminate)) => return timed_out(&proposer),
+            Step::Wait => {
+                let remaining = deadline.saturating_duration_since(Instant::now());
+                let next = futures_lite::future::or(async { answers.next().await }, async {
+                    glommio::timer::sleep(remaining).await;
+                    None
+                });
+                let Some((phase, kind, from, record)) = next.await else {
+                    return timed_out(&proposer);
+                };
+                match kind {
+                    PaxosPhase::PREPARE => {
+                        proposer.on_promise(phase, from, record.as_ref().map(|r| (&r.acceptor, &r.versions)))
+                    }
+                    PaxosPhase::PROPOSE => {
+                        proposer.on_accept(phase, from, record.as_ref().map(|r| &r.acceptor))
+                    }
+                    _ => proposer.on_commit(phase, from, record.is_some()),
+                }
+            }
+        };
+    }
+}
+
+fn timed_out(proposer: &Proposer<Value, LocalReply>) -> LocalReply {
+    let detail = if proposer.may_have_written() {
+        "it may or may not have applied; a SERIAL read tells which"
+    } else {
+        "nothing was applied"
+    };
+    Reply::error(Status::TIMEOUT, format!("no Paxos round completed in time: {detail}"))
+}
+
+/// Sends one phase's message to each of `to`; the answers arrive on `sender`.
+#[allow(clippy::too_many_arguments)]
+fn send<S: Storage>(
+    shard: &Rc<Shard<S>>,
+    view: &super::view::ClusterView,
+    me: NodeId,
+    key: &[u8],
+    phase_id: u64,
+    phase: PaxosPhase,
+    ballot: Ballot,
+    proposal: &Versions<Value>,
+    to: &[NodeId],
+    sender: &mpsc::UnboundedSender<PhaseAnswer>,
+    deadline: Instant,
+) {
+    let bytes: Rc<[u8]> =
+        if phase == PaxosPhase::PREPARE { Rc::from(&[][..]) } else { Rc::from(encode_versions(proposal)) };
+    let timeout = deadline.saturating_duration_since(Instant::now()).min(PHASE_TIMEOUT);
+    for &node in to {
+        let shard = shard.clone();
+        let sender = sender.clone();
+        let key = key.to_vec();
+        let bytes = bytes.clone();
+        let address = view.replica_address(node, &key);
+        glommio::spawn_local(async move {
+            let record = if node == me {
+                match accept(&shard, &key, phase, ballot, &bytes).await {
+                    Reply::Versions(stored) => decode_answer(&stored),
+                    _ => None,
+                }
+            } else {
+                remote(&shard, address, &key, phase, ballot, &bytes, timeout).await
+            };
+            let _ = sender.unbounded_send((phase_id, phase, node, record));
+        })
+        .detach();
+    }
+}
+
+async fn remote<S: Storage>(
+    shard: &Shard<S>,
+    address: Option<std::net::SocketAddr>,
+    key: &[u8],
+    phase: PaxosPhase,
+    ballot: Ballot,
+    proposal: &[u8],
+    timeout: Duration,
+) -> Option<Record> {
+    let cluster = shard.cluster.as_ref()?;
+    let op = Op::Paxos { key, phase, ballot, proposal };
+    let request = PeerRequest { op, consistency: schema::Consistency::ONE, context: &[], timeout };
+    let response = cluster.peers.link(address?).call(request).await.ok()?;
+    if response.status != Status::OK {
+        return None;
+    }
+    decode_answer(&response.versions)
+}
+
+/// A replica's record as it answered (empty: it holds nothing of the key).
+fn decode_answer(bytes: &[u8]) -> Option<Record> {
+    if bytes.is_empty() {
+        return Some(Record::default());
+    }
+    decode_key_versions(bytes).ok().map(record_from_data)
+}
+
+/// Acceptor side: handles one Paxos message for `key` and answers with the stored record
+/// after it, once durable.
+pub async fn accept<S: Storage>(
+    shard: &Shard<S>,
+    key: &[u8],
+    phase: PaxosPhase,
+    ballot: Ballot,
+    proposal: &[u8],
+) -> LocalReply {
+    let proposal = if phase == PaxosPhase::PREPARE {
+        Versions::default()
+    } else {
+        match decode_key_versions(proposal) {
+            Ok(data) => versions_from_data(data),
+            Err(error) => return Reply::error(Status::BAD_REQUEST, error),
+        }
+    };
+    shard.store.observe_peer_timestamp(ballot.time_us, super::replication::CLOCK_SKEW_MAX_US);
+    let size =
+        proposal.siblings().iter().map(|s| s.value.as_ref().map_or(0, |v| v.0.len()) + 48).sum::<usize>()
+            + 256;
+    let mut answer = None;
+    let updated = shard
+        .store
+        .update_raw(key, size, |current| {
+            let mut record = decode_record(current)?;
+            let changed = match phase {
+                PaxosPhase::PREPARE => record.acceptor.prepare(ballot),
+                PaxosPhase::PROPOSE => record.acceptor.accept(ballot, &proposal),
+                _ => record.acceptor.commit(ballot, &proposal, &mut record.versions),
+            };
+            if !changed {
+                answer = Some(current.map(<[u8]>::to_vec).unwrap_or_default());
+                return Ok(None);
+            }
+            encode_bounded(shard.cluster.as_ref(), &mut record).map(Some)
+        })
+        .await;
+    match updated {
+        Ok((stored, seq)) => match shard.store.wait_acked(seq).await {
+            Ok(()) => Reply::Versions(stored.or(answer).unwrap_or_default()),
+            Err(reply) => reply,
+        },
+        Err(reply) => reply,
+    }
+}
