@@ -236,7 +236,7 @@ pub fn parse_request(payload: &[u8]) -> Result<RequestView<'_>, ParseError> {
             }
             let ballot = paxos.ballot().map(crate::peer::Ballot::from_wire).unwrap_or_default();
             let proposal = paxos.proposal().map(|v| v.bytes()).unwrap_or(&[]);
-            if phase != wire::PaxosPhase::PREPARE {
+            if matches!(phase, wire::PaxosPhase::PROPOSE | wire::PaxosPhase::COMMIT) {
                 let decoded = crate::peer::decode_key_versions(proposal).map_err(bad)?;
                 if decoded.acceptor != crate::peer::AcceptorData::default() {
                     return Err(bad("a Paxos proposal carries no acceptor state".into()));

@@ -56,12 +56,17 @@ pub struct AcceptorData {
     pub committed: Ballot,
 }
 
+/// Writes chosen by a key's Paxos that a record or proposal remembers.
+pub const CHOSEN_WRITE_COUNT_MAX: usize = 32;
+
 /// Everything one replica holds of one key.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct KeyVersionsData {
     /// Sorted by actor, counters above zero.
     pub clock: Vec<(u32, u64)>,
     pub siblings: Vec<StoredSibling>,
+    /// The last writes the key's Paxos chose, oldest first: (ballot, actor, counter).
+    pub chosen: Vec<(Ballot, u32, u64)>,
     /// Only in a stored record (and a replica's answer to Paxos); default elsewhere.
     pub acceptor: AcceptorData,
 }
@@ -101,6 +106,12 @@ pub fn encode_key_versions(versions: &KeyVersionsData) -> Vec<u8> {
     let clock: Vec<_> =
         versions.clock.iter().map(|&(actor, counter)| wire::ClockEntry::new(actor, counter)).collect();
     let clock = builder.create_vector(&clock);
+    let chosen: Vec<_> = versions
+        .chosen
+        .iter()
+        .map(|&(ballot, actor, counter)| wire::ChosenWrite::new(&ballot.to_wire(), actor, counter))
+        .collect();
+    let chosen = (!chosen.is_empty()).then(|| builder.create_vector(&chosen));
     let acceptor = &versions.acceptor;
     let has_state = *acceptor != AcceptorData::default();
     let promised = acceptor.promised.to_wire();
@@ -117,6 +128,7 @@ pub fn encode_key_versions(versions: &KeyVersionsData) -> Vec<u8> {
             accepted: accepted.as_ref(),
             accepted_proposal,
             committed: has_state.then_some(&committed),
+            chosen,
         },
     );
     builder.finish_minimal(root);
@@ -183,12 +195,21 @@ fn decode_versions(bytes: &[u8], may_hold_acceptor: bool) -> Result<KeyVersionsD
         }
         _ => return Err("an accepted ballot without its proposal, or the reverse".into()),
     };
+    let chosen: Vec<(Ballot, u32, u64)> = root
+        .chosen()
+        .iter()
+        .flatten()
+        .map(|write| (Ballot::from_wire(write.ballot()), write.actor(), write.counter()))
+        .collect();
+    if chosen.len() > CHOSEN_WRITE_COUNT_MAX {
+        return Err(format!("{} chosen writes remembered", chosen.len()));
+    }
     let acceptor = AcceptorData {
         promised: root.promised().map(Ballot::from_wire).unwrap_or_default(),
         accepted,
         committed: root.committed().map(Ballot::from_wire).unwrap_or_default(),
     };
-    Ok(KeyVersionsData { clock, siblings: out, acceptor })
+    Ok(KeyVersionsData { clock, siblings: out, chosen, acceptor })
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -503,6 +524,7 @@ mod tests {
                     blind: true,
                 },
             ],
+            chosen: vec![(Ballot { time_us: 5, actor: 1, counter: 2 }, 1, 5)],
             acceptor: AcceptorData::default(),
         };
         assert_eq!(decode_key_versions(&encode_key_versions(&versions)), Ok(versions.clone()));

@@ -86,7 +86,8 @@ fn parse_consistency(text: &str) -> Result<Consistency, String> {
         "one" => Ok(Consistency::ONE),
         "quorum" => Ok(Consistency::QUORUM),
         "all" => Ok(Consistency::ALL),
-        _ => Err(format!("expected one, quorum or all, got {text:?}")),
+        "serial" => Ok(Consistency::SERIAL),
+        _ => Err(format!("expected one, quorum, all or serial, got {text:?}")),
     }
 }
 

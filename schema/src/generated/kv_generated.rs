@@ -333,15 +333,18 @@ impl ::flatbuffers::SimpleToVerifyInSlice for ShardFunction {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_PAXOS_PHASE: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_PAXOS_PHASE: u8 = 2;
+pub const ENUM_MAX_PAXOS_PHASE: u8 = 3;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_PAXOS_PHASE: [PaxosPhase; 3] = [
+pub const ENUM_VALUES_PAXOS_PHASE: [PaxosPhase; 4] = [
   PaxosPhase::PREPARE,
   PaxosPhase::PROPOSE,
   PaxosPhase::COMMIT,
+  PaxosPhase::READ,
 ];
 
+/// READ: the replica's record, unchanged (a SERIAL read that finds nothing in progress
+/// needs no promise).
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 #[repr(transparent)]
 pub struct PaxosPhase(pub u8);
@@ -350,13 +353,15 @@ impl PaxosPhase {
   pub const PREPARE: Self = Self(0);
   pub const PROPOSE: Self = Self(1);
   pub const COMMIT: Self = Self(2);
+  pub const READ: Self = Self(3);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 2;
+  pub const ENUM_MAX: u8 = 3;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::PREPARE,
     Self::PROPOSE,
     Self::COMMIT,
+    Self::READ,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -364,6 +369,7 @@ impl PaxosPhase {
       Self::PREPARE => Some("PREPARE"),
       Self::PROPOSE => Some("PROPOSE"),
       Self::COMMIT => Some("COMMIT"),
+      Self::READ => Some("READ"),
       _ => None,
     }
   }
@@ -1007,6 +1013,150 @@ impl<'a> Ballot {
         &x_le as *const _ as *const u8,
         self.0[16..].as_mut_ptr(),
         ::core::mem::size_of::<<u32 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+}
+
+/// A write chosen by the key's Paxos: the ballot its proposer first proposed it under, and
+/// its dot.
+// struct ChosenWrite, aligned to 8
+#[repr(transparent)]
+#[derive(Clone, Copy, PartialEq)]
+pub struct ChosenWrite(pub [u8; 40]);
+impl Default for ChosenWrite { 
+  fn default() -> Self { 
+    Self([0; 40])
+  }
+}
+impl ::core::fmt::Debug for ChosenWrite {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter) -> ::core::fmt::Result {
+    f.debug_struct("ChosenWrite")
+      .field("ballot", &self.ballot())
+      .field("actor", &self.actor())
+      .field("counter", &self.counter())
+      .finish()
+  }
+}
+
+impl ::flatbuffers::SimpleToVerifyInSlice for ChosenWrite {}
+impl<'a> ::flatbuffers::Follow<'a> for ChosenWrite {
+  type Inner = &'a ChosenWrite;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    unsafe { <&'a ChosenWrite>::follow(buf, loc) }
+  }
+}
+impl<'a> ::flatbuffers::Follow<'a> for &'a ChosenWrite {
+  type Inner = &'a ChosenWrite;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    unsafe { ::flatbuffers::follow_cast_ref::<ChosenWrite>(buf, loc) }
+  }
+}
+impl<'b> ::flatbuffers::Push for ChosenWrite {
+    type Output = ChosenWrite;
+    #[inline]
+    unsafe fn push(&self, dst: &mut [u8], _written_len: usize) {
+        let src = unsafe { ::core::slice::from_raw_parts(self as *const ChosenWrite as *const u8, <Self as ::flatbuffers::Push>::size()) };
+        dst.copy_from_slice(src);
+    }
+    #[inline]
+    fn alignment() -> ::flatbuffers::PushAlignment {
+        ::flatbuffers::PushAlignment::new(8)
+    }
+}
+
+impl<'a> ::flatbuffers::Verifiable for ChosenWrite {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.in_buffer::<Self>(pos)
+  }
+}
+
+impl<'a> ChosenWrite {
+  #[allow(clippy::too_many_arguments)]
+  pub fn new(
+    ballot: &Ballot,
+    actor: u32,
+    counter: u64,
+  ) -> Self {
+    let mut s = Self([0; 40]);
+    s.set_ballot(ballot);
+    s.set_actor(actor);
+    s.set_counter(counter);
+    s
+  }
+
+  pub fn ballot(&self) -> &Ballot {
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid struct in this slot
+    unsafe { &*(self.0[0..].as_ptr() as *const Ballot) }
+  }
+
+  #[allow(clippy::identity_op)]
+  pub fn set_ballot(&mut self, x: &Ballot) {
+    self.0[0..0 + 24].copy_from_slice(&x.0)
+  }
+
+  pub fn actor(&self) -> u32 {
+    let mut mem = ::core::mem::MaybeUninit::<<u32 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[24..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u32 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_actor(&mut self, x: u32) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[24..].as_mut_ptr(),
+        ::core::mem::size_of::<<u32 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+  pub fn counter(&self) -> u64 {
+    let mut mem = ::core::mem::MaybeUninit::<<u64 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[32..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_counter(&mut self, x: u64) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[32..].as_mut_ptr(),
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
       );
     }
   }
@@ -3796,6 +3946,7 @@ impl<'a> KeyVersions<'a> {
   pub const VT_ACCEPTED: ::flatbuffers::VOffsetT = 10;
   pub const VT_ACCEPTED_PROPOSAL: ::flatbuffers::VOffsetT = 12;
   pub const VT_COMMITTED: ::flatbuffers::VOffsetT = 14;
+  pub const VT_CHOSEN: ::flatbuffers::VOffsetT = 16;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -3807,6 +3958,7 @@ impl<'a> KeyVersions<'a> {
     args: &'args KeyVersionsArgs<'args>
   ) -> ::flatbuffers::WIPOffset<KeyVersions<'bldr>> {
     let mut builder = KeyVersionsBuilder::new(_fbb);
+    if let Some(x) = args.chosen { builder.add_chosen(x); }
     if let Some(x) = args.committed { builder.add_committed(x); }
     if let Some(x) = args.accepted_proposal { builder.add_accepted_proposal(x); }
     if let Some(x) = args.accepted { builder.add_accepted(x); }
@@ -3872,6 +4024,15 @@ impl<'a> KeyVersions<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<Ballot>(KeyVersions::VT_COMMITTED, None)}
   }
+  /// The last writes the key's Paxos chose, oldest first (at most 32): how a proposer whose
+  /// answer was lost learns whether its write was chosen.
+  #[inline]
+  pub fn chosen(&self) -> Option<::flatbuffers::Vector<'a, ChosenWrite>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ChosenWrite>>>(KeyVersions::VT_CHOSEN, None)}
+  }
 }
 
 impl ::flatbuffers::Verifiable for KeyVersions<'_> {
@@ -3886,6 +4047,7 @@ impl ::flatbuffers::Verifiable for KeyVersions<'_> {
      .visit_field::<Ballot>("accepted", Self::VT_ACCEPTED, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u8>>>("accepted_proposal", Self::VT_ACCEPTED_PROPOSAL, false)?
      .visit_field::<Ballot>("committed", Self::VT_COMMITTED, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ChosenWrite>>>("chosen", Self::VT_CHOSEN, false)?
      .finish();
     Ok(())
   }
@@ -3897,6 +4059,7 @@ pub struct KeyVersionsArgs<'a> {
     pub accepted: Option<&'a Ballot>,
     pub accepted_proposal: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u8>>>,
     pub committed: Option<&'a Ballot>,
+    pub chosen: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ChosenWrite>>>,
 }
 impl<'a> Default for KeyVersionsArgs<'a> {
   #[inline]
@@ -3908,6 +4071,7 @@ impl<'a> Default for KeyVersionsArgs<'a> {
       accepted: None,
       accepted_proposal: None,
       committed: None,
+      chosen: None,
     }
   }
 }
@@ -3942,6 +4106,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> KeyVersionsBuilder<'a, 'b, A>
     self.fbb_.push_slot_always::<&Ballot>(KeyVersions::VT_COMMITTED, committed);
   }
   #[inline]
+  pub fn add_chosen(&mut self, chosen: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ChosenWrite>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(KeyVersions::VT_CHOSEN, chosen);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> KeyVersionsBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     KeyVersionsBuilder {
@@ -3965,6 +4133,7 @@ impl ::core::fmt::Debug for KeyVersions<'_> {
       ds.field("accepted", &self.accepted());
       ds.field("accepted_proposal", &self.accepted_proposal());
       ds.field("committed", &self.committed());
+      ds.field("chosen", &self.chosen());
       ds.finish()
   }
 }

@@ -24,14 +24,14 @@
 //! Rejections and lost messages end a phase; the proposer backs off for a random time that
 //! doubles with each attempt, then tries a higher ballot, until the caller's deadline.
 //!
-//! A proposal of ours that some replica accepted (or that got no answer) may still be chosen
-//! later by another proposer's step 2, so the operation never decides afresh while it may
-//! be: its next round finishes it if a replica still holds it, or finds it chosen (a commit
-//! under its ballot, or its sibling in the state); failing both, the outcome is unknown and
-//! the client hears so (a SERIAL read tells). Only a proposal every replica asked refused
-//! is known to be dead, and the operation decides again. Deciding again on a state that may
-//! already hold our write would report a failed condition for a write that applied, or
-//! apply it twice.
+//! A write of ours that some replica accepted (or that got no answer) may still be chosen
+//! later by another proposer's step 2, or may have been chosen and overwritten since. So the
+//! state carries a window of the last writes chosen (ballot first proposed under, and dot):
+//! the next round reports the operation applied if its write is in the window, finishes it
+//! if a replica still holds it as accepted, and otherwise knows it was not chosen, decides
+//! afresh, and (when it writes nothing) first proposes the unchanged state under its own
+//! ballot, a fence after which no earlier write of ours can be chosen. If the window no
+//! longer reaches back to our write the outcome is unknown, and the client hears so.
 
 use std::collections::BTreeSet;
 
@@ -114,7 +114,8 @@ pub fn backoff_us(attempt: u32, random: u64) -> u64 {
 pub enum Failure {
     /// Too few replicas up for a majority; nothing of this operation was proposed.
     Unavailable(Unavailable),
-    /// A write of this operation may or may not have been chosen.
+    /// A write of this operation may or may not have been chosen (it is older than the
+    /// window of chosen writes the key remembers, or the deadline passed).
     Indeterminate,
 }
 
@@ -123,6 +124,8 @@ pub enum Failure {
 pub enum Step<V, A> {
     /// Send PREPARE(`ballot`) to each of `to`; answer with `on_promise`.
     Prepare { phase: u64, ballot: Ballot, to: Vec<NodeId> },
+    /// Send READ to each of `to` (the record, unchanged); answer with `on_promise`.
+    Read { phase: u64, to: Vec<NodeId> },
     /// The key's current state: decide, then call `write` or `answer`.
     Decide { state: Versions<V> },
     /// Send PROPOSE(`ballot`, `proposal`) to each of `to`; answer with `on_accept`.
@@ -146,15 +149,18 @@ enum Purpose<A> {
     Own(A),
     /// Finishing an earlier operation's accepted proposal.
     Complete,
+    /// The unchanged state, so that no earlier write of ours can be chosen any more; then
+    /// the answer.
+    Fence(A),
 }
 
-/// Our write, once proposed, while it may be accepted somewhere.
+/// A write of ours that some replica may hold.
 #[derive(Debug, Clone)]
 struct Own<V, A> {
-    /// The ballots it was proposed under.
-    ballots: Vec<Ballot>,
-    proposal: Versions<V>,
+    /// The ballot it was first proposed under: its entry among the chosen writes.
+    ballot: Ballot,
     dot: Dot,
+    proposal: Versions<V>,
     answer: A,
 }
 
@@ -162,14 +168,17 @@ struct Own<V, A> {
 enum Stage<V, A> {
     Idle,
     Preparing {
+        /// A read without a ballot: nothing is promised; in progress found, a real prepare.
+        reading: bool,
         promised: BTreeSet<NodeId>,
         refused: BTreeSet<NodeId>,
         state: Versions<V>,
         highest_accepted: Option<(Ballot, Versions<V>)>,
         highest_committed: Ballot,
-        committed: BTreeSet<Ballot>,
     },
-    Deciding,
+    Deciding {
+        state: Versions<V>,
+    },
     Proposing {
         purpose: Purpose<A>,
         proposal: Versions<V>,
@@ -201,7 +210,8 @@ pub struct Proposer<V, A> {
     floor: Ballot,
     attempt: u32,
     stage: Stage<V, A>,
-    own: Option<Own<V, A>>,
+    /// Our writes that some replica may hold: any of them may still be chosen.
+    own: Vec<Own<V, A>>,
 }
 
 impl<V: Clone + PartialEq, A: Clone> Proposer<V, A> {
@@ -216,7 +226,7 @@ impl<V: Clone + PartialEq, A: Clone> Proposer<V, A> {
             floor: Ballot::default(),
             attempt: 0,
             stage: Stage::Idle,
-            own: None,
+            own: Vec::new(),
         }
     }
 
@@ -228,7 +238,7 @@ impl<V: Clone + PartialEq, A: Clone> Proposer<V, A> {
     /// Whether a write of this operation may have been accepted: a failure now means "may
     /// or may not have applied".
     pub fn may_have_written(&self) -> bool {
-        self.own.is_some()
+        !self.own.is_empty()
     }
 
     /// Starts a round with `ballot` (above `floor()`), at the replicas `is_live` says are up.
@@ -239,7 +249,7 @@ impl<V: Clone + PartialEq, A: Clone> Proposer<V, A> {
         self.phase += 1;
         self.asked = self.replicas.iter().copied().filter(|&n| is_live(n)).collect();
         if self.asked.len() < self.quorum {
-            if self.own.is_none() {
+            if self.own.is_empty() {
                 self.stage = Stage::Finished;
                 let unavailable = Unavailable { live: self.asked.len(), required: self.quorum };
                 return Step::Done(Err(Failure::Unavailable(unavailable)));
@@ -248,14 +258,38 @@ impl<V: Clone + PartialEq, A: Clone> Proposer<V, A> {
             return self.retry();
         }
         self.stage = Stage::Preparing {
+            reading: false,
             promised: BTreeSet::new(),
             refused: BTreeSet::new(),
             state: Versions::default(),
             highest_accepted: None,
             highest_committed: Ballot::default(),
-            committed: BTreeSet::new(),
         };
         Step::Prepare { phase: self.phase, ballot, to: self.asked.clone() }
+    }
+
+    /// Starts a read-only operation (a SERIAL read) with a quorum read of the replicas'
+    /// records, without a ballot: if none holds an accepted proposal newer than the newest
+    /// commit, every chosen write is in the merged state and any write chosen later is
+    /// chosen after this read, so no promise is needed (and none pre-empts a writer). If one
+    /// is in progress, the read goes on as a full round (`Retry`) and finishes it first.
+    pub fn start_read(&mut self, is_live: impl Fn(NodeId) -> bool) -> Step<V, A> {
+        self.phase += 1;
+        self.asked = self.replicas.iter().copied().filter(|&n| is_live(n)).collect();
+        if self.asked.len() < self.quorum {
+            self.stage = Stage::Finished;
+            let unavailable = Unavailable { live: self.asked.len(), required: self.quorum };
+            return Step::Done(Err(Failure::Unavailable(unavailable)));
+        }
+        self.stage = Stage::Preparing {
+            reading: true,
+            promised: BTreeSet::new(),
+            refused: BTreeSet::new(),
+            state: Versions::default(),
+            highest_accepted: None,
+            highest_committed: Ballot::default(),
+        };
+        Step::Read { phase: self.phase, to: self.asked.clone() }
     }
 
     fn retry(&mut self) -> Step<V, A> {
@@ -282,7 +316,7 @@ impl<V: Clone + PartialEq, A: Clone> Proposer<V, A> {
         let ballot = self.ballot;
         let quorum = self.quorum;
         let asked = self.asked.len();
-        let Stage::Preparing { promised, refused, state, highest_accepted, highest_committed, committed } =
+        let Stage::Preparing { reading, promised, refused, state, highest_accepted, highest_committed } =
             &mut self.stage
         else {
             return Step::Wait;
@@ -290,8 +324,9 @@ impl<V: Clone + PartialEq, A: Clone> Proposer<V, A> {
         if promised.contains(&from) || refused.contains(&from) {
             return Step::Wait;
         }
+        let reading = *reading;
         match reply {
-            Some((acceptor, versions)) if acceptor.promised == ballot => {
+            Some((acceptor, versions)) if reading || acceptor.promised == ballot => {
                 promised.insert(from);
                 state.merge(versions);
                 if let Some((accepted_ballot, proposal)) = &acceptor.accepted {
@@ -300,7 +335,6 @@ impl<V: Clone + PartialEq, A: Clone> Proposer<V, A> {
                     }
                 }
                 *highest_committed = (*highest_committed).max(acceptor.committed);
-                committed.insert(acceptor.committed);
             }
             Some((acceptor, _)) => {
                 self.floor = self.floor.max(acceptor.promised);
@@ -313,31 +347,20 @@ impl<V: Clone + PartialEq, A: Clone> Proposer<V, A> {
         if promised.len() >= quorum {
             let in_progress = highest_accepted.take().filter(|(b, _)| *b > *highest_committed);
             let state = std::mem::take(state);
-            let committed = std::mem::take(committed);
-            return match (in_progress, &self.own) {
-                // Our write, still pending: finish it under this ballot.
-                (Some((_, proposal)), Some(own)) if proposal == own.proposal => {
-                    let answer = own.answer.clone();
-                    self.propose(Purpose::Own(answer), proposal)
+            return match in_progress {
+                Some(_) if reading => {
+                    self.stage = Stage::Idle;
+                    Step::Retry { attempt: 0 }
                 }
-                (Some((_, proposal)), _) => self.propose(Purpose::Complete, proposal),
-                (None, None) => {
-                    self.stage = Stage::Deciding;
-                    Step::Decide { state }
+                Some((_, proposal)) => {
+                    // Ours, still pending: finish it under this ballot. Else someone else's.
+                    let purpose = match self.own.iter().find(|own| own.proposal == proposal) {
+                        Some(own) => Purpose::Own(own.answer.clone()),
+                        None => Purpose::Complete,
+                    };
+                    self.propose(purpose, proposal)
                 }
-                (None, Some(own)) => {
-                    let chosen = own.ballots.iter().any(|b| committed.contains(b))
-                        || state
-                            .siblings()
-                            .iter()
-                            .any(|s| own.proposal.siblings().contains(s) && s.dot == own.dot);
-                    self.stage = Stage::Finished;
-                    if chosen {
-                        Step::Done(Ok(own.answer.clone()))
-                    } else {
-                        Step::Done(Err(Failure::Indeterminate))
-                    }
-                }
+                None => self.prepared(state),
             };
         }
         if asked - refused.len() < quorum {
@@ -346,30 +369,53 @@ impl<V: Clone + PartialEq, A: Clone> Proposer<V, A> {
         Step::Wait
     }
 
+    /// A majority promised and nothing is left to finish: `state` holds every chosen write.
+    fn prepared(&mut self, state: Versions<V>) -> Step<V, A> {
+        if !self.own.is_empty() {
+            let chosen = state.chosen();
+            if let Some(own) = self.own.iter().find(|own| chosen.contains(&(own.ballot, own.dot))) {
+                self.stage = Stage::Finished;
+                return Step::Done(Ok(own.answer.clone()));
+            }
+            // Our writes are not among the chosen ones, if the window reaches back far
+            // enough: chosen writes appear in the order of their ballots.
+            let complete = chosen.len() < schema::peer::CHOSEN_WRITE_COUNT_MAX
+                || self.own.iter().all(|own| chosen.first().is_some_and(|(oldest, _)| *oldest < own.ballot));
+            if !complete {
+                self.stage = Stage::Finished;
+                return Step::Done(Err(Failure::Indeterminate));
+            }
+        }
+        self.stage = Stage::Deciding { state: state.clone() };
+        Step::Decide { state }
+    }
+
     /// The decision: write `proposal` (the state after this operation's write, whose new
     /// sibling is `dot`); `answer` is the outcome once it is chosen.
-    pub fn write(&mut self, proposal: Versions<V>, dot: Dot, answer: A) -> Step<V, A> {
-        if !matches!(self.stage, Stage::Deciding) {
+    pub fn write(&mut self, mut proposal: Versions<V>, dot: Dot, answer: A) -> Step<V, A> {
+        if !matches!(self.stage, Stage::Deciding { .. }) {
             return Step::Wait;
         }
-        self.own = Some(Own { ballots: Vec::new(), proposal: proposal.clone(), dot, answer: answer.clone() });
+        proposal.record_chosen(self.ballot, dot);
+        self.own.push(Own { ballot: self.ballot, dot, proposal: proposal.clone(), answer: answer.clone() });
         self.propose(Purpose::Own(answer), proposal)
     }
 
-    /// The decision: nothing to write; `answer` is the outcome.
+    /// The decision: nothing to write; `answer` is the outcome, once no earlier write of
+    /// ours can be chosen any more (a fence: the unchanged state, proposed).
     pub fn answer(&mut self, answer: A) -> Step<V, A> {
-        if !matches!(self.stage, Stage::Deciding) {
+        let Stage::Deciding { state } = std::mem::replace(&mut self.stage, Stage::Idle) else {
             return Step::Wait;
+        };
+        if self.own.is_empty() {
+            self.stage = Stage::Finished;
+            return Step::Done(Ok(answer));
         }
-        self.stage = Stage::Finished;
-        Step::Done(Ok(answer))
+        self.propose(Purpose::Fence(answer), state)
     }
 
     fn propose(&mut self, purpose: Purpose<A>, proposal: Versions<V>) -> Step<V, A> {
         self.phase += 1;
-        if let (Purpose::Own(_), Some(own)) = (&purpose, &mut self.own) {
-            own.ballots.push(self.ballot);
-        }
         self.stage = Stage::Proposing {
             purpose,
             proposal: proposal.clone(),
@@ -405,7 +451,7 @@ impl<V: Clone + PartialEq, A: Clone> Proposer<V, A> {
                 unknown.insert(from);
             }
         }
-        let (accepted_count, refused_count) = (accepted.len(), refused.len() + unknown.len());
+        let (accepted_count, lost_count) = (accepted.len(), refused.len() + unknown.len());
         let all_refused = refused.len() == self.asked.len();
         if accepted_count >= self.quorum {
             let Stage::Proposing { purpose, proposal, .. } = std::mem::replace(&mut self.stage, Stage::Idle)
@@ -415,14 +461,15 @@ impl<V: Clone + PartialEq, A: Clone> Proposer<V, A> {
             self.phase += 1;
             self.stage =
                 Stage::Committing { purpose, acknowledged: BTreeSet::new(), answered: BTreeSet::new() };
-            // Every replica learns the outcome, the ones that were down included (they get
-            // it from a later round's proposal or from anti-entropy otherwise).
             return Step::Commit { phase: self.phase, ballot, proposal, to: self.asked.clone() };
         }
-        if self.asked.len() - refused_count < self.quorum {
+        if self.asked.len() - lost_count < self.quorum {
             if all_refused {
-                // No replica holds our write: it can never be chosen.
-                self.own = None;
+                // No replica holds this proposal: if it was our latest write, it is dead.
+                if let Stage::Proposing { purpose: Purpose::Own(_), proposal, .. } = &self.stage {
+                    let proposal = proposal.clone();
+                    self.own.retain(|own| own.proposal != proposal);
+                }
             }
             return self.retry();
         }
@@ -465,7 +512,7 @@ impl<V: Clone + PartialEq, A: Clone> Proposer<V, A> {
             return Step::Wait;
         };
         match purpose {
-            Purpose::Own(answer) => {
+            Purpose::Own(answer) | Purpose::Fence(answer) => {
                 self.stage = Stage::Finished;
                 Step::Done(Ok(answer))
             }
@@ -562,7 +609,7 @@ mod tests {
     }
 
     #[test]
-    fn a_retry_after_a_possibly_accepted_write_finishes_it_or_reports_it_unknown() {
+    fn a_retry_after_a_possibly_accepted_write_finds_it_finishes_it_or_fences_it() {
         let empty = Versions::default();
         let prepared = |acceptors: &mut Vec<Acceptor<Value>>| {
             let mut proposer = Proposer::<Value, &'static str>::new(&[0, 1, 2], 2);
@@ -572,50 +619,62 @@ mod tests {
                 panic!()
             };
             let (mine, dot) = written(5, 1, 1);
-            let Step::Propose { phase, ballot, .. } = proposer.write(mine.clone(), dot, "applied") else {
+            let Step::Propose { phase, ballot, proposal, .. } = proposer.write(mine, dot, "applied") else {
                 panic!()
             };
-            acceptors[0].accept(ballot, &mine);
+            acceptors[0].accept(ballot, &proposal);
             assert_eq!(proposer.on_accept(phase, 0, Some(&acceptors[0])), Step::Wait);
             // The other answers are lost: the write may have been chosen.
             assert_eq!(proposer.on_phase_timeout(phase), Step::Retry { attempt: 1 });
             assert!(proposer.may_have_written());
-            proposer
+            (proposer, proposal)
+        };
+        let restart = |proposer: &mut Proposer<Value, &'static str>| {
+            let Step::Prepare { phase, .. } =
+                proposer.start(next_ballot(proposer.floor(), 0, 1, 2), |_| true)
+            else {
+                panic!()
+            };
+            phase
         };
         // Replica 0 still holds it: the next round finishes it and reports it applied.
         let mut acceptors: Vec<Acceptor<Value>> = vec![Acceptor::default(); 3];
-        let mut proposer = prepared(&mut acceptors);
-        let Step::Prepare { phase, .. } = proposer.start(next_ballot(proposer.floor(), 0, 1, 2), |_| true)
-        else {
-            panic!()
-        };
+        let (mut proposer, _) = prepared(&mut acceptors);
+        let phase = restart(&mut proposer);
         promise(&mut proposer, phase, 0, &mut acceptors[0], &empty);
         let Step::Propose { phase, ballot, proposal, .. } =
             promise(&mut proposer, phase, 1, &mut acceptors[1], &empty)
         else {
             panic!()
         };
-        for (node, acceptor) in acceptors.iter_mut().enumerate().take(2) {
-            acceptor.accept(ballot, &proposal);
-            let step = proposer.on_accept(phase, node as NodeId, Some(acceptor));
+        for node in 0..2 {
+            acceptors[node].accept(ballot, &proposal);
+            let step = proposer.on_accept(phase, node as NodeId, Some(&acceptors[node]));
             if node == 1 {
                 let Step::Commit { phase, .. } = step else { panic!("{step:?}") };
                 proposer.on_commit(phase, 0, true);
                 assert_eq!(proposer.on_commit(phase, 1, true), Step::Done(Ok("applied")));
             }
         }
-        // A round whose replicas show no trace of it cannot tell: unknown, never "not applied".
+        // Chosen and overwritten since: the window of chosen writes tells.
         let mut acceptors: Vec<Acceptor<Value>> = vec![Acceptor::default(); 3];
-        let mut proposer = prepared(&mut acceptors);
-        let Step::Prepare { phase, .. } = proposer.start(next_ballot(proposer.floor(), 0, 1, 2), |_| true)
-        else {
-            panic!()
-        };
+        let (mut proposer, mine) = prepared(&mut acceptors);
+        let phase = restart(&mut proposer);
+        let mut later = mine.clone();
+        let dot = later.write(2, 9, Some(mine.context()), Some(6), 9);
+        later.record_chosen(Ballot { time_us: 3, actor: 2, counter: 1 }, dot);
+        promise(&mut proposer, phase, 1, &mut acceptors[1], &later);
+        assert_eq!(promise(&mut proposer, phase, 2, &mut acceptors[2], &later), Step::Done(Ok("applied")));
+        // No trace of it among the chosen: decided afresh, and a failed condition is fenced.
+        let mut acceptors: Vec<Acceptor<Value>> = vec![Acceptor::default(); 3];
+        let (mut proposer, _) = prepared(&mut acceptors);
+        let phase = restart(&mut proposer);
         let (other, _) = written(6, 2, 1);
         promise(&mut proposer, phase, 1, &mut acceptors[1], &other);
-        assert_eq!(
-            promise(&mut proposer, phase, 2, &mut acceptors[2], &other),
-            Step::Done(Err(Failure::Indeterminate))
-        );
+        let Step::Decide { .. } = promise(&mut proposer, phase, 2, &mut acceptors[2], &other) else {
+            panic!()
+        };
+        let step = proposer.answer("not applied");
+        assert!(matches!(step, Step::Propose { .. }), "a fence before the answer: {step:?}");
     }
 }

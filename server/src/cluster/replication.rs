@@ -88,6 +88,8 @@ pub struct ClusterShard<S: Storage> {
     pub stats: ReplicationStats,
     /// Shard 0 only: the gossip driver.
     pub membership: RefCell<Option<Rc<super::membership::Membership>>>,
+    /// One Paxos proposal at a time per key from this shard (see `serial.rs`).
+    pub(crate) serial_turns: RefCell<std::collections::HashMap<Vec<u8>, Rc<glommio::sync::Semaphore>>>,
 }
 
 /// The actor of a node: its id hashed to 32 bits (members are checked for collisions when
@@ -125,6 +127,7 @@ impl<S: Storage> ClusterShard<S> {
             hint_log_path: shard_dir.join(hint_log::HINT_LOG_FILE),
             stats: ReplicationStats::default(),
             membership: RefCell::new(None),
+            serial_turns: RefCell::new(std::collections::HashMap::new()),
         })
     }
 
@@ -185,6 +188,8 @@ fn monotonic_us() -> u64 {
 
 pub fn versions_from_data(data: KeyVersionsData) -> Versions<Value> {
     let clock = VersionVector::from_entries(data.clock);
+    let chosen =
+        data.chosen.into_iter().map(|(ballot, actor, counter)| (ballot, Dot { actor, counter })).collect();
     let siblings = data
         .siblings
         .into_iter()
@@ -195,7 +200,7 @@ pub fn versions_from_data(data: KeyVersionsData) -> Versions<Value> {
             blind: s.blind,
         })
         .collect();
-    Versions::from_parts(clock, siblings)
+    Versions::from_parts(clock, siblings, chosen)
 }
 
 /// The versions as shipped between replicas (no acceptor state).
@@ -214,6 +219,7 @@ pub fn versions_to_data(versions: &Versions<Value>) -> KeyVersionsData {
                 blind: s.blind,
             })
             .collect(),
+        chosen: versions.chosen().iter().map(|&(ballot, dot)| (ballot, dot.actor, dot.counter)).collect(),
         acceptor: AcceptorData::default(),
     }
 }

@@ -21,7 +21,7 @@ use super::paxos::{backoff_us, next_ballot, Ballot, Failure, Proposer, Step};
 use super::peer::PeerRequest;
 use super::replication::{
     client_reply, decode_record, encode_bounded, encode_versions, place, record_from_data, too_few_replicas,
-    versions_from_data, Record, Value,
+    versions_from_data, ClusterShard, Record, Value,
 };
 use super::ring::NodeId;
 use super::versions::Versions;
@@ -114,6 +114,20 @@ pub async fn coordinate<S: Storage>(
         Err(reply) => return reply,
     };
     let deadline = Instant::now() + timeout;
+    // Writers of one key take turns on this shard: proposers of one node would only pre-empt
+    // each other (clients send a key's requests to one replica, so most contention is here).
+    let _turn = match op {
+        SerialOp::Read { .. } => None,
+        _ => match take_turn(cluster, &key, deadline).await {
+            Some(turn) => Some(turn),
+            None => {
+                return Reply::error(
+                    Status::TIMEOUT,
+                    "waited past the deadline for the key's earlier writes; nothing was applied",
+                )
+            }
+        },
+    };
     let commit_wait = match op {
         SerialOp::Read { .. } => 0,
         _ => match commit {
@@ -124,7 +138,10 @@ pub async fn coordinate<S: Storage>(
     let mut proposer = Proposer::<Value, LocalReply>::new(&replicas, commit_wait);
     let (sender, mut answers) = mpsc::unbounded::<PhaseAnswer>();
     let mut random = u64::from(cluster.actor) ^ shard.store.timestamp_us();
-    let mut step = Step::Retry { attempt: 0 };
+    let mut step = match op {
+        SerialOp::Read { .. } => proposer.start_read(|node| view.is_live(node)),
+        _ => Step::Retry { attempt: 0 },
+    };
     loop {
         step = match step {
             Step::Retry { attempt } => {
@@ -153,6 +170,23 @@ pub async fn coordinate<S: Storage>(
                     &key,
                     phase,
                     PaxosPhase::PREPARE,
+                    ballot,
+                    &Versions::default(),
+                    &to,
+                    &sender,
+                    deadline,
+                );
+                Step::Wait
+            }
+            Step::Read { phase, to } => {
+                let ballot = Ballot::default();
+                send(
+                    shard,
+                    &view,
+                    me,
+                    &key,
+                    phase,
+                    PaxosPhase::READ,
                     ballot,
                     &Versions::default(),
                     &to,
@@ -227,7 +261,7 @@ pub async fn coordinate<S: Storage>(
                     return timed_out(&proposer);
                 };
                 match kind {
-                    PaxosPhase::PREPARE => {
+                    PaxosPhase::PREPARE | PaxosPhase::READ => {
                         proposer.on_promise(phase, from, record.as_ref().map(|r| (&r.acceptor, &r.versions)))
                     }
                     PaxosPhase::PROPOSE => {
@@ -238,6 +272,49 @@ pub async fn coordinate<S: Storage>(
             }
         };
     }
+}
+
+/// This shard's turn to propose for one key; the next waiter's when dropped.
+struct Turn<'a, S: Storage> {
+    cluster: &'a ClusterShard<S>,
+    key: &'a [u8],
+    semaphore: Rc<glommio::sync::Semaphore>,
+}
+
+impl<S: Storage> Drop for Turn<'_, S> {
+    fn drop(&mut self) {
+        self.semaphore.signal(1);
+        // The map's reference and ours: nobody waits, the entry goes.
+        if Rc::strong_count(&self.semaphore) == 2 {
+            self.cluster.serial_turns.borrow_mut().remove(self.key);
+        }
+    }
+}
+
+async fn take_turn<'a, S: Storage>(
+    cluster: &'a ClusterShard<S>,
+    key: &'a [u8],
+    deadline: Instant,
+) -> Option<Turn<'a, S>> {
+    let semaphore = cluster
+        .serial_turns
+        .borrow_mut()
+        .entry(key.to_vec())
+        .or_insert_with(|| Rc::new(glommio::sync::Semaphore::new(1)))
+        .clone();
+    let remaining = deadline.saturating_duration_since(Instant::now());
+    let acquired = futures_lite::future::or(async { semaphore.acquire(1).await.is_ok() }, async {
+        glommio::timer::sleep(remaining).await;
+        false
+    });
+    if acquired.await {
+        return Some(Turn { cluster, key, semaphore });
+    }
+    // Not acquired: nothing to give back, but the entry goes if nobody else uses it.
+    if Rc::strong_count(&semaphore) == 2 {
+        cluster.serial_turns.borrow_mut().remove(key);
+    }
+    None
 }
 
 fn timed_out(proposer: &Proposer<Value, LocalReply>) -> LocalReply {
@@ -264,8 +341,10 @@ fn send<S: Storage>(
     sender: &mpsc::UnboundedSender<PhaseAnswer>,
     deadline: Instant,
 ) {
-    let bytes: Rc<[u8]> =
-        if phase == PaxosPhase::PREPARE { Rc::from(&[][..]) } else { Rc::from(encode_versions(proposal)) };
+    let bytes: Rc<[u8]> = match phase {
+        PaxosPhase::PROPOSE | PaxosPhase::COMMIT => Rc::from(encode_versions(proposal)),
+        _ => Rc::from(&[][..]),
+    };
     let timeout = deadline.saturating_duration_since(Instant::now()).min(PHASE_TIMEOUT);
     for &node in to {
         let shard = shard.clone();
@@ -324,13 +403,18 @@ pub async fn accept<S: Storage>(
     ballot: Ballot,
     proposal: &[u8],
 ) -> LocalReply {
-    let proposal = if phase == PaxosPhase::PREPARE {
-        Versions::default()
-    } else {
-        match decode_key_versions(proposal) {
+    let proposal = match phase {
+        PaxosPhase::PROPOSE | PaxosPhase::COMMIT => match decode_key_versions(proposal) {
             Ok(data) => versions_from_data(data),
             Err(error) => return Reply::error(Status::BAD_REQUEST, error),
+        },
+        PaxosPhase::READ => {
+            return match shard.store.read_raw(key).await {
+                Ok(bytes) => Reply::Versions(bytes.map(|b| b.to_vec()).unwrap_or_default()),
+                Err(reply) => reply,
+            }
         }
+        _ => Versions::default(),
     };
     shard.store.observe_peer_timestamp(ballot.time_us, super::replication::CLOCK_SKEW_MAX_US);
     let size =
@@ -344,7 +428,8 @@ pub async fn accept<S: Storage>(
             let changed = match phase {
                 PaxosPhase::PREPARE => record.acceptor.prepare(ballot),
                 PaxosPhase::PROPOSE => record.acceptor.accept(ballot, &proposal),
-                _ => record.acceptor.commit(ballot, &proposal, &mut record.versions),
+                PaxosPhase::COMMIT => record.acceptor.commit(ballot, &proposal, &mut record.versions),
+                _ => return Err(Reply::error(Status::BAD_REQUEST, "unknown Paxos phase")),
             };
             if !changed {
                 answer = Some(current.map(<[u8]>::to_vec).unwrap_or_default());

@@ -38,6 +38,7 @@ enum Message {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Phase {
+    Read,
     Prepare,
     Propose,
     Commit,
@@ -175,8 +176,16 @@ impl Simulation {
         self.next_op += 1;
         let replicas = self.replicas(key);
         let proposer = Proposer::new(&replicas, if self.rng.below(2) == 0 { 0 } else { 2 });
+        let reading = operation == Operation::Read;
         self.running.insert(op, Running { client, node, key, operation, proposer, start_us: self.now_us });
-        self.drive(op, Step::Retry { attempt: 0 });
+        let first = if reading {
+            let live: Vec<bool> =
+                (0..NODE_COUNT).map(|n| self.nodes[n as usize].up && self.connected(node, n)).collect();
+            self.running.get_mut(&op).expect("running").proposer.start_read(|n| live[n as usize])
+        } else {
+            Step::Retry { attempt: 0 }
+        };
+        self.drive(op, first);
     }
 
     /// Ends `op`: records it (unless it surely had no effect) and lets its client go on.
@@ -251,6 +260,19 @@ impl Simulation {
                     let running = self.running.get_mut(&op).expect("running");
                     running.proposer.start(ballot, |n| live[n as usize])
                 }
+                Step::Read { phase, to } => {
+                    self.broadcast(
+                        op,
+                        node,
+                        key,
+                        phase,
+                        Phase::Read,
+                        Ballot::default(),
+                        Versions::default(),
+                        &to,
+                    );
+                    Step::Wait
+                }
                 Step::Prepare { phase, ballot, to } => {
                     self.broadcast(op, node, key, phase, Phase::Prepare, ballot, Versions::default(), &to);
                     Step::Wait
@@ -315,6 +337,7 @@ impl Simulation {
                 (self.now_us, from, to, 0u8, phase).hash(&mut self.trace);
                 let (acceptor, versions) = self.nodes[to as usize].records.entry(key).or_default();
                 match phase {
+                    Phase::Read => false,
                     Phase::Prepare => acceptor.prepare(ballot),
                     Phase::Propose => acceptor.accept(ballot, &proposal),
                     Phase::Commit => acceptor.commit(ballot, &proposal, versions),
@@ -330,7 +353,9 @@ impl Simulation {
                 }
                 let (acceptor, versions) = &record;
                 let step = match phase {
-                    Phase::Prepare => running.proposer.on_promise(phase_id, from, Some((acceptor, versions))),
+                    Phase::Read | Phase::Prepare => {
+                        running.proposer.on_promise(phase_id, from, Some((acceptor, versions)))
+                    }
                     Phase::Propose => running.proposer.on_accept(phase_id, from, Some(acceptor)),
                     Phase::Commit => running.proposer.on_commit(phase_id, from, true),
                 };

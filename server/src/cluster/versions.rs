@@ -13,8 +13,12 @@
 //! - A write without a context ("blind", from RESP or `kvctl put`) is last-writer-wins: it
 //!   supersedes what the coordinator has seen, and concurrent blind siblings collapse to the
 //!   one with the highest (timestamp, dot), which loses the others (documented as lossy).
+//! - The last writes the key's Paxos chose ride along (`chosen`): a window of one sequence,
+//!   so a merge keeps the window that reaches further.
 
 use std::collections::BTreeMap;
+
+use schema::peer::{Ballot, CHOSEN_WRITE_COUNT_MAX};
 
 /// A writer's identity in version vectors: the node id.
 pub type Actor = u32;
@@ -111,18 +115,42 @@ pub struct Versions<V> {
     clock: VersionVector,
     siblings: Vec<Sibling<V>>,
     dropped_sibling_count: u64,
+    /// The last writes chosen by the key's Paxos, oldest first: the ballot each was first
+    /// proposed under (rising along the sequence), and its dot.
+    chosen: Vec<(Ballot, Dot)>,
 }
 
 impl<V> Default for Versions<V> {
     fn default() -> Self {
-        Versions { clock: VersionVector::default(), siblings: Vec::new(), dropped_sibling_count: 0 }
+        Versions {
+            clock: VersionVector::default(),
+            siblings: Vec::new(),
+            dropped_sibling_count: 0,
+            chosen: Vec::new(),
+        }
     }
 }
 
 impl<V: Clone> Versions<V> {
     /// Versions as stored or shipped (already resolved by whoever wrote them).
-    pub fn from_parts(clock: VersionVector, siblings: Vec<Sibling<V>>) -> Versions<V> {
-        Versions { clock, siblings, dropped_sibling_count: 0 }
+    pub fn from_parts(
+        clock: VersionVector,
+        siblings: Vec<Sibling<V>>,
+        chosen: Vec<(Ballot, Dot)>,
+    ) -> Versions<V> {
+        Versions { clock, siblings, dropped_sibling_count: 0, chosen }
+    }
+
+    /// The last writes chosen by the key's Paxos, oldest first.
+    pub fn chosen(&self) -> &[(Ballot, Dot)] {
+        &self.chosen
+    }
+
+    /// Notes that the write `dot`, proposed under `ballot`, is part of this (proposed) state.
+    pub fn record_chosen(&mut self, ballot: Ballot, dot: Dot) {
+        self.chosen.push((ballot, dot));
+        let excess = self.chosen.len().saturating_sub(CHOSEN_WRITE_COUNT_MAX);
+        self.chosen.drain(..excess);
     }
 
     /// The context a reader gets: everything this replica has seen of the key.
@@ -177,6 +205,9 @@ impl<V: Clone> Versions<V> {
         siblings.sort_by_key(|s| s.dot);
         self.siblings = siblings;
         self.clock.merge(&other.clock);
+        if other.chosen.last().map(|c| c.0) > self.chosen.last().map(|c| c.0) {
+            self.chosen = other.chosen.clone();
+        }
         self.resolve();
     }
 

@@ -12,14 +12,14 @@ use client::{Client, Consistency, Error, Options};
 use crate::harness::{runtime, wait_for, DataDir, Node};
 
 /// Targets of the issue: a killed node is down, and a cluster converges, within 5 s.
-const DETECT_DEADLINE: Duration = Duration::from_secs(15);
-const CONVERGE_DEADLINE: Duration = Duration::from_secs(15);
+pub(crate) const DETECT_DEADLINE: Duration = Duration::from_secs(15);
+pub(crate) const CONVERGE_DEADLINE: Duration = Duration::from_secs(15);
 
-struct Cluster {
-    dirs: Vec<DataDir>,
-    nodes: Vec<Option<Node>>,
+pub(crate) struct Cluster {
+    pub(crate) dirs: Vec<DataDir>,
+    pub(crate) nodes: Vec<Option<Node>>,
     /// Client addresses and first shard ports, kept for restarts on the same ports.
-    addresses: Vec<String>,
+    pub(crate) addresses: Vec<String>,
     shard_ports: Vec<u16>,
     size: usize,
 }
@@ -34,7 +34,7 @@ fn cluster_flags(size: usize, seed: Option<&str>) -> Vec<String> {
 }
 
 impl Cluster {
-    fn start(size: usize, name: &str) -> Cluster {
+    pub(crate) fn start(size: usize, name: &str) -> Cluster {
         let dirs: Vec<DataDir> = (0..size).map(|i| DataDir::new(&format!("{name}-{i}"))).collect();
         let mut nodes = Vec::new();
         let mut addresses = Vec::new();
@@ -54,7 +54,7 @@ impl Cluster {
         Cluster { dirs, nodes, addresses, shard_ports, size }
     }
 
-    fn restart(&mut self, index: usize) {
+    pub(crate) fn restart(&mut self, index: usize) {
         let seed = self.addresses[(index + 1) % self.size].clone();
         let mut flags = cluster_flags(self.size, Some(&seed));
         // The same ports as before, as a node on fixed ports has: peers that believe it down
@@ -75,7 +75,7 @@ impl Cluster {
         self.nodes[index] = Some(node);
     }
 
-    fn kill9(&mut self, index: usize) {
+    pub(crate) fn kill9(&mut self, index: usize) {
         if let Some(mut node) = self.nodes[index].take() {
             node.kill9();
         }
@@ -108,7 +108,7 @@ async fn sees_up(address: &str, up: usize) -> bool {
     }
 }
 
-fn wait_until_all_see(
+pub(crate) fn wait_until_all_see(
     rt: &tokio::runtime::Runtime,
     addresses: &[String],
     up: usize,
@@ -408,11 +408,13 @@ fn concurrent_writers_with_contexts_make_siblings_and_lose_none() {
             dropped += cluster_stats(address).await.and_then(|s| s["siblings_dropped"].as_u64()).unwrap_or(0);
         }
         assert!(dropped >= 1, "siblings dropped by the size bound are counted");
-        // CAS is refused in a cluster until consensus lands.
-        let outcome = a.cas(b"shared-0", Some(b"resolved"), b"x", None).await;
-        assert!(matches!(outcome, Err(Error::Unsupported(_))), "{outcome:?}");
+        // CAS goes through the key's Paxos: one applies, the same again fails with the value.
+        let outcome = a.cas(b"cas-key", None, b"1", None).await.expect("cas");
+        assert_eq!(outcome, client::CasOutcome::Swapped);
+        let outcome = all.cas(b"cas-key", None, b"2", None).await.expect("cas");
+        assert!(matches!(&outcome, client::CasOutcome::Failed { current: Some(v) } if v.value == b"1"), "{outcome:?}");
         // The RESP front door goes through the coordinator: written through one node, read
-        // through another; read-modify-write commands are refused until consensus exists.
+        // through another; read-modify-write commands go through the key's Paxos.
         let resp = |index: usize, request: &str| {
             let port = cluster.nodes[index].as_ref().and_then(|n| n.ports.resp).expect("resp port").port();
             let ip = format!("127.0.0.{}", index + 2);
@@ -425,9 +427,9 @@ fn concurrent_writers_with_contexts_make_siblings_and_lose_none() {
         };
         assert_eq!(resp(0, "SET resp-key hello\r\nQUIT\r\n"), "+OK\r\n+OK\r\n");
         assert_eq!(resp(2, "GET resp-key\r\nQUIT\r\n"), "$5\r\nhello\r\n+OK\r\n");
-        let refused = resp(1, "INCR resp-counter\r\nQUIT\r\n");
-        assert!(refused.starts_with("-ERR conditional and read-modify-write"), "{refused}");
-        println!("cluster: RESP SET through one node, GET through another; INCR refused");
+        assert_eq!(resp(1, "INCR resp-counter\r\nQUIT\r\n"), ":1\r\n+OK\r\n");
+        assert_eq!(resp(2, "INCR resp-counter\r\nSET resp-counter x NX\r\nQUIT\r\n"), ":2\r\n$-1\r\n+OK\r\n");
+        println!("cluster: RESP SET through one node, GET through another; INCR and SET NX through Paxos");
         // A node that reaches a formed cluster which does not list it is refused.
         let stranger_dir = DataDir::new("stranger");
         let mut stranger = Command::new(env!("CARGO_BIN_EXE_kvd"))
@@ -455,12 +457,12 @@ fn concurrent_writers_with_contexts_make_siblings_and_lose_none() {
 
 /// nftables rules that drop traffic between one loopback address and the others, in a table
 /// named per run; removed on drop.
-struct Partition {
+pub(crate) struct Partition {
     table: String,
 }
 
 impl Partition {
-    fn isolate(address: &str, others: &[&str]) -> Option<Partition> {
+    pub(crate) fn isolate(address: &str, others: &[&str]) -> Option<Partition> {
         let table = format!("kvtest_{}", std::process::id());
         let others = others.join(", ");
         let script = format!(

@@ -15,6 +15,7 @@ mod no_space;
 mod node;
 mod power_loss;
 mod resp;
+mod serial;
 mod snapshot;
 mod table;
 mod tuning;

@@ -1,0 +1,282 @@
+//! Linearizable CAS on real clusters (loopback addresses 127.0.0.2.., port 0, one shard, no
+//! pinning): clients run CAS and SERIAL reads while, in turn, a node is killed with kill -9
+//! and restarted, a node is paused with SIGSTOP for longer than every timeout, and a node is
+//! cut off with nftables drop rules; the recorded per-key histories go through the
+//! Wing-Gong-Lowe checker. And 20 clients incrementing one counter by CAS.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use client::{CasOutcome, Client, Consistency, Error, Options};
+use server::linearizability::{check, Event, Operation, Outcome};
+
+use crate::cluster::{wait_until_all_see, Cluster, Partition, CONVERGE_DEADLINE};
+use crate::harness::runtime;
+
+/// Keys per workload, so that each starts from absent keys.
+const KEY_COUNT: usize = 3;
+
+async fn serial_client(address: &str) -> Option<Client> {
+    let options =
+        Options { consistency: Consistency::SERIAL, timeout: Duration::from_secs(2), ..Options::default() };
+    Client::connect(address, options).await.ok()
+}
+
+fn parse(value: Option<client::Value>) -> Option<u64> {
+    value.map(|v| String::from_utf8_lossy(&v.value).parse().expect("a number"))
+}
+
+/// Shared between the workload's clients.
+#[derive(Default)]
+struct Record {
+    histories: BTreeMap<usize, Vec<Event<u64>>>,
+    next_value: u64,
+}
+
+/// One client: CAS (expecting what it last saw) and SERIAL reads through node `first`
+/// (moving on to the next node when one fails), until `stop`.
+async fn run_client(
+    keys: Vec<Vec<u8>>,
+    index: usize,
+    addresses: Vec<String>,
+    record: Arc<Mutex<Record>>,
+    start: Instant,
+    stop: Arc<Mutex<Option<Instant>>>,
+) {
+    let mut seen: BTreeMap<usize, Option<u64>> = BTreeMap::new();
+    let mut node = index % addresses.len();
+    let mut client = None;
+    let mut step = index as u64;
+    while stop.lock().expect("stop").is_none_or(|stop| Instant::now() < stop) {
+        step = step.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        if client.is_none() {
+            client = serial_client(&addresses[node]).await;
+            if client.is_none() {
+                node = (node + 1) % addresses.len();
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        }
+        let connected = client.as_ref().expect("client");
+        let key = (step >> 33) as usize % keys.len();
+        let began = start.elapsed().as_nanos() as u64;
+        let (operation, outcome) = if (step >> 40) % 3 == 0 {
+            let outcome = match connected.get(&keys[key]).await {
+                Ok(value) => Outcome::Read(parse(value)),
+                Err(_) => Outcome::Unknown,
+            };
+            (Operation::Read, outcome)
+        } else {
+            let expected = seen.get(&key).copied().flatten();
+            let new = {
+                let mut record = record.lock().expect("record");
+                record.next_value += 1;
+                record.next_value
+            };
+            let expected_bytes = expected.map(|v| v.to_string().into_bytes());
+            let result =
+                connected.cas(&keys[key], expected_bytes.as_deref(), new.to_string().as_bytes(), None).await;
+            let outcome = match result {
+                Ok(CasOutcome::Swapped) => Outcome::CasApplied,
+                Ok(CasOutcome::Failed { current }) => Outcome::CasFailed(parse(current)),
+                // Refused before anything was proposed: no effect, not recorded.
+                Err(Error::Unavailable(_)) => {
+                    client = None;
+                    node = (node + 1) % addresses.len();
+                    continue;
+                }
+                Err(_) => Outcome::Unknown,
+            };
+            (Operation::Cas { expected, new }, outcome)
+        };
+        let ended = start.elapsed().as_nanos() as u64;
+        match &outcome {
+            Outcome::Read(value) | Outcome::CasFailed(value) => {
+                seen.insert(key, *value);
+            }
+            Outcome::CasApplied => {
+                if let Operation::Cas { new, .. } = operation {
+                    seen.insert(key, Some(new));
+                }
+            }
+            Outcome::Unknown => {
+                // The node may be gone: the next operation goes through another.
+                client = None;
+                node = (node + 1) % addresses.len();
+            }
+        }
+        let end = if outcome == Outcome::Unknown { u64::MAX } else { ended };
+        let event = Event { start: began, end, operation, outcome };
+        record.lock().expect("record").histories.entry(key).or_default().push(event);
+    }
+}
+
+/// Runs `clients` clients for the whole of `faults`, which injects faults meanwhile; then
+/// checks every key's history.
+fn linearizable_under(cluster: &mut Cluster, clients: usize, name: &str, faults: impl FnOnce(&mut Cluster)) {
+    let rt = runtime();
+    let keys: Vec<Vec<u8>> = (0..KEY_COUNT).map(|k| format!("{name}-{k}").into_bytes()).collect();
+    let record = Arc::new(Mutex::new(Record::default()));
+    let start = Instant::now();
+    let stop = Arc::new(Mutex::new(None::<Instant>));
+    // The clients run until told when to stop (after the faults), on the runtime's threads.
+    let handles: Vec<_> = (0..clients)
+        .map(|i| {
+            rt.spawn(run_client(
+                keys.clone(),
+                i,
+                cluster.addresses.clone(),
+                record.clone(),
+                start,
+                stop.clone(),
+            ))
+        })
+        .collect();
+    faults(cluster);
+    *stop.lock().expect("stop") = Some(Instant::now() + Duration::from_secs(2));
+    for handle in handles {
+        rt.block_on(handle).expect("client task");
+    }
+    let record = record.lock().expect("record");
+    let (mut operations, mut applied, mut unknown) = (0, 0, 0);
+    for (key, history) in &record.histories {
+        if let Err(error) = check(history, None) {
+            panic!("{name}: key {key}: {error}\n{history:#?}");
+        }
+        operations += history.len();
+        applied += history.iter().filter(|e| e.outcome == Outcome::CasApplied).count();
+        unknown += history.iter().filter(|e| e.outcome == Outcome::Unknown).count();
+    }
+    println!(
+        "serial: {name}: {clients} clients on {} keys, {operations} operations checked ({applied} CAS applied, \
+         {unknown} of unknown outcome): linearizable, 0 violations",
+        KEY_COUNT
+    );
+    assert!(applied >= 20, "{name}: too few CAS applied ({applied}) to mean anything");
+}
+
+fn pid(cluster: &Cluster, index: usize) -> i32 {
+    cluster.nodes[index].as_ref().map(|n| n.child.id() as i32).expect("running node")
+}
+
+#[test]
+fn cas_histories_stay_linearizable_through_kill_pause_and_partition() {
+    let rt = runtime();
+    let mut cluster = Cluster::start(3, "serial");
+    wait_until_all_see(&rt, &cluster.addresses, 3, CONVERGE_DEADLINE);
+    linearizable_under(&mut cluster, 10, "3 nodes, kill -9 and restart", |cluster| {
+        std::thread::sleep(Duration::from_secs(2));
+        cluster.kill9(2);
+        std::thread::sleep(Duration::from_secs(3));
+        cluster.restart(2);
+        std::thread::sleep(Duration::from_secs(2));
+    });
+    wait_until_all_see(&rt, &cluster.addresses, 3, CONVERGE_DEADLINE);
+    linearizable_under(&mut cluster, 10, "3 nodes, SIGSTOP for 5 s (past every timeout)", |cluster| {
+        std::thread::sleep(Duration::from_secs(1));
+        let paused = pid(cluster, 1);
+        // SAFETY: signals to our own child process.
+        unsafe { libc::kill(paused, libc::SIGSTOP) };
+        std::thread::sleep(Duration::from_secs(5));
+        unsafe { libc::kill(paused, libc::SIGCONT) };
+        std::thread::sleep(Duration::from_secs(2));
+    });
+    let is_root = unsafe { libc::geteuid() } == 0;
+    let has_nft =
+        std::process::Command::new("nft").arg("--version").output().is_ok_and(|o| o.status.success());
+    if !(is_root && has_nft) {
+        assert!(std::env::var_os("CI").is_none(), "CI must run the partition part: needs root and nft");
+        eprintln!("skipped the partition part: it needs root and nftables");
+        return;
+    }
+    wait_until_all_see(&rt, &cluster.addresses, 3, CONVERGE_DEADLINE);
+    linearizable_under(&mut cluster, 10, "3 nodes, one cut off by nftables for 5 s", |cluster| {
+        std::thread::sleep(Duration::from_secs(1));
+        let ip = |address: &str| address.split(':').next().unwrap_or_default().to_string();
+        let others = [ip(&cluster.addresses[1]), ip(&cluster.addresses[2])];
+        let others: Vec<&str> = others.iter().map(String::as_str).collect();
+        let partition = Partition::isolate(&ip(&cluster.addresses[0]), &others).expect("nft partition");
+        std::thread::sleep(Duration::from_secs(5));
+        drop(partition);
+        std::thread::sleep(Duration::from_secs(2));
+    });
+}
+
+#[test]
+fn five_nodes_cas_stays_linearizable_through_a_kill() {
+    let rt = runtime();
+    let mut cluster = Cluster::start(5, "serial5");
+    wait_until_all_see(&rt, &cluster.addresses, 5, CONVERGE_DEADLINE);
+    linearizable_under(&mut cluster, 10, "5 nodes, kill -9 and restart", |cluster| {
+        std::thread::sleep(Duration::from_secs(2));
+        cluster.kill9(3);
+        std::thread::sleep(Duration::from_secs(3));
+        cluster.restart(3);
+        std::thread::sleep(Duration::from_secs(2));
+    });
+}
+
+#[test]
+fn twenty_clients_incrementing_one_counter_by_cas_count_exactly() {
+    let rt = runtime();
+    let cluster = Cluster::start(3, "counter");
+    wait_until_all_see(&rt, &cluster.addresses, 3, CONVERGE_DEADLINE);
+    let stop = Instant::now() + Duration::from_secs(10);
+    let tasks: Vec<_> = (0..20)
+        .map(|i| {
+            let address = cluster.addresses[i % 3].clone();
+            rt.spawn(async move {
+                let client = serial_client(&address).await.expect("client");
+                let (mut swapped, mut failed, mut unknown) = (0u64, 0u64, 0u64);
+                // What the last answer said the counter holds (a failed CAS answers it).
+                let mut current = None;
+                while Instant::now() < stop {
+                    let value = match current.take() {
+                        Some(value) => value,
+                        None => match client.get(b"counter").await {
+                            Ok(value) => parse(value).unwrap_or(0),
+                            Err(_) => continue,
+                        },
+                    };
+                    let expected = (value > 0).then(|| value.to_string().into_bytes());
+                    let next = (value + 1).to_string();
+                    match client.cas(b"counter", expected.as_deref(), next.as_bytes(), None).await {
+                        Ok(CasOutcome::Swapped) => {
+                            swapped += 1;
+                            current = Some(value + 1);
+                        }
+                        Ok(CasOutcome::Failed { current: now }) => {
+                            failed += 1;
+                            current = Some(parse(now).unwrap_or(0));
+                        }
+                        Err(_) => unknown += 1,
+                    }
+                }
+                (swapped, failed, unknown)
+            })
+        })
+        .collect();
+    let (mut swapped, mut failed, mut unknown) = (0, 0, 0);
+    for task in tasks {
+        let (s, f, u) = rt.block_on(task).expect("client task");
+        swapped += s;
+        failed += f;
+        unknown += u;
+    }
+    let reader = rt.block_on(serial_client(&cluster.addresses[0])).expect("client");
+    let last = parse(rt.block_on(reader.get(b"counter")).expect("final SERIAL read")).unwrap_or(0);
+    println!(
+        "serial: 20 clients x 10 s incrementing one counter by CAS on 3 nodes: {swapped} applied, {failed} \
+         failed (lost the race), {unknown} of unknown outcome; final value {last}"
+    );
+    assert!(swapped > 0);
+    // Every applied CAS counted once, none lost: an unknown one may or may not have applied.
+    assert!(
+        swapped <= last && last <= swapped + unknown,
+        "final {last} vs {swapped} applied and {unknown} unknown"
+    );
+    if unknown == 0 {
+        assert_eq!(last, swapped);
+    }
+}
