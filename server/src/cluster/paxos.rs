@@ -647,9 +647,9 @@ mod tests {
         else {
             panic!()
         };
-        for node in 0..2 {
-            acceptors[node].accept(ballot, &proposal);
-            let step = proposer.on_accept(phase, node as NodeId, Some(&acceptors[node]));
+        for (node, acceptor) in acceptors.iter_mut().enumerate().take(2) {
+            acceptor.accept(ballot, &proposal);
+            let step = proposer.on_accept(phase, node as NodeId, Some(acceptor));
             if node == 1 {
                 let Step::Commit { phase, .. } = step else { panic!("{step:?}") };
                 proposer.on_commit(phase, 0, true);

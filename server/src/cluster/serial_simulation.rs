@@ -32,8 +32,8 @@ type Value = u64;
 
 #[derive(Debug, Clone)]
 enum Message {
-    Request { op: u64, phase_id: u64, phase: Phase, key: u32, ballot: Ballot, proposal: Versions<Value> },
-    Answer { op: u64, phase_id: u64, phase: Phase, record: (Acceptor<Value>, Versions<Value>) },
+    Request { op: u64, phase_id: u64, phase: Phase, key: u32, ballot: Ballot, proposal: Box<Versions<Value>> },
+    Answer { op: u64, phase_id: u64, phase: Phase, record: Box<(Acceptor<Value>, Versions<Value>)> },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -322,7 +322,8 @@ impl Simulation {
         to: &[NodeId],
     ) {
         for &node in to {
-            let message = Message::Request { op, phase_id, phase, key, ballot, proposal: proposal.clone() };
+            let message =
+                Message::Request { op, phase_id, phase, key, ballot, proposal: Box::new(proposal.clone()) };
             self.send(from, node, message);
         }
         self.at(self.now_us + PHASE_TIMEOUT_US, Timer::PhaseTimeout { op, phase_id });
@@ -342,7 +343,7 @@ impl Simulation {
                     Phase::Propose => acceptor.accept(ballot, &proposal),
                     Phase::Commit => acceptor.commit(ballot, &proposal, versions),
                 };
-                let record = (acceptor.clone(), versions.clone());
+                let record = Box::new((acceptor.clone(), versions.clone()));
                 self.send(to, from, Message::Answer { op, phase_id, phase, record });
             }
             Message::Answer { op, phase_id, phase, record } => {
@@ -351,7 +352,7 @@ impl Simulation {
                 if running.node != to {
                     return;
                 }
-                let (acceptor, versions) = &record;
+                let (acceptor, versions) = &*record;
                 let step = match phase {
                     Phase::Read | Phase::Prepare => {
                         running.proposer.on_promise(phase_id, from, Some((acceptor, versions)))

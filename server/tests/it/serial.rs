@@ -61,7 +61,7 @@ async fn run_client(
         let connected = client.as_ref().expect("client");
         let key = (step >> 33) as usize % keys.len();
         let began = start.elapsed().as_nanos() as u64;
-        let (operation, outcome) = if (step >> 40) % 3 == 0 {
+        let (operation, outcome) = if (step >> 40).is_multiple_of(3) {
             let outcome = match connected.get(&keys[key]).await {
                 Ok(value) => Outcome::Read(parse(value)),
                 Err(_) => Outcome::Unknown,
