@@ -12,6 +12,9 @@ pub enum Protocol {
     Native,
     /// The Redis protocol (RESP2), for Redis and RESP front doors.
     Resp,
+    /// etcd's v3 JSON gateway over HTTP/1.1 (`/v3/kv/range`, `put`, `txn` for CAS): the
+    /// baseline for linearizable CAS.
+    Etcd,
 }
 
 #[derive(Debug, Clone, Parser, serde::Serialize)]
@@ -23,7 +26,7 @@ pub struct Args {
     /// of a cluster (each node coordinates what it receives).
     #[arg(long, default_value = "127.0.0.1:7400")]
     pub addr: String,
-    /// Native protocol: replicas that must answer in a cluster (one, quorum, all).
+    /// Native protocol: replicas that must answer in a cluster (one, quorum, all, serial).
     #[arg(long, default_value = "quorum")]
     pub consistency: String,
     /// Connections (native: client instances; each opens one connection per shard when shard-aware).

@@ -1,4 +1,5 @@
-//! The servers under test: kv through the `client` crate, or anything that speaks RESP.
+//! The servers under test: kv through the `client` crate, anything that speaks RESP, or
+//! etcd through its JSON gateway.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -27,6 +28,7 @@ pub enum Outcome {
 pub enum Target {
     Native(Client),
     Resp(Arc<RespConnection>),
+    Etcd(Arc<EtcdConnection>),
 }
 
 impl Target {
@@ -41,7 +43,10 @@ impl Target {
                     "one" => client::Consistency::ONE,
                     "quorum" => client::Consistency::QUORUM,
                     "all" => client::Consistency::ALL,
-                    other => anyhow::bail!("--consistency: expected one, quorum or all, got {other:?}"),
+                    "serial" => client::Consistency::SERIAL,
+                    other => {
+                        anyhow::bail!("--consistency: expected one, quorum, all or serial, got {other:?}")
+                    }
                 };
                 let options = Options {
                     timeout: args.timeout,
@@ -56,6 +61,9 @@ impl Target {
             }
             crate::args::Protocol::Resp => {
                 Ok(Target::Resp(Arc::new(RespConnection::connect(address).await?)))
+            }
+            crate::args::Protocol::Etcd => {
+                Ok(Target::Etcd(Arc::new(EtcdConnection::connect(address).await?)))
             }
         }
     }
@@ -113,7 +121,116 @@ impl Target {
                     Ok(Ok(_)) => Outcome::Written,
                 }
             }
+            Target::Etcd(connection) => {
+                let key = base64(&op.key);
+                let (path, body) = match op.kind {
+                    OpKind::Get => ("/v3/kv/range", format!(r#"{{"key":"{key}"}}"#)),
+                    OpKind::Put => {
+                        ("/v3/kv/put", format!(r#"{{"key":"{key}","value":"{}"}}"#, base64(value)))
+                    }
+                    OpKind::Cas => {
+                        let standard = base64(workload.standard_value());
+                        let body = format!(
+                            r#"{{"compare":[{{"key":"{key}","target":"VALUE","result":"EQUAL","value":"{standard}"}}],"success":[{{"request_put":{{"key":"{key}","value":"{standard}"}}}}]}}"#
+                        );
+                        ("/v3/kv/txn", body)
+                    }
+                };
+                match tokio::time::timeout(timeout, connection.post(path, &body)).await {
+                    Err(_) => Outcome::Timeout,
+                    Ok(Ok((200, reply))) => match op.kind {
+                        OpKind::Get if reply.contains("\"kvs\"") => Outcome::Hit,
+                        OpKind::Get => Outcome::Miss,
+                        OpKind::Cas if !reply.contains("\"succeeded\":true") => Outcome::CasFailed,
+                        _ => Outcome::Written,
+                    },
+                    Ok(_) => Outcome::Error,
+                }
+            }
         }
+    }
+}
+
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let word = (u32::from(chunk[0]) << 16)
+            | (u32::from(*chunk.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*chunk.get(2).unwrap_or(&0));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(ALPHABET[(word >> (18 - 6 * i)) as usize & 63]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// One keep-alive HTTP/1.1 connection to etcd's gateway; one request at a time.
+pub struct EtcdConnection {
+    host: String,
+    stream: tokio::sync::Mutex<BufReader<TcpStream>>,
+}
+
+impl EtcdConnection {
+    pub async fn connect(address: &str) -> anyhow::Result<EtcdConnection> {
+        let stream = TcpStream::connect(address).await.with_context(|| format!("connecting to {address}"))?;
+        stream.set_nodelay(true)?;
+        Ok(EtcdConnection {
+            host: address.to_string(),
+            stream: tokio::sync::Mutex::new(BufReader::new(stream)),
+        })
+    }
+
+    /// POSTs `body` (JSON) to `path`: the status and the body of the answer.
+    pub async fn post(&self, path: &str, body: &str) -> anyhow::Result<(u16, String)> {
+        let mut stream = self.stream.lock().await;
+        let request = format!(
+            "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            self.host,
+            body.len()
+        );
+        stream.get_mut().write_all(request.as_bytes()).await?;
+        let mut line = String::new();
+        stream.read_line(&mut line).await?;
+        let status: u16 =
+            line.split_whitespace().nth(1).and_then(|s| s.parse().ok()).context("HTTP status line")?;
+        let (mut length, mut chunked) = (None, false);
+        loop {
+            line.clear();
+            stream.read_line(&mut line).await?;
+            let header = line.trim_end();
+            if header.is_empty() {
+                break;
+            }
+            let lower = header.to_ascii_lowercase();
+            if let Some(value) = lower.strip_prefix("content-length:") {
+                length = Some(value.trim().parse::<usize>()?);
+            } else if lower.starts_with("transfer-encoding:") && lower.contains("chunked") {
+                chunked = true;
+            }
+        }
+        let mut body = Vec::new();
+        if chunked {
+            loop {
+                line.clear();
+                stream.read_line(&mut line).await?;
+                let size = usize::from_str_radix(line.trim_end(), 16)?;
+                let mut chunk = vec![0; size + 2];
+                stream.read_exact(&mut chunk).await?;
+                if size == 0 {
+                    break;
+                }
+                body.extend_from_slice(&chunk[..size]);
+            }
+        } else {
+            body.resize(length.context("an HTTP answer without a length")?, 0);
+            stream.read_exact(&mut body).await?;
+        }
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
     }
 }
 

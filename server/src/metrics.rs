@@ -55,6 +55,8 @@ pub fn op_name(command: &Command) -> &'static str {
         Command::Update { .. } => "update",
         Command::Serial { op: crate::cluster::serial::SerialOp::Read { .. }, .. } => "get",
         Command::Serial { op: crate::cluster::serial::SerialOp::Cas { .. }, .. } => "cas",
+        Command::Serial { op: crate::cluster::serial::SerialOp::Write { value: Some(_), .. }, .. } => "put",
+        Command::Serial { op: crate::cluster::serial::SerialOp::Write { value: None, .. }, .. } => "delete",
         Command::Serial { .. } => "update",
         Command::Paxos { .. } => "paxos",
         Command::Replicate { .. } => "replicate",

@@ -38,6 +38,9 @@ pub enum SerialOp {
     Cas { expected: Option<Vec<u8>>, new_value: Vec<u8>, ttl_ms: u64 },
     /// A Redis conditional or counter command.
     Update(Update),
+    /// A PUT (`value: None`: a DELETE) at SERIAL: unconditional, but in the key's one order
+    /// with its CAS operations.
+    Write { value: Option<Vec<u8>>, ttl_ms: u64 },
     /// A SERIAL read: sees every operation of this kind that completed before it.
     Read { metadata_only: bool },
 }
@@ -85,6 +88,9 @@ fn decide(op: &SerialOp, state: &Versions<Value>) -> Decision {
                 (None, Reply::CasFailed(version))
             }
         }
+        SerialOp::Write { value: Some(value), ttl_ms } => (Some((Some(value.clone()), *ttl_ms)), Reply::Done),
+        SerialOp::Write { value: None, .. } if current.is_none() => (None, Reply::NotFound),
+        SerialOp::Write { value: None, .. } => (Some((None, 0)), Reply::Done),
         SerialOp::Update(update) => {
             let current = current.map(|(value, ttl_left_ms, _)| update::Current { value, ttl_left_ms });
             let (write, answer) = update::decide(update, current);

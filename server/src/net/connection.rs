@@ -281,12 +281,7 @@ fn cluster_command<S: Storage>(
         // SERIAL writes wait for a quorum of commits, as QUORUM does.
         _ => Consistency::Quorum,
     };
-    if serial && matches!(request.op, Op::Put { .. } | Op::Delete { .. }) {
-        return Err(Body::Status(
-            Status::BAD_REQUEST,
-            "SERIAL is for CAS and reads; a plain PUT or DELETE is ONE, QUORUM or ALL".into(),
-        ));
-    }
+
     let context = match request.context {
         [] => None,
         bytes => Some(
@@ -327,6 +322,18 @@ fn cluster_command<S: Storage>(
             };
             return Err(body);
         }
+        Op::Put { key, value, ttl_ms } if serial => Command::Serial {
+            key: key.to_vec(),
+            op: SerialOp::Write { value: Some(value.to_vec()), ttl_ms },
+            commit: consistency,
+            timeout_ms,
+        },
+        Op::Delete { key } if serial => Command::Serial {
+            key: key.to_vec(),
+            op: SerialOp::Write { value: None, ttl_ms: 0 },
+            commit: consistency,
+            timeout_ms,
+        },
         Op::Put { key, value, ttl_ms } => Command::Write {
             key: key.to_vec(),
             value: Some(value.to_vec()),
