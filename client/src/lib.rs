@@ -47,7 +47,7 @@ pub enum Error {
     Timeout,
     /// The node's disk is full: the write was refused (not applied). Reads still work.
     NoSpace(String),
-    /// The operation is not offered here (CAS in a cluster, for now).
+    /// The operation is not offered here (a cluster operation on a standalone node).
     Unsupported(String),
     /// The server failed; a write may or may not have taken effect.
     Internal(String),
