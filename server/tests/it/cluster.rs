@@ -22,6 +22,8 @@ pub(crate) struct Cluster {
     pub(crate) addresses: Vec<String>,
     shard_ports: Vec<u16>,
     size: usize,
+    /// The network namespace of each node, when they run in namespaces.
+    namespaces: Vec<Option<String>>,
 }
 
 fn cluster_flags(size: usize, seed: Option<&str>) -> Vec<String> {
@@ -35,6 +37,15 @@ fn cluster_flags(size: usize, seed: Option<&str>) -> Vec<String> {
 
 impl Cluster {
     pub(crate) fn start(size: usize, name: &str) -> Cluster {
+        // 127.0.0.2 onwards: the test's own connections come from 127.0.0.1, which no
+        // partition rule names.
+        let ips: Vec<String> = (0..size).map(|i| format!("127.0.0.{}", i + 2)).collect();
+        Cluster::start_at(name, &ips, &vec![None; size])
+    }
+
+    /// A cluster whose node i listens on `ips[i]`, inside network namespace `namespaces[i]`.
+    pub(crate) fn start_at(name: &str, ips: &[String], namespaces: &[Option<String>]) -> Cluster {
+        let size = ips.len();
         let dirs: Vec<DataDir> = (0..size).map(|i| DataDir::new(&format!("{name}-{i}"))).collect();
         let mut nodes = Vec::new();
         let mut addresses = Vec::new();
@@ -42,16 +53,16 @@ impl Cluster {
         for (i, dir) in dirs.iter().enumerate() {
             let seed = addresses.first().cloned();
             let mut flags = cluster_flags(size, seed.as_deref());
-            flags.extend(["--resp-listen".to_string(), format!("127.0.0.{}:0", i + 2)]);
+            flags.extend(["--resp-listen".to_string(), format!("{}:0", ips[i])]);
             let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-            // 127.0.0.2 onwards: the test's own connections come from 127.0.0.1, which no
-            // partition rule names.
-            let node = Node::start_listening(&dir.0, &format!("127.0.0.{}:0", i + 2), 1, &flags);
+            let listen = format!("{}:0", ips[i]);
+            let node = Node::try_start_in(namespaces[i].as_deref(), &dir.0, &listen, 1, &flags)
+                .unwrap_or_else(|status| panic!("kvd exited during start-up: {status}"));
             addresses.push(node.address());
             shard_ports.push(node.ports.shards[0].port());
             nodes.push(Some(node));
         }
-        Cluster { dirs, nodes, addresses, shard_ports, size }
+        Cluster { dirs, nodes, addresses, shard_ports, size, namespaces: namespaces.to_vec() }
     }
 
     pub(crate) fn restart(&mut self, index: usize) {
@@ -65,8 +76,9 @@ impl Cluster {
         // A port of the killed process can stay taken for a moment (a socket of this test
         // bound to it while the node was down): try again until a deadline.
         let dir = &self.dirs[index].0;
+        let netns = self.namespaces[index].clone();
         let node = wait_for("the node to restart on its ports", Duration::from_secs(10), || {
-            let started = Node::try_start_listening(dir, &self.addresses[index], 1, &flags).ok();
+            let started = Node::try_start_in(netns.as_deref(), dir, &self.addresses[index], 1, &flags).ok();
             if started.is_none() {
                 std::thread::sleep(Duration::from_millis(100));
             }

@@ -73,9 +73,29 @@ impl Node {
         shard_count: usize,
         extra: &[&str],
     ) -> Result<Node, std::process::ExitStatus> {
+        Node::try_start_in(None, data_dir, listen, shard_count, extra)
+    }
+
+    /// As [`Node::try_start_listening`], inside network namespace `netns` if given (`ip netns
+    /// exec` replaces itself with kvd, so the child's PID is kvd's).
+    pub fn try_start_in(
+        netns: Option<&str>,
+        data_dir: &Path,
+        listen: &str,
+        shard_count: usize,
+        extra: &[&str],
+    ) -> Result<Node, std::process::ExitStatus> {
         let ports_file = data_dir.join(server::node::PORTS_FILE);
         let _ = std::fs::remove_file(&ports_file);
-        let mut child = Command::new(env!("CARGO_BIN_EXE_kvd"))
+        let mut command = match netns {
+            Some(netns) => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", netns, env!("CARGO_BIN_EXE_kvd")]);
+                command
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_kvd")),
+        };
+        let mut child = command
             .arg("--data-dir")
             .arg(data_dir)
             .args(["--listen", listen, "--shards", &shard_count.to_string(), "--no-pin"])

@@ -1,8 +1,9 @@
-//! Linearizable CAS on real clusters (loopback addresses 127.0.0.2.., port 0, one shard, no
-//! pinning): clients run CAS and SERIAL reads while, in turn, a node is killed with kill -9
-//! and restarted, a node is paused with SIGSTOP for longer than every timeout, and a node is
-//! cut off with nftables drop rules; the recorded per-key histories go through the
-//! Wing-Gong-Lowe checker. And 20 clients incrementing one counter by CAS.
+//! Linearizable CAS on real clusters (port 0, one shard, no pinning): clients run CAS and
+//! SERIAL reads while, in turn, a node is killed with kill -9 and restarted, a node is paused
+//! with SIGSTOP for longer than every timeout, a node is cut off with nftables drop rules
+//! (nodes on 127.0.0.2..), and a node's network namespace is unplugged from the bridge that
+//! joins the nodes' namespaces; the recorded per-key histories go through the Wing-Gong-Lowe
+//! checker. And 20 clients incrementing one counter by CAS.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -11,7 +12,7 @@ use std::time::{Duration, Instant};
 use client::{CasOutcome, Client, Consistency, Error, Options};
 use server::linearizability::{check, Event, Operation, Outcome};
 
-use crate::cluster::{wait_until_all_see, Cluster, Partition, CONVERGE_DEADLINE};
+use crate::cluster::{wait_until_all_see, Cluster, Partition, CONVERGE_DEADLINE, DETECT_DEADLINE};
 use crate::harness::runtime;
 
 /// Keys per workload, so that each starts from absent keys.
@@ -201,6 +202,111 @@ fn cas_histories_stay_linearizable_through_kill_pause_and_partition() {
         drop(partition);
         std::thread::sleep(Duration::from_secs(2));
     });
+}
+
+/// One network namespace per node, each with a veth pair whose host end is on a bridge in the
+/// test's namespace (which holds the bridge's address, so clients reach every node). Names
+/// carry a per-run prefix; everything is removed on drop (and by `.ci/test`'s trap).
+struct Namespaces {
+    prefix: String,
+    count: usize,
+    subnet: String,
+}
+
+fn ip(args: &[&str]) -> bool {
+    std::process::Command::new("ip").args(args).status().is_ok_and(|s| s.success())
+}
+
+impl Namespaces {
+    fn create(count: usize) -> Option<Namespaces> {
+        let pid = std::process::id();
+        let namespaces = Namespaces {
+            prefix: format!("kt{}", pid % 100_000),
+            count,
+            subnet: format!("10.77.{}", pid % 250),
+        };
+        let (p, subnet) = (&namespaces.prefix, &namespaces.subnet);
+        let bridge = format!("{p}br");
+        let ok = ip(&["link", "add", &bridge, "type", "bridge"])
+            && ip(&["addr", "add", &format!("{subnet}.1/24"), "dev", &bridge])
+            && ip(&["link", "set", &bridge, "up"])
+            && (0..count).all(|i| {
+                let (netns, host, inner) = (namespaces.netns(i), format!("{p}h{i}"), format!("{p}v{i}"));
+                ip(&["netns", "add", &netns])
+                    && ip(&["link", "add", &host, "type", "veth", "peer", "name", &inner])
+                    && ip(&["link", "set", &inner, "netns", &netns])
+                    && ip(&["link", "set", &host, "master", &bridge])
+                    && ip(&["link", "set", &host, "up"])
+                    && ip(&[
+                        "netns",
+                        "exec",
+                        &netns,
+                        "ip",
+                        "addr",
+                        "add",
+                        &format!("{}/24", namespaces.ip(i)),
+                        "dev",
+                        &inner,
+                    ])
+                    && ip(&["netns", "exec", &netns, "ip", "link", "set", &inner, "up"])
+                    && ip(&["netns", "exec", &netns, "ip", "link", "set", "lo", "up"])
+            });
+        ok.then_some(namespaces)
+    }
+
+    fn netns(&self, i: usize) -> String {
+        format!("{}n{i}", self.prefix)
+    }
+
+    fn ip(&self, i: usize) -> String {
+        format!("{}.{}", self.subnet, i + 2)
+    }
+
+    /// Unplugs (or plugs back) node `i`'s cable: nothing reaches it or leaves it.
+    fn set_connected(&self, i: usize, connected: bool) {
+        let state = if connected { "up" } else { "down" };
+        assert!(ip(&["link", "set", &format!("{}h{i}", self.prefix), state]), "ip link set {state}");
+    }
+}
+
+impl Drop for Namespaces {
+    fn drop(&mut self) {
+        for i in 0..self.count {
+            ip(&["netns", "del", &self.netns(i)]);
+            ip(&["link", "del", &format!("{}h{i}", self.prefix)]);
+        }
+        ip(&["link", "del", &format!("{}br", self.prefix)]);
+    }
+}
+
+#[test]
+fn cas_stays_linearizable_when_a_node_is_cut_off_in_its_network_namespace() {
+    let is_root = unsafe { libc::geteuid() } == 0;
+    if !is_root {
+        assert!(std::env::var_os("CI").is_none(), "CI must run the network namespace test: needs root");
+        eprintln!("skipped: the network namespace test needs root");
+        return;
+    }
+    let namespaces = Namespaces::create(3).expect("network namespaces, veth pairs and a bridge");
+    let ips: Vec<String> = (0..3).map(|i| namespaces.ip(i)).collect();
+    let netns: Vec<Option<String>> = (0..3).map(|i| Some(namespaces.netns(i))).collect();
+    let rt = runtime();
+    let mut cluster = Cluster::start_at("netns", &ips, &netns);
+    wait_until_all_see(&rt, &cluster.addresses, 3, CONVERGE_DEADLINE);
+    linearizable_under(&mut cluster, 10, "3 nodes in namespaces, one unplugged for 5 s", |cluster| {
+        std::thread::sleep(Duration::from_secs(1));
+        namespaces.set_connected(0, false);
+        let cut = std::time::Instant::now();
+        // The cut is real: the other two mark the unplugged node down.
+        let watcher = runtime();
+        wait_until_all_see(&watcher, &cluster.addresses[1..], 2, DETECT_DEADLINE);
+        println!("serial: the unplugged node was down for the others {:?} after the cut", cut.elapsed());
+        std::thread::sleep(Duration::from_secs(5).saturating_sub(cut.elapsed()));
+        namespaces.set_connected(0, true);
+        wait_until_all_see(&watcher, &cluster.addresses, 3, CONVERGE_DEADLINE);
+        std::thread::sleep(Duration::from_secs(1));
+    });
+    drop(cluster);
 }
 
 #[test]
