@@ -1,5 +1,11 @@
 //! One RESP client: reads what it sent, runs the commands of each batch concurrently (session
 //! commands at once, in order), and writes the replies in order, as Redis does.
+//!
+//! Commands on one key must also take effect in the order sent (a pipelined `SET k v` then
+//! `GET k` reads `v`). On a standalone node that holds by itself: a key's commands reach its
+//! shard in order and apply there before their first await. In a cluster they take network
+//! round trips of different lengths, so a batch runs in waves: a command that names an
+//! argument an earlier command of the wave named waits for the wave to finish.
 
 use std::cell::Cell;
 use std::rc::Rc;
@@ -24,7 +30,48 @@ thread_local! {
 
 enum Slot {
     Ready(Value, u8),
-    Later(super::commands::Pending, u8),
+    /// With the hashes of the command's arguments (its keys among them).
+    Later(super::commands::Pending, u8, Vec<u64>),
+}
+
+fn argument_hashes(args: &[Vec<u8>]) -> Vec<u64> {
+    args.iter().skip(1).map(|arg| schema::key_hash(arg)).collect()
+}
+
+/// Runs a batch's commands, in waves when `ordered` (see the module comment); the replies
+/// in the order of the batch.
+async fn run_batch(batch: Vec<Slot>, ordered: bool) -> Vec<(Value, u8)> {
+    let mut replies: Vec<Option<(Value, u8)>> = Vec::with_capacity(batch.len());
+    let mut wave: Vec<(usize, super::commands::Pending, u8)> = Vec::new();
+    let mut named: std::collections::HashSet<u64> = std::collections::HashSet::new();
+    async fn finish(
+        wave: &mut Vec<(usize, super::commands::Pending, u8)>,
+        replies: &mut [Option<(Value, u8)>],
+    ) {
+        let done = futures::future::join_all(
+            wave.drain(..).map(|(index, pending, protocol)| async move { (index, pending.await, protocol) }),
+        )
+        .await;
+        for (index, value, protocol) in done {
+            replies[index] = Some((value, protocol));
+        }
+    }
+    for (index, slot) in batch.into_iter().enumerate() {
+        replies.push(None);
+        match slot {
+            Slot::Ready(value, protocol) => replies[index] = Some((value, protocol)),
+            Slot::Later(pending, protocol, arguments) => {
+                if ordered && arguments.iter().any(|hash| named.contains(hash)) {
+                    finish(&mut wave, &mut replies).await;
+                    named.clear();
+                }
+                named.extend(arguments);
+                wave.push((index, pending, protocol));
+            }
+        }
+    }
+    finish(&mut wave, &mut replies).await;
+    replies.into_iter().map(|reply| reply.unwrap_or((Value::Null, 2))).collect()
 }
 
 pub async fn serve<S: Storage>(mut stream: TcpStream, shard: Rc<Shard<S>>, settings: Rc<RespSettings>) {
@@ -53,9 +100,10 @@ pub async fn serve<S: Storage>(mut stream: TcpStream, shard: Rc<Shard<S>>, setti
                         continue; // an empty inline line
                     }
                     let protocol = session.protocol;
+                    let arguments = argument_hashes(&parsed.args);
                     match dispatch(&shard, &settings, &mut session, parsed.args) {
                         Step::Reply(value) => batch.push(Slot::Ready(value, session.protocol)),
-                        Step::Later(pending) => batch.push(Slot::Later(pending, protocol)),
+                        Step::Later(pending) => batch.push(Slot::Later(pending, protocol, arguments)),
                         Step::Close(value) => {
                             batch.push(Slot::Ready(value, protocol));
                             close_after = true;
@@ -73,13 +121,7 @@ pub async fn serve<S: Storage>(mut stream: TcpStream, shard: Rc<Shard<S>>, setti
         }
         buffer.drain(..consumed);
         if !batch.is_empty() {
-            let values = futures::future::join_all(batch.into_iter().map(|slot| async move {
-                match slot {
-                    Slot::Ready(value, protocol) => (value, protocol),
-                    Slot::Later(pending, protocol) => (pending.await, protocol),
-                }
-            }))
-            .await;
+            let values = run_batch(batch, shard.cluster.is_some()).await;
             for (value, protocol) in &values {
                 encode(value, *protocol, &mut out);
             }

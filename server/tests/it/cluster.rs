@@ -441,6 +441,11 @@ fn concurrent_writers_with_contexts_make_siblings_and_lose_none() {
         assert_eq!(resp(2, "GET resp-key\r\nQUIT\r\n"), "$5\r\nhello\r\n+OK\r\n");
         assert_eq!(resp(1, "INCR resp-counter\r\nQUIT\r\n"), ":1\r\n+OK\r\n");
         assert_eq!(resp(2, "INCR resp-counter\r\nSET resp-counter x NX\r\nQUIT\r\n"), ":2\r\n$-1\r\n+OK\r\n");
+        // A pipeline's commands on one key take effect in the order sent, as in Redis.
+        assert_eq!(
+            resp(0, "SET resp-nx v NX\r\nSET resp-nx w NX\r\nGET resp-nx\r\nINCR resp-c\r\nINCR resp-c\r\nGET resp-c\r\nDEL resp-nx\r\nGET resp-nx\r\nQUIT\r\n"),
+            "+OK\r\n$-1\r\n$1\r\nv\r\n:1\r\n:2\r\n$1\r\n2\r\n:1\r\n$-1\r\n+OK\r\n"
+        );
         println!("cluster: RESP SET through one node, GET through another; INCR and SET NX through Paxos");
         // A node that reaches a formed cluster which does not list it is refused.
         let stranger_dir = DataDir::new("stranger");
