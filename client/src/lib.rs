@@ -597,13 +597,27 @@ impl Client {
         new_value: &[u8],
         ttl: Option<Duration>,
     ) -> Result<CasOutcome, Error> {
+        self.cas_with_context(key, expected, new_value, ttl, &[]).await
+    }
+
+    /// As [`Client::cas`], and in a cluster only if nothing was written to `key` since the
+    /// read that returned `context` ([`Client::get_versions`]): the key's version vector must
+    /// still be `context`. An empty context checks the value alone.
+    pub async fn cas_with_context(
+        &self,
+        key: &[u8],
+        expected: Option<&[u8]>,
+        new_value: &[u8],
+        ttl: Option<Duration>,
+        context: &[u8],
+    ) -> Result<CasOutcome, Error> {
         check_key(key)?;
         check_value(new_value)?;
         if let Some(expected) = expected {
             check_value(expected)?;
         }
         let ttl_ms = ttl.map_or(0, |ttl| ttl.as_millis().max(1) as u64);
-        let response = self.call(Op::Cas { key, expected, new_value, ttl_ms }).await?;
+        let response = self.call_with_context(Op::Cas { key, expected, new_value, ttl_ms }, context).await?;
         match response.status {
             Status::OK => Ok(CasOutcome::Swapped),
             Status::CAS_FAILED => {

@@ -34,8 +34,14 @@ use crate::update::{self, Update};
 /// A linearizable operation on one key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SerialOp {
-    /// `expected: None`: the key must be absent.
-    Cas { expected: Option<Vec<u8>>, new_value: Vec<u8>, ttl_ms: u64 },
+    /// `expected: None`: the key must be absent. With a `context` (from a read), the key's
+    /// version vector must also still be that: nothing was written since the read.
+    Cas {
+        expected: Option<Vec<u8>>,
+        new_value: Vec<u8>,
+        ttl_ms: u64,
+        context: Option<super::versions::VersionVector>,
+    },
     /// A Redis conditional or counter command.
     Update(Update),
     /// A PUT (`value: None`: a DELETE) at SERIAL: unconditional, but in the key's one order
@@ -75,9 +81,10 @@ fn decide(op: &SerialOp, state: &Versions<Value>) -> Decision {
     let current = newest_live(state, now);
     match op {
         SerialOp::Read { metadata_only } => (None, client_reply(state, *metadata_only)),
-        SerialOp::Cas { expected, new_value, ttl_ms } => {
+        SerialOp::Cas { expected, new_value, ttl_ms, context } => {
             let value = current.map(|(value, _, _)| value);
-            if value == expected.as_deref() {
+            let unchanged = context.as_ref().is_none_or(|context| context == state.context());
+            if value == expected.as_deref() && unchanged {
                 (Some((Some(new_value.clone()), *ttl_ms)), Reply::Done)
             } else {
                 let version = current.map(|(value, ttl_left_ms, timestamp_us)| Version {

@@ -360,6 +360,7 @@ fn cluster_command<S: Storage>(
                 expected: expected.map(<[u8]>::to_vec),
                 new_value: new_value.to_vec(),
                 ttl_ms,
+                context: context.clone(),
             },
             commit: consistency,
             timeout_ms,

@@ -324,6 +324,35 @@ fn five_nodes_cas_stays_linearizable_through_a_kill() {
 }
 
 #[test]
+fn a_cas_with_a_causal_context_applies_only_if_nothing_was_written_since() {
+    let rt = runtime();
+    let cluster = Cluster::start(3, "context");
+    wait_until_all_see(&rt, &cluster.addresses, 3, CONVERGE_DEADLINE);
+    rt.block_on(async {
+        let client = serial_client(&cluster.addresses[0]).await.expect("client");
+        let other = serial_client(&cluster.addresses[1]).await.expect("client");
+        client.put(b"ctx", b"a").await.expect("serial put");
+        let read = client.get_versions(b"ctx").await.expect("serial read");
+        // The same value written again in between: the value matches, the context does not.
+        other.put(b"ctx", b"a").await.expect("serial put");
+        let outcome = client.cas_with_context(b"ctx", Some(b"a"), b"b", None, &read.context).await;
+        assert!(
+            matches!(&outcome, Ok(CasOutcome::Failed { current: Some(v) }) if v.value == b"a"),
+            "{outcome:?}"
+        );
+        let read = client.get_versions(b"ctx").await.expect("serial read");
+        let outcome = client.cas_with_context(b"ctx", Some(b"a"), b"b", None, &read.context).await;
+        assert_eq!(outcome.expect("cas"), CasOutcome::Swapped);
+        let value = client.get(b"ctx").await.expect("serial read").expect("present");
+        assert_eq!(value.value, b"b");
+        // A context that names writes the key never saw is refused the same way.
+        let outcome = client.cas_with_context(b"ctx", Some(b"b"), b"c", None, &read.context).await;
+        assert!(matches!(outcome, Ok(CasOutcome::Failed { .. })), "{outcome:?}");
+    });
+    println!("serial: a CAS with a causal context failed after an intervening write of the same value, and applied with a fresh one");
+}
+
+#[test]
 fn twenty_clients_incrementing_one_counter_by_cas_count_exactly() {
     let rt = runtime();
     let cluster = Cluster::start(3, "counter");
