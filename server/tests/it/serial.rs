@@ -279,38 +279,49 @@ impl Drop for Namespaces {
     }
 }
 
-#[test]
-fn cas_stays_linearizable_when_a_node_is_cut_off_in_its_network_namespace() {
+/// `size` nodes, each in its own network namespace; node 0 unplugged for 5 s meanwhile.
+fn unplugged_in_namespaces(size: usize) {
     let is_root = unsafe { libc::geteuid() } == 0;
     if !is_root {
         assert!(std::env::var_os("CI").is_none(), "CI must run the network namespace test: needs root");
         eprintln!("skipped: the network namespace test needs root");
         return;
     }
-    let namespaces = Namespaces::create(3).expect("network namespaces, veth pairs and a bridge");
-    let ips: Vec<String> = (0..3).map(|i| namespaces.ip(i)).collect();
-    let netns: Vec<Option<String>> = (0..3).map(|i| Some(namespaces.netns(i))).collect();
+    let namespaces = Namespaces::create(size).expect("network namespaces, veth pairs and a bridge");
+    let ips: Vec<String> = (0..size).map(|i| namespaces.ip(i)).collect();
+    let netns: Vec<Option<String>> = (0..size).map(|i| Some(namespaces.netns(i))).collect();
     let rt = runtime();
-    let mut cluster = Cluster::start_at("netns", &ips, &netns);
-    wait_until_all_see(&rt, &cluster.addresses, 3, CONVERGE_DEADLINE);
-    linearizable_under(&mut cluster, 10, "3 nodes in namespaces, one unplugged for 5 s", |cluster| {
+    let mut cluster = Cluster::start_at(&format!("netns{size}"), &ips, &netns);
+    wait_until_all_see(&rt, &cluster.addresses, size, CONVERGE_DEADLINE);
+    let name = format!("{size} nodes in namespaces, one unplugged for 5 s");
+    linearizable_under(&mut cluster, 10, &name, |cluster| {
         std::thread::sleep(Duration::from_secs(1));
         namespaces.set_connected(0, false);
         let cut = std::time::Instant::now();
-        // The cut is real: the other two mark the unplugged node down.
+        // The cut is real: the others mark the unplugged node down.
         let watcher = runtime();
-        wait_until_all_see(&watcher, &cluster.addresses[1..], 2, DETECT_DEADLINE);
+        wait_until_all_see(&watcher, &cluster.addresses[1..], size - 1, DETECT_DEADLINE);
         println!("serial: the unplugged node was down for the others {:?} after the cut", cut.elapsed());
         std::thread::sleep(Duration::from_secs(5).saturating_sub(cut.elapsed()));
         namespaces.set_connected(0, true);
-        wait_until_all_see(&watcher, &cluster.addresses, 3, CONVERGE_DEADLINE);
+        wait_until_all_see(&watcher, &cluster.addresses, size, CONVERGE_DEADLINE);
         std::thread::sleep(Duration::from_secs(1));
     });
     drop(cluster);
 }
 
 #[test]
-fn five_nodes_cas_stays_linearizable_through_a_kill() {
+fn cas_stays_linearizable_when_a_node_is_cut_off_in_its_network_namespace() {
+    unplugged_in_namespaces(3);
+}
+
+#[test]
+fn five_nodes_cas_stays_linearizable_when_one_is_cut_off_in_its_network_namespace() {
+    unplugged_in_namespaces(5);
+}
+
+#[test]
+fn five_nodes_cas_stays_linearizable_through_a_kill_and_a_pause() {
     let rt = runtime();
     let mut cluster = Cluster::start(5, "serial5");
     wait_until_all_see(&rt, &cluster.addresses, 5, CONVERGE_DEADLINE);
@@ -319,6 +330,16 @@ fn five_nodes_cas_stays_linearizable_through_a_kill() {
         cluster.kill9(3);
         std::thread::sleep(Duration::from_secs(3));
         cluster.restart(3);
+        std::thread::sleep(Duration::from_secs(2));
+    });
+    wait_until_all_see(&rt, &cluster.addresses, 5, CONVERGE_DEADLINE);
+    linearizable_under(&mut cluster, 10, "5 nodes, SIGSTOP for 5 s (past every timeout)", |cluster| {
+        std::thread::sleep(Duration::from_secs(1));
+        let paused = pid(cluster, 1);
+        // SAFETY: signals to our own child process.
+        unsafe { libc::kill(paused, libc::SIGSTOP) };
+        std::thread::sleep(Duration::from_secs(5));
+        unsafe { libc::kill(paused, libc::SIGCONT) };
         std::thread::sleep(Duration::from_secs(2));
     });
 }
