@@ -219,12 +219,11 @@ fn ip(args: &[&str]) -> bool {
 
 impl Namespaces {
     fn create(count: usize) -> Option<Namespaces> {
-        let pid = std::process::id();
-        let namespaces = Namespaces {
-            prefix: format!("kt{}", pid % 100_000),
-            count,
-            subnet: format!("10.77.{}", pid % 250),
-        };
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let next = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 10;
+        let run = std::process::id() % 10_000 * 10 + next;
+        let namespaces =
+            Namespaces { prefix: format!("kt{run}"), count, subnet: format!("10.77.{}", run % 250) };
         let (p, subnet) = (&namespaces.prefix, &namespaces.subnet);
         let bridge = format!("{p}br");
         let ok = ip(&["link", "add", &bridge, "type", "bridge"])
