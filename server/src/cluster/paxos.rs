@@ -18,8 +18,13 @@
 //!    context covers everything read). A replica accepts unless it promised a higher ballot,
 //!    durably. A majority of acceptances chooses it.
 //! 4. **Commit**: every replica merges the chosen proposal into its versions and forgets the
-//!    accepted copy (the Paxos state left is two ballots). The caller waits for as many
-//!    commit acknowledgements as its consistency level asks.
+//!    accepted copy (the Paxos state left is two ballots, beside the versions' window of
+//!    chosen writes). The caller waits for as many commit acknowledgements as its
+//!    consistency level asks.
+//!
+//! A read-only operation (a SERIAL read) first asks a majority for their records without a
+//! ballot ([`Proposer::start_read`]): with nothing in progress among them it answers at once
+//! and pre-empts nobody; otherwise it runs the steps above.
 //!
 //! Rejections and lost messages end a phase; the proposer backs off for a random time that
 //! doubles with each attempt, then tries a higher ballot, until the caller's deadline.
