@@ -327,6 +327,16 @@ pub(crate) fn encode_bounded<S: Storage>(
     }
 }
 
+/// A sibling's value and milliseconds left (0: no TTL), unless it is a tombstone or expired.
+pub(crate) fn live_value(sibling: &Sibling<Value>, now_ms: u64) -> Option<(&[u8], u64)> {
+    let (bytes, expires) = sibling.value.as_ref()?;
+    match *expires {
+        0 => Some((bytes, 0)),
+        expires if expires <= now_ms => None,
+        expires => Some((bytes, (expires - now_ms).max(1))),
+    }
+}
+
 /// The live siblings a client sees.
 pub(crate) fn client_reply(versions: &Versions<Value>, metadata_only: bool) -> LocalReply {
     let now = now_ms();
@@ -334,14 +344,11 @@ pub(crate) fn client_reply(versions: &Versions<Value>, metadata_only: bool) -> L
         .siblings()
         .iter()
         .filter_map(|s| {
-            let (bytes, expires) = s.value.as_ref()?;
-            if *expires != 0 && *expires <= now {
-                return None;
-            }
+            let (bytes, ttl_left_ms) = live_value(s, now)?;
             Some(Version {
-                value: (!metadata_only).then(|| Rc::from(bytes.as_slice())),
+                value: (!metadata_only).then(|| Rc::from(bytes)),
                 timestamp_us: s.timestamp_us,
-                ttl_left_ms: if *expires == 0 { 0 } else { (*expires - now).max(1) },
+                ttl_left_ms,
             })
         })
         .collect();

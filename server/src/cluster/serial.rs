@@ -20,8 +20,8 @@ use super::coordinator::Consistency;
 use super::paxos::{backoff_us, next_ballot, Ballot, Failure, Proposer, Step};
 use super::peer::PeerRequest;
 use super::replication::{
-    client_reply, decode_record, encode_bounded, encode_versions, place, record_from_data, too_few_replicas,
-    versions_from_data, ClusterShard, Record, Value,
+    client_reply, decode_record, encode_bounded, encode_versions, live_value, place, record_from_data,
+    too_few_replicas, versions_from_data, ClusterShard, Record, Value,
 };
 use super::ring::NodeId;
 use super::versions::Versions;
@@ -61,12 +61,8 @@ fn newest_live(versions: &Versions<Value>, now_ms: u64) -> Option<(&[u8], u64, u
         .siblings()
         .iter()
         .filter_map(|s| {
-            let (bytes, expires) = s.value.as_ref()?;
-            if *expires != 0 && *expires <= now_ms {
-                return None;
-            }
-            let ttl_left_ms = if *expires == 0 { 0 } else { (*expires - now_ms).max(1) };
-            Some(((s.timestamp_us, s.dot), (bytes.as_slice(), ttl_left_ms, s.timestamp_us)))
+            let (bytes, ttl_left_ms) = live_value(s, now_ms)?;
+            Some(((s.timestamp_us, s.dot), (bytes, ttl_left_ms, s.timestamp_us)))
         })
         .max_by_key(|(order, _)| *order)
         .map(|(_, current)| current)
@@ -151,6 +147,9 @@ pub async fn coordinate<S: Storage>(
     let mut proposer = Proposer::<Value, LocalReply>::new(&replicas, commit_wait);
     let (sender, mut answers) = mpsc::unbounded::<PhaseAnswer>();
     let mut random = u64::from(cluster.actor) ^ shard.store.timestamp_us();
+    let broadcast = |phase_id, phase, ballot, proposal: &Versions<Value>, to: &[NodeId]| {
+        send(shard, &view, me, &key, phase_id, phase, ballot, proposal, to, &sender, deadline)
+    };
     let mut step = match op {
         SerialOp::Read { .. } => proposer.start_read(|node| view.is_live(node)),
         _ => Step::Retry { attempt: 0 },
@@ -176,68 +175,19 @@ pub async fn coordinate<S: Storage>(
                 proposer.start(ballot, |node| view.is_live(node))
             }
             Step::Prepare { phase, ballot, to } => {
-                send(
-                    shard,
-                    &view,
-                    me,
-                    &key,
-                    phase,
-                    PaxosPhase::PREPARE,
-                    ballot,
-                    &Versions::default(),
-                    &to,
-                    &sender,
-                    deadline,
-                );
+                broadcast(phase, PaxosPhase::PREPARE, ballot, &Versions::default(), &to);
                 Step::Wait
             }
             Step::Read { phase, to } => {
-                let ballot = Ballot::default();
-                send(
-                    shard,
-                    &view,
-                    me,
-                    &key,
-                    phase,
-                    PaxosPhase::READ,
-                    ballot,
-                    &Versions::default(),
-                    &to,
-                    &sender,
-                    deadline,
-                );
+                broadcast(phase, PaxosPhase::READ, Ballot::default(), &Versions::default(), &to);
                 Step::Wait
             }
             Step::Propose { phase, ballot, proposal, to } => {
-                send(
-                    shard,
-                    &view,
-                    me,
-                    &key,
-                    phase,
-                    PaxosPhase::PROPOSE,
-                    ballot,
-                    &proposal,
-                    &to,
-                    &sender,
-                    deadline,
-                );
+                broadcast(phase, PaxosPhase::PROPOSE, ballot, &proposal, &to);
                 Step::Wait
             }
             Step::Commit { phase, ballot, proposal, to } => {
-                send(
-                    shard,
-                    &view,
-                    me,
-                    &key,
-                    phase,
-                    PaxosPhase::COMMIT,
-                    ballot,
-                    &proposal,
-                    &to,
-                    &sender,
-                    deadline,
-                );
+                broadcast(phase, PaxosPhase::COMMIT, ballot, &proposal, &to);
                 proposer.commits_sent()
             }
             Step::Decide { state } => match decide(&op, &state) {

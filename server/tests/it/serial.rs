@@ -161,20 +161,20 @@ fn pid(cluster: &Cluster, index: usize) -> i32 {
     cluster.nodes[index].as_ref().map(|n| n.child.id() as i32).expect("running node")
 }
 
-#[test]
-fn cas_histories_stay_linearizable_through_kill_pause_and_partition() {
-    let rt = runtime();
-    let mut cluster = Cluster::start(3, "serial");
-    wait_until_all_see(&rt, &cluster.addresses, 3, CONVERGE_DEADLINE);
-    linearizable_under(&mut cluster, 10, "3 nodes, kill -9 and restart", |cluster| {
+/// The workload through node `killed` killed with kill -9 and restarted, then through node 1
+/// paused with SIGSTOP for 5 s (past every timeout).
+fn killed_then_paused(rt: &tokio::runtime::Runtime, cluster: &mut Cluster, killed: usize) {
+    let size = cluster.addresses.len();
+    linearizable_under(cluster, 10, &format!("{size} nodes, kill -9 and restart"), |cluster| {
         std::thread::sleep(Duration::from_secs(2));
-        cluster.kill9(2);
+        cluster.kill9(killed);
         std::thread::sleep(Duration::from_secs(3));
-        cluster.restart(2);
+        cluster.restart(killed);
         std::thread::sleep(Duration::from_secs(2));
     });
-    wait_until_all_see(&rt, &cluster.addresses, 3, CONVERGE_DEADLINE);
-    linearizable_under(&mut cluster, 10, "3 nodes, SIGSTOP for 5 s (past every timeout)", |cluster| {
+    wait_until_all_see(rt, &cluster.addresses, size, CONVERGE_DEADLINE);
+    let name = format!("{size} nodes, SIGSTOP for 5 s (past every timeout)");
+    linearizable_under(cluster, 10, &name, |cluster| {
         std::thread::sleep(Duration::from_secs(1));
         let paused = pid(cluster, 1);
         // SAFETY: signals to our own child process.
@@ -183,6 +183,14 @@ fn cas_histories_stay_linearizable_through_kill_pause_and_partition() {
         unsafe { libc::kill(paused, libc::SIGCONT) };
         std::thread::sleep(Duration::from_secs(2));
     });
+}
+
+#[test]
+fn cas_histories_stay_linearizable_through_kill_pause_and_partition() {
+    let rt = runtime();
+    let mut cluster = Cluster::start(3, "serial");
+    wait_until_all_see(&rt, &cluster.addresses, 3, CONVERGE_DEADLINE);
+    killed_then_paused(&rt, &mut cluster, 2);
     let is_root = unsafe { libc::geteuid() } == 0;
     let has_nft =
         std::process::Command::new("nft").arg("--version").output().is_ok_and(|o| o.status.success());
@@ -324,23 +332,7 @@ fn five_nodes_cas_stays_linearizable_through_a_kill_and_a_pause() {
     let rt = runtime();
     let mut cluster = Cluster::start(5, "serial5");
     wait_until_all_see(&rt, &cluster.addresses, 5, CONVERGE_DEADLINE);
-    linearizable_under(&mut cluster, 10, "5 nodes, kill -9 and restart", |cluster| {
-        std::thread::sleep(Duration::from_secs(2));
-        cluster.kill9(3);
-        std::thread::sleep(Duration::from_secs(3));
-        cluster.restart(3);
-        std::thread::sleep(Duration::from_secs(2));
-    });
-    wait_until_all_see(&rt, &cluster.addresses, 5, CONVERGE_DEADLINE);
-    linearizable_under(&mut cluster, 10, "5 nodes, SIGSTOP for 5 s (past every timeout)", |cluster| {
-        std::thread::sleep(Duration::from_secs(1));
-        let paused = pid(cluster, 1);
-        // SAFETY: signals to our own child process.
-        unsafe { libc::kill(paused, libc::SIGSTOP) };
-        std::thread::sleep(Duration::from_secs(5));
-        unsafe { libc::kill(paused, libc::SIGCONT) };
-        std::thread::sleep(Duration::from_secs(2));
-    });
+    killed_then_paused(&rt, &mut cluster, 3);
 }
 
 #[test]
