@@ -110,6 +110,17 @@ pub enum Op<'a> {
         ballot: crate::peer::Ballot,
         proposal: &'a [u8],
     },
+    /// Node to node: one step of anti-entropy for a partition (`leaves`: a bit per leaf of
+    /// its Merkle tree; 0 asks for the tree).
+    AntiEntropy {
+        partition: u32,
+        partition_bits: u8,
+        shard_count: u16,
+        shard_index: u16,
+        leaves: u64,
+    },
+    /// An anti-entropy round over the node's partitions, now.
+    Repair,
     /// `expected: None` means "the key must be absent".
     Cas {
         key: &'a [u8],
@@ -123,7 +134,13 @@ impl<'a> Op<'a> {
     /// The key the operation addresses; `None` for Hello and Stats.
     pub fn key(&self) -> Option<&'a [u8]> {
         match *self {
-            Op::Hello { .. } | Op::Stats | Op::Topology | Op::Gossip { .. } | Op::Snapshot { .. } => None,
+            Op::Hello { .. }
+            | Op::Stats
+            | Op::Topology
+            | Op::Gossip { .. }
+            | Op::Snapshot { .. }
+            | Op::AntiEntropy { .. }
+            | Op::Repair => None,
             Op::Put { key, .. }
             | Op::Get { key, .. }
             | Op::Delete { key }
@@ -244,6 +261,26 @@ pub fn parse_request(payload: &[u8]) -> Result<RequestView<'_>, ParseError> {
             }
             Op::Paxos { key: check_key(id, paxos.key())?, phase, ballot, proposal }
         }
+        wire::Operation::AntiEntropy => {
+            let ae = request.op_as_anti_entropy().ok_or_else(|| bad("AntiEntropy without a body".into()))?;
+            let partition_bits = ae.partition_bits();
+            if partition_bits == 0
+                || partition_bits > crate::peer::PARTITION_BITS_MAX
+                || u64::from(ae.partition()) >= 1 << partition_bits
+                || ae.shard_count() == 0
+                || ae.shard_index() >= ae.shard_count()
+            {
+                return Err(bad("AntiEntropy names no partition or shard".into()));
+            }
+            Op::AntiEntropy {
+                partition: ae.partition(),
+                partition_bits,
+                shard_count: ae.shard_count(),
+                shard_index: ae.shard_index(),
+                leaves: ae.leaves(),
+            }
+        }
+        wire::Operation::Repair => Op::Repair,
         wire::Operation::Gossip => {
             let gossip = request.op_as_gossip().ok_or_else(|| bad("Gossip without a body".into()))?;
             Op::Gossip { message: gossip.message().map(|v| v.bytes()).unwrap_or(&[]) }
@@ -310,6 +347,8 @@ pub struct ResponseView {
     /// Nested `KeyVersions` bytes (reply to ReadReplica); empty when absent.
     pub versions: Vec<u8>,
     pub topology: Option<crate::peer::TopologyData>,
+    /// The reply to AntiEntropy.
+    pub merkle: Option<crate::peer::MerkleData>,
 }
 
 /// Verifies a response payload (clients distrust servers too).
@@ -353,5 +392,6 @@ pub fn parse_response(payload: &[u8]) -> Result<ResponseView, String> {
         stats_json: response.stats_json().map(str::to_string),
         versions: response.versions().map(|v| v.bytes().to_vec()).unwrap_or_default(),
         topology: response.topology().map(|t| crate::peer::decode_topology(t.bytes())).transpose()?,
+        merkle: response.merkle().map(|m| crate::peer::decode_merkle(m.bytes())).transpose()?,
     })
 }

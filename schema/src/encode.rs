@@ -39,6 +39,8 @@ pub struct ResponseOut<'a> {
     pub versions: &'a [u8],
     /// Nested `TopologyReply` bytes; empty: absent.
     pub topology: &'a [u8],
+    /// Nested `MerkleReply` bytes; empty: absent.
+    pub merkle: &'a [u8],
 }
 
 impl<'a> ResponseOut<'a> {
@@ -53,6 +55,7 @@ impl<'a> ResponseOut<'a> {
             stats_json: None,
             versions: &[],
             topology: &[],
+            merkle: &[],
         }
     }
 }
@@ -113,6 +116,7 @@ pub fn encode_response(builder: &mut FlatBufferBuilder<'_>, out: &mut Vec<u8>, r
     let stats_json = response.stats_json.map(|json| builder.create_string(json));
     let versions = (!response.versions.is_empty()).then(|| builder.create_vector(response.versions));
     let topology = (!response.topology.is_empty()).then(|| builder.create_vector(response.topology));
+    let merkle = (!response.merkle.is_empty()).then(|| builder.create_vector(response.merkle));
     let root = wire::Response::create(
         builder,
         &wire::ResponseArgs {
@@ -125,6 +129,7 @@ pub fn encode_response(builder: &mut FlatBufferBuilder<'_>, out: &mut Vec<u8>, r
             stats_json,
             versions,
             topology,
+            merkle,
         },
     );
     builder.finish_minimal(root);
@@ -169,6 +174,13 @@ pub fn encode_request(builder: &mut FlatBufferBuilder<'_>, out: &mut Vec<u8>, re
             let args =
                 wire::PaxosArgs { key: Some(key), phase, ballot: Some(&ballot), proposal: Some(proposal) };
             (wire::Operation::Paxos, wire::Paxos::create(builder, &args).as_union_value())
+        }
+        Op::AntiEntropy { partition, partition_bits, shard_count, shard_index, leaves } => {
+            let args = wire::AntiEntropyArgs { partition, partition_bits, shard_count, shard_index, leaves };
+            (wire::Operation::AntiEntropy, wire::AntiEntropy::create(builder, &args).as_union_value())
+        }
+        Op::Repair => {
+            (wire::Operation::Repair, wire::Repair::create(builder, &wire::RepairArgs {}).as_union_value())
         }
         Op::Gossip { message } => {
             let message = builder.create_vector(message);
@@ -313,6 +325,7 @@ mod tests {
             stats_json: Some("{\"shard\":0}"),
             versions: &[],
             topology: &[],
+            merkle: &[],
         };
         let mut builder = FlatBufferBuilder::new();
         let mut frame = Vec::new();

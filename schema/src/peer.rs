@@ -493,6 +493,63 @@ pub fn decode_topology(bytes: &[u8]) -> Result<TopologyData, String> {
     })
 }
 
+/// Leaves of a partition's Merkle tree (a bit each in `AntiEntropy.leaves`).
+pub const MERKLE_LEAF_COUNT: usize = 64;
+/// Keys one `MerkleReply` may list (the asker asks for fewer leaves at a time if needed).
+pub const MERKLE_KEY_COUNT_MAX: usize = 1 << 16;
+
+/// One replica's answer to `AntiEntropy` (see `wire::MerkleReply`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MerkleData {
+    /// Empty, or exactly [`MERKLE_LEAF_COUNT`] leaf hashes.
+    pub leaves: Vec<u64>,
+    /// Keys and the digests of their versions.
+    pub keys: Vec<(Vec<u8>, u64)>,
+}
+
+pub fn encode_merkle(merkle: &MerkleData) -> Vec<u8> {
+    let mut builder = FlatBufferBuilder::with_capacity(1024);
+    let keys: Vec<_> = merkle
+        .keys
+        .iter()
+        .map(|(key, digest)| {
+            let key = builder.create_vector(key);
+            wire::KeyDigest::create(&mut builder, &wire::KeyDigestArgs { key: Some(key), digest: *digest })
+        })
+        .collect();
+    let keys = builder.create_vector(&keys);
+    let leaves = builder.create_vector(&merkle.leaves);
+    let root = wire::MerkleReply::create(
+        &mut builder,
+        &wire::MerkleReplyArgs { leaves: Some(leaves), keys: Some(keys) },
+    );
+    builder.finish_minimal(root);
+    builder.finished_data().to_vec()
+}
+
+/// Verifies a Merkle reply: a whole tree or none, valid keys, bounded counts.
+pub fn decode_merkle(bytes: &[u8]) -> Result<MerkleData, String> {
+    let root = flatbuffers::root_with_opts::<wire::MerkleReply>(&options(), bytes)
+        .map_err(|error| format!("invalid Merkle reply: {error}"))?;
+    let leaves: Vec<u64> = root.leaves().map(|l| l.iter().collect()).unwrap_or_default();
+    if !leaves.is_empty() && leaves.len() != MERKLE_LEAF_COUNT {
+        return Err(format!("{} Merkle leaves, expected {MERKLE_LEAF_COUNT}", leaves.len()));
+    }
+    let entries = root.keys().unwrap_or_default();
+    if entries.len() > MERKLE_KEY_COUNT_MAX {
+        return Err(format!("{} keys in a Merkle reply", entries.len()));
+    }
+    let mut keys = Vec::with_capacity(entries.len());
+    for entry in entries {
+        let key = entry.key().map(|k| k.bytes()).unwrap_or(&[]);
+        if !key_is_valid(key) {
+            return Err("a Merkle reply names an invalid key".into());
+        }
+        keys.push((key.to_vec(), entry.digest()));
+    }
+    Ok(MerkleData { leaves, keys })
+}
+
 /// Checks a key from a peer the way a client's is checked.
 pub fn key_is_valid(key: &[u8]) -> bool {
     !key.is_empty() && key.len() <= KEY_SIZE_MAX

@@ -82,6 +82,9 @@ pub enum Command {
     /// The receiving shard's stats object (a metrics scrape gathers every shard's). Sent to
     /// a shard by index.
     ShardStats,
+    /// Cluster: an anti-entropy pass of the receiving shard, now; replies with its report as
+    /// JSON (`Reply::Stats`). By index.
+    RepairShard,
     /// Snapshot the receiving shard into `dir` (its own subdirectory is made). By index.
     SnapshotShard {
         dir: std::path::PathBuf,
@@ -100,6 +103,8 @@ impl Command {
             | Op::Replicate { .. }
             | Op::ReadReplica { .. }
             | Op::Paxos { .. }
+            | Op::AntiEntropy { .. }
+            | Op::Repair
             | Op::Snapshot { .. } => return None,
             Op::Get { key, metadata_only } => Command::Get { key: key.to_vec(), metadata_only },
             Op::Put { key, value, ttl_ms } => {
@@ -128,7 +133,10 @@ impl Command {
             | Command::Paxos { key, .. }
             | Command::Replicate { key, .. }
             | Command::ReadReplica { key } => key,
-            Command::EntryCount | Command::ShardStats | Command::SnapshotShard { .. } => &[],
+            Command::EntryCount
+            | Command::ShardStats
+            | Command::RepairShard
+            | Command::SnapshotShard { .. } => &[],
         }
     }
 }

@@ -146,6 +146,7 @@ pub fn print(args: &Args) -> String {
     set(&mut table, "replicas", int(args.replicas as u64));
     set(&mut table, "partition_bits", int(u64::from(args.partition_bits)));
     set(&mut table, "gossip_interval_ms", int(args.gossip_interval_ms));
+    set(&mut table, "anti_entropy_interval_ms", int(args.anti_entropy_interval_ms));
     set(&mut table, "phi_threshold", toml::Value::Float(args.phi_threshold));
     if let Some(address) = args.metrics_listen {
         set(&mut table, "metrics_listen", text(&address));

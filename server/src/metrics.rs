@@ -64,6 +64,7 @@ pub fn op_name(command: &Command) -> &'static str {
         Command::EntryCount => "entry_count",
         Command::ShardStats => "shard_stats",
         Command::SnapshotShard { .. } => "snapshot",
+        Command::RepairShard => "repair",
     }
 }
 

@@ -101,6 +101,10 @@ pub struct Args {
     /// The ring has 2^bits partitions (virtual nodes), fixed when the cluster forms.
     #[arg(long, global = true, default_value_t = crate::cluster::ring::PARTITION_BITS_DEFAULT)]
     pub partition_bits: u32,
+    /// Milliseconds one anti-entropy pass over a shard's partitions takes (the comparisons are
+    /// spread over it); 0 turns the background passes off (`kvctl repair` still runs one).
+    #[arg(long, global = true, default_value_t = 60_000)]
+    pub anti_entropy_interval_ms: u64,
     /// Milliseconds between gossip rounds.
     #[arg(long, global = true, default_value_t = 100)]
     pub gossip_interval_ms: u64,
@@ -494,6 +498,10 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
             interval: Duration::from_millis(args.gossip_interval_ms.max(1)),
             phi_threshold: args.phi_threshold,
             ..GossipConfig::default()
+        },
+        anti_entropy: crate::cluster::anti_entropy::AntiEntropyOptions {
+            interval: Duration::from_millis(args.anti_entropy_interval_ms),
+            settle_ms: args.tombstone_grace_s.saturating_mul(1000),
         },
     });
     if let Some(options) = &cluster_options {

@@ -111,6 +111,27 @@ impl<S: Storage> Shard<S> {
         total
     }
 
+    /// An anti-entropy pass on every shard of the node, now (`kvctl repair`): what it found
+    /// and fixed, summed.
+    pub async fn repair_node(self: &Rc<Self>) -> Result<crate::cluster::anti_entropy::Report, String> {
+        if self.cluster.is_none() {
+            return Err("this node is not part of a cluster".into());
+        }
+        let mut total = crate::cluster::anti_entropy::repair_now(self).await;
+        for target in (0..self.count).filter(|&t| t != self.index) {
+            let Some(mesh) = &self.mesh else { break };
+            match mesh.forward(target, Command::RepairShard).await {
+                Reply::Stats(json) => {
+                    let report = serde_json::from_str(&json).map_err(|error| error.to_string())?;
+                    total.add(&report);
+                }
+                Reply::Error { message, .. } => return Err(message),
+                other => return Err(format!("unexpected reply {other:?}")),
+            }
+        }
+        Ok(total)
+    }
+
     /// A consistent snapshot of the whole node into `dir` (see `Engine::snapshot`): every
     /// shard's tables and manifest in `dir/shard-N`, and the node's identity files.
     pub async fn snapshot_node(&self, dir: &std::path::Path) -> Result<(), String> {
@@ -181,6 +202,10 @@ impl<S: Storage> Shard<S> {
             Command::Replicate { key, versions } => replication::replicate(self, &key, &versions).await,
             Command::ReadReplica { key } => replication::read_replica(self, &key).await,
             Command::ShardStats => Reply::Stats(self.stats_json()),
+            Command::RepairShard => {
+                let report = crate::cluster::anti_entropy::repair_now(self).await;
+                Reply::Stats(serde_json::to_string(&report).unwrap_or_default())
+            }
             // A cluster's keys change only through a coordinator (`Serial` for these).
             Command::Update { .. } | Command::Cas { .. } if self.cluster.is_some() => {
                 Reply::error(Status::INTERNAL, "a standalone update reached a cluster node")
@@ -296,8 +321,9 @@ pub async fn run(launch: ShardLaunch) {
             Ok(lease) => {
                 let view =
                     Arc::new(ClusterView::forming(launch.node_name.clone(), "the cluster is forming".into()));
-                match ClusterShard::open(actor_of(&launch.node_name), view, peers.clone(), lease, &shard_dir)
-                {
+                let anti_entropy = launch.options.anti_entropy;
+                let actor = actor_of(&launch.node_name);
+                match ClusterShard::open(actor, view, peers.clone(), lease, &shard_dir, anti_entropy) {
                     Ok(cluster) => Some(cluster),
                     Err(error) => {
                         let _ = ready.send(Err(format!("shard {index}: opening the hint log: {error}")));
@@ -370,6 +396,19 @@ pub async fn run(launch: ShardLaunch) {
     if let (Some(launch), Some(cluster_shard)) = (cluster, &shard.cluster) {
         cluster_tasks.push(glommio::spawn_local(replication::replay_hints(shard.clone())));
         cluster_tasks.push(glommio::spawn_local(replication::flush_hint_log(shard.clone())));
+        // Few shares: request handling comes first (flush has 250, compaction 50).
+        let background = glommio::executor().create_task_queue(
+            glommio::Shares::Static(50),
+            glommio::Latency::NotImportant,
+            "anti-entropy",
+        );
+        match glommio::spawn_local_into(crate::cluster::anti_entropy::run(shard.clone()), background) {
+            Ok(task) => cluster_tasks.push(task),
+            Err(error) => {
+                let _ = ready.send(Err(format!("shard {index}: starting anti-entropy: {error}")));
+                return;
+            }
+        }
         if index == 0 {
             let weak = Rc::downgrade(&shard);
             let publish = Box::new(move |view: Arc<ClusterView>| {

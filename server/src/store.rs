@@ -112,9 +112,8 @@ impl<S: Storage> Store<S> {
             | Command::Serial { .. }
             | Command::Paxos { .. }
             | Command::Replicate { .. }
-            | Command::ReadReplica { .. } => {
-                Reply::error(Status::INTERNAL, "a cluster operation reached the store")
-            }
+            | Command::ReadReplica { .. }
+            | Command::RepairShard => Reply::error(Status::INTERNAL, "a cluster operation reached the store"),
         }
     }
 
@@ -301,6 +300,23 @@ impl<S: Storage> Store<S> {
             }
             None => Ok((None, current.map_or(0, |entry| entry.seq))),
         }
+    }
+
+    /// Cluster: removes `key` if `condition` holds for the bytes stored for it, checked and
+    /// removed with no await between; durable when it returns. Whether it was removed.
+    pub async fn remove_raw_if<F>(&self, key: &[u8], condition: F) -> Result<bool, LocalReply>
+    where
+        F: FnOnce(&[u8]) -> bool,
+    {
+        self.engine.reserve(key.len()).await.map_err(internal)?;
+        let current = self.engine.read_current(key).await.map_err(read_failed)?;
+        let live = current.as_ref().filter(|entry| entry.is_live(now_ms())).and_then(|e| e.value.as_deref());
+        if !live.is_some_and(condition) {
+            return Ok(false);
+        }
+        let seq = self.engine.write(key, None, self.hlc.now(), 0).map_err(internal)?;
+        self.wait_acked(seq).await?;
+        Ok(true)
     }
 
     /// Waits until the write with sequence number `seq` is durable.

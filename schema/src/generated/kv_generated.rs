@@ -427,10 +427,10 @@ impl ::flatbuffers::SimpleToVerifyInSlice for PaxosPhase {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_OPERATION: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_OPERATION: u8 = 12;
+pub const ENUM_MAX_OPERATION: u8 = 14;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_OPERATION: [Operation; 13] = [
+pub const ENUM_VALUES_OPERATION: [Operation; 15] = [
   Operation::NONE,
   Operation::Hello,
   Operation::Put,
@@ -444,6 +444,8 @@ pub const ENUM_VALUES_OPERATION: [Operation; 13] = [
   Operation::Gossip,
   Operation::Snapshot,
   Operation::Paxos,
+  Operation::AntiEntropy,
+  Operation::Repair,
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -464,9 +466,11 @@ impl Operation {
   pub const Gossip: Self = Self(10);
   pub const Snapshot: Self = Self(11);
   pub const Paxos: Self = Self(12);
+  pub const AntiEntropy: Self = Self(13);
+  pub const Repair: Self = Self(14);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 12;
+  pub const ENUM_MAX: u8 = 14;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::NONE,
     Self::Hello,
@@ -481,6 +485,8 @@ impl Operation {
     Self::Gossip,
     Self::Snapshot,
     Self::Paxos,
+    Self::AntiEntropy,
+    Self::Repair,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -498,6 +504,8 @@ impl Operation {
       Self::Gossip => Some("Gossip"),
       Self::Snapshot => Some("Snapshot"),
       Self::Paxos => Some("Paxos"),
+      Self::AntiEntropy => Some("AntiEntropy"),
+      Self::Repair => Some("Repair"),
       _ => None,
     }
   }
@@ -2532,6 +2540,256 @@ impl ::core::fmt::Debug for Paxos<'_> {
       ds.finish()
   }
 }
+pub enum AntiEntropyOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Node to node: one step of anti-entropy between two replicas of a partition (see
+/// ARCHITECTURE.md, "Anti-entropy"). The receiving shard answers for its keys in `partition`
+/// (of `2^partition_bits`) that the asker's shard `shard_index` of `shard_count` would own, so
+/// that nodes with different shard counts compare the same keys. A partition's Merkle tree has
+/// 64 leaves; `leaves` = 0 asks for the tree (`MerkleReply.leaves`), otherwise for the keys
+/// with their digests in the leaves whose bits are set (`MerkleReply.keys`).
+pub struct AntiEntropy<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for AntiEntropy<'a> {
+  type Inner = AntiEntropy<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> AntiEntropy<'a> {
+  pub const VT_PARTITION: ::flatbuffers::VOffsetT = 4;
+  pub const VT_PARTITION_BITS: ::flatbuffers::VOffsetT = 6;
+  pub const VT_SHARD_COUNT: ::flatbuffers::VOffsetT = 8;
+  pub const VT_SHARD_INDEX: ::flatbuffers::VOffsetT = 10;
+  pub const VT_LEAVES: ::flatbuffers::VOffsetT = 12;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    AntiEntropy { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args AntiEntropyArgs
+  ) -> ::flatbuffers::WIPOffset<AntiEntropy<'bldr>> {
+    let mut builder = AntiEntropyBuilder::new(_fbb);
+    builder.add_leaves(args.leaves);
+    builder.add_partition(args.partition);
+    builder.add_shard_index(args.shard_index);
+    builder.add_shard_count(args.shard_count);
+    builder.add_partition_bits(args.partition_bits);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn partition(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(AntiEntropy::VT_PARTITION, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn partition_bits(&self) -> u8 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u8>(AntiEntropy::VT_PARTITION_BITS, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn shard_count(&self) -> u16 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u16>(AntiEntropy::VT_SHARD_COUNT, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn shard_index(&self) -> u16 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u16>(AntiEntropy::VT_SHARD_INDEX, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn leaves(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(AntiEntropy::VT_LEAVES, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for AntiEntropy<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u32>("partition", Self::VT_PARTITION, false)?
+     .visit_field::<u8>("partition_bits", Self::VT_PARTITION_BITS, false)?
+     .visit_field::<u16>("shard_count", Self::VT_SHARD_COUNT, false)?
+     .visit_field::<u16>("shard_index", Self::VT_SHARD_INDEX, false)?
+     .visit_field::<u64>("leaves", Self::VT_LEAVES, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct AntiEntropyArgs {
+    pub partition: u32,
+    pub partition_bits: u8,
+    pub shard_count: u16,
+    pub shard_index: u16,
+    pub leaves: u64,
+}
+impl<'a> Default for AntiEntropyArgs {
+  #[inline]
+  fn default() -> Self {
+    AntiEntropyArgs {
+      partition: 0,
+      partition_bits: 0,
+      shard_count: 0,
+      shard_index: 0,
+      leaves: 0,
+    }
+  }
+}
+
+pub struct AntiEntropyBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> AntiEntropyBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_partition(&mut self, partition: u32) {
+    self.fbb_.push_slot::<u32>(AntiEntropy::VT_PARTITION, partition, 0);
+  }
+  #[inline]
+  pub fn add_partition_bits(&mut self, partition_bits: u8) {
+    self.fbb_.push_slot::<u8>(AntiEntropy::VT_PARTITION_BITS, partition_bits, 0);
+  }
+  #[inline]
+  pub fn add_shard_count(&mut self, shard_count: u16) {
+    self.fbb_.push_slot::<u16>(AntiEntropy::VT_SHARD_COUNT, shard_count, 0);
+  }
+  #[inline]
+  pub fn add_shard_index(&mut self, shard_index: u16) {
+    self.fbb_.push_slot::<u16>(AntiEntropy::VT_SHARD_INDEX, shard_index, 0);
+  }
+  #[inline]
+  pub fn add_leaves(&mut self, leaves: u64) {
+    self.fbb_.push_slot::<u64>(AntiEntropy::VT_LEAVES, leaves, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> AntiEntropyBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    AntiEntropyBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<AntiEntropy<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for AntiEntropy<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("AntiEntropy");
+      ds.field("partition", &self.partition());
+      ds.field("partition_bits", &self.partition_bits());
+      ds.field("shard_count", &self.shard_count());
+      ds.field("shard_index", &self.shard_index());
+      ds.field("leaves", &self.leaves());
+      ds.finish()
+  }
+}
+pub enum RepairOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Runs an anti-entropy round over every partition this node holds, on every shard, now;
+/// answered once it is over with a JSON summary in `Response.stats_json`.
+pub struct Repair<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for Repair<'a> {
+  type Inner = Repair<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> Repair<'a> {
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    Repair { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    _args: &'args RepairArgs
+  ) -> ::flatbuffers::WIPOffset<Repair<'bldr>> {
+    let mut builder = RepairBuilder::new(_fbb);
+    builder.finish()
+  }
+
+}
+
+impl ::flatbuffers::Verifiable for Repair<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct RepairArgs {
+}
+impl<'a> Default for RepairArgs {
+  #[inline]
+  fn default() -> Self {
+    RepairArgs {
+    }
+  }
+}
+
+pub struct RepairBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> RepairBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> RepairBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    RepairBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<Repair<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for Repair<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("Repair");
+      ds.finish()
+  }
+}
 pub enum RequestOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
@@ -2812,6 +3070,36 @@ impl<'a> Request<'a> {
     }
   }
 
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn op_as_anti_entropy(&self) -> Option<AntiEntropy<'a>> {
+    if self.op_type() == Operation::AntiEntropy {
+      self.op().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { AntiEntropy::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn op_as_repair(&self) -> Option<Repair<'a>> {
+    if self.op_type() == Operation::Repair {
+      self.op().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { Repair::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
 }
 
 impl ::flatbuffers::Verifiable for Request<'_> {
@@ -2839,6 +3127,8 @@ impl ::flatbuffers::Verifiable for Request<'_> {
           Operation::Gossip => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Gossip>>("Operation::Gossip", pos),
           Operation::Snapshot => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Snapshot>>("Operation::Snapshot", pos),
           Operation::Paxos => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Paxos>>("Operation::Paxos", pos),
+          Operation::AntiEntropy => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<AntiEntropy>>("Operation::AntiEntropy", pos),
+          Operation::Repair => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Repair>>("Operation::Repair", pos),
           _ => Ok(()),
         }
      })?
@@ -3007,6 +3297,20 @@ impl ::core::fmt::Debug for Request<'_> {
         },
         Operation::Paxos => {
           if let Some(x) = self.op_as_paxos() {
+            ds.field("op", &x)
+          } else {
+            ds.field("op", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Operation::AntiEntropy => {
+          if let Some(x) = self.op_as_anti_entropy() {
+            ds.field("op", &x)
+          } else {
+            ds.field("op", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Operation::Repair => {
+          if let Some(x) = self.op_as_repair() {
             ds.field("op", &x)
           } else {
             ds.field("op", &"InvalidFlatbuffer: Union discriminant does not match value.")
@@ -3491,6 +3795,7 @@ impl<'a> Response<'a> {
   pub const VT_STATS_JSON: ::flatbuffers::VOffsetT = 16;
   pub const VT_VERSIONS: ::flatbuffers::VOffsetT = 18;
   pub const VT_TOPOLOGY: ::flatbuffers::VOffsetT = 20;
+  pub const VT_MERKLE: ::flatbuffers::VOffsetT = 22;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -3503,6 +3808,7 @@ impl<'a> Response<'a> {
   ) -> ::flatbuffers::WIPOffset<Response<'bldr>> {
     let mut builder = ResponseBuilder::new(_fbb);
     builder.add_id(args.id);
+    if let Some(x) = args.merkle { builder.add_merkle(x); }
     if let Some(x) = args.topology { builder.add_topology(x); }
     if let Some(x) = args.versions { builder.add_versions(x); }
     if let Some(x) = args.stats_json { builder.add_stats_json(x); }
@@ -3602,6 +3908,23 @@ impl<'a> Response<'a> {
       unsafe { <::flatbuffers::ForwardsUOffset<TopologyReply<'a>>>::follow(data.bytes(), 0) }
     })
   }
+  /// Present only in the reply to AntiEntropy (a nested `MerkleReply`).
+  #[inline]
+  pub fn merkle(&self) -> Option<::flatbuffers::Vector<'a, u8>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u8>>>(Response::VT_MERKLE, None)}
+  }
+  pub fn merkle_nested_flatbuffer(&'a self) -> Option<MerkleReply<'a>> {
+    self.merkle().map(|data| {
+      use ::flatbuffers::Follow;
+      // Safety:
+      // Created from a valid Table for this object
+      // Which contains a valid flatbuffer in this slot
+      unsafe { <::flatbuffers::ForwardsUOffset<MerkleReply<'a>>>::follow(data.bytes(), 0) }
+    })
+  }
 }
 
 impl ::flatbuffers::Verifiable for Response<'_> {
@@ -3619,6 +3942,7 @@ impl ::flatbuffers::Verifiable for Response<'_> {
      .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("stats_json", Self::VT_STATS_JSON, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u8>>>("versions", Self::VT_VERSIONS, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u8>>>("topology", Self::VT_TOPOLOGY, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u8>>>("merkle", Self::VT_MERKLE, false)?
      .finish();
     Ok(())
   }
@@ -3633,6 +3957,7 @@ pub struct ResponseArgs<'a> {
     pub stats_json: Option<::flatbuffers::WIPOffset<&'a str>>,
     pub versions: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u8>>>,
     pub topology: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u8>>>,
+    pub merkle: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u8>>>,
 }
 impl<'a> Default for ResponseArgs<'a> {
   #[inline]
@@ -3647,6 +3972,7 @@ impl<'a> Default for ResponseArgs<'a> {
       stats_json: None,
       versions: None,
       topology: None,
+      merkle: None,
     }
   }
 }
@@ -3693,6 +4019,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ResponseBuilder<'a, 'b, A> {
     self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Response::VT_TOPOLOGY, topology);
   }
   #[inline]
+  pub fn add_merkle(&mut self, merkle: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u8>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Response::VT_MERKLE, merkle);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ResponseBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     ResponseBuilder {
@@ -3719,6 +4049,7 @@ impl ::core::fmt::Debug for Response<'_> {
       ds.field("stats_json", &self.stats_json());
       ds.field("versions", &self.versions());
       ds.field("topology", &self.topology());
+      ds.field("merkle", &self.merkle());
       ds.finish()
   }
 }
@@ -5048,6 +5379,235 @@ impl ::core::fmt::Debug for TopologyReply<'_> {
       ds.field("partition_bits", &self.partition_bits());
       ds.field("owners", &self.owners());
       ds.field("nodes", &self.nodes());
+      ds.finish()
+  }
+}
+pub enum KeyDigestOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// A key and the digest of its versions (clock and siblings; not the Paxos state).
+pub struct KeyDigest<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for KeyDigest<'a> {
+  type Inner = KeyDigest<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> KeyDigest<'a> {
+  pub const VT_KEY: ::flatbuffers::VOffsetT = 4;
+  pub const VT_DIGEST: ::flatbuffers::VOffsetT = 6;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    KeyDigest { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args KeyDigestArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<KeyDigest<'bldr>> {
+    let mut builder = KeyDigestBuilder::new(_fbb);
+    builder.add_digest(args.digest);
+    if let Some(x) = args.key { builder.add_key(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn key(&self) -> Option<::flatbuffers::Vector<'a, u8>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u8>>>(KeyDigest::VT_KEY, None)}
+  }
+  #[inline]
+  pub fn digest(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(KeyDigest::VT_DIGEST, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for KeyDigest<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u8>>>("key", Self::VT_KEY, false)?
+     .visit_field::<u64>("digest", Self::VT_DIGEST, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct KeyDigestArgs<'a> {
+    pub key: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u8>>>,
+    pub digest: u64,
+}
+impl<'a> Default for KeyDigestArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    KeyDigestArgs {
+      key: None,
+      digest: 0,
+    }
+  }
+}
+
+pub struct KeyDigestBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> KeyDigestBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_key(&mut self, key: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u8>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(KeyDigest::VT_KEY, key);
+  }
+  #[inline]
+  pub fn add_digest(&mut self, digest: u64) {
+    self.fbb_.push_slot::<u64>(KeyDigest::VT_DIGEST, digest, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> KeyDigestBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    KeyDigestBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<KeyDigest<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for KeyDigest<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("KeyDigest");
+      ds.field("key", &self.key());
+      ds.field("digest", &self.digest());
+      ds.finish()
+  }
+}
+pub enum MerkleReplyOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// One replica's view of a partition: the hashes of its Merkle tree's leaves (a leaf holds
+/// the keys whose tokens share the bits after the partition's), or the keys of some leaves.
+pub struct MerkleReply<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for MerkleReply<'a> {
+  type Inner = MerkleReply<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> MerkleReply<'a> {
+  pub const VT_LEAVES: ::flatbuffers::VOffsetT = 4;
+  pub const VT_KEYS: ::flatbuffers::VOffsetT = 6;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    MerkleReply { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args MerkleReplyArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<MerkleReply<'bldr>> {
+    let mut builder = MerkleReplyBuilder::new(_fbb);
+    if let Some(x) = args.keys { builder.add_keys(x); }
+    if let Some(x) = args.leaves { builder.add_leaves(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn leaves(&self) -> Option<::flatbuffers::Vector<'a, u64>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u64>>>(MerkleReply::VT_LEAVES, None)}
+  }
+  #[inline]
+  pub fn keys(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<KeyDigest<'a>>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<KeyDigest>>>>(MerkleReply::VT_KEYS, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for MerkleReply<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u64>>>("leaves", Self::VT_LEAVES, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<KeyDigest>>>>("keys", Self::VT_KEYS, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct MerkleReplyArgs<'a> {
+    pub leaves: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u64>>>,
+    pub keys: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<KeyDigest<'a>>>>>,
+}
+impl<'a> Default for MerkleReplyArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    MerkleReplyArgs {
+      leaves: None,
+      keys: None,
+    }
+  }
+}
+
+pub struct MerkleReplyBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> MerkleReplyBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_leaves(&mut self, leaves: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u64>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(MerkleReply::VT_LEAVES, leaves);
+  }
+  #[inline]
+  pub fn add_keys(&mut self, keys: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<KeyDigest<'b >>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(MerkleReply::VT_KEYS, keys);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> MerkleReplyBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    MerkleReplyBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<MerkleReply<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for MerkleReply<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("MerkleReply");
+      ds.field("leaves", &self.leaves());
+      ds.field("keys", &self.keys());
       ds.finish()
   }
 }

@@ -38,6 +38,7 @@ pub struct ClusterOptions {
     /// Other nodes' client addresses.
     pub seeds: Vec<SocketAddr>,
     pub gossip: GossipConfig,
+    pub anti_entropy: super::anti_entropy::AntiEntropyOptions,
 }
 
 /// The persisted membership of a formed cluster.

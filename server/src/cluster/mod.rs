@@ -5,6 +5,7 @@
 //! per-request bookkeeping (quorums, hints, read repair), hinted-handoff queues, and the lease that keeps
 //! version-vector counters from ever being reused.
 
+pub mod anti_entropy;
 pub mod coordinator;
 pub mod failure_detector;
 pub mod gossip;
@@ -12,6 +13,7 @@ pub mod hint_log;
 pub mod hints;
 pub mod lease;
 pub mod membership;
+pub mod merkle;
 pub mod paxos;
 pub mod peer;
 pub mod replication;

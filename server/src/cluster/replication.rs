@@ -30,6 +30,7 @@ use futures::StreamExt;
 use schema::peer::{decode_key_versions, encode_key_versions, AcceptorData, KeyVersionsData, StoredSibling};
 use schema::{Op, ResponseView, Status};
 
+use super::anti_entropy::AntiEntropyOptions;
 use super::coordinator::{Consistency, Outcome, ReadRound, WriteRound};
 use super::hint_log::{self, LoggedHint};
 use super::hints::{HintLimits, Hints};
@@ -69,6 +70,7 @@ pub struct ReplicationStats {
     pub forwarded_count: std::cell::Cell<u64>,
     pub unavailable_count: std::cell::Cell<u64>,
     pub sibling_dropped_count: std::cell::Cell<u64>,
+    pub anti_entropy: super::anti_entropy::AntiEntropyStats,
 }
 
 /// A write kept for a replica that missed it: the key and its encoded versions.
@@ -90,6 +92,7 @@ pub struct ClusterShard<S: Storage> {
     pub membership: RefCell<Option<Rc<super::membership::Membership>>>,
     /// One Paxos proposal at a time per key from this shard (see `serial.rs`).
     pub(crate) serial_turns: RefCell<std::collections::HashMap<Vec<u8>, Rc<glommio::sync::Semaphore>>>,
+    pub anti_entropy: AntiEntropyOptions,
 }
 
 /// The actor of a node: its id hashed to 32 bits (members are checked for collisions when
@@ -106,8 +109,13 @@ impl<S: Storage> ClusterShard<S> {
         peers: Rc<PeerPool>,
         lease: CounterLease<S>,
         shard_dir: &std::path::Path,
+        anti_entropy: AntiEntropyOptions,
     ) -> std::io::Result<ClusterShard<S>> {
-        let mut hints = Hints::new(HintLimits::default());
+        // A hint must never outlive the settle time: a purged tombstone's key would take the
+        // hinted older write back (see `anti_entropy`).
+        let defaults = HintLimits::default();
+        let age_max_us = defaults.age_max_us.min(anti_entropy.settle_ms.saturating_mul(1000));
+        let mut hints = Hints::new(HintLimits { age_max_us, ..defaults });
         let mut kept = Vec::new();
         for logged in hint_log::load(shard_dir)? {
             let versions: Rc<[u8]> = Rc::from(logged.versions.as_slice());
@@ -128,6 +136,7 @@ impl<S: Storage> ClusterShard<S> {
             stats: ReplicationStats::default(),
             membership: RefCell::new(None),
             serial_turns: RefCell::new(std::collections::HashMap::new()),
+            anti_entropy,
         })
     }
 
@@ -161,6 +170,14 @@ impl<S: Storage> ClusterShard<S> {
             "forwarded": stats.forwarded_count.get(),
             "unavailable": stats.unavailable_count.get(),
             "siblings_dropped": stats.sibling_dropped_count.get(),
+            "anti_entropy": {
+                "passes": stats.anti_entropy.passes.get(),
+                "last_pass_ms": stats.anti_entropy.last_pass_ms.get(),
+                "partitions_compared": stats.anti_entropy.partitions_compared.get(),
+                "partitions_differing": stats.anti_entropy.partitions_differing.get(),
+                "keys_repaired": stats.anti_entropy.keys_repaired.get(),
+                "tombstones_purged": stats.anti_entropy.tombstones_purged.get(),
+            },
         })
     }
 
@@ -299,6 +316,15 @@ fn engine_expiry(record: &Record) -> u64 {
     latest
 }
 
+/// Whether the engine may forget the key's Paxos state: nothing accepted and uncommitted, and
+/// the last ballot old enough that no round in flight can rely on it.
+pub(crate) fn paxos_state_forgettable(record: &Record, now_ms: u64) -> bool {
+    let acceptor = &record.acceptor;
+    let last_ballot = acceptor.promised.max(acceptor.committed);
+    acceptor.accepted.is_none()
+        && (last_ballot == Ballot::default() || last_ballot.time_us / 1000 + PAXOS_STATE_KEEP_MS <= now_ms)
+}
+
 /// Encodes versions to ship (no acceptor state).
 pub(crate) fn encode_versions(versions: &Versions<Value>) -> Vec<u8> {
     encode_key_versions(&versions_to_data(versions))
@@ -382,7 +408,7 @@ pub async fn replicate<S: Storage>(shard: &Shard<S>, key: &[u8], bytes: &[u8]) -
     }
 }
 
-async fn merge_local<S: Storage>(
+pub(crate) async fn merge_local<S: Storage>(
     shard: &Shard<S>,
     key: &[u8],
     incoming: &Versions<Value>,
@@ -710,7 +736,7 @@ pub async fn coordinate_read<S: Storage>(
     answered.await.unwrap_or_else(|_| Reply::error(Status::INTERNAL, "read round ended without an answer"))
 }
 
-async fn remote_versions<S: Storage>(
+pub(crate) async fn remote_versions<S: Storage>(
     shard: &Shard<S>,
     address: Option<std::net::SocketAddr>,
     key: &[u8],

@@ -83,6 +83,14 @@ impl Memtable {
         self.max_seq
     }
 
+    /// The entries whose tokens fall in `first..=last`, unordered.
+    pub fn in_token_range(&self, first: u64, last: u64) -> impl Iterator<Item = (u64, &[u8], &Entry)> {
+        self.map.iter().filter_map(move |(key, entry)| {
+            let token = schema::key_hash(key);
+            (first <= token && token <= last).then_some((token, &key[..], entry))
+        })
+    }
+
     /// Every entry with its token, in table order: (token, key).
     pub fn sorted(&self) -> Vec<(u64, &[u8], &Entry)> {
         let mut entries: Vec<(u64, &[u8], &Entry)> =

@@ -309,6 +309,65 @@ impl<S: Storage> Engine<S> {
         self.inner.read_tables(&tables, key).await
     }
 
+    /// The newest version of every key whose token falls in `first..=last`, tombstones and
+    /// expired values included, in table order (token, key). Reads the range's blocks of every
+    /// table sequentially, past the block cache (a scan would only evict the hot blocks).
+    /// Anti-entropy builds its Merkle trees from this; the whole range is held in memory, so
+    /// callers ask for ranges a fraction of the shard's size (one partition).
+    pub async fn scan_tokens(&self, first: u64, last: u64) -> Result<Vec<(Vec<u8>, Entry)>, TableError> {
+        use std::collections::btree_map::{BTreeMap, Entry as Slot};
+        let mut newest: BTreeMap<(u64, Vec<u8>), Entry> = BTreeMap::new();
+        let mut keep = |token: u64, key: &[u8], entry: Entry| match newest.entry((token, key.to_vec())) {
+            Slot::Vacant(slot) => {
+                slot.insert(entry);
+            }
+            Slot::Occupied(mut slot) if slot.get().seq < entry.seq => {
+                slot.insert(entry);
+            }
+            Slot::Occupied(_) => {}
+        };
+        for (token, key, entry) in self.inner.active.borrow().in_token_range(first, last) {
+            keep(token, key, entry.clone());
+        }
+        if let Some(immutable) = self.inner.immutable.borrow().as_ref() {
+            for (token, key, entry) in immutable.in_token_range(first, last) {
+                keep(token, key, entry.clone());
+            }
+        }
+        let tables = self.inner.tables.borrow().clone();
+        for table in tables.iter() {
+            let blocks = table.reader.blocks();
+            for block in &blocks[table.reader.first_block_for(first)..] {
+                let bytes = table
+                    .file
+                    .read_at(block.offset, block.size as usize)
+                    .await
+                    .map_err(|error| TableError::io(table.reader.path(), &error));
+                let entries = bytes.and_then(|bytes| {
+                    crate::table::format::parse_data_block(&bytes, block.offset)
+                        .map(|entries| {
+                            entries
+                                .iter()
+                                .filter(|e| first <= e.token && e.token <= last)
+                                .map(|e| (e.token, e.key.to_vec(), Entry::from_table(e)))
+                                .collect::<Vec<_>>()
+                        })
+                        .map_err(|error| TableError::corrupt(table.reader.path(), error))
+                });
+                if let Err(error) = &entries {
+                    self.inner.count_corruption(error);
+                }
+                for (token, key, entry) in entries? {
+                    keep(token, &key, entry);
+                }
+                if block.last_token > last {
+                    break;
+                }
+            }
+        }
+        Ok(newest.into_iter().map(|((_, key), entry)| (key, entry)).collect())
+    }
+
     /// As [`Engine::read`], but still current when it returns: no write to `key` can have
     /// slipped in between, so the caller may decide and write without awaiting (CAS).
     pub async fn read_current(&self, key: &[u8]) -> Result<Option<Entry>, TableError> {

@@ -57,6 +57,7 @@ enum Body {
     Stats(String),
     Status(Status, String),
     Topology(Vec<u8>),
+    Merkle(Vec<u8>),
 }
 
 struct Outgoing {
@@ -203,16 +204,54 @@ fn dispatch<S: Storage>(payload: &[u8], permit: StaticPermit, outbox: &Rc<Outbox
         0 => shard.limits.request_timeout_default,
         ms => Duration::from_millis(u64::from(ms)).min(shard.limits.request_timeout_max),
     };
-    if let Op::Snapshot { dir } = op {
-        let dir = std::path::PathBuf::from(dir);
-        let shard = shard.clone();
+    // Whole-node and whole-partition operations: answered by this shard, however long.
+    let node_work: Option<std::pin::Pin<Box<dyn std::future::Future<Output = Body>>>> = match op {
+        Op::Snapshot { dir } => {
+            let dir = std::path::PathBuf::from(dir);
+            let shard = shard.clone();
+            Some(Box::pin(async move {
+                match shard.snapshot_node(&dir).await {
+                    Ok(()) => Body::Status(Status::OK, String::new()),
+                    Err(message) => Body::Status(Status::INTERNAL, message),
+                }
+            }))
+        }
+        Op::Repair => {
+            let shard = shard.clone();
+            Some(Box::pin(async move {
+                match shard.repair_node().await {
+                    Ok(report) => Body::Stats(serde_json::to_string(&report).unwrap_or_default()),
+                    Err(message) => Body::Status(Status::UNSUPPORTED, message),
+                }
+            }))
+        }
+        Op::AntiEntropy { partition, partition_bits, shard_count, shard_index, leaves } => {
+            let shard = shard.clone();
+            Some(Box::pin(async move {
+                if shard.cluster.is_none() {
+                    return Body::Status(Status::UNSUPPORTED, "this node is not part of a cluster".into());
+                }
+                let served = crate::cluster::anti_entropy::serve(
+                    &shard,
+                    partition,
+                    partition_bits,
+                    shard_count,
+                    shard_index,
+                    leaves,
+                );
+                match served.await {
+                    Ok(bytes) => Body::Merkle(bytes),
+                    Err(message) => Body::Status(Status::INTERNAL, message),
+                }
+            }))
+        }
+        _ => None,
+    };
+    if let Some(work) = node_work {
         let outbox = outbox.clone();
         outbox.running_count.set(outbox.running_count.get() + 1);
         glommio::spawn_local(async move {
-            let body = match shard.snapshot_node(&dir).await {
-                Ok(()) => Body::Status(Status::OK, String::new()),
-                Err(message) => Body::Status(Status::INTERNAL, message),
-            };
+            let body = work.await;
             outbox.running_count.set(outbox.running_count.get() - 1);
             outbox.push(Outgoing { id, body, _permit: Some(permit) });
         })
@@ -302,8 +341,8 @@ fn cluster_command<S: Storage>(
         }
         Op::Hello { .. } => return Err(Body::Hello),
         Op::Stats => return Err(Body::Stats(shard.stats_json())),
-        Op::Snapshot { .. } => {
-            return Err(Body::Status(Status::INTERNAL, "snapshot is handled before".into()))
+        Op::Snapshot { .. } | Op::Repair | Op::AntiEntropy { .. } => {
+            return Err(Body::Status(Status::INTERNAL, "node operations are handled before".into()))
         }
         Op::Topology => {
             let view = match cluster.membership.borrow().as_ref() {
@@ -397,6 +436,10 @@ fn encode(
         Body::Reply(reply) => encode_reply(builder, out, id, reply),
         Body::Topology(bytes) => {
             let response = ResponseOut { topology: bytes, ..ResponseOut::status(id, Status::OK, "") };
+            encode_response(builder, out, &response);
+        }
+        Body::Merkle(bytes) => {
+            let response = ResponseOut { merkle: bytes, ..ResponseOut::status(id, Status::OK, "") };
             encode_response(builder, out, &response);
         }
     }

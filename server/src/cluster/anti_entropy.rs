@@ -1,0 +1,380 @@
+//! Anti-entropy with real I/O: every shard walks the partitions its node replicates, one at
+//! a time with a pause between them, and compares each with the partition's other replicas
+//! through Merkle trees (`merkle.rs`); keys that differ are exchanged and merged (version
+//! vectors make a merge safe in any order and any number of times). A partition that every
+//! replica agrees on has its settled tombstones purged.
+//!
+//! One comparison of partition P with replica R, from shard i of n of this node:
+//! 1. Scan P's token range in this shard's engine (`Engine::scan_tokens`) and build the tree.
+//! 2. Ask every shard of R for its tree of P restricted to the keys shard i of n holds (so
+//!    that nodes with different shard counts compare the same keys), and XOR them together.
+//! 3. Equal trees: done. Otherwise ask R's shards for the keys (with digests) of the leaves
+//!    that differ, and for each key whose digest differs: read R's versions, merge them with
+//!    ours; store the merge here if it adds to ours, send it to R if it adds to R's.
+//!
+//! Rate: a pass over the shard's partitions takes `interval`; the task runs in a task queue
+//! with few shares, so request handling comes first. `kvctl repair` runs a pass at once.
+
+use std::cell::Cell;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use schema::peer::{encode_merkle, MerkleData, MERKLE_KEY_COUNT_MAX};
+use schema::{Op, Status};
+
+use super::merkle::{self, Tree};
+use super::peer::PeerRequest;
+use super::replication::{decode_record, encode_versions, merge_local, remote_versions, Record};
+use super::ring::NodeId;
+use super::view::{ClusterView, NodeInfo};
+use crate::clock::now_ms;
+use crate::shard::Shard;
+use crate::storage::Storage;
+
+/// How long one anti-entropy request may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Keys repaired at once within a partition.
+const REPAIR_CONCURRENCY: usize = 16;
+/// The shortest pause between two partitions of a pass.
+const PAUSE_MIN: Duration = Duration::from_millis(1);
+
+#[derive(Debug, Clone, Copy)]
+pub struct AntiEntropyOptions {
+    /// One pass over the shard's partitions takes this long; zero turns the background
+    /// passes off (`kvctl repair` still runs one).
+    pub interval: Duration,
+    /// A key dead (tombstones and expired values only) for this long is settled: it no longer
+    /// takes part in comparisons, and may be purged once every replica agrees.
+    pub settle_ms: u64,
+}
+
+impl Default for AntiEntropyOptions {
+    fn default() -> Self {
+        AntiEntropyOptions { interval: Duration::from_secs(60), settle_ms: 3_600_000 }
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct AntiEntropyStats {
+    pub passes: Cell<u64>,
+    pub partitions_compared: Cell<u64>,
+    pub partitions_differing: Cell<u64>,
+    pub keys_repaired: Cell<u64>,
+    pub tombstones_purged: Cell<u64>,
+    pub last_pass_ms: Cell<u64>,
+}
+
+fn bump(cell: &Cell<u64>, by: u64) {
+    cell.set(cell.get() + by);
+}
+
+/// What comparing some partitions found and fixed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Report {
+    /// Partitions held by this node and walked.
+    pub partitions: u64,
+    /// (partition, other replica) pairs whose trees were compared.
+    pub comparisons: u64,
+    /// Of those, the pairs whose trees differed.
+    pub differing: u64,
+    /// Keys stored here or sent to a replica because one side lacked something.
+    pub keys_repaired: u64,
+    /// Keys whose repair failed (the replica did not answer); the next pass tries again.
+    pub keys_failed: u64,
+    /// Replicas that were down or did not answer.
+    pub unreachable: u64,
+    pub tombstones_purged: u64,
+}
+
+impl Report {
+    pub fn add(&mut self, other: &Report) {
+        self.partitions += other.partitions;
+        self.comparisons += other.comparisons;
+        self.differing += other.differing;
+        self.keys_repaired += other.keys_repaired;
+        self.keys_failed += other.keys_failed;
+        self.unreachable += other.unreachable;
+        self.tombstones_purged += other.tombstones_purged;
+    }
+}
+
+/// One replica's side of a partition: its tree, its keys (with digest and leaf) and the
+/// settled keys it holds.
+#[derive(Default)]
+struct Scanned {
+    tree: Tree,
+    keys: Vec<(Vec<u8>, u64)>,
+    settled: Vec<Vec<u8>>,
+}
+
+/// Scans this shard's keys of `partition`, only those shard `index` of `count` would own
+/// when `filter` is given.
+async fn scan<S: Storage>(
+    shard: &Shard<S>,
+    partition: usize,
+    partition_bits: u32,
+    filter: Option<(usize, usize)>,
+    settle_ms: u64,
+) -> Result<Scanned, String> {
+    let (first, last) = merkle::token_range(partition, partition_bits);
+    let entries = shard.store.engine().scan_tokens(first, last).await.map_err(|error| error.to_string())?;
+    let now = now_ms();
+    let mut scanned = Scanned::default();
+    for (key, entry) in entries {
+        let Some(bytes) = entry.value.as_deref().filter(|_| entry.is_live(now)) else { continue };
+        if filter.is_some_and(|(count, index)| schema::shard_of(&key, count) != index) {
+            continue;
+        }
+        // An unreadable record is the engine's to report (it checks every block it reads).
+        let Ok(record) = decode_record(Some(bytes)) else { continue };
+        if record.versions.siblings().is_empty() {
+            continue;
+        }
+        if merkle::is_settled(&record.versions, now, settle_ms) {
+            scanned.settled.push(key);
+            continue;
+        }
+        let digest = merkle::versions_digest(&record.versions);
+        scanned.tree.add(&key, digest, partition_bits);
+        scanned.keys.push((key, digest));
+    }
+    Ok(scanned)
+}
+
+/// Replica side of `AntiEntropy`: the encoded `MerkleReply`.
+pub async fn serve<S: Storage>(
+    shard: &Shard<S>,
+    partition: u32,
+    partition_bits: u8,
+    shard_count: u16,
+    shard_index: u16,
+    leaves: u64,
+) -> Result<Vec<u8>, String> {
+    let settle_ms = shard.cluster.as_ref().map_or(0, |cluster| cluster.anti_entropy.settle_ms);
+    let filter = Some((usize::from(shard_count), usize::from(shard_index)));
+    let bits = u32::from(partition_bits);
+    let scanned = scan(shard, partition as usize, bits, filter, settle_ms).await?;
+    let reply = if leaves == 0 {
+        MerkleData { leaves: scanned.tree.leaves.to_vec(), keys: Vec::new() }
+    } else {
+        let mut keys: Vec<(Vec<u8>, u64)> = scanned
+            .keys
+            .into_iter()
+            .filter(|(key, _)| leaves & (1 << merkle::leaf_of(schema::key_hash(key), bits)) != 0)
+            .collect();
+        // The rest waits for the next pass.
+        keys.truncate(MERKLE_KEY_COUNT_MAX);
+        MerkleData { leaves: Vec::new(), keys }
+    };
+    Ok(encode_merkle(&reply))
+}
+
+/// Asks every shard of `node` for its part of the partition's tree (`leaves == 0`) or keys,
+/// as seen from this shard; `None` if any shard does not answer.
+async fn ask<S: Storage>(
+    shard: &Shard<S>,
+    info: &NodeInfo,
+    partition: usize,
+    partition_bits: u32,
+    leaves: u64,
+) -> Option<(Tree, Vec<(Vec<u8>, u64)>)> {
+    let cluster = shard.cluster.as_ref()?;
+    let mut tree = Tree::default();
+    let mut keys = Vec::new();
+    for &port in &info.shard_ports {
+        let address = SocketAddr::new(info.address.ip(), port);
+        let op = Op::AntiEntropy {
+            partition: partition as u32,
+            partition_bits: partition_bits as u8,
+            shard_count: shard.count as u16,
+            shard_index: shard.index as u16,
+            leaves,
+        };
+        let request =
+            PeerRequest { op, consistency: schema::Consistency::ONE, context: &[], timeout: REQUEST_TIMEOUT };
+        let response = cluster.peers.link(address).call(request).await.ok()?;
+        if response.status != Status::OK {
+            return None;
+        }
+        let merkle = response.merkle?;
+        if leaves == 0 && merkle.leaves.len() != merkle::LEAF_COUNT {
+            return None;
+        }
+        tree.combine(&merkle.leaves);
+        keys.extend(merkle.keys);
+    }
+    Some((tree, keys))
+}
+
+/// Brings `key` to the same versions here and on `node`: `Some(true)` if either side
+/// changed, `None` if the replica did not answer.
+async fn repair_key<S: Storage>(
+    shard: &Shard<S>,
+    view: &ClusterView,
+    node: NodeId,
+    key: &[u8],
+) -> Option<bool> {
+    let cluster = shard.cluster.as_ref()?;
+    let address = view.replica_address(node, key);
+    let theirs = remote_versions(shard, address, key, REQUEST_TIMEOUT).await?;
+    let mine = match shard.store.read_raw(key).await {
+        Ok(bytes) => decode_record(bytes.as_deref()).ok()?.versions,
+        Err(_) => return None,
+    };
+    let mut merged = mine.clone();
+    merged.merge(&theirs);
+    let merged_digest = merkle::versions_digest(&merged);
+    let mut changed = false;
+    if merged_digest != merkle::versions_digest(&mine) {
+        merge_local(shard, key, &theirs).await.ok()?;
+        changed = true;
+    }
+    if merged_digest != merkle::versions_digest(&theirs) {
+        let bytes = encode_versions(&merged);
+        let op = Op::Replicate { key, versions: &bytes };
+        let request =
+            PeerRequest { op, consistency: schema::Consistency::ONE, context: &[], timeout: REQUEST_TIMEOUT };
+        let response = cluster.peers.link(address?).call(request).await.ok()?;
+        if response.status != Status::OK {
+            return None;
+        }
+        changed = true;
+    }
+    Some(changed)
+}
+
+/// Purges the settled keys of a partition every replica agreed on; re-checks each one in the
+/// same step as its removal, so a write that arrived since the scan keeps it.
+async fn purge<S: Storage>(shard: &Shard<S>, keys: &[Vec<u8>], settle_ms: u64) -> u64 {
+    let mut purged = 0;
+    for key in keys {
+        let removed = shard
+            .store
+            .remove_raw_if(key, |bytes| {
+                let record: Record = match decode_record(Some(bytes)) {
+                    Ok(record) => record,
+                    Err(_) => return false,
+                };
+                let now = now_ms();
+                merkle::is_settled(&record.versions, now, settle_ms)
+                    && super::replication::paxos_state_forgettable(&record, now)
+            })
+            .await;
+        if removed == Ok(true) {
+            purged += 1;
+        }
+    }
+    purged
+}
+
+/// Compares one partition with its other replicas and repairs what differs.
+pub async fn compare_partition<S: Storage>(shard: &Shard<S>, view: &ClusterView, partition: usize) -> Report {
+    let mut report = Report::default();
+    let (Some(cluster), Some(formed), Some(me)) =
+        (shard.cluster.as_ref(), view.formed.as_ref(), view.my_id())
+    else {
+        return report;
+    };
+    let replicas = formed.ring.preference_list_of_partition(partition, formed.replica_count);
+    if !replicas.contains(&me) {
+        return report;
+    }
+    report.partitions = 1;
+    let settle_ms = cluster.anti_entropy.settle_ms;
+    let Ok(mine) = scan(shard, partition, formed.partition_bits, None, settle_ms).await else {
+        return report;
+    };
+    let mut all_agree = true;
+    for &node in replicas.iter().filter(|&&node| node != me) {
+        let Some((_, info)) = view.member(node).filter(|_| view.is_live(node)) else {
+            report.unreachable += 1;
+            all_agree = false;
+            continue;
+        };
+        let Some((theirs, _)) = ask(shard, info, partition, formed.partition_bits, 0).await else {
+            report.unreachable += 1;
+            all_agree = false;
+            continue;
+        };
+        report.comparisons += 1;
+        let leaves = mine.tree.differing(&theirs);
+        if leaves == 0 {
+            continue;
+        }
+        all_agree = false;
+        report.differing += 1;
+        let Some((_, their_keys)) = ask(shard, info, partition, formed.partition_bits, leaves).await else {
+            report.unreachable += 1;
+            continue;
+        };
+        let in_leaves =
+            |key: &[u8]| leaves & (1 << merkle::leaf_of(schema::key_hash(key), formed.partition_bits)) != 0;
+        let my_keys: Vec<(Vec<u8>, u64)> =
+            mine.keys.iter().filter(|(key, _)| in_leaves(key)).cloned().collect();
+        let keys = merkle::differing_keys(&my_keys, &their_keys);
+        let outcomes: Vec<Option<bool>> = futures::stream::iter(keys.iter())
+            .map(|key| repair_key(shard, view, node, key))
+            .buffer_unordered(REPAIR_CONCURRENCY)
+            .collect()
+            .await;
+        report.keys_repaired += outcomes.iter().filter(|&&o| o == Some(true)).count() as u64;
+        report.keys_failed += outcomes.iter().filter(|o| o.is_none()).count() as u64;
+    }
+    if all_agree && !mine.settled.is_empty() {
+        report.tombstones_purged = purge(shard, &mine.settled, settle_ms).await;
+    }
+    let stats = &cluster.stats.anti_entropy;
+    bump(&stats.partitions_compared, report.comparisons);
+    bump(&stats.partitions_differing, report.differing);
+    bump(&stats.keys_repaired, report.keys_repaired);
+    bump(&stats.tombstones_purged, report.tombstones_purged);
+    report
+}
+
+/// The partitions this node replicates.
+fn my_partitions(view: &ClusterView) -> Vec<usize> {
+    let (Some(formed), Some(me)) = (view.formed.as_ref(), view.my_id()) else { return Vec::new() };
+    (0..formed.ring.partition_count())
+        .filter(|&p| formed.ring.preference_list_of_partition(p, formed.replica_count).contains(&me))
+        .collect()
+}
+
+/// One pass over every partition this node replicates, at once (`kvctl repair`).
+pub async fn repair_now<S: Storage>(shard: &Shard<S>) -> Report {
+    let mut report = Report::default();
+    let Some(cluster) = shard.cluster.as_ref() else { return report };
+    let view = cluster.view();
+    for partition in my_partitions(&view) {
+        report.add(&compare_partition(shard, &view, partition).await);
+    }
+    report
+}
+
+/// The background passes, forever (run in a task queue with few shares).
+pub async fn run<S: Storage>(shard: Rc<Shard<S>>) {
+    let Some(cluster) = shard.cluster.as_ref() else { return };
+    let interval = cluster.anti_entropy.interval;
+    if interval.is_zero() {
+        return;
+    }
+    loop {
+        let partitions = my_partitions(&cluster.view());
+        if partitions.is_empty() {
+            glommio::timer::sleep(Duration::from_secs(1)).await;
+            continue;
+        }
+        let started = Instant::now();
+        let pause = (interval / partitions.len() as u32).max(PAUSE_MIN);
+        for partition in partitions {
+            let began = Instant::now();
+            // The view of the moment: a node that went down meanwhile is not waited for.
+            compare_partition(&shard, &cluster.view(), partition).await;
+            glommio::timer::sleep(pause.saturating_sub(began.elapsed()).max(PAUSE_MIN)).await;
+        }
+        let stats = &cluster.stats.anti_entropy;
+        bump(&stats.passes, 1);
+        stats.last_pass_ms.set(started.elapsed().as_millis() as u64);
+    }
+}
