@@ -493,6 +493,19 @@ impl Client {
         }
     }
 
+    /// Runs an anti-entropy pass on every shard of the node now, over every partition it
+    /// replicates, and returns its report (JSON: partitions, comparisons, differing,
+    /// keys_repaired, keys_failed, unreachable, tombstones_purged). Takes as long as the pass:
+    /// give the client a timeout to match.
+    pub async fn repair(&self) -> Result<String, Error> {
+        let response = self.call_route(0, Op::Repair).await?;
+        match (response.status, response.stats_json) {
+            (Status::OK, Some(json)) => Ok(json),
+            (Status::OK, None) => Err(Error::Protocol("Repair reply without a report".into())),
+            _ => Err(Error::Protocol(format!("Repair answered {:?}: {}", response.status, response.message))),
+        }
+    }
+
     /// The cluster's membership and ring as the node sees it.
     pub async fn topology(&self) -> Result<schema::peer::TopologyData, Error> {
         let response = self.call_route(0, Op::Topology).await?;

@@ -79,6 +79,18 @@ enum Command {
     /// Take a consistent snapshot of the node into DIR (absolute, on the node's data file
     /// system, not existing yet) while it keeps serving. Restore: start kvd on a copy of DIR.
     Snapshot { dir: String },
+    /// Compare every partition the node replicates with its other replicas now and repair
+    /// what differs (anti-entropy also runs by itself); print what it found and fixed.
+    /// Waits at least an hour unless --timeout says longer.
+    Repair,
+}
+
+/// A repair pass takes as long as the node's data needs: at least an hour's wait.
+fn request_timeout(cli: &Cli) -> Duration {
+    match cli.command {
+        Command::Repair => cli.timeout.max(Duration::from_secs(3600)),
+        _ => cli.timeout,
+    }
 }
 
 fn parse_consistency(text: &str) -> Result<Consistency, String> {
@@ -181,8 +193,12 @@ fn not_found(json: bool) -> Outcome {
 async fn run(cli: Cli) -> anyhow::Result<Outcome> {
     // One request needs one connection; stats asks every shard on its own port.
     let shard_aware = matches!(cli.command, Command::Stats);
-    let options =
-        Options { timeout: cli.timeout, shard_aware, consistency: cli.consistency, ..Options::default() };
+    let options = Options {
+        timeout: request_timeout(&cli),
+        shard_aware,
+        consistency: cli.consistency,
+        ..Options::default()
+    };
     let client = Client::connect(cli.addr.as_str(), options).await?;
     let json = cli.json;
     match cli.command {
@@ -322,6 +338,28 @@ async fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Snapshot { dir } => {
             client.snapshot(&dir).await?;
             Ok(success(json))
+        }
+        Command::Repair => {
+            let report = client.repair().await?;
+            if json {
+                println!("{report}");
+            } else {
+                let report: serde_json::Value = serde_json::from_str(&report)
+                    .map_err(|error| client::Error::Protocol(error.to_string()))?;
+                let figure = |name: &str| report.get(name).and_then(serde_json::Value::as_u64).unwrap_or(0);
+                println!(
+                    "{} partitions, {} replica comparisons: {} differed, {} keys repaired, {} failed, \
+                     {} replicas unreachable, {} tombstones purged",
+                    figure("partitions"),
+                    figure("comparisons"),
+                    figure("differing"),
+                    figure("keys_repaired"),
+                    figure("keys_failed"),
+                    figure("unreachable"),
+                    figure("tombstones_purged")
+                );
+            }
+            Ok(Outcome::Success)
         }
         Command::Versions { key } => {
             let versioned = client.get_versions(key.as_bytes()).await?;

@@ -24,6 +24,8 @@ pub(crate) struct Cluster {
     size: usize,
     /// The network namespace of each node, when they run in namespaces.
     namespaces: Vec<Option<String>>,
+    /// Flags every node gets, restarts included.
+    extra_flags: Vec<String>,
 }
 
 fn cluster_flags(size: usize, seed: Option<&str>) -> Vec<String> {
@@ -45,6 +47,22 @@ impl Cluster {
 
     /// A cluster whose node i listens on `ips[i]`, inside network namespace `namespaces[i]`.
     pub(crate) fn start_at(name: &str, ips: &[String], namespaces: &[Option<String>]) -> Cluster {
+        Cluster::start_with(name, ips, namespaces, &[])
+    }
+
+    /// A cluster on 127.0.0.2 onwards whose nodes all get `extra_flags`.
+    pub(crate) fn start_flagged(size: usize, name: &str, extra_flags: &[&str]) -> Cluster {
+        let ips: Vec<String> = (0..size).map(|i| format!("127.0.0.{}", i + 2)).collect();
+        Cluster::start_with(name, &ips, &vec![None; size], extra_flags)
+    }
+
+    fn start_with(
+        name: &str,
+        ips: &[String],
+        namespaces: &[Option<String>],
+        extra_flags: &[&str],
+    ) -> Cluster {
+        let extra_flags: Vec<String> = extra_flags.iter().map(|flag| flag.to_string()).collect();
         let size = ips.len();
         let dirs: Vec<DataDir> = (0..size).map(|i| DataDir::new(&format!("{name}-{i}"))).collect();
         let mut nodes = Vec::new();
@@ -54,6 +72,7 @@ impl Cluster {
             let seed = addresses.first().cloned();
             let mut flags = cluster_flags(size, seed.as_deref());
             flags.extend(["--resp-listen".to_string(), format!("{}:0", ips[i])]);
+            flags.extend(extra_flags.iter().cloned());
             let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
             let listen = format!("{}:0", ips[i]);
             let node = Node::try_start_in(namespaces[i].as_deref(), &dir.0, &listen, 1, &flags)
@@ -62,7 +81,7 @@ impl Cluster {
             shard_ports.push(node.ports.shards[0].port());
             nodes.push(Some(node));
         }
-        Cluster { dirs, nodes, addresses, shard_ports, size, namespaces: namespaces.to_vec() }
+        Cluster { dirs, nodes, addresses, shard_ports, size, namespaces: namespaces.to_vec(), extra_flags }
     }
 
     pub(crate) fn restart(&mut self, index: usize) {
@@ -72,6 +91,7 @@ impl Cluster {
         // try its old address now and then, which is how it is heard again when its seed is
         // down too.
         flags.extend(["--shard-port-base".to_string(), self.shard_ports[index].to_string()]);
+        flags.extend(self.extra_flags.iter().cloned());
         let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
         // A port of the killed process can stay taken for a moment (a socket of this test
         // bound to it while the node was down): try again until a deadline.
@@ -94,13 +114,13 @@ impl Cluster {
     }
 }
 
-async fn connect(address: &str, consistency: Consistency) -> Client {
+pub(crate) async fn connect(address: &str, consistency: Consistency) -> Client {
     let options = Options { consistency, timeout: Duration::from_secs(3), ..Options::default() };
     Client::connect(address, options).await.expect("client connects")
 }
 
 /// A client that sends everything to `address` (which coordinates), not to replicas.
-async fn connect_direct(address: &str, consistency: Consistency) -> Client {
+pub(crate) async fn connect_direct(address: &str, consistency: Consistency) -> Client {
     let options =
         Options { consistency, timeout: Duration::from_secs(3), cluster_aware: false, ..Options::default() };
     Client::connect(address, options).await.expect("client connects")
@@ -142,7 +162,7 @@ pub(crate) fn wait_until_all_see(
 }
 
 /// The cluster figures from a node's first shard.
-async fn cluster_stats(address: &str) -> Option<serde_json::Value> {
+pub(crate) async fn cluster_stats(address: &str) -> Option<serde_json::Value> {
     let client = try_connect(address, Consistency::ONE).await?;
     let shards = client.stats().await.ok()?;
     let stats: serde_json::Value = serde_json::from_str(shards.first()?).ok()?;
@@ -639,7 +659,8 @@ fn five_nodes_converge_ride_out_a_pause_and_detect_a_kill() {
 #[test]
 fn a_read_repairs_a_replica_that_missed_writes_and_lost_its_hints() {
     let rt = runtime();
-    let mut cluster = Cluster::start(3, "repair");
+    // Without anti-entropy, which would repair the replica before the reads do.
+    let mut cluster = Cluster::start_flagged(3, "repair", &["--anti-entropy-interval-ms", "0"]);
     let addresses = cluster.addresses.clone();
     wait_until_all_see(&rt, &addresses, 3, CONVERGE_DEADLINE);
     // Node 3 misses 50 writes; their hints sit on node 1 (the coordinator), which then dies.

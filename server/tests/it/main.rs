@@ -1,6 +1,7 @@
 //! The server's one integration-test binary: simulated power loss through the storage
 //! interface, and real `kvd` processes (kill -9, hostile input, shutdown).
 
+mod anti_entropy;
 mod bitflip;
 mod cluster;
 mod config;
