@@ -18,8 +18,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use connection::Connection;
-pub use schema::peer::{TopologyData, TopologyNode};
-pub use schema::wire::NodeStatus;
+pub use schema::peer::{StreamProgress, TopologyData, TopologyNode};
+pub use schema::wire::{MembershipAction, NodeStatus};
 use schema::{shard_of, Op, RequestView, ResponseView, SiblingView, PROTOCOL_VERSION};
 pub use schema::{Consistency, HelloInfo, Status, KEY_SIZE_MAX, VALUE_SIZE_MAX};
 use tokio::sync::Mutex;
@@ -503,6 +503,19 @@ impl Client {
             (Status::OK, Some(json)) => Ok(json),
             (Status::OK, None) => Err(Error::Protocol("Repair reply without a report".into())),
             _ => Err(Error::Protocol(format!("Repair answered {:?}: {}", response.status, response.message))),
+        }
+    }
+
+    /// Decommissions a live node (its ranges stream to their new owners, then it leaves the
+    /// ring) or removes a dead one (its ranges are copied from the survivors), driven by the
+    /// node this client talks to; answers once the change is complete with what moved (JSON:
+    /// ring_version, transfers, keys, bytes, elapsed_ms). Give the client a timeout to match.
+    pub async fn change_membership(&self, action: MembershipAction, node: &str) -> Result<String, Error> {
+        let response = self.call_route(0, Op::ChangeMembership { action, node }).await?;
+        match (response.status, &response.stats_json) {
+            (Status::OK, Some(json)) => Ok(json.clone()),
+            (Status::OK, None) => Err(Error::Protocol("membership change answered without a report".into())),
+            _ => Err(status_error(response)),
         }
     }
 

@@ -121,6 +121,23 @@ pub enum Op<'a> {
     },
     /// An anti-entropy round over the node's partitions, now.
     Repair,
+    /// Node to node: one message of the ring's Paxos (`state`: JSON, may be empty).
+    RingChange {
+        phase: crate::wire::RingPhase,
+        version: u64,
+        ballot: crate::peer::Ballot,
+        state: &'a str,
+    },
+    /// Node to node: copy a partition from `sources` (node names, comma-separated).
+    Transfer {
+        partition: u32,
+        sources: &'a str,
+    },
+    /// Operator: decommission or remove a node.
+    ChangeMembership {
+        action: crate::wire::MembershipAction,
+        node: &'a str,
+    },
     /// `expected: None` means "the key must be absent".
     Cas {
         key: &'a [u8],
@@ -140,7 +157,10 @@ impl<'a> Op<'a> {
             | Op::Gossip { .. }
             | Op::Snapshot { .. }
             | Op::AntiEntropy { .. }
-            | Op::Repair => None,
+            | Op::Repair
+            | Op::RingChange { .. }
+            | Op::Transfer { .. }
+            | Op::ChangeMembership { .. } => None,
             Op::Put { key, .. }
             | Op::Get { key, .. }
             | Op::Delete { key }
@@ -281,6 +301,35 @@ pub fn parse_request(payload: &[u8]) -> Result<RequestView<'_>, ParseError> {
             }
         }
         wire::Operation::Repair => Op::Repair,
+        wire::Operation::RingChange => {
+            let ring = request.op_as_ring_change().ok_or_else(|| bad("RingChange without a body".into()))?;
+            if ring.phase().variant_name().is_none() {
+                return Err(bad(format!("unknown ring phase {}", ring.phase().0)));
+            }
+            Op::RingChange {
+                phase: ring.phase(),
+                version: ring.version(),
+                ballot: ring.ballot().map(crate::peer::Ballot::from_wire).unwrap_or_default(),
+                state: ring.state().unwrap_or(""),
+            }
+        }
+        wire::Operation::Transfer => {
+            let transfer = request.op_as_transfer().ok_or_else(|| bad("Transfer without a body".into()))?;
+            let sources = transfer.sources().unwrap_or("");
+            if sources.is_empty() {
+                return Err(bad("Transfer names no source".into()));
+            }
+            Op::Transfer { partition: transfer.partition(), sources }
+        }
+        wire::Operation::ChangeMembership => {
+            let change = request
+                .op_as_change_membership()
+                .ok_or_else(|| bad("ChangeMembership without a body".into()))?;
+            if change.action().variant_name().is_none() {
+                return Err(bad(format!("unknown membership action {}", change.action().0)));
+            }
+            Op::ChangeMembership { action: change.action(), node: change.node().unwrap_or("") }
+        }
         wire::Operation::Gossip => {
             let gossip = request.op_as_gossip().ok_or_else(|| bad("Gossip without a body".into()))?;
             Op::Gossip { message: gossip.message().map(|v| v.bytes()).unwrap_or(&[]) }
@@ -349,6 +398,8 @@ pub struct ResponseView {
     pub topology: Option<crate::peer::TopologyData>,
     /// The reply to AntiEntropy.
     pub merkle: Option<crate::peer::MerkleData>,
+    /// The reply to RingChange (JSON).
+    pub ring: Option<String>,
 }
 
 /// Verifies a response payload (clients distrust servers too).
@@ -393,5 +444,6 @@ pub fn parse_response(payload: &[u8]) -> Result<ResponseView, String> {
         versions: response.versions().map(|v| v.bytes().to_vec()).unwrap_or_default(),
         topology: response.topology().map(|t| crate::peer::decode_topology(t.bytes())).transpose()?,
         merkle: response.merkle().map(|m| crate::peer::decode_merkle(m.bytes())).transpose()?,
+        ring: response.ring().map(str::to_string),
     })
 }

@@ -41,6 +41,8 @@ pub struct ResponseOut<'a> {
     pub topology: &'a [u8],
     /// Nested `MerkleReply` bytes; empty: absent.
     pub merkle: &'a [u8],
+    /// The reply to RingChange (JSON).
+    pub ring: Option<&'a str>,
 }
 
 impl<'a> ResponseOut<'a> {
@@ -56,6 +58,7 @@ impl<'a> ResponseOut<'a> {
             versions: &[],
             topology: &[],
             merkle: &[],
+            ring: None,
         }
     }
 }
@@ -117,6 +120,7 @@ pub fn encode_response(builder: &mut FlatBufferBuilder<'_>, out: &mut Vec<u8>, r
     let versions = (!response.versions.is_empty()).then(|| builder.create_vector(response.versions));
     let topology = (!response.topology.is_empty()).then(|| builder.create_vector(response.topology));
     let merkle = (!response.merkle.is_empty()).then(|| builder.create_vector(response.merkle));
+    let ring = response.ring.map(|ring| builder.create_string(ring));
     let root = wire::Response::create(
         builder,
         &wire::ResponseArgs {
@@ -130,6 +134,7 @@ pub fn encode_response(builder: &mut FlatBufferBuilder<'_>, out: &mut Vec<u8>, r
             versions,
             topology,
             merkle,
+            ring,
         },
     );
     builder.finish_minimal(root);
@@ -178,6 +183,25 @@ pub fn encode_request(builder: &mut FlatBufferBuilder<'_>, out: &mut Vec<u8>, re
         Op::AntiEntropy { partition, partition_bits, shard_count, shard_index, leaves } => {
             let args = wire::AntiEntropyArgs { partition, partition_bits, shard_count, shard_index, leaves };
             (wire::Operation::AntiEntropy, wire::AntiEntropy::create(builder, &args).as_union_value())
+        }
+        Op::RingChange { phase, version, ballot, state } => {
+            let state = builder.create_string(state);
+            let ballot = ballot.to_wire();
+            let args = wire::RingChangeArgs { phase, version, ballot: Some(&ballot), state: Some(state) };
+            (wire::Operation::RingChange, wire::RingChange::create(builder, &args).as_union_value())
+        }
+        Op::Transfer { partition, sources } => {
+            let sources = builder.create_string(sources);
+            let args = wire::TransferArgs { partition, sources: Some(sources) };
+            (wire::Operation::Transfer, wire::Transfer::create(builder, &args).as_union_value())
+        }
+        Op::ChangeMembership { action, node } => {
+            let node = builder.create_string(node);
+            let args = wire::ChangeMembershipArgs { action, node: Some(node) };
+            (
+                wire::Operation::ChangeMembership,
+                wire::ChangeMembership::create(builder, &args).as_union_value(),
+            )
         }
         Op::Repair => {
             (wire::Operation::Repair, wire::Repair::create(builder, &wire::RepairArgs {}).as_union_value())
@@ -326,6 +350,7 @@ mod tests {
             versions: &[],
             topology: &[],
             merkle: &[],
+            ring: None,
         };
         let mut builder = FlatBufferBuilder::new();
         let mut frame = Vec::new();

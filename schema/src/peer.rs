@@ -219,6 +219,15 @@ pub enum GossipKind {
     States,
 }
 
+/// A ring change a node drives: transfers done and planned, bytes copied, time spent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StreamProgress {
+    pub ranges_done: u32,
+    pub ranges_total: u32,
+    pub bytes: u64,
+    pub elapsed_ms: u64,
+}
+
 /// What a node says about itself (see `wire::GossipNodeState`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GossipNode {
@@ -232,6 +241,8 @@ pub struct GossipNode {
     pub members: Vec<String>,
     pub replica_count: u8,
     pub partition_bits: u8,
+    pub ring_version: u64,
+    pub stream: StreamProgress,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -289,6 +300,11 @@ pub fn encode_gossip(message: &GossipData) -> Vec<u8> {
                     members: Some(members),
                     replica_count: state.replica_count,
                     partition_bits: state.partition_bits,
+                    ring_version: state.ring_version,
+                    stream_ranges_done: state.stream.ranges_done,
+                    stream_ranges_total: state.stream.ranges_total,
+                    stream_bytes: state.stream.bytes,
+                    stream_elapsed_ms: state.stream.elapsed_ms,
                 },
             )
         })
@@ -359,6 +375,13 @@ pub fn decode_gossip(bytes: &[u8]) -> Result<GossipData, String> {
             members,
             replica_count: state.replica_count(),
             partition_bits: state.partition_bits(),
+            ring_version: state.ring_version(),
+            stream: StreamProgress {
+                ranges_done: state.stream_ranges_done(),
+                ranges_total: state.stream_ranges_total(),
+                bytes: state.stream_bytes(),
+                elapsed_ms: state.stream_elapsed_ms(),
+            },
         });
     }
     check_node_count(states.len())?;
@@ -382,6 +405,7 @@ pub struct TopologyNode {
     pub up: bool,
     pub status: wire::NodeStatus,
     pub load_bytes: u64,
+    pub stream: StreamProgress,
 }
 
 /// The cluster as one node sees it (see `wire::TopologyReply`).
@@ -392,6 +416,7 @@ pub struct TopologyData {
     pub partition_bits: u8,
     pub owners: Vec<u16>,
     pub nodes: Vec<TopologyNode>,
+    pub ring_version: u64,
 }
 
 impl TopologyData {
@@ -436,6 +461,10 @@ pub fn encode_topology(topology: &TopologyData) -> Vec<u8> {
                     up: node.up,
                     status: node.status,
                     load_bytes: node.load_bytes,
+                    stream_ranges_done: node.stream.ranges_done,
+                    stream_ranges_total: node.stream.ranges_total,
+                    stream_bytes: node.stream.bytes,
+                    stream_elapsed_ms: node.stream.elapsed_ms,
                 },
             )
         })
@@ -450,6 +479,7 @@ pub fn encode_topology(topology: &TopologyData) -> Vec<u8> {
             partition_bits: topology.partition_bits,
             owners: Some(owners),
             nodes: Some(nodes),
+            ring_version: topology.ring_version,
         },
     );
     builder.finish_minimal(root);
@@ -471,6 +501,12 @@ pub fn decode_topology(bytes: &[u8]) -> Result<TopologyData, String> {
             up: node.up(),
             status: node.status(),
             load_bytes: node.load_bytes(),
+            stream: StreamProgress {
+                ranges_done: node.stream_ranges_done(),
+                ranges_total: node.stream_ranges_total(),
+                bytes: node.stream_bytes(),
+                elapsed_ms: node.stream_elapsed_ms(),
+            },
         })
         .collect();
     check_node_count(nodes.len())?;
@@ -490,6 +526,7 @@ pub fn decode_topology(bytes: &[u8]) -> Result<TopologyData, String> {
         partition_bits: root.partition_bits(),
         owners,
         nodes,
+        ring_version: root.ring_version(),
     })
 }
 
@@ -626,6 +663,8 @@ mod tests {
                 members: vec!["a".into(), "b".into()],
                 replica_count: 3,
                 partition_bits: 8,
+                ring_version: 4,
+                stream: StreamProgress { ranges_done: 1, ranges_total: 2, bytes: 3, elapsed_ms: 4 },
             }],
             wanted: vec!["b".into()],
         };
@@ -642,10 +681,16 @@ mod tests {
                 up: true,
                 status: wire::NodeStatus::NORMAL,
                 load_bytes: 0,
+                stream: StreamProgress { ranges_done: 5, ranges_total: 6, bytes: 7, elapsed_ms: 8 },
             }],
+            ring_version: 9,
         };
         assert_eq!(decode_topology(&encode_topology(&topology)), Ok(topology.clone()));
         let bad = TopologyData { owners: vec![0, 1], ..topology };
         assert!(decode_topology(&encode_topology(&bad)).is_err());
+        let merkle = MerkleData { leaves: vec![7; MERKLE_LEAF_COUNT], keys: vec![(b"k".to_vec(), 9)] };
+        assert_eq!(decode_merkle(&encode_merkle(&merkle)), Ok(merkle));
+        let short = MerkleData { leaves: vec![7; 3], keys: Vec::new() };
+        assert!(decode_merkle(&encode_merkle(&short)).is_err());
     }
 }

@@ -85,6 +85,12 @@ pub enum Command {
     /// Cluster: an anti-entropy pass of the receiving shard, now; replies with its report as
     /// JSON (`Reply::Stats`). By index.
     RepairShard,
+    /// Cluster: copy `partition` from `sources` (node names) onto the receiving shard;
+    /// replies `{"keys", "bytes"}` as JSON (`Reply::Stats`). By index.
+    TransferShard {
+        partition: usize,
+        sources: Vec<String>,
+    },
     /// Snapshot the receiving shard into `dir` (its own subdirectory is made). By index.
     SnapshotShard {
         dir: std::path::PathBuf,
@@ -105,6 +111,9 @@ impl Command {
             | Op::Paxos { .. }
             | Op::AntiEntropy { .. }
             | Op::Repair
+            | Op::RingChange { .. }
+            | Op::Transfer { .. }
+            | Op::ChangeMembership { .. }
             | Op::Snapshot { .. } => return None,
             Op::Get { key, metadata_only } => Command::Get { key: key.to_vec(), metadata_only },
             Op::Put { key, value, ttl_ms } => {
@@ -136,6 +145,7 @@ impl Command {
             Command::EntryCount
             | Command::ShardStats
             | Command::RepairShard
+            | Command::TransferShard { .. }
             | Command::SnapshotShard { .. } => &[],
         }
     }

@@ -147,6 +147,10 @@ pub fn print(args: &Args) -> String {
     set(&mut table, "partition_bits", int(u64::from(args.partition_bits)));
     set(&mut table, "gossip_interval_ms", int(args.gossip_interval_ms));
     set(&mut table, "anti_entropy_interval_ms", int(args.anti_entropy_interval_ms));
+    set(&mut table, "join", toml::Value::Boolean(args.join));
+    if let Some(dead) = &args.replace {
+        set(&mut table, "replace", text(dead));
+    }
     set(&mut table, "phi_threshold", toml::Value::Float(args.phi_threshold));
     if let Some(address) = args.metrics_listen {
         set(&mut table, "metrics_listen", text(&address));

@@ -65,6 +65,7 @@ pub fn op_name(command: &Command) -> &'static str {
         Command::ShardStats => "shard_stats",
         Command::SnapshotShard { .. } => "snapshot",
         Command::RepairShard => "repair",
+        Command::TransferShard { .. } => "transfer",
     }
 }
 

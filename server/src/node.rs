@@ -101,6 +101,14 @@ pub struct Args {
     /// The ring has 2^bits partitions (virtual nodes), fixed when the cluster forms.
     #[arg(long, global = true, default_value_t = crate::cluster::ring::PARTITION_BITS_DEFAULT)]
     pub partition_bits: u32,
+    /// Join the running cluster the seeds belong to: take a balanced share of partitions,
+    /// copy them from their current replicas, then serve them (see `kvctl status`).
+    #[arg(long, global = true)]
+    pub join: bool,
+    /// Join in place of this dead member (its node id, as `kvctl status` shows it): take its
+    /// partitions and copy them from the surviving replicas.
+    #[arg(long, global = true)]
+    pub replace: Option<String>,
     /// Milliseconds one anti-entropy pass over a shard's partitions takes (the comparisons are
     /// spread over it); 0 turns the background passes off (`kvctl repair` still runs one).
     #[arg(long, global = true, default_value_t = 60_000)]
@@ -503,6 +511,8 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
             interval: Duration::from_millis(args.anti_entropy_interval_ms),
             settle_ms: args.tombstone_grace_s.saturating_mul(1000),
         },
+        join: args.join,
+        replace: args.replace.clone(),
     });
     if let Some(options) = &cluster_options {
         if options.replica_count == 0 || options.replica_count > options.cluster_size {

@@ -132,6 +132,31 @@ impl<S: Storage> Shard<S> {
         Ok(total)
     }
 
+    /// Copies `partition` from `sources` onto every shard of the node (a ring change's
+    /// transfer): (keys, bytes) copied, summed.
+    pub async fn transfer_node(
+        self: &Rc<Self>,
+        partition: usize,
+        sources: Vec<String>,
+    ) -> Result<(u64, u64), String> {
+        let mut total = crate::cluster::anti_entropy::pull_partition(self, partition, &sources).await?;
+        for target in (0..self.count).filter(|&t| t != self.index) {
+            let Some(mesh) = &self.mesh else { break };
+            let command = Command::TransferShard { partition, sources: sources.clone() };
+            match mesh.forward(target, command).await {
+                Reply::Stats(json) => {
+                    let figures: serde_json::Value =
+                        serde_json::from_str(&json).map_err(|e| e.to_string())?;
+                    total.0 += figures["keys"].as_u64().unwrap_or(0);
+                    total.1 += figures["bytes"].as_u64().unwrap_or(0);
+                }
+                Reply::Error { message, .. } => return Err(message),
+                other => return Err(format!("unexpected reply {other:?}")),
+            }
+        }
+        Ok(total)
+    }
+
     /// A consistent snapshot of the whole node into `dir` (see `Engine::snapshot`): every
     /// shard's tables and manifest in `dir/shard-N`, and the node's identity files.
     pub async fn snapshot_node(&self, dir: &std::path::Path) -> Result<(), String> {
@@ -202,6 +227,14 @@ impl<S: Storage> Shard<S> {
             Command::Replicate { key, versions } => replication::replicate(self, &key, &versions).await,
             Command::ReadReplica { key } => replication::read_replica(self, &key).await,
             Command::ShardStats => Reply::Stats(self.stats_json()),
+            Command::TransferShard { partition, sources } => {
+                match crate::cluster::anti_entropy::pull_partition(self, partition, &sources).await {
+                    Ok((keys, bytes)) => {
+                        Reply::Stats(serde_json::json!({"keys": keys, "bytes": bytes}).to_string())
+                    }
+                    Err(message) => Reply::error(Status::UNAVAILABLE, message),
+                }
+            }
             Command::RepairShard => {
                 let report = crate::cluster::anti_entropy::repair_now(self).await;
                 Reply::Stats(serde_json::to_string(&report).unwrap_or_default())
@@ -402,11 +435,20 @@ pub async fn run(launch: ShardLaunch) {
             glommio::Latency::NotImportant,
             "anti-entropy",
         );
-        match glommio::spawn_local_into(crate::cluster::anti_entropy::run(shard.clone()), background) {
-            Ok(task) => cluster_tasks.push(task),
-            Err(error) => {
-                let _ = ready.send(Err(format!("shard {index}: starting anti-entropy: {error}")));
-                return;
+        let tasks = [
+            glommio::spawn_local_into(crate::cluster::anti_entropy::run(shard.clone()), background),
+            glommio::spawn_local_into(
+                crate::cluster::anti_entropy::drop_moved_ranges(shard.clone()),
+                background,
+            ),
+        ];
+        for task in tasks {
+            match task {
+                Ok(task) => cluster_tasks.push(task),
+                Err(error) => {
+                    let _ = ready.send(Err(format!("shard {index}: starting anti-entropy: {error}")));
+                    return;
+                }
             }
         }
         if index == 0 {

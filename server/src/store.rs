@@ -113,7 +113,10 @@ impl<S: Storage> Store<S> {
             | Command::Paxos { .. }
             | Command::Replicate { .. }
             | Command::ReadReplica { .. }
-            | Command::RepairShard => Reply::error(Status::INTERNAL, "a cluster operation reached the store"),
+            | Command::RepairShard
+            | Command::TransferShard { .. } => {
+                Reply::error(Status::INTERNAL, "a cluster operation reached the store")
+            }
         }
     }
 

@@ -83,12 +83,39 @@ enum Command {
     /// what differs (anti-entropy also runs by itself); print what it found and fixed.
     /// Waits at least an hour unless --timeout says longer.
     Repair,
+    /// Decommission NODE (a node id, as `status` shows): its ranges stream to their new
+    /// owners, then it leaves the ring. Waits at least an hour unless --timeout says longer.
+    Decommission { node: String },
+    /// Remove the dead NODE: its ranges are copied to their new owners from the surviving
+    /// replicas. (To replace it with a new machine instead: start kvd there with --replace.)
+    Remove { node: String },
+}
+
+/// "streaming 12/96 ranges, 3.1 MB at 2.0 MB/s, about 40 s left".
+fn progress_line(stream: &client::StreamProgress) -> String {
+    let seconds = stream.elapsed_ms as f64 / 1000.0;
+    let rate = if seconds > 0.0 { stream.bytes as f64 / seconds } else { 0.0 };
+    let left = if stream.ranges_done > 0 {
+        seconds * f64::from(stream.ranges_total - stream.ranges_done) / f64::from(stream.ranges_done)
+    } else {
+        f64::NAN
+    };
+    format!(
+        "streaming {}/{} ranges, {:.1} MB at {:.1} MB/s, about {:.0} s left",
+        stream.ranges_done,
+        stream.ranges_total,
+        stream.bytes as f64 / 1e6,
+        rate / 1e6,
+        left
+    )
 }
 
 /// A repair pass takes as long as the node's data needs: at least an hour's wait.
 fn request_timeout(cli: &Cli) -> Duration {
     match cli.command {
-        Command::Repair => cli.timeout.max(Duration::from_secs(3600)),
+        Command::Repair | Command::Decommission { .. } | Command::Remove { .. } => {
+            cli.timeout.max(Duration::from_secs(3600))
+        }
         _ => cli.timeout,
     }
 }
@@ -108,6 +135,7 @@ fn status_name(status: client::NodeStatus) -> &'static str {
         "JOINING" => "joining",
         "NORMAL" => "normal",
         "LEAVING" => "leaving",
+        "LEFT" => "left",
         _ => "unknown",
     })
 }
@@ -201,6 +229,7 @@ async fn run(cli: Cli) -> anyhow::Result<Outcome> {
     };
     let client = Client::connect(cli.addr.as_str(), options).await?;
     let json = cli.json;
+    let cli_command_is_remove = matches!(cli.command, Command::Remove { .. });
     match cli.command {
         Command::Put { key, value, source, ttl } => {
             let value = read_value(value, &source)?;
@@ -297,6 +326,9 @@ async fn run(cli: Cli) -> anyhow::Result<Outcome> {
                         n.shard_ports.len()
                     );
                 }
+                for n in topology.nodes.iter().filter(|n| n.stream.ranges_total > 0) {
+                    println!("{}: {}", n.name, progress_line(&n.stream));
+                }
             }
             Ok(Outcome::Success)
         }
@@ -338,6 +370,29 @@ async fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Snapshot { dir } => {
             client.snapshot(&dir).await?;
             Ok(success(json))
+        }
+        Command::Decommission { node } | Command::Remove { node } => {
+            let action = match cli_command_is_remove {
+                true => client::MembershipAction::REMOVE,
+                false => client::MembershipAction::DECOMMISSION,
+            };
+            let report = client.change_membership(action, &node).await?;
+            if json {
+                println!("{report}");
+            } else {
+                let report: serde_json::Value = serde_json::from_str(&report)
+                    .map_err(|error| client::Error::Protocol(error.to_string()))?;
+                let figure = |name: &str| report.get(name).and_then(serde_json::Value::as_u64).unwrap_or(0);
+                println!(
+                    "done: ring version {}, {} range transfers, {} keys and {} bytes copied in {:.1} s",
+                    figure("ring_version"),
+                    figure("transfers"),
+                    figure("keys"),
+                    figure("bytes"),
+                    figure("elapsed_ms") as f64 / 1000.0
+                );
+            }
+            Ok(Outcome::Success)
         }
         Command::Repair => {
             let report = client.repair().await?;

@@ -425,12 +425,188 @@ impl<'a> ::flatbuffers::Verifiable for PaxosPhase {
 
 impl ::flatbuffers::SimpleToVerifyInSlice for PaxosPhase {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MIN_OPERATION: u8 = 0;
+pub const ENUM_MIN_RING_PHASE: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_OPERATION: u8 = 14;
+pub const ENUM_MAX_RING_PHASE: u8 = 3;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_OPERATION: [Operation; 15] = [
+pub const ENUM_VALUES_RING_PHASE: [RingPhase; 4] = [
+  RingPhase::PREPARE,
+  RingPhase::ACCEPT,
+  RingPhase::COMMIT,
+  RingPhase::READ,
+];
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[repr(transparent)]
+pub struct RingPhase(pub u8);
+#[allow(non_upper_case_globals)]
+impl RingPhase {
+  pub const PREPARE: Self = Self(0);
+  pub const ACCEPT: Self = Self(1);
+  pub const COMMIT: Self = Self(2);
+  pub const READ: Self = Self(3);
+
+  pub const ENUM_MIN: u8 = 0;
+  pub const ENUM_MAX: u8 = 3;
+  pub const ENUM_VALUES: &'static [Self] = &[
+    Self::PREPARE,
+    Self::ACCEPT,
+    Self::COMMIT,
+    Self::READ,
+  ];
+  /// Returns the variant's name or "" if unknown.
+  pub fn variant_name(self) -> Option<&'static str> {
+    match self {
+      Self::PREPARE => Some("PREPARE"),
+      Self::ACCEPT => Some("ACCEPT"),
+      Self::COMMIT => Some("COMMIT"),
+      Self::READ => Some("READ"),
+      _ => None,
+    }
+  }
+}
+impl ::core::fmt::Debug for RingPhase {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter) -> ::core::fmt::Result {
+    if let Some(name) = self.variant_name() {
+      f.write_str(name)
+    } else {
+      f.write_fmt(format_args!("<UNKNOWN {:?}>", self.0))
+    }
+  }
+}
+impl<'a> ::flatbuffers::Follow<'a> for RingPhase {
+  type Inner = Self;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    let b = unsafe { ::flatbuffers::read_scalar_at::<u8>(buf, loc) };
+    Self(b)
+  }
+}
+
+impl ::flatbuffers::Push for RingPhase {
+    type Output = RingPhase;
+    #[inline]
+    unsafe fn push(&self, dst: &mut [u8], _written_len: usize) {
+        unsafe { ::flatbuffers::emplace_scalar::<u8>(dst, self.0) };
+    }
+}
+
+impl ::flatbuffers::EndianScalar for RingPhase {
+  type Scalar = u8;
+  #[inline]
+  fn to_little_endian(self) -> u8 {
+    self.0.to_le()
+  }
+  #[inline]
+  #[allow(clippy::wrong_self_convention)]
+  fn from_little_endian(v: u8) -> Self {
+    let b = u8::from_le(v);
+    Self(b)
+  }
+}
+
+impl<'a> ::flatbuffers::Verifiable for RingPhase {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    u8::run_verifier(v, pos)
+  }
+}
+
+impl ::flatbuffers::SimpleToVerifyInSlice for RingPhase {}
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+pub const ENUM_MIN_MEMBERSHIP_ACTION: u8 = 0;
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+pub const ENUM_MAX_MEMBERSHIP_ACTION: u8 = 1;
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+#[allow(non_camel_case_types)]
+pub const ENUM_VALUES_MEMBERSHIP_ACTION: [MembershipAction; 2] = [
+  MembershipAction::DECOMMISSION,
+  MembershipAction::REMOVE,
+];
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[repr(transparent)]
+pub struct MembershipAction(pub u8);
+#[allow(non_upper_case_globals)]
+impl MembershipAction {
+  pub const DECOMMISSION: Self = Self(0);
+  pub const REMOVE: Self = Self(1);
+
+  pub const ENUM_MIN: u8 = 0;
+  pub const ENUM_MAX: u8 = 1;
+  pub const ENUM_VALUES: &'static [Self] = &[
+    Self::DECOMMISSION,
+    Self::REMOVE,
+  ];
+  /// Returns the variant's name or "" if unknown.
+  pub fn variant_name(self) -> Option<&'static str> {
+    match self {
+      Self::DECOMMISSION => Some("DECOMMISSION"),
+      Self::REMOVE => Some("REMOVE"),
+      _ => None,
+    }
+  }
+}
+impl ::core::fmt::Debug for MembershipAction {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter) -> ::core::fmt::Result {
+    if let Some(name) = self.variant_name() {
+      f.write_str(name)
+    } else {
+      f.write_fmt(format_args!("<UNKNOWN {:?}>", self.0))
+    }
+  }
+}
+impl<'a> ::flatbuffers::Follow<'a> for MembershipAction {
+  type Inner = Self;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    let b = unsafe { ::flatbuffers::read_scalar_at::<u8>(buf, loc) };
+    Self(b)
+  }
+}
+
+impl ::flatbuffers::Push for MembershipAction {
+    type Output = MembershipAction;
+    #[inline]
+    unsafe fn push(&self, dst: &mut [u8], _written_len: usize) {
+        unsafe { ::flatbuffers::emplace_scalar::<u8>(dst, self.0) };
+    }
+}
+
+impl ::flatbuffers::EndianScalar for MembershipAction {
+  type Scalar = u8;
+  #[inline]
+  fn to_little_endian(self) -> u8 {
+    self.0.to_le()
+  }
+  #[inline]
+  #[allow(clippy::wrong_self_convention)]
+  fn from_little_endian(v: u8) -> Self {
+    let b = u8::from_le(v);
+    Self(b)
+  }
+}
+
+impl<'a> ::flatbuffers::Verifiable for MembershipAction {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    u8::run_verifier(v, pos)
+  }
+}
+
+impl ::flatbuffers::SimpleToVerifyInSlice for MembershipAction {}
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+pub const ENUM_MIN_OPERATION: u8 = 0;
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+pub const ENUM_MAX_OPERATION: u8 = 17;
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+#[allow(non_camel_case_types)]
+pub const ENUM_VALUES_OPERATION: [Operation; 18] = [
   Operation::NONE,
   Operation::Hello,
   Operation::Put,
@@ -446,6 +622,9 @@ pub const ENUM_VALUES_OPERATION: [Operation; 15] = [
   Operation::Paxos,
   Operation::AntiEntropy,
   Operation::Repair,
+  Operation::RingChange,
+  Operation::Transfer,
+  Operation::ChangeMembership,
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -468,9 +647,12 @@ impl Operation {
   pub const Paxos: Self = Self(12);
   pub const AntiEntropy: Self = Self(13);
   pub const Repair: Self = Self(14);
+  pub const RingChange: Self = Self(15);
+  pub const Transfer: Self = Self(16);
+  pub const ChangeMembership: Self = Self(17);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 14;
+  pub const ENUM_MAX: u8 = 17;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::NONE,
     Self::Hello,
@@ -487,6 +669,9 @@ impl Operation {
     Self::Paxos,
     Self::AntiEntropy,
     Self::Repair,
+    Self::RingChange,
+    Self::Transfer,
+    Self::ChangeMembership,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -506,6 +691,9 @@ impl Operation {
       Self::Paxos => Some("Paxos"),
       Self::AntiEntropy => Some("AntiEntropy"),
       Self::Repair => Some("Repair"),
+      Self::RingChange => Some("RingChange"),
+      Self::Transfer => Some("Transfer"),
+      Self::ChangeMembership => Some("ChangeMembership"),
       _ => None,
     }
   }
@@ -653,15 +841,17 @@ impl ::flatbuffers::SimpleToVerifyInSlice for GossipKind {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_NODE_STATUS: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_NODE_STATUS: u8 = 2;
+pub const ENUM_MAX_NODE_STATUS: u8 = 3;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_NODE_STATUS: [NodeStatus; 3] = [
+pub const ENUM_VALUES_NODE_STATUS: [NodeStatus; 4] = [
   NodeStatus::JOINING,
   NodeStatus::NORMAL,
   NodeStatus::LEAVING,
+  NodeStatus::LEFT,
 ];
 
+/// LEFT: decommissioned or removed; it owns nothing.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 #[repr(transparent)]
 pub struct NodeStatus(pub u8);
@@ -670,13 +860,15 @@ impl NodeStatus {
   pub const JOINING: Self = Self(0);
   pub const NORMAL: Self = Self(1);
   pub const LEAVING: Self = Self(2);
+  pub const LEFT: Self = Self(3);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 2;
+  pub const ENUM_MAX: u8 = 3;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::JOINING,
     Self::NORMAL,
     Self::LEAVING,
+    Self::LEFT,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -684,6 +876,7 @@ impl NodeStatus {
       Self::JOINING => Some("JOINING"),
       Self::NORMAL => Some("NORMAL"),
       Self::LEAVING => Some("LEAVING"),
+      Self::LEFT => Some("LEFT"),
       _ => None,
     }
   }
@@ -2790,6 +2983,389 @@ impl ::core::fmt::Debug for Repair<'_> {
       ds.finish()
   }
 }
+pub enum RingChangeOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Node to node, to shard 0: one message of the Paxos that agrees on ring version `version`
+/// (see ARCHITECTURE.md, "Elasticity"). `state`: the proposed ring (ACCEPT, COMMIT), as the
+/// JSON the `CLUSTER` file holds. Answered OK with `Response.ring`: the receiver's committed
+/// ring and acceptor state, as JSON.
+pub struct RingChange<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for RingChange<'a> {
+  type Inner = RingChange<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> RingChange<'a> {
+  pub const VT_PHASE: ::flatbuffers::VOffsetT = 4;
+  pub const VT_VERSION: ::flatbuffers::VOffsetT = 6;
+  pub const VT_BALLOT: ::flatbuffers::VOffsetT = 8;
+  pub const VT_STATE: ::flatbuffers::VOffsetT = 10;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    RingChange { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args RingChangeArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<RingChange<'bldr>> {
+    let mut builder = RingChangeBuilder::new(_fbb);
+    builder.add_version(args.version);
+    if let Some(x) = args.state { builder.add_state(x); }
+    if let Some(x) = args.ballot { builder.add_ballot(x); }
+    builder.add_phase(args.phase);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn phase(&self) -> RingPhase {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<RingPhase>(RingChange::VT_PHASE, Some(RingPhase::PREPARE)).unwrap()}
+  }
+  #[inline]
+  pub fn version(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(RingChange::VT_VERSION, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn ballot(&self) -> Option<&'a Ballot> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<Ballot>(RingChange::VT_BALLOT, None)}
+  }
+  #[inline]
+  pub fn state(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(RingChange::VT_STATE, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for RingChange<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<RingPhase>("phase", Self::VT_PHASE, false)?
+     .visit_field::<u64>("version", Self::VT_VERSION, false)?
+     .visit_field::<Ballot>("ballot", Self::VT_BALLOT, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("state", Self::VT_STATE, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct RingChangeArgs<'a> {
+    pub phase: RingPhase,
+    pub version: u64,
+    pub ballot: Option<&'a Ballot>,
+    pub state: Option<::flatbuffers::WIPOffset<&'a str>>,
+}
+impl<'a> Default for RingChangeArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    RingChangeArgs {
+      phase: RingPhase::PREPARE,
+      version: 0,
+      ballot: None,
+      state: None,
+    }
+  }
+}
+
+pub struct RingChangeBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> RingChangeBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_phase(&mut self, phase: RingPhase) {
+    self.fbb_.push_slot::<RingPhase>(RingChange::VT_PHASE, phase, RingPhase::PREPARE);
+  }
+  #[inline]
+  pub fn add_version(&mut self, version: u64) {
+    self.fbb_.push_slot::<u64>(RingChange::VT_VERSION, version, 0);
+  }
+  #[inline]
+  pub fn add_ballot(&mut self, ballot: &Ballot) {
+    self.fbb_.push_slot_always::<&Ballot>(RingChange::VT_BALLOT, ballot);
+  }
+  #[inline]
+  pub fn add_state(&mut self, state: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(RingChange::VT_STATE, state);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> RingChangeBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    RingChangeBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<RingChange<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for RingChange<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("RingChange");
+      ds.field("phase", &self.phase());
+      ds.field("version", &self.version());
+      ds.field("ballot", &self.ballot());
+      ds.field("state", &self.state());
+      ds.finish()
+  }
+}
+pub enum TransferOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Node to node: the receiving node copies partition `partition` from `sources` (node names,
+/// comma-separated) onto every shard of its own (a read of each source's keys, merged), then answers OK with
+/// `Response.stats_json`: `{"keys", "bytes"}` copied.
+pub struct Transfer<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for Transfer<'a> {
+  type Inner = Transfer<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> Transfer<'a> {
+  pub const VT_PARTITION: ::flatbuffers::VOffsetT = 4;
+  pub const VT_SOURCES: ::flatbuffers::VOffsetT = 6;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    Transfer { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args TransferArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<Transfer<'bldr>> {
+    let mut builder = TransferBuilder::new(_fbb);
+    if let Some(x) = args.sources { builder.add_sources(x); }
+    builder.add_partition(args.partition);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn partition(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(Transfer::VT_PARTITION, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn sources(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(Transfer::VT_SOURCES, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for Transfer<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u32>("partition", Self::VT_PARTITION, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("sources", Self::VT_SOURCES, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct TransferArgs<'a> {
+    pub partition: u32,
+    pub sources: Option<::flatbuffers::WIPOffset<&'a str>>,
+}
+impl<'a> Default for TransferArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    TransferArgs {
+      partition: 0,
+      sources: None,
+    }
+  }
+}
+
+pub struct TransferBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> TransferBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_partition(&mut self, partition: u32) {
+    self.fbb_.push_slot::<u32>(Transfer::VT_PARTITION, partition, 0);
+  }
+  #[inline]
+  pub fn add_sources(&mut self, sources: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Transfer::VT_SOURCES, sources);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> TransferBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    TransferBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<Transfer<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for Transfer<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("Transfer");
+      ds.field("partition", &self.partition());
+      ds.field("sources", &self.sources());
+      ds.finish()
+  }
+}
+pub enum ChangeMembershipOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Operator: DECOMMISSION streams `node`'s ranges to their new owners, then it leaves the
+/// ring; REMOVE re-replicates a dead `node`'s ranges from the survivors. Answered once the
+/// change is complete (`Response.stats_json`: what moved), or refused with the reason.
+pub struct ChangeMembership<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for ChangeMembership<'a> {
+  type Inner = ChangeMembership<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> ChangeMembership<'a> {
+  pub const VT_ACTION: ::flatbuffers::VOffsetT = 4;
+  pub const VT_NODE: ::flatbuffers::VOffsetT = 6;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    ChangeMembership { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args ChangeMembershipArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<ChangeMembership<'bldr>> {
+    let mut builder = ChangeMembershipBuilder::new(_fbb);
+    if let Some(x) = args.node { builder.add_node(x); }
+    builder.add_action(args.action);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn action(&self) -> MembershipAction {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<MembershipAction>(ChangeMembership::VT_ACTION, Some(MembershipAction::DECOMMISSION)).unwrap()}
+  }
+  #[inline]
+  pub fn node(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(ChangeMembership::VT_NODE, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for ChangeMembership<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<MembershipAction>("action", Self::VT_ACTION, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("node", Self::VT_NODE, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct ChangeMembershipArgs<'a> {
+    pub action: MembershipAction,
+    pub node: Option<::flatbuffers::WIPOffset<&'a str>>,
+}
+impl<'a> Default for ChangeMembershipArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    ChangeMembershipArgs {
+      action: MembershipAction::DECOMMISSION,
+      node: None,
+    }
+  }
+}
+
+pub struct ChangeMembershipBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ChangeMembershipBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_action(&mut self, action: MembershipAction) {
+    self.fbb_.push_slot::<MembershipAction>(ChangeMembership::VT_ACTION, action, MembershipAction::DECOMMISSION);
+  }
+  #[inline]
+  pub fn add_node(&mut self, node: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(ChangeMembership::VT_NODE, node);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ChangeMembershipBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    ChangeMembershipBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<ChangeMembership<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for ChangeMembership<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("ChangeMembership");
+      ds.field("action", &self.action());
+      ds.field("node", &self.node());
+      ds.finish()
+  }
+}
 pub enum RequestOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
@@ -3100,6 +3676,51 @@ impl<'a> Request<'a> {
     }
   }
 
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn op_as_ring_change(&self) -> Option<RingChange<'a>> {
+    if self.op_type() == Operation::RingChange {
+      self.op().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { RingChange::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn op_as_transfer(&self) -> Option<Transfer<'a>> {
+    if self.op_type() == Operation::Transfer {
+      self.op().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { Transfer::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn op_as_change_membership(&self) -> Option<ChangeMembership<'a>> {
+    if self.op_type() == Operation::ChangeMembership {
+      self.op().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { ChangeMembership::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
 }
 
 impl ::flatbuffers::Verifiable for Request<'_> {
@@ -3129,6 +3750,9 @@ impl ::flatbuffers::Verifiable for Request<'_> {
           Operation::Paxos => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Paxos>>("Operation::Paxos", pos),
           Operation::AntiEntropy => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<AntiEntropy>>("Operation::AntiEntropy", pos),
           Operation::Repair => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Repair>>("Operation::Repair", pos),
+          Operation::RingChange => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<RingChange>>("Operation::RingChange", pos),
+          Operation::Transfer => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Transfer>>("Operation::Transfer", pos),
+          Operation::ChangeMembership => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<ChangeMembership>>("Operation::ChangeMembership", pos),
           _ => Ok(()),
         }
      })?
@@ -3311,6 +3935,27 @@ impl ::core::fmt::Debug for Request<'_> {
         },
         Operation::Repair => {
           if let Some(x) = self.op_as_repair() {
+            ds.field("op", &x)
+          } else {
+            ds.field("op", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Operation::RingChange => {
+          if let Some(x) = self.op_as_ring_change() {
+            ds.field("op", &x)
+          } else {
+            ds.field("op", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Operation::Transfer => {
+          if let Some(x) = self.op_as_transfer() {
+            ds.field("op", &x)
+          } else {
+            ds.field("op", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Operation::ChangeMembership => {
+          if let Some(x) = self.op_as_change_membership() {
             ds.field("op", &x)
           } else {
             ds.field("op", &"InvalidFlatbuffer: Union discriminant does not match value.")
@@ -3796,6 +4441,7 @@ impl<'a> Response<'a> {
   pub const VT_VERSIONS: ::flatbuffers::VOffsetT = 18;
   pub const VT_TOPOLOGY: ::flatbuffers::VOffsetT = 20;
   pub const VT_MERKLE: ::flatbuffers::VOffsetT = 22;
+  pub const VT_RING: ::flatbuffers::VOffsetT = 24;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -3808,6 +4454,7 @@ impl<'a> Response<'a> {
   ) -> ::flatbuffers::WIPOffset<Response<'bldr>> {
     let mut builder = ResponseBuilder::new(_fbb);
     builder.add_id(args.id);
+    if let Some(x) = args.ring { builder.add_ring(x); }
     if let Some(x) = args.merkle { builder.add_merkle(x); }
     if let Some(x) = args.topology { builder.add_topology(x); }
     if let Some(x) = args.versions { builder.add_versions(x); }
@@ -3925,6 +4572,14 @@ impl<'a> Response<'a> {
       unsafe { <::flatbuffers::ForwardsUOffset<MerkleReply<'a>>>::follow(data.bytes(), 0) }
     })
   }
+  /// Present only in the reply to RingChange (JSON).
+  #[inline]
+  pub fn ring(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(Response::VT_RING, None)}
+  }
 }
 
 impl ::flatbuffers::Verifiable for Response<'_> {
@@ -3943,6 +4598,7 @@ impl ::flatbuffers::Verifiable for Response<'_> {
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u8>>>("versions", Self::VT_VERSIONS, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u8>>>("topology", Self::VT_TOPOLOGY, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u8>>>("merkle", Self::VT_MERKLE, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("ring", Self::VT_RING, false)?
      .finish();
     Ok(())
   }
@@ -3958,6 +4614,7 @@ pub struct ResponseArgs<'a> {
     pub versions: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u8>>>,
     pub topology: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u8>>>,
     pub merkle: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u8>>>,
+    pub ring: Option<::flatbuffers::WIPOffset<&'a str>>,
 }
 impl<'a> Default for ResponseArgs<'a> {
   #[inline]
@@ -3973,6 +4630,7 @@ impl<'a> Default for ResponseArgs<'a> {
       versions: None,
       topology: None,
       merkle: None,
+      ring: None,
     }
   }
 }
@@ -4023,6 +4681,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ResponseBuilder<'a, 'b, A> {
     self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Response::VT_MERKLE, merkle);
   }
   #[inline]
+  pub fn add_ring(&mut self, ring: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Response::VT_RING, ring);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ResponseBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     ResponseBuilder {
@@ -4050,6 +4712,7 @@ impl ::core::fmt::Debug for Response<'_> {
       ds.field("versions", &self.versions());
       ds.field("topology", &self.topology());
       ds.field("merkle", &self.merkle());
+      ds.field("ring", &self.ring());
       ds.finish()
   }
 }
@@ -4625,6 +5288,11 @@ impl<'a> GossipNodeState<'a> {
   pub const VT_MEMBERS: ::flatbuffers::VOffsetT = 18;
   pub const VT_REPLICA_COUNT: ::flatbuffers::VOffsetT = 20;
   pub const VT_PARTITION_BITS: ::flatbuffers::VOffsetT = 22;
+  pub const VT_RING_VERSION: ::flatbuffers::VOffsetT = 24;
+  pub const VT_STREAM_RANGES_DONE: ::flatbuffers::VOffsetT = 26;
+  pub const VT_STREAM_RANGES_TOTAL: ::flatbuffers::VOffsetT = 28;
+  pub const VT_STREAM_BYTES: ::flatbuffers::VOffsetT = 30;
+  pub const VT_STREAM_ELAPSED_MS: ::flatbuffers::VOffsetT = 32;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -4636,9 +5304,14 @@ impl<'a> GossipNodeState<'a> {
     args: &'args GossipNodeStateArgs<'args>
   ) -> ::flatbuffers::WIPOffset<GossipNodeState<'bldr>> {
     let mut builder = GossipNodeStateBuilder::new(_fbb);
+    builder.add_stream_elapsed_ms(args.stream_elapsed_ms);
+    builder.add_stream_bytes(args.stream_bytes);
+    builder.add_ring_version(args.ring_version);
     builder.add_load_bytes(args.load_bytes);
     builder.add_heartbeat(args.heartbeat);
     builder.add_generation(args.generation);
+    builder.add_stream_ranges_total(args.stream_ranges_total);
+    builder.add_stream_ranges_done(args.stream_ranges_done);
     if let Some(x) = args.members { builder.add_members(x); }
     if let Some(x) = args.shard_ports { builder.add_shard_ports(x); }
     if let Some(x) = args.address { builder.add_address(x); }
@@ -4724,6 +5397,44 @@ impl<'a> GossipNodeState<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u8>(GossipNodeState::VT_PARTITION_BITS, Some(0)).unwrap()}
   }
+  /// The ring version the node has committed (0 while forming): a peer that sees a higher
+  /// one reads the ring from it.
+  #[inline]
+  pub fn ring_version(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(GossipNodeState::VT_RING_VERSION, Some(0)).unwrap()}
+  }
+  /// A ring change this node drives: transfers done and planned, bytes copied, time spent.
+  #[inline]
+  pub fn stream_ranges_done(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(GossipNodeState::VT_STREAM_RANGES_DONE, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn stream_ranges_total(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(GossipNodeState::VT_STREAM_RANGES_TOTAL, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn stream_bytes(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(GossipNodeState::VT_STREAM_BYTES, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn stream_elapsed_ms(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(GossipNodeState::VT_STREAM_ELAPSED_MS, Some(0)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for GossipNodeState<'_> {
@@ -4742,6 +5453,11 @@ impl ::flatbuffers::Verifiable for GossipNodeState<'_> {
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<&'_ str>>>>("members", Self::VT_MEMBERS, false)?
      .visit_field::<u8>("replica_count", Self::VT_REPLICA_COUNT, false)?
      .visit_field::<u8>("partition_bits", Self::VT_PARTITION_BITS, false)?
+     .visit_field::<u64>("ring_version", Self::VT_RING_VERSION, false)?
+     .visit_field::<u32>("stream_ranges_done", Self::VT_STREAM_RANGES_DONE, false)?
+     .visit_field::<u32>("stream_ranges_total", Self::VT_STREAM_RANGES_TOTAL, false)?
+     .visit_field::<u64>("stream_bytes", Self::VT_STREAM_BYTES, false)?
+     .visit_field::<u64>("stream_elapsed_ms", Self::VT_STREAM_ELAPSED_MS, false)?
      .finish();
     Ok(())
   }
@@ -4757,6 +5473,11 @@ pub struct GossipNodeStateArgs<'a> {
     pub members: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<&'a str>>>>,
     pub replica_count: u8,
     pub partition_bits: u8,
+    pub ring_version: u64,
+    pub stream_ranges_done: u32,
+    pub stream_ranges_total: u32,
+    pub stream_bytes: u64,
+    pub stream_elapsed_ms: u64,
 }
 impl<'a> Default for GossipNodeStateArgs<'a> {
   #[inline]
@@ -4772,6 +5493,11 @@ impl<'a> Default for GossipNodeStateArgs<'a> {
       members: None,
       replica_count: 0,
       partition_bits: 0,
+      ring_version: 0,
+      stream_ranges_done: 0,
+      stream_ranges_total: 0,
+      stream_bytes: 0,
+      stream_elapsed_ms: 0,
     }
   }
 }
@@ -4822,6 +5548,26 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> GossipNodeStateBuilder<'a, 'b
     self.fbb_.push_slot::<u8>(GossipNodeState::VT_PARTITION_BITS, partition_bits, 0);
   }
   #[inline]
+  pub fn add_ring_version(&mut self, ring_version: u64) {
+    self.fbb_.push_slot::<u64>(GossipNodeState::VT_RING_VERSION, ring_version, 0);
+  }
+  #[inline]
+  pub fn add_stream_ranges_done(&mut self, stream_ranges_done: u32) {
+    self.fbb_.push_slot::<u32>(GossipNodeState::VT_STREAM_RANGES_DONE, stream_ranges_done, 0);
+  }
+  #[inline]
+  pub fn add_stream_ranges_total(&mut self, stream_ranges_total: u32) {
+    self.fbb_.push_slot::<u32>(GossipNodeState::VT_STREAM_RANGES_TOTAL, stream_ranges_total, 0);
+  }
+  #[inline]
+  pub fn add_stream_bytes(&mut self, stream_bytes: u64) {
+    self.fbb_.push_slot::<u64>(GossipNodeState::VT_STREAM_BYTES, stream_bytes, 0);
+  }
+  #[inline]
+  pub fn add_stream_elapsed_ms(&mut self, stream_elapsed_ms: u64) {
+    self.fbb_.push_slot::<u64>(GossipNodeState::VT_STREAM_ELAPSED_MS, stream_elapsed_ms, 0);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> GossipNodeStateBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     GossipNodeStateBuilder {
@@ -4849,6 +5595,11 @@ impl ::core::fmt::Debug for GossipNodeState<'_> {
       ds.field("members", &self.members());
       ds.field("replica_count", &self.replica_count());
       ds.field("partition_bits", &self.partition_bits());
+      ds.field("ring_version", &self.ring_version());
+      ds.field("stream_ranges_done", &self.stream_ranges_done());
+      ds.field("stream_ranges_total", &self.stream_ranges_total());
+      ds.field("stream_bytes", &self.stream_bytes());
+      ds.field("stream_elapsed_ms", &self.stream_elapsed_ms());
       ds.finish()
   }
 }
@@ -5055,6 +5806,10 @@ impl<'a> TopologyNode<'a> {
   pub const VT_UP: ::flatbuffers::VOffsetT = 10;
   pub const VT_STATUS: ::flatbuffers::VOffsetT = 12;
   pub const VT_LOAD_BYTES: ::flatbuffers::VOffsetT = 14;
+  pub const VT_STREAM_RANGES_DONE: ::flatbuffers::VOffsetT = 16;
+  pub const VT_STREAM_RANGES_TOTAL: ::flatbuffers::VOffsetT = 18;
+  pub const VT_STREAM_BYTES: ::flatbuffers::VOffsetT = 20;
+  pub const VT_STREAM_ELAPSED_MS: ::flatbuffers::VOffsetT = 22;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -5066,7 +5821,11 @@ impl<'a> TopologyNode<'a> {
     args: &'args TopologyNodeArgs<'args>
   ) -> ::flatbuffers::WIPOffset<TopologyNode<'bldr>> {
     let mut builder = TopologyNodeBuilder::new(_fbb);
+    builder.add_stream_elapsed_ms(args.stream_elapsed_ms);
+    builder.add_stream_bytes(args.stream_bytes);
     builder.add_load_bytes(args.load_bytes);
+    builder.add_stream_ranges_total(args.stream_ranges_total);
+    builder.add_stream_ranges_done(args.stream_ranges_done);
     if let Some(x) = args.shard_ports { builder.add_shard_ports(x); }
     if let Some(x) = args.address { builder.add_address(x); }
     if let Some(x) = args.name { builder.add_name(x); }
@@ -5118,6 +5877,35 @@ impl<'a> TopologyNode<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u64>(TopologyNode::VT_LOAD_BYTES, Some(0)).unwrap()}
   }
+  /// A ring change the node drives (see GossipNodeState).
+  #[inline]
+  pub fn stream_ranges_done(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(TopologyNode::VT_STREAM_RANGES_DONE, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn stream_ranges_total(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(TopologyNode::VT_STREAM_RANGES_TOTAL, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn stream_bytes(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(TopologyNode::VT_STREAM_BYTES, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn stream_elapsed_ms(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(TopologyNode::VT_STREAM_ELAPSED_MS, Some(0)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for TopologyNode<'_> {
@@ -5132,6 +5920,10 @@ impl ::flatbuffers::Verifiable for TopologyNode<'_> {
      .visit_field::<bool>("up", Self::VT_UP, false)?
      .visit_field::<NodeStatus>("status", Self::VT_STATUS, false)?
      .visit_field::<u64>("load_bytes", Self::VT_LOAD_BYTES, false)?
+     .visit_field::<u32>("stream_ranges_done", Self::VT_STREAM_RANGES_DONE, false)?
+     .visit_field::<u32>("stream_ranges_total", Self::VT_STREAM_RANGES_TOTAL, false)?
+     .visit_field::<u64>("stream_bytes", Self::VT_STREAM_BYTES, false)?
+     .visit_field::<u64>("stream_elapsed_ms", Self::VT_STREAM_ELAPSED_MS, false)?
      .finish();
     Ok(())
   }
@@ -5143,6 +5935,10 @@ pub struct TopologyNodeArgs<'a> {
     pub up: bool,
     pub status: NodeStatus,
     pub load_bytes: u64,
+    pub stream_ranges_done: u32,
+    pub stream_ranges_total: u32,
+    pub stream_bytes: u64,
+    pub stream_elapsed_ms: u64,
 }
 impl<'a> Default for TopologyNodeArgs<'a> {
   #[inline]
@@ -5154,6 +5950,10 @@ impl<'a> Default for TopologyNodeArgs<'a> {
       up: false,
       status: NodeStatus::JOINING,
       load_bytes: 0,
+      stream_ranges_done: 0,
+      stream_ranges_total: 0,
+      stream_bytes: 0,
+      stream_elapsed_ms: 0,
     }
   }
 }
@@ -5188,6 +5988,22 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> TopologyNodeBuilder<'a, 'b, A
     self.fbb_.push_slot::<u64>(TopologyNode::VT_LOAD_BYTES, load_bytes, 0);
   }
   #[inline]
+  pub fn add_stream_ranges_done(&mut self, stream_ranges_done: u32) {
+    self.fbb_.push_slot::<u32>(TopologyNode::VT_STREAM_RANGES_DONE, stream_ranges_done, 0);
+  }
+  #[inline]
+  pub fn add_stream_ranges_total(&mut self, stream_ranges_total: u32) {
+    self.fbb_.push_slot::<u32>(TopologyNode::VT_STREAM_RANGES_TOTAL, stream_ranges_total, 0);
+  }
+  #[inline]
+  pub fn add_stream_bytes(&mut self, stream_bytes: u64) {
+    self.fbb_.push_slot::<u64>(TopologyNode::VT_STREAM_BYTES, stream_bytes, 0);
+  }
+  #[inline]
+  pub fn add_stream_elapsed_ms(&mut self, stream_elapsed_ms: u64) {
+    self.fbb_.push_slot::<u64>(TopologyNode::VT_STREAM_ELAPSED_MS, stream_elapsed_ms, 0);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> TopologyNodeBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     TopologyNodeBuilder {
@@ -5211,6 +6027,10 @@ impl ::core::fmt::Debug for TopologyNode<'_> {
       ds.field("up", &self.up());
       ds.field("status", &self.status());
       ds.field("load_bytes", &self.load_bytes());
+      ds.field("stream_ranges_done", &self.stream_ranges_done());
+      ds.field("stream_ranges_total", &self.stream_ranges_total());
+      ds.field("stream_bytes", &self.stream_bytes());
+      ds.field("stream_elapsed_ms", &self.stream_elapsed_ms());
       ds.finish()
   }
 }
@@ -5235,6 +6055,7 @@ impl<'a> TopologyReply<'a> {
   pub const VT_PARTITION_BITS: ::flatbuffers::VOffsetT = 8;
   pub const VT_OWNERS: ::flatbuffers::VOffsetT = 10;
   pub const VT_NODES: ::flatbuffers::VOffsetT = 12;
+  pub const VT_RING_VERSION: ::flatbuffers::VOffsetT = 14;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -5246,6 +6067,7 @@ impl<'a> TopologyReply<'a> {
     args: &'args TopologyReplyArgs<'args>
   ) -> ::flatbuffers::WIPOffset<TopologyReply<'bldr>> {
     let mut builder = TopologyReplyBuilder::new(_fbb);
+    builder.add_ring_version(args.ring_version);
     if let Some(x) = args.nodes { builder.add_nodes(x); }
     if let Some(x) = args.owners { builder.add_owners(x); }
     builder.add_partition_bits(args.partition_bits);
@@ -5294,6 +6116,13 @@ impl<'a> TopologyReply<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<TopologyNode>>>>(TopologyReply::VT_NODES, None)}
   }
+  #[inline]
+  pub fn ring_version(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(TopologyReply::VT_RING_VERSION, Some(0)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for TopologyReply<'_> {
@@ -5307,6 +6136,7 @@ impl ::flatbuffers::Verifiable for TopologyReply<'_> {
      .visit_field::<u8>("partition_bits", Self::VT_PARTITION_BITS, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u16>>>("owners", Self::VT_OWNERS, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<TopologyNode>>>>("nodes", Self::VT_NODES, false)?
+     .visit_field::<u64>("ring_version", Self::VT_RING_VERSION, false)?
      .finish();
     Ok(())
   }
@@ -5317,6 +6147,7 @@ pub struct TopologyReplyArgs<'a> {
     pub partition_bits: u8,
     pub owners: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u16>>>,
     pub nodes: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<TopologyNode<'a>>>>>,
+    pub ring_version: u64,
 }
 impl<'a> Default for TopologyReplyArgs<'a> {
   #[inline]
@@ -5327,6 +6158,7 @@ impl<'a> Default for TopologyReplyArgs<'a> {
       partition_bits: 0,
       owners: None,
       nodes: None,
+      ring_version: 0,
     }
   }
 }
@@ -5357,6 +6189,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> TopologyReplyBuilder<'a, 'b, 
     self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(TopologyReply::VT_NODES, nodes);
   }
   #[inline]
+  pub fn add_ring_version(&mut self, ring_version: u64) {
+    self.fbb_.push_slot::<u64>(TopologyReply::VT_RING_VERSION, ring_version, 0);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> TopologyReplyBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     TopologyReplyBuilder {
@@ -5379,6 +6215,7 @@ impl ::core::fmt::Debug for TopologyReply<'_> {
       ds.field("partition_bits", &self.partition_bits());
       ds.field("owners", &self.owners());
       ds.field("nodes", &self.nodes());
+      ds.field("ring_version", &self.ring_version());
       ds.finish()
   }
 }

@@ -64,6 +64,11 @@ pub struct AntiEntropyStats {
     pub keys_repaired: Cell<u64>,
     pub tombstones_purged: Cell<u64>,
     pub last_pass_ms: Cell<u64>,
+    /// Copied onto this shard by ring-change transfers.
+    pub streamed_bytes: Cell<u64>,
+    pub streamed_keys: Cell<u64>,
+    /// Dropped after a ring change moved their ranges elsewhere.
+    pub moved_keys_dropped: Cell<u64>,
 }
 
 fn bump(cell: &Cell<u64>, by: u64) {
@@ -376,5 +381,126 @@ pub async fn run<S: Storage>(shard: Rc<Shard<S>>) {
         let stats = &cluster.stats.anti_entropy;
         bump(&stats.passes, 1);
         stats.last_pass_ms.set(started.elapsed().as_millis() as u64);
+    }
+}
+
+/// Copies `partition` onto this shard from `sources` (node names): every key they hold that
+/// this shard would own, merged into ours (a ring change's transfer; safe to repeat). Returns
+/// (keys that changed here, bytes received).
+pub async fn pull_partition<S: Storage>(
+    shard: &Shard<S>,
+    partition: usize,
+    sources: &[String],
+) -> Result<(u64, u64), String> {
+    let cluster = shard.cluster.as_ref().ok_or("not a cluster node")?;
+    let view = cluster.view();
+    let formed = view.formed.as_ref().ok_or("the cluster is not formed")?;
+    let bits = formed.partition_bits;
+    let (mut keys_copied, mut bytes) = (0u64, 0u64);
+    for source in sources {
+        let info = view.nodes.get(source).ok_or_else(|| format!("{source} is unknown"))?;
+        let (_, keys) = ask(shard, info, partition, bits, u64::MAX)
+            .await
+            .ok_or_else(|| format!("{source} did not list its keys"))?;
+        bytes += keys.iter().map(|(key, _)| key.len() as u64 + 8).sum::<u64>();
+        let outcomes: Vec<Result<(bool, u64), String>> = futures::stream::iter(keys.iter())
+            .map(|(key, _)| pull_key(shard, info, key))
+            .buffer_unordered(REPAIR_CONCURRENCY)
+            .collect()
+            .await;
+        for outcome in outcomes {
+            let (changed, received) = outcome?;
+            keys_copied += u64::from(changed);
+            bytes += received;
+        }
+    }
+    bump(&cluster.stats.anti_entropy.streamed_bytes, bytes);
+    bump(&cluster.stats.anti_entropy.streamed_keys, keys_copied);
+    Ok((keys_copied, bytes))
+}
+
+/// Reads one key's versions from a source and merges them here: (changed, bytes received).
+async fn pull_key<S: Storage>(
+    shard: &Shard<S>,
+    source: &NodeInfo,
+    key: &[u8],
+) -> Result<(bool, u64), String> {
+    let cluster = shard.cluster.as_ref().ok_or("not a cluster node")?;
+    let address = source.shard_address(key).ok_or("no address for the source's shard")?;
+    let op = Op::ReadReplica { key };
+    let request =
+        PeerRequest { op, consistency: schema::Consistency::ONE, context: &[], timeout: REQUEST_TIMEOUT };
+    let response = cluster.peers.link(address).call(request).await.map_err(|error| error.to_string())?;
+    if response.status != Status::OK {
+        return Err(format!("{address}: {:?} {}", response.status, response.message));
+    }
+    let received = response.versions.len() as u64;
+    if response.versions.is_empty() {
+        return Ok((false, received));
+    }
+    let theirs =
+        decode_record(Some(&response.versions)).map_err(|_| "an unreadable record".to_string())?.versions;
+    let mine = match shard.store.read_raw(key).await {
+        Ok(bytes) => {
+            decode_record(bytes.as_deref()).map_err(|_| "an unreadable local record".to_string())?.versions
+        }
+        Err(_) => return Err("reading the local record failed".into()),
+    };
+    let mut merged = mine.clone();
+    merged.merge(&theirs);
+    if merkle::versions_digest(&merged) == merkle::versions_digest(&mine) {
+        return Ok((false, received));
+    }
+    merge_local(shard, key, &theirs).await.map_err(|_| "storing the copy failed".to_string())?;
+    Ok((true, received))
+}
+
+/// How long a completed ring change stays in force before the nodes that lost ranges drop
+/// them: coordinators that have not heard of it yet may still read from them meanwhile.
+const DROP_DELAY: Duration = Duration::from_secs(5);
+
+/// Drops the ranges this node no longer replicates once a ring change has completed (and at
+/// start, for a change completed while it was down), forever.
+pub async fn drop_moved_ranges<S: Storage>(shard: Rc<Shard<S>>) {
+    let Some(cluster) = shard.cluster.as_ref() else { return };
+    let mut dropped_at_version = 0;
+    let mut stable_since: Option<(u64, Instant)> = None;
+    loop {
+        glommio::timer::sleep(Duration::from_secs(1)).await;
+        let view = cluster.view();
+        let (Some(formed), Some(me)) = (view.formed.as_ref(), view.my_id()) else { continue };
+        if formed.version == dropped_at_version || formed.pending.is_some() {
+            continue;
+        }
+        match stable_since {
+            Some((version, since)) if version == formed.version && since.elapsed() >= DROP_DELAY => {}
+            Some((version, _)) if version == formed.version => continue,
+            _ => {
+                stable_since = Some((formed.version, Instant::now()));
+                continue;
+            }
+        }
+        let mut dropped = 0u64;
+        for partition in 0..formed.ring.partition_count() {
+            if formed.ring.preference_list_of_partition(partition, formed.replica_count).contains(&me) {
+                continue;
+            }
+            let (first, last) = merkle::token_range(partition, formed.partition_bits);
+            let Ok(entries) = shard.store.engine().scan_tokens(first, last).await else { continue };
+            let now = now_ms();
+            for (key, _) in entries.iter().filter(|(_, entry)| entry.is_live(now)) {
+                if shard.store.remove_raw_if(key, |_| true).await == Ok(true) {
+                    dropped += 1;
+                }
+            }
+        }
+        if dropped > 0 {
+            tracing::info!(
+                shard = shard.index,
+                "dropped {dropped} keys of ranges this node no longer replicates"
+            );
+        }
+        bump(&cluster.stats.anti_entropy.moved_keys_dropped, dropped);
+        dropped_at_version = formed.version;
     }
 }

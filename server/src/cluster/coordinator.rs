@@ -76,7 +76,16 @@ impl Round {
         now_us: u64,
         timeout_us: u64,
     ) -> Result<(Round, Plan), Unavailable> {
-        let required = consistency.required(replicas.len());
+        Round::start_required(replicas, is_live, consistency.required(replicas.len()), now_us, timeout_us)
+    }
+
+    fn start_required(
+        replicas: &PreferenceList,
+        is_live: impl Fn(NodeId) -> bool,
+        required: usize,
+        now_us: u64,
+        timeout_us: u64,
+    ) -> Result<(Round, Plan), Unavailable> {
         let (send_to, hint_for): (Vec<NodeId>, Vec<NodeId>) =
             replicas.iter().partition(|&&node| is_live(node));
         if send_to.len() < required {
@@ -142,7 +151,25 @@ impl WriteRound {
         now_us: u64,
         timeout_us: u64,
     ) -> Result<(WriteRound, Plan), Unavailable> {
-        let (round, plan) = Round::start(replicas, is_live, consistency, now_us, timeout_us)?;
+        WriteRound::start_with_pending(replicas, &[], is_live, consistency, now_us, timeout_us)
+    }
+
+    /// A write while a ring change is pending: `pending` are the nodes that will be replicas
+    /// once it completes and are not now. It also goes to them, and needs as many more
+    /// acknowledgements (from any of the nodes): of W + P acknowledgements at most P are on
+    /// replicas the change removes, so the replicas after the change hold at least W.
+    pub fn start_with_pending(
+        replicas: &PreferenceList,
+        pending: &[NodeId],
+        is_live: impl Fn(NodeId) -> bool,
+        consistency: Consistency,
+        now_us: u64,
+        timeout_us: u64,
+    ) -> Result<(WriteRound, Plan), Unavailable> {
+        let required = consistency.required(replicas.len()) + pending.len();
+        let mut nodes = replicas.clone();
+        nodes.extend(pending.iter().copied().filter(|node| !replicas.contains(node)));
+        let (round, plan) = Round::start_required(&nodes, is_live, required, now_us, timeout_us)?;
         Ok((WriteRound { round }, plan))
     }
 

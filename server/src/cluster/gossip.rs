@@ -26,6 +26,8 @@ pub enum NodeStatus {
     Joining,
     Normal,
     Leaving,
+    /// Decommissioned, removed or replaced: owns nothing.
+    Left,
 }
 
 /// What a node says about itself.
@@ -46,6 +48,10 @@ pub struct NodeState {
     pub members: Vec<NodeName>,
     pub replica_count: u8,
     pub partition_bits: u8,
+    /// The ring version it has committed (0 while forming).
+    pub ring_version: u64,
+    /// The ring change it drives, if any.
+    pub stream: schema::peer::StreamProgress,
 }
 
 impl NodeState {
@@ -294,6 +300,8 @@ mod tests {
                         members: Vec::new(),
                         replica_count: 3,
                         partition_bits: 8,
+                        ring_version: 0,
+                        stream: Default::default(),
                     };
                     Gossip::new(
                         format!("node-{i}"),

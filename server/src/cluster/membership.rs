@@ -1,13 +1,20 @@
 //! Shard 0's side of membership: drives the sans-IO gossip state machine with real time and
-//! real connections, forms the cluster, persists what it formed, and publishes a fresh
-//! [`ClusterView`] to every shard whenever what they see changes.
+//! real connections, forms the cluster, keeps the agreed ring (`ring_state.rs`) and drives
+//! ring changes, and publishes a fresh [`ClusterView`] to every shard whenever what they see
+//! changes.
 //!
-//! Forming (until nodes can join a running cluster): a node started with `--cluster-size n`
-//! gossips with its seeds until it knows `n` nodes, none of which belongs to a cluster yet;
-//! then the members are the `n` node names, sorted, and ring node `i` is `members[i]`. Every
-//! node computes the same ring from the same names, and each one persists it in `CLUSTER` in
-//! its data directory before serving; a node that hears of a formed cluster that lists it
-//! adopts that one. A node that reaches a formed cluster that does not list it is refused.
+//! Forming: a node started with `--cluster-size n` gossips with its seeds until it knows `n`
+//! nodes, none of which belongs to a cluster yet; then the members are the `n` node names,
+//! sorted, and ring version 1 deals the partitions round-robin. Every node computes the same
+//! ring from the same names and persists it in `CLUSTER` before serving.
+//!
+//! After that the ring changes only by agreement: each version is chosen by a single-decree
+//! Paxos among the nodes that own partitions in the version before (`RingChange` messages,
+//! acceptor state persisted in `CLUSTER`), and spreads by commit messages and by gossip (every
+//! node announces its ring version; a node that sees a higher one reads the ring from that
+//! peer). A node started with `--join` (or `--replace DEAD`) learns the ring from its seeds and
+//! drives its own change: pending ownership, transfers, completion (ARCHITECTURE.md,
+//! "Elasticity"). `kvctl decommission` and `kvctl remove` make the node they reach drive one.
 
 use std::cell::{Cell, RefCell};
 use std::fs;
@@ -18,15 +25,21 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use schema::peer::{decode_gossip, encode_gossip, GossipData, GossipKind, GossipNode};
+use schema::peer::{decode_gossip, encode_gossip, GossipData, GossipKind, GossipNode, StreamProgress};
+use schema::wire::RingPhase;
 use schema::{wire, Consistency, Op};
 
 use super::gossip::{Gossip, GossipConfig, Message, NodeState, NodeStatus};
 use super::peer::{PeerPool, PeerRequest};
-use super::ring::{NodeId, Ring};
+use super::ring::NodeId;
+use super::ring_state::{value_to_propose, RingAcceptor, RingAnswer, RingBallot, RingState};
 use super::view::{parse_address, ClusterView, Formed, NodeInfo};
 
 pub const CLUSTER_FILE: &str = "CLUSTER";
+/// How long one ring message may take.
+const RING_TIMEOUT: Duration = Duration::from_secs(5);
+/// Attempts at agreeing on one ring version before giving up.
+const AGREE_ATTEMPTS: usize = 20;
 
 /// What the operator chose, from flags.
 #[derive(Debug, Clone)]
@@ -39,58 +52,66 @@ pub struct ClusterOptions {
     pub seeds: Vec<SocketAddr>,
     pub gossip: GossipConfig,
     pub anti_entropy: super::anti_entropy::AntiEntropyOptions,
+    /// Join the running cluster the seeds belong to.
+    pub join: bool,
+    /// Join in place of this dead member.
+    pub replace: Option<String>,
 }
 
-/// The persisted membership of a formed cluster.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-struct ClusterFile {
+/// The membership file of the first version (before rings changed).
+#[derive(Debug, Clone, serde::Deserialize)]
+struct FormedFile {
     members: Vec<String>,
     replica_count: usize,
     partition_bits: u32,
 }
 
-fn load_formed(dir: &Path) -> anyhow::Result<Option<Formed>> {
+fn load_ring(dir: &Path) -> anyhow::Result<Option<RingAcceptor>> {
     let path = dir.join(CLUSTER_FILE);
     let bytes = match fs::read(&path) {
         Ok(bytes) => bytes,
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(error) => return Err(error).with_context(|| format!("reading {}", path.display())),
     };
-    let file: ClusterFile =
+    if let Ok(acceptor) = serde_json::from_slice::<RingAcceptor>(&bytes) {
+        acceptor.committed.ring().map_err(anyhow::Error::msg)?;
+        return Ok(Some(acceptor));
+    }
+    let file: FormedFile =
         serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", path.display()))?;
-    Ok(Some(formed(file.members, file.replica_count, file.partition_bits)?))
+    let state = RingState::formed(file.members, file.replica_count, file.partition_bits)
+        .map_err(anyhow::Error::msg)?;
+    Ok(Some(RingAcceptor::new(state)))
 }
 
-fn formed(members: Vec<String>, replica_count: usize, partition_bits: u32) -> anyhow::Result<Formed> {
-    let ids: Vec<NodeId> = (0..members.len() as NodeId).collect();
-    let ring = Ring::new(partition_bits, &ids).map_err(|error| anyhow::anyhow!("ring: {error:?}"))?;
-    if replica_count == 0 || replica_count > members.len() {
-        anyhow::bail!("replica count {replica_count} with {} members", members.len());
+fn check_members(state: &RingState) -> Result<(), String> {
+    if state.replica_count == 0 || state.replica_count > state.members.len() {
+        return Err(format!("replica count {} with {} members", state.replica_count, state.members.len()));
     }
     // Version vectors name nodes by a 32-bit hash of their id: two members must differ.
-    let mut actors: Vec<u32> = members.iter().map(|name| super::replication::actor_of(name)).collect();
+    let mut actors: Vec<u32> = state.members.iter().map(|name| super::replication::actor_of(name)).collect();
     actors.sort_unstable();
     if actors.windows(2).any(|pair| pair[0] == pair[1]) {
-        anyhow::bail!(
+        return Err(
             "two members' ids hash to the same version-vector actor; restart one with a new data directory"
+                .into(),
         );
     }
-    Ok(Formed { members, replica_count, partition_bits, ring })
+    Ok(())
 }
 
-fn save_formed(dir: &Path, formed: &Formed) -> anyhow::Result<()> {
-    let file = ClusterFile {
-        members: formed.members.clone(),
-        replica_count: formed.replica_count,
-        partition_bits: formed.partition_bits,
-    };
+fn save_ring(dir: &Path, acceptor: &RingAcceptor) -> anyhow::Result<()> {
     let temporary = dir.join("CLUSTER.tmp");
     let mut out = fs::File::create(&temporary)?;
-    std::io::Write::write_all(&mut out, &serde_json::to_vec_pretty(&file)?)?;
+    std::io::Write::write_all(&mut out, &serde_json::to_vec_pretty(acceptor)?)?;
     out.sync_all()?;
     fs::rename(&temporary, dir.join(CLUSTER_FILE))?;
     fs::File::open(dir)?.sync_all()?;
     Ok(())
+}
+
+fn phase_name(phase: RingPhase) -> &'static str {
+    phase.variant_name().unwrap_or("?")
 }
 
 fn status_to_wire(status: NodeStatus) -> wire::NodeStatus {
@@ -98,6 +119,7 @@ fn status_to_wire(status: NodeStatus) -> wire::NodeStatus {
         NodeStatus::Joining => wire::NodeStatus::JOINING,
         NodeStatus::Normal => wire::NodeStatus::NORMAL,
         NodeStatus::Leaving => wire::NodeStatus::LEAVING,
+        NodeStatus::Left => wire::NodeStatus::LEFT,
     }
 }
 
@@ -105,6 +127,7 @@ fn status_from_wire(status: wire::NodeStatus) -> NodeStatus {
     match status {
         wire::NodeStatus::NORMAL => NodeStatus::Normal,
         wire::NodeStatus::LEAVING => NodeStatus::Leaving,
+        wire::NodeStatus::LEFT => NodeStatus::Left,
         _ => NodeStatus::Joining,
     }
 }
@@ -121,6 +144,8 @@ fn state_to_wire(node: &str, state: &NodeState) -> GossipNode {
         members: state.members.clone(),
         replica_count: state.replica_count,
         partition_bits: state.partition_bits,
+        ring_version: state.ring_version,
+        stream: state.stream,
     }
 }
 
@@ -135,6 +160,8 @@ fn state_from_wire(node: GossipNode) -> (String, NodeState) {
         members: node.members,
         replica_count: node.replica_count,
         partition_bits: node.partition_bits,
+        ring_version: node.ring_version,
+        stream: node.stream,
     };
     (node.node, state)
 }
@@ -181,19 +208,56 @@ pub fn message_from_wire(data: GossipData) -> Message {
     }
 }
 
+/// What drives a ring change this node started.
+#[derive(Debug, Clone)]
+enum Plan {
+    Join,
+    Replace(String),
+    Leave(String),
+    Remove(String),
+}
+
+impl Plan {
+    fn apply(&self, state: &RingState, me: &str) -> Result<RingState, String> {
+        match self {
+            Plan::Join => state.plan_join(me),
+            Plan::Replace(dead) => state.plan_replace(dead, me),
+            Plan::Leave(node) => state.plan_leave(node, me),
+            Plan::Remove(node) => state.plan_remove(node, me),
+        }
+    }
+}
+
+/// What a completed change moved.
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+pub struct ChangeReport {
+    pub ring_version: u64,
+    pub transfers: u64,
+    pub keys: u64,
+    pub bytes: u64,
+    pub elapsed_ms: u64,
+}
+
 /// Shard 0's membership driver.
 pub struct Membership {
     me: String,
     options: ClusterOptions,
     data_dir: PathBuf,
     gossip: RefCell<Gossip>,
-    formed: RefCell<Option<Formed>>,
+    /// The agreed ring and the acceptor state for the next version; `None` until formed (or,
+    /// for a joining node, until it has read the ring from a seed).
+    ring: RefCell<Option<RingAcceptor>>,
     started: Instant,
     /// Seeds' shard-0 addresses, learned by asking each seed (a client port) with Hello.
     seeds_resolved: Cell<bool>,
     peers: Rc<PeerPool>,
     published: RefCell<Option<Arc<ClusterView>>>,
     publish: Box<dyn Fn(Arc<ClusterView>)>,
+    /// A change driven by this node is under way (one at a time).
+    driving: Cell<bool>,
+    ballot_counter: Cell<u64>,
+    /// When a refusal was last logged (a joining node retries quietly in between).
+    refusal_logged: Cell<Option<Instant>>,
 }
 
 impl Membership {
@@ -207,9 +271,10 @@ impl Membership {
         peers: Rc<PeerPool>,
         publish: Box<dyn Fn(Arc<ClusterView>)>,
     ) -> anyhow::Result<Membership> {
-        let formed = load_formed(data_dir)?;
-        if let Some(formed) = &formed {
-            if !formed.members.contains(&me) {
+        let ring = load_ring(data_dir)?;
+        if let Some(ring) = &ring {
+            let joining = options.join || options.replace.is_some();
+            if ring.committed.id_of(&me).is_none() && !joining {
                 anyhow::bail!("{CLUSTER_FILE} in {} does not list this node ({me})", data_dir.display());
             }
         }
@@ -227,11 +292,11 @@ impl Membership {
             members: Vec::new(),
             replica_count: options.replica_count as u8,
             partition_bits: options.partition_bits as u8,
+            ring_version: 0,
+            stream: StreamProgress::default(),
         };
-        if let Some(formed) = &formed {
-            state.members = formed.members.clone();
-            state.replica_count = formed.replica_count as u8;
-            state.partition_bits = formed.partition_bits as u8;
+        if let Some(ring) = &ring {
+            announce(&mut state, &ring.committed);
         }
         let gossip = Gossip::new(me.clone(), state, Vec::new(), options.gossip, generation ^ 0x9e37_79b9);
         Ok(Membership {
@@ -239,18 +304,25 @@ impl Membership {
             options,
             data_dir: data_dir.to_path_buf(),
             gossip: RefCell::new(gossip),
-            formed: RefCell::new(formed),
+            ring: RefCell::new(ring),
             started: Instant::now(),
             seeds_resolved: Cell::new(false),
             peers,
             published: RefCell::new(None),
             publish,
+            driving: Cell::new(false),
+            ballot_counter: Cell::new(0),
+            refusal_logged: Cell::new(None),
         })
     }
 
     fn now_us(&self) -> u64 {
         // Starts at one interval so that "never heard" and "heard at start" differ.
         self.started.elapsed().as_micros() as u64 + 1
+    }
+
+    fn committed(&self) -> Option<RingState> {
+        self.ring.borrow().as_ref().map(|ring| ring.committed.clone())
     }
 
     /// The gossip loop: one round per interval, forever.
@@ -262,7 +334,9 @@ impl Membership {
             }
             let outgoing = self.gossip.borrow_mut().tick(self.now_us());
             self.send(outgoing);
+            self.catch_up().await;
             self.refresh();
+            self.maybe_drive();
             glommio::timer::sleep(self.options.gossip.interval).await;
         }
     }
@@ -316,9 +390,9 @@ impl Membership {
         self.gossip.borrow_mut().update_me(|state| state.load_bytes = load_bytes);
     }
 
-    /// Forms or adopts the cluster when it can, and publishes the view if it changed.
+    /// Forms the cluster when it can, and publishes the view if it changed.
     fn refresh(&self) {
-        if self.formed.borrow().is_none() {
+        if self.ring.borrow().is_none() {
             if let Err(refusal) = self.try_form() {
                 tracing::error!("{refusal}");
                 std::process::exit(2);
@@ -332,82 +406,462 @@ impl Membership {
         }
     }
 
+    fn joining(&self) -> bool {
+        self.options.join || self.options.replace.is_some()
+    }
+
     fn try_form(&self) -> Result<(), String> {
         let gossip = self.gossip.borrow();
-        let mut adopt = None;
         for (name, state) in gossip.members() {
-            if state.members.is_empty() {
-                continue;
-            }
-            if !state.members.contains(&self.me) {
+            let formed = state.ring_version > 0 || !state.members.is_empty();
+            if formed && !state.members.contains(&self.me) && !self.joining() {
                 return Err(format!(
                     "refusing to join: node {name} at {} belongs to a formed cluster ({}) that does not list \
-                     this node ({}); adding nodes to a running cluster is not supported yet",
+                     this node ({}); start it with --join to add it (or --replace DEAD_NODE)",
                     state.address,
                     state.members.join(", "),
                     self.me
                 ));
             }
-            adopt =
-                Some((state.members.clone(), state.replica_count as usize, u32::from(state.partition_bits)));
+        }
+        // A formed cluster's ring is read from a peer (`catch_up`), not formed here.
+        if self.joining() || gossip.members().any(|(_, state)| state.ring_version > 0) {
+            return Ok(());
         }
         let known: Vec<String> = gossip.members().map(|(name, _)| name.clone()).collect();
         drop(gossip);
-        let chosen = match adopt {
-            Some(adopted) => adopted,
-            None if known.len() > self.options.cluster_size => {
-                return Err(format!(
-                    "{} nodes found while forming a cluster of --cluster-size {}: {}",
-                    known.len(),
-                    self.options.cluster_size,
-                    known.join(", ")
-                ))
-            }
-            None if known.len() == self.options.cluster_size => {
-                (known, self.options.replica_count, self.options.partition_bits)
-            }
-            None => return Ok(()),
-        };
-        let (members, replica_count, partition_bits) = chosen;
-        let formed = formed(members, replica_count, partition_bits).map_err(|error| error.to_string())?;
-        save_formed(&self.data_dir, &formed).map_err(|error| format!("saving {CLUSTER_FILE}: {error:#}"))?;
+        if known.len() > self.options.cluster_size {
+            return Err(format!(
+                "{} nodes found while forming a cluster of --cluster-size {}: {}",
+                known.len(),
+                self.options.cluster_size,
+                known.join(", ")
+            ));
+        }
+        if known.len() < self.options.cluster_size {
+            return Ok(());
+        }
+        let state = RingState::formed(known, self.options.replica_count, self.options.partition_bits)?;
+        check_members(&state)?;
+        let acceptor = RingAcceptor::new(state);
+        save_ring(&self.data_dir, &acceptor).map_err(|error| format!("saving {CLUSTER_FILE}: {error:#}"))?;
         tracing::info!(
             "cluster formed: {} nodes, {} replicas, {} partitions",
-            formed.members.len(),
-            formed.replica_count,
-            formed.ring.partition_count()
+            acceptor.committed.members.len(),
+            acceptor.committed.replica_count,
+            acceptor.committed.owners.len()
         );
-        self.gossip.borrow_mut().update_me(|state| {
-            state.members = formed.members.clone();
-            state.replica_count = formed.replica_count as u8;
-            state.partition_bits = formed.partition_bits as u8;
-        });
-        *self.formed.borrow_mut() = Some(formed);
+        self.gossip.borrow_mut().update_me(|state| announce(state, &acceptor.committed));
+        *self.ring.borrow_mut() = Some(acceptor);
         Ok(())
+    }
+
+    /// Adopts a newer committed ring (a commit, or one read from a peer): persisted first.
+    fn adopt(&self, state: RingState) -> Result<bool, String> {
+        check_members(&state)?;
+        state.ring()?;
+        let mut ring = self.ring.borrow_mut();
+        let adopted = match ring.as_mut() {
+            Some(acceptor) => {
+                if !acceptor.commit(state.clone()) {
+                    return Ok(false);
+                }
+                acceptor.clone()
+            }
+            None => RingAcceptor::new(state.clone()),
+        };
+        save_ring(&self.data_dir, &adopted).map_err(|error| format!("saving {CLUSTER_FILE}: {error:#}"))?;
+        *ring = Some(adopted);
+        drop(ring);
+        tracing::info!(
+            "ring version {} adopted{}",
+            state.version,
+            match &state.pending {
+                Some(pending) => format!(": {}", state.describe(pending)),
+                None => String::new(),
+            }
+        );
+        self.gossip.borrow_mut().update_me(|me| announce(me, &state));
+        self.refresh();
+        Ok(true)
+    }
+
+    /// Reads the ring from a peer that announces a newer version than ours.
+    async fn catch_up(&self) {
+        let mine = self.committed().map_or(0, |state| state.version);
+        let newest = {
+            let gossip = self.gossip.borrow();
+            gossip
+                .members()
+                .filter(|(name, state)| *name != &self.me && state.ring_version > mine)
+                .max_by_key(|(_, state)| state.ring_version)
+                .and_then(|(_, state)| parse_address(&state.address))
+        };
+        let Some(address) = newest else { return };
+        if let Some(answer) = self.call_ring(address, RingPhase::READ, 0, (0, 0, 0), "").await {
+            let belongs = answer.committed.id_of(&self.me).is_some();
+            if self.ring.borrow().is_none() && !belongs && !self.joining() {
+                return;
+            }
+            if let Err(error) = self.adopt(answer.committed) {
+                tracing::warn!("adopting the ring from {address}: {error}");
+            }
+        }
+    }
+
+    async fn call_ring(
+        &self,
+        address: SocketAddr,
+        phase: RingPhase,
+        version: u64,
+        ballot: RingBallot,
+        state: &str,
+    ) -> Option<RingAnswer> {
+        let ballot = schema::peer::Ballot { time_us: ballot.0, actor: ballot.1, counter: ballot.2 };
+        let op = Op::RingChange { phase, version, ballot, state };
+        let request = PeerRequest { op, consistency: Consistency::ONE, context: &[], timeout: RING_TIMEOUT };
+        let response = self.peers.link(address).call(request).await.ok()?;
+        if response.status != schema::Status::OK {
+            return None;
+        }
+        serde_json::from_str(&response.ring?).ok()
+    }
+
+    /// A ring message from a peer: the answer (JSON), once any change is durable.
+    pub fn receive_ring(
+        &self,
+        phase: RingPhase,
+        version: u64,
+        ballot: RingBallot,
+        state: &str,
+    ) -> Result<String, String> {
+        let proposed = if state.is_empty() {
+            None
+        } else {
+            Some(serde_json::from_str::<RingState>(state).map_err(|error| format!("ring state: {error}"))?)
+        };
+        if phase == RingPhase::COMMIT {
+            let state = proposed.clone().ok_or("COMMIT without a ring")?;
+            self.adopt(state)?;
+        }
+        let mut ring = self.ring.borrow_mut();
+        let acceptor = ring.as_mut().ok_or("this node has no ring yet")?;
+        let (changed, answer) = match phase {
+            RingPhase::PREPARE => acceptor.prepare(version, ballot),
+            RingPhase::ACCEPT => acceptor.accept(ballot, proposed.ok_or("ACCEPT without a ring")?),
+            _ => (
+                false,
+                RingAnswer {
+                    ok: true,
+                    committed: acceptor.committed.clone(),
+                    accepted: acceptor.accepted.clone(),
+                },
+            ),
+        };
+        if changed {
+            save_ring(&self.data_dir, acceptor)
+                .map_err(|error| format!("saving {CLUSTER_FILE}: {error:#}"))?;
+        }
+        tracing::debug!("ring {} v{version}: {}", phase_name(phase), answer.ok);
+        serde_json::to_string(&answer).map_err(|error| error.to_string())
+    }
+
+    fn next_ballot(&self) -> RingBallot {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_micros() as u64);
+        let promised = self.ring.borrow().as_ref().map_or((0, 0, 0), |ring| ring.promised);
+        self.ballot_counter.set(self.ballot_counter.get() + 1);
+        (now.max(promised.0 + 1), super::replication::actor_of(&self.me), self.ballot_counter.get())
+    }
+
+    fn address_of(&self, name: &str) -> Option<SocketAddr> {
+        let gossip = self.gossip.borrow();
+        parse_address(&gossip.state(name)?.address)
+    }
+
+    /// Sends one ring message to each of `nodes` (this node answers itself), concurrently.
+    async fn ring_round(
+        &self,
+        nodes: &[String],
+        phase: RingPhase,
+        version: u64,
+        ballot: RingBallot,
+        state: &str,
+    ) -> Vec<Option<RingAnswer>> {
+        let calls = nodes.iter().map(|name| async move {
+            if *name == self.me {
+                return self
+                    .receive_ring(phase, version, ballot, state)
+                    .ok()
+                    .and_then(|a| serde_json::from_str(&a).ok());
+            }
+            let address = self.address_of(name)?;
+            self.call_ring(address, phase, version, ballot, state).await
+        });
+        futures::future::join_all(calls).await
+    }
+
+    /// Agrees on the next ring version with `plan`'s change: Paxos among the nodes that own
+    /// partitions now. Refusals from `plan` (another change pending) come back as they are.
+    async fn agree(
+        &self,
+        plan: &dyn Fn(&RingState) -> Result<RingState, String>,
+    ) -> Result<RingState, String> {
+        for attempt in 0..AGREE_ATTEMPTS {
+            if attempt > 0 {
+                let backoff = fastrand_ms(attempt);
+                glommio::timer::sleep(Duration::from_millis(backoff)).await;
+            }
+            let current = self.committed().ok_or("the ring is not known yet")?;
+            let proposal = plan(&current)?;
+            if proposal == current {
+                return Ok(current);
+            }
+            let version = current.version + 1;
+            let voters: Vec<String> =
+                current.voters().iter().filter_map(|&id| current.members.get(id as usize).cloned()).collect();
+            let majority = voters.len() / 2 + 1;
+            let ballot = self.next_ballot();
+            let answers = self.ring_round(&voters, RingPhase::PREPARE, version, ballot, "").await;
+            if let Some(newer) = answers
+                .iter()
+                .flatten()
+                .map(|a| &a.committed)
+                .filter(|c| c.version > current.version)
+                .max_by_key(|c| c.version)
+            {
+                self.adopt(newer.clone())?;
+                continue;
+            }
+            let promises: Vec<RingAnswer> = answers.into_iter().flatten().filter(|a| a.ok).collect();
+            if promises.len() < majority {
+                continue;
+            }
+            let (value, ours) = value_to_propose(&promises, version, proposal);
+            let json = serde_json::to_string(&value).map_err(|error| error.to_string())?;
+            let accepted = self.ring_round(&voters, RingPhase::ACCEPT, version, ballot, &json).await;
+            if accepted.iter().flatten().filter(|a| a.ok).count() < majority {
+                continue;
+            }
+            // Chosen. Every member hears it (gossip brings it to those that miss this).
+            let everyone: Vec<String> = value.members.clone();
+            self.ring_round(&everyone, RingPhase::COMMIT, version, ballot, &json).await;
+            self.adopt(value.clone())?;
+            if ours {
+                return Ok(value);
+            }
+        }
+        Err(format!("no agreement on a ring change after {AGREE_ATTEMPTS} attempts: too few nodes answered"))
+    }
+
+    /// Starts driving the change this node owes: its own join or replacement, or a change it
+    /// drove before a restart.
+    fn maybe_drive(self: &Rc<Self>) {
+        if self.driving.get() {
+            return;
+        }
+        let Some(state) = self.committed() else { return };
+        let plan = match &state.pending {
+            Some(pending) if pending.driver == self.me => match pending.kind {
+                super::ring_state::ChangeKind::Join => Plan::Join,
+                super::ring_state::ChangeKind::Replace { dead } => {
+                    Plan::Replace(state.members.get(dead as usize).cloned().unwrap_or_default())
+                }
+                super::ring_state::ChangeKind::Leave => {
+                    Plan::Leave(state.members.get(pending.node as usize).cloned().unwrap_or_default())
+                }
+                super::ring_state::ChangeKind::Remove => {
+                    Plan::Remove(state.members.get(pending.node as usize).cloned().unwrap_or_default())
+                }
+            },
+            _ if state.id_of(&self.me).is_none() => match &self.options.replace {
+                Some(dead) => Plan::Replace(dead.clone()),
+                None if self.options.join => Plan::Join,
+                None => return,
+            },
+            _ => return,
+        };
+        self.driving.set(true);
+        let membership = self.clone();
+        glommio::spawn_local(async move {
+            loop {
+                match membership.drive(&plan).await {
+                    Ok(report) => {
+                        tracing::info!("ring change complete: {report:?}");
+                        break;
+                    }
+                    Err(error) => {
+                        let quiet = membership
+                            .refusal_logged
+                            .get()
+                            .is_some_and(|at| at.elapsed() < Duration::from_secs(10));
+                        if !quiet {
+                            tracing::warn!("ring change ({plan:?}) not done yet: {error}; retrying");
+                            membership.refusal_logged.set(Some(Instant::now()));
+                        }
+                        glommio::timer::sleep(Duration::from_millis(500)).await;
+                    }
+                }
+            }
+            membership.driving.set(false);
+        })
+        .detach();
+    }
+
+    /// An operator's decommission or removal, driven by this node; answered once complete.
+    pub async fn change(
+        self: &Rc<Self>,
+        action: wire::MembershipAction,
+        node: &str,
+    ) -> Result<ChangeReport, String> {
+        if self.driving.replace(true) {
+            return Err("this node is driving another ring change already".into());
+        }
+        let plan = match action {
+            wire::MembershipAction::REMOVE => {
+                let up = {
+                    let gossip = self.gossip.borrow();
+                    gossip.is_up(node, self.now_us()) && gossip.state(node).is_some()
+                };
+                if up {
+                    self.driving.set(false);
+                    return Err(format!("{node} is up: decommission it instead (remove is for dead nodes)"));
+                }
+                Plan::Remove(node.to_string())
+            }
+            _ => Plan::Leave(node.to_string()),
+        };
+        let result = self.drive(&plan).await;
+        self.driving.set(false);
+        result
+    }
+
+    /// One change from start to end: agree on it as pending, run its transfers, complete it.
+    /// Every step may be repeated after a crash (transfers merge, so copying twice is safe).
+    async fn drive(&self, plan: &Plan) -> Result<ChangeReport, String> {
+        let started = Instant::now();
+        let me = self.me.clone();
+        let pending = self.agree(&|state: &RingState| plan.apply(state, &me)).await?;
+        let change = pending.pending.clone().ok_or("the change is not pending")?;
+        let transfers = pending.transfers();
+        let mut report = ChangeReport { transfers: transfers.len() as u64, ..ChangeReport::default() };
+        let mut progress =
+            StreamProgress { ranges_total: transfers.len() as u32, ..StreamProgress::default() };
+        self.gossip.borrow_mut().update_me(|state| state.stream = progress);
+        let name = |id: NodeId| pending.members.get(id as usize).cloned().unwrap_or_default();
+        for transfer in &transfers {
+            let target = name(transfer.target);
+            let mut failures = 0;
+            loop {
+                // Dead sources are skipped once one transfer to a target failed three times:
+                // then every other replica of the partition is a source.
+                let sources: Vec<String> = if failures < 3 {
+                    transfer.sources.iter().map(|&id| name(id)).collect()
+                } else {
+                    let ring = pending.ring()?;
+                    ring.preference_list_of_partition(transfer.partition, pending.replica_count)
+                        .iter()
+                        .filter(|&&id| id != transfer.target && self.is_up(&name(id)))
+                        .map(|&id| name(id))
+                        .collect()
+                };
+                match self.transfer(&target, transfer.partition, &sources).await {
+                    Ok((keys, bytes)) => {
+                        report.keys += keys;
+                        report.bytes += bytes;
+                        break;
+                    }
+                    Err(error) => {
+                        failures += 1;
+                        if failures % 10 == 1 {
+                            tracing::warn!(
+                                "transfer of partition {} to {target}: {error}",
+                                transfer.partition
+                            );
+                        }
+                        if self.committed().and_then(|s| s.pending).as_ref() != Some(&change) {
+                            return Err("the change is no longer pending".into());
+                        }
+                        glommio::timer::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+            }
+            progress.ranges_done += 1;
+            progress.bytes = report.bytes;
+            progress.elapsed_ms = started.elapsed().as_millis() as u64;
+            self.gossip.borrow_mut().update_me(|state| state.stream = progress);
+        }
+        let completed = self
+            .agree(&|state: &RingState| match &state.pending {
+                Some(now) if *now == change => state.completed(),
+                _ if state.version > pending.version && state.pending.is_none() => Ok(state.clone()),
+                _ => Err("the change is no longer pending".into()),
+            })
+            .await?;
+        report.ring_version = completed.version;
+        report.elapsed_ms = started.elapsed().as_millis() as u64;
+        self.gossip.borrow_mut().update_me(|state| state.stream = StreamProgress::default());
+        Ok(report)
+    }
+
+    fn is_up(&self, name: &str) -> bool {
+        self.gossip.borrow().is_up(name, self.now_us())
+    }
+
+    /// Asks `target` to copy `partition` from `sources`: (keys, bytes) copied.
+    async fn transfer(
+        &self,
+        target: &str,
+        partition: usize,
+        sources: &[String],
+    ) -> Result<(u64, u64), String> {
+        if sources.is_empty() {
+            return Err("no live source".into());
+        }
+        let address = self.address_of(target).ok_or_else(|| format!("{target}'s address is unknown"))?;
+        let joined = sources.join(",");
+        let op = Op::Transfer { partition: partition as u32, sources: &joined };
+        let timeout = Duration::from_secs(600);
+        let request = PeerRequest { op, consistency: Consistency::ONE, context: &[], timeout };
+        let response = self.peers.link(address).call(request).await.map_err(|error| error.to_string())?;
+        if response.status != schema::Status::OK {
+            return Err(format!("{target}: {:?} {}", response.status, response.message));
+        }
+        let figures: serde_json::Value = serde_json::from_str(response.stats_json.as_deref().unwrap_or("{}"))
+            .map_err(|e| e.to_string())?;
+        Ok((figures["keys"].as_u64().unwrap_or(0), figures["bytes"].as_u64().unwrap_or(0)))
     }
 
     fn view(&self) -> ClusterView {
         let gossip = self.gossip.borrow();
         let now_us = self.now_us();
+        let formed = self.committed().and_then(|state| Formed::from_state(&state).ok());
         let nodes = gossip
             .members()
             .filter_map(|(name, state)| {
                 let address = parse_address(&state.address)?;
+                let id = formed.as_ref().and_then(|f| f.members.iter().position(|m| m == name));
+                let status = match (&formed, id) {
+                    (Some(formed), Some(id)) => formed.status_of(id as NodeId),
+                    _ => NodeStatus::Joining,
+                };
                 let info = NodeInfo {
                     address,
                     shard_ports: state.shard_ports.clone(),
                     up: gossip.is_up(name, now_us),
-                    status: state.status,
+                    status,
                     // Load changes constantly; shards do not need it, so it does not make
                     // a new view. `kvctl status` asks shard 0, which reads it live.
                     load_bytes: 0,
+                    stream: StreamProgress::default(),
                 };
                 Some((name.clone(), info))
             })
             .collect();
-        let formed = self.formed.borrow().clone();
         let forming_note = match &formed {
-            Some(_) => String::new(),
+            Some(formed) if formed.members.contains(&self.me) => String::new(),
+            Some(_) => "this node is joining the cluster".to_string(),
             None => format!(
                 "the cluster is forming: {} of {} nodes known",
                 gossip.members().count(),
@@ -417,13 +871,32 @@ impl Membership {
         ClusterView { me: self.me.clone(), formed, nodes, forming_note }
     }
 
-    /// The view with live load figures, for `kvctl status`.
+    /// The view with live load and streaming figures, for `kvctl status`.
     pub fn view_with_load(&self) -> ClusterView {
         let mut view = self.view();
         let gossip = self.gossip.borrow();
         for (name, info) in view.nodes.iter_mut() {
-            info.load_bytes = gossip.state(name).map_or(0, |state| state.load_bytes);
+            if let Some(state) = gossip.state(name) {
+                info.load_bytes = state.load_bytes;
+                info.stream = state.stream;
+            }
         }
         view
     }
+}
+
+/// What a node announces of its ring in gossip.
+fn announce(state: &mut NodeState, ring: &RingState) {
+    state.members = ring.members.clone();
+    state.replica_count = ring.replica_count as u8;
+    state.partition_bits = ring.partition_bits as u8;
+    state.ring_version = ring.version;
+}
+
+/// A randomized backoff for the `attempt`th try at agreeing: 10 ms doubling to 640 ms.
+fn fastrand_ms(attempt: usize) -> u64 {
+    let cap = 10u64 << attempt.min(6);
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    cap / 2 + u64::from(nanos) % (cap / 2 + 1)
 }

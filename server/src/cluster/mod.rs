@@ -18,6 +18,7 @@ pub mod paxos;
 pub mod peer;
 pub mod replication;
 pub mod ring;
+pub mod ring_state;
 pub mod serial;
 #[cfg(test)]
 mod serial_simulation;

@@ -178,6 +178,9 @@ impl<S: Storage> ClusterShard<S> {
                 "keys_repaired": stats.anti_entropy.keys_repaired.get(),
                 "tombstones_purged": stats.anti_entropy.tombstones_purged.get(),
             },
+            "streamed_bytes": stats.anti_entropy.streamed_bytes.get(),
+            "streamed_keys": stats.anti_entropy.streamed_keys.get(),
+            "moved_keys_dropped": stats.anti_entropy.moved_keys_dropped.get(),
         })
     }
 
@@ -547,11 +550,18 @@ pub async fn coordinate_write<S: Storage>(
         return forward(cluster, &view, &key, op, consistency, &context_bytes, timeout).await;
     }
     let timeout_us = timeout.as_micros() as u64;
-    let (mut round, plan) =
-        match WriteRound::start(&replicas, |n| view.is_live(n), consistency, 0, timeout_us) {
-            Ok(started) => started,
-            Err(too_few) => return too_few_replicas(cluster, replicas.len(), too_few),
-        };
+    let pending = view.pending_replicas(&key);
+    let (mut round, plan) = match WriteRound::start_with_pending(
+        &replicas,
+        &pending,
+        |n| view.is_live(n),
+        consistency,
+        0,
+        timeout_us,
+    ) {
+        Ok(started) => started,
+        Err(too_few) => return too_few_replicas(cluster, replicas.len(), too_few),
+    };
     // A counter never used before, then the local read-modify-write with no await between.
     let floor = match cluster.lease.next().await {
         Ok(floor) => floor,

@@ -65,6 +65,21 @@ impl Ring {
         Ok(Ring { partition_bits, owners })
     }
 
+    /// A ring with the given partition owners (as agreed and persisted).
+    pub fn from_owners(partition_bits: u32, owners: Vec<NodeId>) -> Result<Ring, RingError> {
+        if partition_bits == 0 || partition_bits > PARTITION_BITS_MAX {
+            return Err(RingError::BadPartitionBits(partition_bits));
+        }
+        if owners.len() != 1 << partition_bits {
+            return Err(RingError::NoNodes);
+        }
+        Ok(Ring { partition_bits, owners })
+    }
+
+    pub fn owners(&self) -> &[NodeId] {
+        &self.owners
+    }
+
     pub fn partition_count(&self) -> usize {
         self.owners.len()
     }
@@ -199,6 +214,7 @@ mod tests {
             partition_bits: 6,
             owners: (0..ring.partition_count()).map(|p| ring.owner(p) as u16).collect(),
             nodes: Vec::new(),
+            ring_version: 1,
         };
         for i in 0..1000 {
             let key = format!("key-{i}");

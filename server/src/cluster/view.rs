@@ -10,6 +10,7 @@ use schema::{shard_of, wire};
 
 use super::gossip::NodeStatus;
 use super::ring::{NodeId, PreferenceList, Ring};
+use super::ring_state::{ChangeKind, RingState};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeInfo {
@@ -19,6 +20,7 @@ pub struct NodeInfo {
     pub up: bool,
     pub status: NodeStatus,
     pub load_bytes: u64,
+    pub stream: schema::peer::StreamProgress,
 }
 
 impl NodeInfo {
@@ -29,13 +31,47 @@ impl NodeInfo {
     }
 }
 
-/// The cluster once its members are fixed: ring node `i` is `members[i]`.
+/// The cluster's agreed ring: ring node `i` is `members[i]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Formed {
     pub members: Vec<String>,
     pub replica_count: usize,
     pub partition_bits: u32,
     pub ring: Ring,
+    /// The ring version.
+    pub version: u64,
+    /// While a change is pending: the ring once it completes (writes go to both).
+    pub pending: Option<Ring>,
+    /// The pending change and its subject.
+    pub change: Option<(ChangeKind, NodeId)>,
+    pub left: Vec<NodeId>,
+}
+
+impl Formed {
+    pub fn from_state(state: &RingState) -> Result<Formed, String> {
+        Ok(Formed {
+            members: state.members.clone(),
+            replica_count: state.replica_count,
+            partition_bits: state.partition_bits,
+            ring: state.ring()?,
+            version: state.version,
+            pending: state.pending_ring(),
+            change: state.pending.as_ref().map(|p| (p.kind, p.node)),
+            left: state.left.clone(),
+        })
+    }
+
+    /// What the ring says of a member's status.
+    pub fn status_of(&self, node: NodeId) -> NodeStatus {
+        match self.change {
+            Some((ChangeKind::Join | ChangeKind::Replace { .. }, subject)) if subject == node => {
+                NodeStatus::Joining
+            }
+            Some((ChangeKind::Leave | ChangeKind::Remove, subject)) if subject == node => NodeStatus::Leaving,
+            _ if self.left.contains(&node) => NodeStatus::Left,
+            _ => NodeStatus::Normal,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -72,6 +108,15 @@ impl ClusterView {
         Some(formed.ring.preference_list(key, formed.replica_count))
     }
 
+    /// The nodes that will be replicas of `key` once the pending ring change completes and
+    /// are not now: writes go to them too (pending ownership).
+    pub fn pending_replicas(&self, key: &[u8]) -> PreferenceList {
+        let Some(formed) = self.formed.as_ref() else { return PreferenceList::new() };
+        let Some(pending) = &formed.pending else { return PreferenceList::new() };
+        let now = formed.ring.preference_list(key, formed.replica_count);
+        pending.preference_list(key, formed.replica_count).into_iter().filter(|n| !now.contains(n)).collect()
+    }
+
     /// Where `node`'s shard for `key` listens.
     pub fn replica_address(&self, node: NodeId, key: &[u8]) -> Option<SocketAddr> {
         self.member(node)?.1.shard_address(key)
@@ -82,6 +127,7 @@ impl ClusterView {
             NodeStatus::Joining => wire::NodeStatus::JOINING,
             NodeStatus::Normal => wire::NodeStatus::NORMAL,
             NodeStatus::Leaving => wire::NodeStatus::LEAVING,
+            NodeStatus::Left => wire::NodeStatus::LEFT,
         };
         let names: Vec<&String> = match &self.formed {
             Some(formed) => formed.members.iter().collect(),
@@ -98,6 +144,7 @@ impl ClusterView {
                     up: **name == self.me || info.is_some_and(|i| i.up),
                     status: status(info.map_or(NodeStatus::Joining, |i| i.status)),
                     load_bytes: info.map_or(0, |i| i.load_bytes),
+                    stream: info.map_or(Default::default(), |i| i.stream),
                 }
             })
             .collect();
@@ -108,6 +155,7 @@ impl ClusterView {
                 partition_bits: formed.partition_bits as u8,
                 owners: (0..formed.ring.partition_count()).map(|p| formed.ring.owner(p) as u16).collect(),
                 nodes,
+                ring_version: formed.version,
             },
             None => TopologyData { nodes, ..TopologyData::default() },
         }

@@ -58,6 +58,7 @@ enum Body {
     Status(Status, String),
     Topology(Vec<u8>),
     Merkle(Vec<u8>),
+    Ring(String),
 }
 
 struct Outgoing {
@@ -225,6 +226,35 @@ fn dispatch<S: Storage>(payload: &[u8], permit: StaticPermit, outbox: &Rc<Outbox
                 }
             }))
         }
+        Op::Transfer { partition, sources } => {
+            let shard = shard.clone();
+            let sources: Vec<String> =
+                sources.split(',').filter(|s| !s.is_empty()).map(str::to_string).collect();
+            Some(Box::pin(async move {
+                match shard.transfer_node(partition as usize, sources).await {
+                    Ok((keys, bytes)) => {
+                        Body::Stats(serde_json::json!({"keys": keys, "bytes": bytes}).to_string())
+                    }
+                    Err(message) => Body::Status(Status::UNAVAILABLE, message),
+                }
+            }))
+        }
+        Op::ChangeMembership { action, node } => {
+            let membership = shard.cluster.as_ref().and_then(|c| c.membership.borrow().clone());
+            let node = node.to_string();
+            Some(Box::pin(async move {
+                let Some(membership) = membership else {
+                    return Body::Status(
+                        Status::UNSUPPORTED,
+                        "membership changes go to shard 0's port of a cluster node".into(),
+                    );
+                };
+                match membership.change(action, &node).await {
+                    Ok(report) => Body::Stats(serde_json::to_string(&report).unwrap_or_default()),
+                    Err(message) => Body::Status(Status::UNAVAILABLE, message),
+                }
+            }))
+        }
         Op::AntiEntropy { partition, partition_bits, shard_count, shard_index, leaves } => {
             let shard = shard.clone();
             Some(Box::pin(async move {
@@ -341,7 +371,28 @@ fn cluster_command<S: Storage>(
         }
         Op::Hello { .. } => return Err(Body::Hello),
         Op::Stats => return Err(Body::Stats(shard.stats_json())),
-        Op::Snapshot { .. } | Op::Repair | Op::AntiEntropy { .. } => {
+        Op::RingChange { phase, version, ballot, state } => {
+            let body = match cluster.membership.borrow().as_ref() {
+                Some(membership) => {
+                    match membership.receive_ring(
+                        phase,
+                        version,
+                        (ballot.time_us, ballot.actor, ballot.counter),
+                        state,
+                    ) {
+                        Ok(answer) => Body::Ring(answer),
+                        Err(error) => Body::Status(Status::UNAVAILABLE, error),
+                    }
+                }
+                None => Body::Status(Status::BAD_REQUEST, "ring messages go to shard 0's own port".into()),
+            };
+            return Err(body);
+        }
+        Op::Snapshot { .. }
+        | Op::Repair
+        | Op::AntiEntropy { .. }
+        | Op::Transfer { .. }
+        | Op::ChangeMembership { .. } => {
             return Err(Body::Status(Status::INTERNAL, "node operations are handled before".into()))
         }
         Op::Topology => {
@@ -436,6 +487,10 @@ fn encode(
         Body::Reply(reply) => encode_reply(builder, out, id, reply),
         Body::Topology(bytes) => {
             let response = ResponseOut { topology: bytes, ..ResponseOut::status(id, Status::OK, "") };
+            encode_response(builder, out, &response);
+        }
+        Body::Ring(json) => {
+            let response = ResponseOut { ring: Some(json), ..ResponseOut::status(id, Status::OK, "") };
             encode_response(builder, out, &response);
         }
         Body::Merkle(bytes) => {
