@@ -148,6 +148,7 @@ pub fn print(args: &Args) -> String {
     set(&mut table, "gossip_interval_ms", int(args.gossip_interval_ms));
     set(&mut table, "anti_entropy_interval_ms", int(args.anti_entropy_interval_ms));
     set(&mut table, "join", toml::Value::Boolean(args.join));
+    set(&mut table, "stream_kib_per_s", int(args.stream_kib_per_s));
     if let Some(dead) = &args.replace {
         set(&mut table, "replace", text(dead));
     }

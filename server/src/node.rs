@@ -109,6 +109,10 @@ pub struct Args {
     /// partitions and copy them from the surviving replicas.
     #[arg(long, global = true)]
     pub replace: Option<String>,
+    /// KiB a second at most that the transfers of a ring change this node drives copy (a
+    /// join, replacement, decommission or removal).
+    #[arg(long, global = true, default_value_t = 65_536)]
+    pub stream_kib_per_s: u64,
     /// Milliseconds one anti-entropy pass over a shard's partitions takes (the comparisons are
     /// spread over it); 0 turns the background passes off (`kvctl repair` still runs one).
     #[arg(long, global = true, default_value_t = 60_000)]
@@ -513,8 +517,10 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
         },
         join: args.join,
         replace: args.replace.clone(),
+        stream_bytes_per_s: args.stream_kib_per_s.saturating_mul(1024),
     });
-    if let Some(options) = &cluster_options {
+    // A joining node takes the running cluster's replica count and partitions.
+    if let Some(options) = cluster_options.as_ref().filter(|o| !o.join && o.replace.is_none()) {
         if options.replica_count == 0 || options.replica_count > options.cluster_size {
             bail!(
                 "--replicas must be 1..=cluster size ({}), got {}",

@@ -56,6 +56,8 @@ pub struct ClusterOptions {
     pub join: bool,
     /// Join in place of this dead member.
     pub replace: Option<String>,
+    /// Transfers a change driven by this node copy at most this many bytes a second.
+    pub stream_bytes_per_s: u64,
 }
 
 /// The membership file of the first version (before rings changed).
@@ -754,10 +756,12 @@ impl Membership {
             let target = name(transfer.target);
             let mut failures = 0;
             loop {
-                // Dead sources are skipped once one transfer to a target failed three times:
-                // then every other replica of the partition is a source.
-                let sources: Vec<String> = if failures < 3 {
-                    transfer.sources.iter().map(|&id| name(id)).collect()
+                // A source known down, or failing three times, gives way to every other live
+                // replica of the partition.
+                let planned: Vec<String> =
+                    transfer.sources.iter().map(|&id| name(id)).filter(|source| self.is_up(source)).collect();
+                let sources: Vec<String> = if failures < 3 && !planned.is_empty() {
+                    planned
                 } else {
                     let ring = pending.ring()?;
                     ring.preference_list_of_partition(transfer.partition, pending.replica_count)
@@ -786,6 +790,12 @@ impl Membership {
                         glommio::timer::sleep(Duration::from_millis(200)).await;
                     }
                 }
+            }
+            // The throttle: no faster than the rate, on average since the start.
+            let due =
+                Duration::from_secs_f64(report.bytes as f64 / self.options.stream_bytes_per_s.max(1) as f64);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                glommio::timer::sleep(wait).await;
             }
             progress.ranges_done += 1;
             progress.bytes = report.bytes;

@@ -144,9 +144,12 @@ impl Ring {
         max as f64 / min.max(1) as f64
     }
 
-    /// The ring after `node` joins: it takes one partition at a time from whichever node
-    /// holds the most (ties: the lowest id; within a node, its first partition), until the
-    /// largest share exceeds its own by at most one. Returns the moved partitions.
+    /// The ring after `node` joins: it takes one partition at a time from a node that holds
+    /// the most, until the largest share exceeds its own by at most one. Its partitions are
+    /// spread evenly round the ring (the i-th is the first suitable one at or after
+    /// `i * partitions / taken`), none next to another of its own where that can be avoided:
+    /// a node's partitions side by side would make it a replica of fewer ranges than its
+    /// share, and its neighbours of more. Returns the moved partitions.
     pub fn join(&self, node: NodeId) -> Result<(Ring, Vec<usize>), RingError> {
         let mut counts = self.partition_counts();
         if counts.iter().any(|&(existing, _)| existing == node) {
@@ -160,23 +163,36 @@ impl Ring {
         }
         let mut owners = self.owners.clone();
         let mut moved = Vec::new();
-        let target = self.owners.len() / (counts.len() + 1);
-        while moved.len() < target {
-            counts.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-            let (donor, donor_count) = &mut counts[0];
-            let partition = (0..owners.len())
-                .find(|&p| owners[p] == *donor && !moved.contains(&p))
+        let size = owners.len();
+        let target = size / (counts.len() + 1);
+        for i in 0..target {
+            let most = counts.iter().map(|c| c.1).max().unwrap_or(0);
+            let ideal = i * size / target.max(1);
+            let suitable = |p: usize, spaced: bool| {
+                let owner = owners[p];
+                owner != node
+                    && counts.iter().any(|&(n, c)| n == owner && c == most)
+                    && (!spaced || (owners[(p + 1) % size] != node && owners[(p + size - 1) % size] != node))
+            };
+            let partition = (0..size)
+                .map(|step| (ideal + step) % size)
+                .find(|&p| suitable(p, true))
+                .or_else(|| (0..size).map(|step| (ideal + step) % size).find(|&p| suitable(p, false)))
                 .expect("a donor holds at least one partition");
+            let donor = owners[partition];
             owners[partition] = node;
-            *donor_count -= 1;
+            if let Some(count) = counts.iter_mut().find(|c| c.0 == donor) {
+                count.1 -= 1;
+            }
             moved.push(partition);
         }
         moved.sort_unstable();
         Ok((Ring { partition_bits: self.partition_bits, owners }, moved))
     }
 
-    /// The ring after `node` leaves: each of its partitions goes to whichever remaining node
-    /// holds the fewest (ties: the lowest id). Returns the moved partitions.
+    /// The ring after `node` leaves: each of its partitions goes to a remaining node that
+    /// holds the fewest, preferring one that owns neither neighbour (ties: the lowest id).
+    /// Returns the moved partitions.
     pub fn leave(&self, node: NodeId) -> Result<(Ring, Vec<usize>), RingError> {
         let mut counts: Vec<(NodeId, usize)> = self.partition_counts();
         if !counts.iter().any(|&(existing, _)| existing == node) {
@@ -188,13 +204,18 @@ impl Ring {
         }
         let mut owners = self.owners.clone();
         let mut moved = Vec::new();
-        for (partition, owner) in owners.iter_mut().enumerate() {
-            if *owner != node {
+        let size = owners.len();
+        for partition in 0..size {
+            if owners[partition] != node {
                 continue;
             }
             counts.sort_by(|a, b| a.1.cmp(&b.1).then(a.0.cmp(&b.0)));
-            *owner = counts[0].0;
-            counts[0].1 += 1;
+            let fewest = counts[0].1;
+            let neighbours = [owners[(partition + 1) % size], owners[(partition + size - 1) % size]];
+            let chosen =
+                counts.iter().position(|&(n, c)| c == fewest && !neighbours.contains(&n)).unwrap_or(0);
+            owners[partition] = counts[chosen].0;
+            counts[chosen].1 += 1;
             moved.push(partition);
         }
         Ok((Ring { partition_bits: self.partition_bits, owners }, moved))
@@ -279,6 +300,46 @@ mod tests {
                 counts.iter().map(|c| c.1).max().unwrap_or(0) - counts.iter().map(|c| c.1).min().unwrap_or(0);
             assert!(spread <= 1, "{counts:?}");
             ring = next;
+        }
+    }
+
+    /// The share of partitions each node is a replica of (N = 3).
+    fn replica_shares(ring: &Ring) -> Vec<f64> {
+        ring.nodes()
+            .into_iter()
+            .map(|node| {
+                let held = (0..ring.partition_count())
+                    .filter(|&p| ring.preference_list_of_partition(p, 3).contains(&node))
+                    .count();
+                held as f64 / ring.partition_count() as f64
+            })
+            .collect()
+    }
+
+    #[test]
+    fn joins_and_leaves_keep_every_nodes_replica_share_near_n_over_nodes() {
+        let mut ring = Ring::new(PARTITION_BITS_DEFAULT, &[1, 2, 3]).expect("ring");
+        for new_node in 4..=8 {
+            ring = ring.join(new_node).expect("join").0;
+            let ideal = 3.0 / ring.nodes().len() as f64;
+            for share in replica_shares(&ring) {
+                assert!(
+                    (share - ideal).abs() < 0.06,
+                    "{} nodes: share {share}, ideal {ideal}",
+                    ring.nodes().len()
+                );
+            }
+        }
+        for leaving in [2, 5] {
+            ring = ring.leave(leaving).expect("leave").0;
+            let ideal = 3.0 / ring.nodes().len() as f64;
+            for share in replica_shares(&ring) {
+                assert!(
+                    (share - ideal).abs() < 0.08,
+                    "{} nodes: share {share}, ideal {ideal}",
+                    ring.nodes().len()
+                );
+            }
         }
     }
 

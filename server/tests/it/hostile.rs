@@ -20,7 +20,7 @@ fn connect(node: &Node) -> TcpStream {
     stream
 }
 
-fn frame(id: u64, op: Op<'_>) -> Vec<u8> {
+pub(crate) fn frame(id: u64, op: Op<'_>) -> Vec<u8> {
     let request =
         RequestView { id, timeout_ms: 0, consistency: Consistency::ONE, context: &[], write_id: None, op };
     let mut out = Vec::new();
@@ -35,7 +35,7 @@ fn raw_frame(payload: &[u8]) -> Vec<u8> {
 }
 
 /// The next response, or `None` when the server closed the connection.
-fn read_response(stream: &mut TcpStream) -> Option<ResponseView> {
+pub(crate) fn read_response(stream: &mut TcpStream) -> Option<ResponseView> {
     let mut header = [0u8; 4];
     match stream.read_exact(&mut header) {
         Ok(()) => {}

@@ -6,6 +6,7 @@ mod bitflip;
 mod cluster;
 mod config;
 mod disk_full;
+mod elasticity;
 mod harness;
 mod hostile;
 mod kill9;
