@@ -458,18 +458,43 @@ async fn pull_key<S: Storage>(
 /// How long a completed ring change stays in force before the nodes that lost ranges drop
 /// them: coordinators that have not heard of it yet may still read from them meanwhile.
 const DROP_DELAY: Duration = Duration::from_secs(5);
+/// How often a node looks again for keys of ranges it does not replicate (a coordinator with
+/// a stale ring may have written some since the last sweep).
+const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 
-/// Drops the ranges this node no longer replicates once a ring change has completed (and at
-/// start, for a change completed while it was down), forever.
+/// Hands `key`'s versions (stored as `bytes`) to its current replicas: whether every one of
+/// them acknowledged.
+async fn hand_off<S: Storage>(shard: &Shard<S>, view: &ClusterView, key: &[u8], bytes: &[u8]) -> bool {
+    let Some(cluster) = shard.cluster.as_ref() else { return false };
+    let Ok(record) = decode_record(Some(bytes)) else { return false };
+    let versions = encode_versions(&record.versions);
+    let Some(replicas) = view.preference_list(key) else { return false };
+    for node in replicas {
+        let Some(address) = view.replica_address(node, key) else { return false };
+        let op = Op::Replicate { key, versions: &versions };
+        let request =
+            PeerRequest { op, consistency: schema::Consistency::ONE, context: &[], timeout: REQUEST_TIMEOUT };
+        match cluster.peers.link(address).call(request).await {
+            Ok(response) if response.status == Status::OK => {}
+            _ => return false,
+        }
+    }
+    true
+}
+
+/// Drops the keys of ranges this node no longer replicates, forever: after a ring change has
+/// completed (and been in force for `DROP_DELAY`), at start, and every `SWEEP_INTERVAL`. Each
+/// key is first handed to its current replicas (a write that a coordinator with a stale ring
+/// sent here is not lost) and removed only once they all acknowledged it, unchanged since.
 pub async fn drop_moved_ranges<S: Storage>(shard: Rc<Shard<S>>) {
     let Some(cluster) = shard.cluster.as_ref() else { return };
-    let mut dropped_at_version = 0;
+    let mut swept: Option<(u64, Instant)> = None;
     let mut stable_since: Option<(u64, Instant)> = None;
     loop {
         glommio::timer::sleep(Duration::from_secs(1)).await;
         let view = cluster.view();
         let (Some(formed), Some(me)) = (view.formed.as_ref(), view.my_id()) else { continue };
-        if formed.version == dropped_at_version || formed.pending.is_some() {
+        if formed.pending.is_some() {
             continue;
         }
         match stable_since {
@@ -480,7 +505,10 @@ pub async fn drop_moved_ranges<S: Storage>(shard: Rc<Shard<S>>) {
                 continue;
             }
         }
-        let mut dropped = 0u64;
+        if swept.is_some_and(|(version, at)| version == formed.version && at.elapsed() < SWEEP_INTERVAL) {
+            continue;
+        }
+        let (mut dropped, mut kept) = (0u64, 0u64);
         for partition in 0..formed.ring.partition_count() {
             if formed.ring.preference_list_of_partition(partition, formed.replica_count).contains(&me) {
                 continue;
@@ -488,19 +516,29 @@ pub async fn drop_moved_ranges<S: Storage>(shard: Rc<Shard<S>>) {
             let (first, last) = merkle::token_range(partition, formed.partition_bits);
             let Ok(entries) = shard.store.engine().scan_tokens(first, last).await else { continue };
             let now = now_ms();
-            for (key, _) in entries.iter().filter(|(_, entry)| entry.is_live(now)) {
-                if shard.store.remove_raw_if(key, |_| true).await == Ok(true) {
+            for (key, entry) in entries.iter().filter(|(_, entry)| entry.is_live(now)) {
+                let Some(bytes) = entry.value.as_deref() else { continue };
+                if !hand_off(&shard, &view, key, bytes).await {
+                    kept += 1;
+                    continue;
+                }
+                if shard.store.remove_raw_if(key, |current| current == bytes).await == Ok(true) {
                     dropped += 1;
                 }
             }
         }
-        if dropped > 0 {
+        if dropped + kept > 0 {
             tracing::info!(
                 shard = shard.index,
-                "dropped {dropped} keys of ranges this node no longer replicates"
+                "ranges this node no longer replicates: {dropped} keys handed off and dropped, {kept} kept for now"
             );
         }
         bump(&cluster.stats.anti_entropy.moved_keys_dropped, dropped);
-        dropped_at_version = formed.version;
+        // Keys kept (a replica did not answer) are tried again after the delay.
+        let at = match kept {
+            0 => Instant::now(),
+            _ => Instant::now().checked_sub(SWEEP_INTERVAL - DROP_DELAY).unwrap_or_else(Instant::now),
+        };
+        swept = Some((formed.version, at));
     }
 }

@@ -14,6 +14,14 @@
 //!   (or, both being blind, a later last-writer-wins write replaced it: documented as lossy);
 //! - the run's trace (every delivered message) hashes the same when the seed runs again.
 //!
+//! Membership changes too: node 4 starts outside the ring and joins, then node 1 is
+//! decommissioned, as `ring_state.rs` plans them. Each node serves from its own view of the
+//! ring, which a change's commit message (lossy, like any) or gossip brings up to date, so
+//! coordinators with stale rings keep writing; writes go to pending owners as well
+//! (`WriteRound::start_with_pending`); transfers pull each moving partition from its source;
+//! once a change completes, nodes hand the keys they no longer replicate to the current
+//! replicas and drop them only when all acknowledged. The checks use the final ring.
+//!
 //! `SIM_SEEDS=n` runs n seeds (default 500); `SIM_SEED=s` replays one.
 
 use std::cmp::Reverse;
@@ -22,7 +30,8 @@ use std::hash::{Hash, Hasher};
 
 use super::coordinator::{Consistency, Outcome, WriteRound};
 use super::hints::{HintLimits, Hints};
-use super::ring::{NodeId, Ring};
+use super::ring::NodeId;
+use super::ring_state::{RingState, Transfer};
 use super::versions::{Dot, VersionVector, Versions};
 use crate::storage::sim::SimRng;
 
@@ -57,6 +66,28 @@ enum Message {
         key: u32,
         versions: Versions<Value>,
     },
+    /// A committed ring version.
+    RingCommit {
+        state: Box<RingState>,
+    },
+    /// A transfer's target asks its source for a partition.
+    Pull {
+        transfer: usize,
+        partition: usize,
+    },
+    PullData {
+        transfer: usize,
+        items: Vec<(u32, Versions<Value>)>,
+    },
+    /// A key this node no longer replicates, handed to a current replica.
+    Handoff {
+        key: u32,
+        versions: Versions<Value>,
+    },
+    HandoffAck {
+        key: u32,
+        versions: Versions<Value>,
+    },
 }
 
 impl Message {
@@ -67,6 +98,11 @@ impl Message {
             Message::Hint { .. } => 2,
             Message::HintAck { .. } => 3,
             Message::Sync { .. } => 4,
+            Message::RingCommit { .. } => 5,
+            Message::Pull { .. } => 6,
+            Message::PullData { .. } => 7,
+            Message::Handoff { .. } => 8,
+            Message::HandoffAck { .. } => 9,
         }
     }
 }
@@ -78,6 +114,11 @@ struct Node {
     /// The persisted lease: counters never reused, across crashes.
     counter: u64,
     hints: Option<Hints<(u32, Versions<Value>)>>,
+    /// This node's ring, and the step it adopted it at.
+    view: Option<RingState>,
+    adopted_at: u64,
+    /// Keys handed off: what was sent and which replicas acknowledged it.
+    handing_off: BTreeMap<u32, (Versions<Value>, BTreeSet<NodeId>)>,
 }
 
 /// A message in flight: (arrival time, sending order, from, to, index into `messages`),
@@ -98,11 +139,19 @@ struct Issued {
     blind: bool,
     timestamp_us: u64,
     acknowledged: bool,
+    /// The ring version its coordinator served from.
+    ring_version: u64,
 }
 
 struct Simulation {
     rng: SimRng,
-    ring: Ring,
+    /// The latest committed ring (what the agreement chose; nodes learn it by messages).
+    authority: RingState,
+    /// The pending change's transfers, and which are done.
+    transfers: Vec<(Transfer, bool)>,
+    changes_completed: u64,
+    step: u64,
+    seed: u64,
     nodes: Vec<Node>,
     now_us: u64,
     queue: BinaryHeap<InFlight>,
@@ -120,13 +169,24 @@ struct Simulation {
 
 impl Simulation {
     fn new(seed: u64) -> Simulation {
-        let node_ids: Vec<NodeId> = (0..NODE_COUNT).collect();
+        // Node 4 starts outside the ring: it joins during the run.
+        let members: Vec<String> = (0..NODE_COUNT - 1).map(|i| format!("n{i}")).collect();
+        let authority = RingState::formed(members, REPLICAS, 4).expect("ring");
         let nodes = (0..NODE_COUNT)
-            .map(|_| Node { up: true, hints: Some(Hints::new(HintLimits::default())), ..Node::default() })
+            .map(|_| Node {
+                up: true,
+                hints: Some(Hints::new(HintLimits::default())),
+                view: Some(authority.clone()),
+                ..Node::default()
+            })
             .collect();
         Simulation {
             rng: SimRng::new(seed),
-            ring: Ring::new(4, &node_ids).expect("ring"),
+            authority,
+            transfers: Vec::new(),
+            changes_completed: 0,
+            step: 0,
+            seed,
             nodes,
             now_us: 0,
             queue: BinaryHeap::new(),
@@ -164,14 +224,163 @@ impl Simulation {
         }
     }
 
+    /// The replicas of `key` in the final (authoritative) ring.
     fn replicas(&self, key: u32) -> Vec<NodeId> {
-        self.ring.preference_list(&key.to_le_bytes(), REPLICAS).to_vec()
+        let ring = self.authority.ring().expect("ring");
+        ring.preference_list(&key.to_le_bytes(), REPLICAS).to_vec()
+    }
+
+    /// The replicas of `key` and its pending replicas, as `node` sees the ring.
+    fn replicas_seen_by(&self, node: NodeId, key: u32) -> (Vec<NodeId>, Vec<NodeId>) {
+        let view = self.nodes[node as usize].view.as_ref().expect("view");
+        let now = view.ring().expect("ring").preference_list(&key.to_le_bytes(), REPLICAS).to_vec();
+        let pending = match view.pending_ring() {
+            Some(next) => next
+                .preference_list(&key.to_le_bytes(), REPLICAS)
+                .into_iter()
+                .filter(|n| !now.contains(n))
+                .collect(),
+            None => Vec::new(),
+        };
+        (now, pending)
+    }
+
+    fn partition_of(&self, key: u32) -> usize {
+        self.authority.ring().expect("ring").partition_of(&key.to_le_bytes())
+    }
+
+    fn adopt(&mut self, node: NodeId, state: &RingState) {
+        let step = self.step;
+        let node = &mut self.nodes[node as usize];
+        if node.view.as_ref().is_none_or(|view| view.version < state.version) {
+            node.view = Some(state.clone());
+            node.adopted_at = step;
+        }
+    }
+
+    /// A change is chosen (the agreement itself is `ring_state`'s, tested there): the driver
+    /// knows it and tells everyone, over the lossy network.
+    fn commit(&mut self, state: RingState, driver: NodeId) {
+        self.authority = state.clone();
+        self.adopt(driver, &state);
+        for to in (0..NODE_COUNT).filter(|&to| to != driver) {
+            self.send(driver, to, Message::RingCommit { state: Box::new(state.clone()) });
+        }
+        self.transfers = state.transfers().into_iter().map(|t| (t, false)).collect();
+    }
+
+    /// Gossip: every up node adopts the newest ring among the nodes it can reach.
+    fn gossip_rings(&mut self) {
+        for node in 0..NODE_COUNT {
+            if !self.nodes[node as usize].up {
+                continue;
+            }
+            let newest = (0..NODE_COUNT)
+                .filter(|&other| self.live_for(node, other))
+                .filter_map(|other| self.nodes[other as usize].view.clone())
+                .max_by_key(|view| view.version);
+            if let Some(newest) = newest {
+                self.adopt(node, &newest);
+            }
+        }
+    }
+
+    /// Drives the pending change: asks the sources of unfinished transfers again (a live
+    /// replica of the partition in place of one that cannot be reached), and completes the
+    /// change once every transfer is done.
+    fn drive_change(&mut self) {
+        let Some(pending) = self.authority.pending.clone() else { return };
+        if self.transfers.iter().all(|(_, done)| *done) {
+            let completed = self.authority.completed().expect("complete");
+            self.check_pending_writes(&completed);
+            let driver = self.authority.id_of(&pending.driver).expect("driver");
+            self.commit(completed, driver);
+            self.changes_completed += 1;
+            return;
+        }
+        let ring = self.authority.ring().expect("ring");
+        for index in 0..self.transfers.len() {
+            let (transfer, done) = self.transfers[index].clone();
+            if done || !self.nodes[transfer.target as usize].up {
+                continue;
+            }
+            let target = transfer.target;
+            let mut sources: Vec<NodeId> =
+                transfer.sources.iter().copied().filter(|&s| self.live_for(target, s)).collect();
+            if sources.is_empty() {
+                sources = ring
+                    .preference_list_of_partition(transfer.partition, REPLICAS)
+                    .into_iter()
+                    .filter(|&s| s != target && self.live_for(target, s))
+                    .collect();
+            }
+            for source in sources {
+                self.send(target, source, Message::Pull { transfer: index, partition: transfer.partition });
+            }
+        }
+    }
+
+    /// When a change completes, every write acknowledged by a coordinator that knew of the
+    /// change is on at least W of the new replicas already: a QUORUM read right after the
+    /// change sees it, with no anti-entropy or hand-off needed. (A coordinator that had not
+    /// heard of the change wrote to the old replicas only: the hand-off brings those later.)
+    fn check_pending_writes(&self, completed: &RingState) {
+        let pending_version = self.authority.version;
+        let ring = completed.ring().expect("ring");
+        for write in self.issued.iter().filter(|w| w.acknowledged && w.ring_version >= pending_version) {
+            let replicas = ring.preference_list(&write.key.to_le_bytes(), REPLICAS);
+            let holding = replicas
+                .iter()
+                .filter(|&&r| {
+                    self.nodes[r as usize].data.get(&write.key).is_some_and(|v| v.context().covers(write.dot))
+                })
+                .count();
+            assert!(
+                holding >= 2,
+                "seed {}: write {:?} of key {} acknowledged during ring version {} is on {holding} of the new \
+                 replicas when the change completes",
+                self.seed,
+                write.dot,
+                write.key,
+                write.ring_version
+            );
+        }
+    }
+
+    /// Nodes whose ring has been settled a while hand the keys they no longer replicate to the
+    /// current replicas.
+    fn hand_off_moved_keys(&mut self) {
+        for node in 0..NODE_COUNT {
+            let state = &self.nodes[node as usize];
+            let settled = state.view.as_ref().is_some_and(|view| view.pending.is_none());
+            if !state.up || !settled || self.step < state.adopted_at + 10 {
+                continue;
+            }
+            let keys: Vec<u32> = state.data.keys().copied().collect();
+            for key in keys {
+                let (replicas, _) = self.replicas_seen_by(node, key);
+                if replicas.contains(&node) {
+                    continue;
+                }
+                let versions = self.nodes[node as usize].data[&key].clone();
+                let entry = self.nodes[node as usize]
+                    .handing_off
+                    .entry(key)
+                    .or_insert((versions.clone(), BTreeSet::new()));
+                if entry.0 != versions {
+                    *entry = (versions.clone(), BTreeSet::new());
+                }
+                for replica in replicas {
+                    self.send(node, replica, Message::Handoff { key, versions: versions.clone() });
+                }
+            }
+        }
     }
 
     /// A client write through `via` (QUORUM). With `context` it supersedes what the context
     /// covers; without, it is blind.
     fn client_write(&mut self, via: NodeId, key: u32, value: Value, context: Option<VersionVector>) {
-        let replicas = self.ring.preference_list(&key.to_le_bytes(), REPLICAS);
+        let (replicas, _) = self.replicas_seen_by(via, key);
         // A node that is not a replica hands the write to the first live replica.
         let coordinator = if replicas.contains(&via) {
             via
@@ -181,9 +390,16 @@ impl Simulation {
                 None => return,
             }
         };
+        // The coordinator places the write by its own view, which may differ from `via`'s.
+        let (replicas, pending) = self.replicas_seen_by(coordinator, key);
+        if !replicas.contains(&coordinator) {
+            return; // it would forward again: the client retries
+        }
+        let replicas: super::ring::PreferenceList = replicas.into_iter().collect();
         let live: Vec<bool> = (0..NODE_COUNT).map(|n| self.live_for(coordinator, n)).collect();
-        let Ok((mut round, plan)) = WriteRound::start(
+        let Ok((mut round, plan)) = WriteRound::start_with_pending(
             &replicas,
+            &pending,
             |node| live[node as usize],
             Consistency::Quorum,
             self.now_us,
@@ -211,6 +427,7 @@ impl Simulation {
             blind: context.is_none(),
             timestamp_us: timestamp,
             acknowledged: false,
+            ring_version: self.nodes[coordinator as usize].view.as_ref().map_or(0, |view| view.version),
         });
         // The coordinator's own copy is durable at once.
         if round.on_ack(coordinator) == Outcome::Done {
@@ -264,6 +481,46 @@ impl Simulation {
             }
             Message::Sync { key, versions } => {
                 self.nodes[to as usize].data.entry(key).or_default().merge(&versions);
+            }
+            Message::RingCommit { state } => self.adopt(to, &state),
+            Message::Pull { transfer, partition } => {
+                let items: Vec<(u32, Versions<Value>)> = self.nodes[to as usize]
+                    .data
+                    .iter()
+                    .filter(|(&key, _)| self.partition_of(key) == partition)
+                    .map(|(&key, versions)| (key, versions.clone()))
+                    .collect();
+                self.send(to, from, Message::PullData { transfer, items });
+            }
+            Message::PullData { transfer, items } => {
+                for (key, versions) in items {
+                    self.nodes[to as usize].data.entry(key).or_default().merge(&versions);
+                }
+                // A reply for a transfer of an earlier change (the index is reused) is harmless:
+                // it only merged data.
+                if let Some((planned, done)) = self.transfers.get_mut(transfer) {
+                    if planned.target == to {
+                        *done = true;
+                    }
+                }
+            }
+            Message::Handoff { key, versions } => {
+                self.nodes[to as usize].data.entry(key).or_default().merge(&versions);
+                self.send(to, from, Message::HandoffAck { key, versions });
+            }
+            Message::HandoffAck { key, versions } => {
+                let (replicas, _) = self.replicas_seen_by(to, key);
+                let node = &mut self.nodes[to as usize];
+                let Some((sent, acked)) = node.handing_off.get_mut(&key) else { return };
+                if *sent != versions {
+                    return;
+                }
+                acked.insert(from);
+                let unchanged = node.data.get(&key) == Some(&versions);
+                if replicas.iter().all(|r| acked.contains(r)) && unchanged && !replicas.contains(&to) {
+                    node.data.remove(&key);
+                    node.handing_off.remove(&key);
+                }
             }
         }
     }
@@ -341,6 +598,7 @@ struct RunOutcome {
     issued: u64,
     with_context: u64,
     siblings: u64,
+    changes: u64,
     trace_hash: u64,
 }
 
@@ -350,6 +608,23 @@ fn run(seed: u64) -> RunOutcome {
     let mut value = seed * 1_000_000;
     let mut partition_until = 0;
     for step in 0..STEP_COUNT {
+        sim.step = step;
+        // Membership: node 4 joins, then node 1 is decommissioned (driven by node 0).
+        if sim.authority.pending.is_none() {
+            let change = match step {
+                60.. if sim.authority.id_of("n4").is_none() => Some((sim.authority.plan_join("n4"), 4)),
+                220.. if sim.authority.left.is_empty() => Some((sim.authority.plan_leave("n1", "n0"), 0)),
+                _ => None,
+            };
+            if let Some((planned, driver)) = change {
+                sim.commit(planned.expect("the change plans"), driver);
+            }
+        }
+        if step % 10 == 0 {
+            sim.drive_change();
+            sim.gossip_rings();
+            sim.hand_off_moved_keys();
+        }
         // Crash or restart a node now and then (its data and lease are durable).
         if sim.rng.below(40) == 0 {
             let node = sim.rng.below(u64::from(NODE_COUNT)) as usize;
@@ -385,6 +660,17 @@ fn run(seed: u64) -> RunOutcome {
     sim.loss_per_million = 0;
     sim.duplicate_per_million = 0;
     sim.run_until(sim.now_us + 100_000);
+    // The change under way completes; everyone learns the final ring.
+    for _ in 0..100 {
+        if sim.authority.pending.is_none() {
+            break;
+        }
+        sim.step += 10;
+        sim.drive_change();
+        sim.run_until(sim.now_us + 100_000);
+    }
+    assert!(sim.authority.pending.is_none(), "seed {seed}: a ring change never completed");
+    sim.gossip_rings();
     for _ in 0..100 {
         if sim.hints_pending() == 0 {
             break;
@@ -435,6 +721,7 @@ fn run(seed: u64) -> RunOutcome {
         issued: sim.issued.len() as u64,
         with_context: sim.issued.iter().filter(|w| !w.blind).count() as u64,
         siblings,
+        changes: sim.changes_completed,
         trace_hash: sim.trace.finish(),
     }
 }
@@ -449,7 +736,7 @@ fn no_acknowledged_write_is_lost_under_loss_duplication_partitions_and_crashes()
         Some(seed) => vec![seed],
         None => (0..env_u64("SIM_SEEDS").unwrap_or(500)).collect(),
     };
-    let (mut acknowledged, mut issued, mut with_context, mut siblings) = (0, 0, 0, 0);
+    let (mut acknowledged, mut issued, mut with_context, mut siblings, mut changes) = (0, 0, 0, 0, 0);
     for &seed in &seeds {
         let first = run(seed);
         let again = run(seed);
@@ -461,11 +748,13 @@ fn no_acknowledged_write_is_lost_under_loss_duplication_partitions_and_crashes()
         issued += first.issued;
         with_context += first.with_context;
         siblings += first.siblings;
+        changes += first.changes;
     }
     println!(
         "simulation: {} seeds, each run twice with equal trace hashes; 5 nodes, N=3 QUORUM, 5 % loss, 2 % \
-         duplication, reordering, partitions, crashes: {issued} writes issued ({with_context} with a context), \
-         {acknowledged} acknowledged, none lost; {siblings} siblings left at the end",
+         duplication, reordering, partitions, crashes, a join and a decommission ({changes} ring changes \
+         completed): {issued} writes issued ({with_context} with a context), {acknowledged} acknowledged, \
+         none lost; {siblings} siblings left at the end",
         seeds.len()
     );
     assert!(acknowledged > seeds.len() as u64 * 100);

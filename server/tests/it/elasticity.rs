@@ -141,10 +141,7 @@ type Member = (String, SocketAddr, String);
 
 /// The members that own data (not left), by name, with their shard-0 addresses, as `address`
 /// sees the ring; and its ring version.
-fn ring_members(
-    rt: &tokio::runtime::Runtime,
-    address: &str,
-) -> Option<(u64, Vec<Member>)> {
+fn ring_members(rt: &tokio::runtime::Runtime, address: &str) -> Option<(u64, Vec<Member>)> {
     rt.block_on(async {
         let client =
             Client::connect(address, Options { timeout: Duration::from_secs(2), ..Options::default() })
