@@ -221,11 +221,23 @@ pub struct Proposer<V, A> {
 
 impl<V: Clone + PartialEq, A: Clone> Proposer<V, A> {
     pub fn new(replicas: &[NodeId], commit_wait: usize) -> Proposer<V, A> {
+        Proposer::new_with_pending(replicas, &[], commit_wait)
+    }
+
+    /// A proposer while a ring change is pending: `pending` (the key's replicas once it
+    /// completes that are not replicas now) take part too, and every quorum needs as many
+    /// more answers. A quorum of N/2 + 1 + P among the N + P nodes holds a majority of the
+    /// old replicas and a majority of the new ones, so it meets every quorum before and after
+    /// the change.
+    pub fn new_with_pending(replicas: &[NodeId], pending: &[NodeId], commit_wait: usize) -> Proposer<V, A> {
+        let mut participants = replicas.to_vec();
+        participants.extend(pending.iter().copied().filter(|node| !replicas.contains(node)));
+        let extra = participants.len() - replicas.len();
         Proposer {
-            replicas: replicas.to_vec(),
+            replicas: participants.clone(),
             asked: Vec::new(),
-            quorum: replicas.len() / 2 + 1,
-            commit_wait: commit_wait.min(replicas.len()),
+            quorum: replicas.len() / 2 + 1 + extra,
+            commit_wait: if commit_wait == 0 { 0 } else { (commit_wait + extra).min(participants.len()) },
             phase: 0,
             ballot: Ballot::default(),
             floor: Ballot::default(),

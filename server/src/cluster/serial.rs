@@ -144,7 +144,8 @@ pub async fn coordinate<S: Storage>(
             consistency => consistency.required(replicas.len()),
         },
     };
-    let mut proposer = Proposer::<Value, LocalReply>::new(&replicas, commit_wait);
+    let pending = view.pending_replicas(&key);
+    let mut proposer = Proposer::<Value, LocalReply>::new_with_pending(&replicas, &pending, commit_wait);
     let (sender, mut answers) = mpsc::unbounded::<PhaseAnswer>();
     let mut random = u64::from(cluster.actor) ^ shard.store.timestamp_us();
     let broadcast = |phase_id, phase, ballot, proposal: &Versions<Value>, to: &[NodeId]| {

@@ -409,3 +409,36 @@ fn a_join_survives_kill9_of_the_joining_node_and_of_a_source() {
     let _fifth = (dir, node);
     finish_and_check(&rt, &mut load, &first);
 }
+
+#[test]
+fn two_joins_at_once_complete_in_turn_and_a_third_change_is_refused() {
+    let rt = runtime();
+    let cluster = Cluster::start_flagged(3, "twojoins", &["--anti-entropy-interval-ms", "0"]);
+    let first = cluster.addresses[0].clone();
+    wait_until_all_see(&rt, &cluster.addresses, 3, CONVERGE_DEADLINE);
+    preload(&rt, &first);
+    let before = ring_version(&rt, &first);
+    let flags = node_flags(&first, &["--join", "--stream-kib-per-s", "256"]);
+    let started = Instant::now();
+    let dirs = [DataDir::new("twojoins-4"), DataDir::new("twojoins-5")];
+    let _nodes: Vec<Node> =
+        dirs.iter().zip(["127.0.0.5", "127.0.0.6"]).map(|(dir, ip)| start_node(dir, ip, &flags)).collect();
+    wait_for("a join to be pending", Duration::from_secs(60), || {
+        let (_, nodes) = ring_members(&rt, &first)?;
+        nodes.iter().any(|n| n.2 == "joining").then_some(())
+    });
+    let operator = rt.block_on(client_of(&first, Duration::from_secs(60)));
+    let third = name_of(&rt, &first, cluster.nodes[2].as_ref().expect("running"));
+    let refusal = rt
+        .block_on(operator.change_membership(MembershipAction::DECOMMISSION, &third))
+        .expect_err("a decommission while a join is pending");
+    println!("a decommission during the joins: {refusal}");
+    assert!(refusal.to_string().contains("another ring change is in progress"), "{refusal}");
+    let version = wait_for_ring(&rt, &first, 5, before + 4, Duration::from_secs(180));
+    println!(
+        "two joins started at once: both complete, one after the other, in {:.2} s (ring version {version})",
+        started.elapsed().as_secs_f64()
+    );
+    let keys: Vec<Vec<u8>> = (0..PRELOAD).step_by(3).map(preload_key).collect();
+    wait_for_n_replicas(&rt, &first, &keys);
+}
