@@ -91,6 +91,13 @@ enum Command {
     Remove { node: String },
 }
 
+/// A JSON report's figures by name (0 when absent).
+fn report_figures(report: &str) -> Result<impl Fn(&str) -> u64, client::Error> {
+    let report: serde_json::Value =
+        serde_json::from_str(report).map_err(|error| client::Error::Protocol(error.to_string()))?;
+    Ok(move |name: &str| report.get(name).and_then(serde_json::Value::as_u64).unwrap_or(0))
+}
+
 /// "streaming 12/96 ranges, 3.1 MB at 2.0 MB/s, about 40 s left".
 fn progress_line(stream: &client::StreamProgress) -> String {
     let seconds = stream.elapsed_ms as f64 / 1000.0;
@@ -380,9 +387,7 @@ async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             if json {
                 println!("{report}");
             } else {
-                let report: serde_json::Value = serde_json::from_str(&report)
-                    .map_err(|error| client::Error::Protocol(error.to_string()))?;
-                let figure = |name: &str| report.get(name).and_then(serde_json::Value::as_u64).unwrap_or(0);
+                let figure = report_figures(&report)?;
                 println!(
                     "done: ring version {}, {} range transfers, {} keys and {} bytes copied in {:.1} s",
                     figure("ring_version"),
@@ -399,9 +404,7 @@ async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             if json {
                 println!("{report}");
             } else {
-                let report: serde_json::Value = serde_json::from_str(&report)
-                    .map_err(|error| client::Error::Protocol(error.to_string()))?;
-                let figure = |name: &str| report.get(name).and_then(serde_json::Value::as_u64).unwrap_or(0);
+                let figure = report_figures(&report)?;
                 println!(
                     "{} partitions, {} replica comparisons: {} differed, {} keys repaired, {} failed, \
                      {} replicas unreachable, {} tombstones purged",
