@@ -26,7 +26,9 @@ use schema::{Op, Status};
 
 use super::merkle::{self, Tree};
 use super::peer::PeerRequest;
-use super::replication::{decode_record, encode_versions, merge_local, remote_versions, Record};
+use super::replication::{
+    absorb_record, decode_record, encode_versions, merge_local, remote_versions, Record,
+};
 use super::ring::NodeId;
 use super::view::{ClusterView, NodeInfo};
 use crate::clock::now_ms;
@@ -438,21 +440,12 @@ async fn pull_key<S: Storage>(
     if response.versions.is_empty() {
         return Ok((false, received));
     }
-    let theirs =
-        decode_record(Some(&response.versions)).map_err(|_| "an unreadable record".to_string())?.versions;
-    let mine = match shard.store.read_raw(key).await {
-        Ok(bytes) => {
-            decode_record(bytes.as_deref()).map_err(|_| "an unreadable local record".to_string())?.versions
-        }
-        Err(_) => return Err("reading the local record failed".into()),
-    };
-    let mut merged = mine.clone();
-    merged.merge(&theirs);
-    if merkle::versions_digest(&merged) == merkle::versions_digest(&mine) {
-        return Ok((false, received));
-    }
-    merge_local(shard, key, &theirs).await.map_err(|_| "storing the copy failed".to_string())?;
-    Ok((true, received))
+    // The whole record: versions and the Paxos acceptor state (the new replica stands in for
+    // the one it displaces in the key's Paxos too).
+    let theirs = decode_record(Some(&response.versions)).map_err(|_| "an unreadable record".to_string())?;
+    let changed =
+        absorb_record(shard, key, &theirs).await.map_err(|_| "storing the copy failed".to_string())?;
+    Ok((changed, received))
 }
 
 /// How long a completed ring change stays in force before the nodes that lost ranges drop

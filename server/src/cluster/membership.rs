@@ -746,6 +746,7 @@ impl Membership {
         let me = self.me.clone();
         let pending = self.agree(&|state: &RingState| plan.apply(state, &me)).await?;
         let change = pending.pending.clone().ok_or("the change is not pending")?;
+        self.barrier(&pending, &change).await?;
         let transfers = pending.transfers();
         let mut report = ChangeReport { transfers: transfers.len() as u64, ..ChangeReport::default() };
         let mut progress =
@@ -756,19 +757,26 @@ impl Membership {
             let target = name(transfer.target);
             let mut failures = 0;
             loop {
-                // A source known down, or failing three times, gives way to every other live
-                // replica of the partition.
-                let planned: Vec<String> =
-                    transfer.sources.iter().map(|&id| name(id)).filter(|source| self.is_up(source)).collect();
-                let sources: Vec<String> = if failures < 3 && !planned.is_empty() {
+                // The planned sources while they are all up; once one is down (or failing three
+                // times), every other old replica of the partition, all of them: a subset could
+                // miss a write that a quorum acknowledged (the CAS simulator found this).
+                let planned: Vec<String> = transfer.sources.iter().map(|&id| name(id)).collect();
+                let sources: Vec<String> = if failures < 3 && planned.iter().all(|source| self.is_up(source))
+                {
                     planned
                 } else {
                     let ring = pending.ring()?;
-                    ring.preference_list_of_partition(transfer.partition, pending.replica_count)
+                    let others: Vec<String> = ring
+                        .preference_list_of_partition(transfer.partition, pending.replica_count)
                         .iter()
-                        .filter(|&&id| id != transfer.target && self.is_up(&name(id)))
+                        .filter(|&&id| id != transfer.target && !transfer.sources.contains(&id))
                         .map(|&id| name(id))
-                        .collect()
+                        .collect();
+                    // Not all of them up: wait (the transfer fails with "no live source").
+                    match others.iter().all(|other| self.is_up(other)) {
+                        true => others,
+                        false => Vec::new(),
+                    }
                 };
                 match self.transfer(&target, transfer.partition, &sources).await {
                     Ok((keys, bytes)) => {
@@ -802,6 +810,7 @@ impl Membership {
             progress.elapsed_ms = started.elapsed().as_millis() as u64;
             self.gossip.borrow_mut().update_me(|state| state.stream = progress);
         }
+        self.barrier(&pending, &change).await?;
         let completed = self
             .agree(&|state: &RingState| match &state.pending {
                 Some(now) if *now == change => state.completed(),
@@ -813,6 +822,40 @@ impl Membership {
         report.elapsed_ms = started.elapsed().as_millis() as u64;
         self.gossip.borrow_mut().update_me(|state| state.stream = StreamProgress::default());
         Ok(report)
+    }
+
+    /// Waits until every member that is up announces the pending ring (or a later one), so
+    /// that no replica a transfer copies from still answers a Paxos proposer placed by the
+    /// older ring (the CAS simulator found a value chosen on the old replicas after the copy
+    /// was taken without this).
+    async fn barrier(&self, pending: &RingState, change: &super::ring_state::Pending) -> Result<(), String> {
+        let mut waited = Instant::now();
+        loop {
+            let behind: Vec<String> = {
+                let gossip = self.gossip.borrow();
+                let now_us = self.now_us();
+                pending
+                    .members
+                    .iter()
+                    .filter(|name| **name != self.me && gossip.is_up(name, now_us))
+                    .filter(|name| {
+                        gossip.state(name).is_none_or(|state| state.ring_version < pending.version)
+                    })
+                    .cloned()
+                    .collect()
+            };
+            if behind.is_empty() {
+                return Ok(());
+            }
+            if self.committed().and_then(|s| s.pending).as_ref() != Some(change) {
+                return Err("the change is no longer pending".into());
+            }
+            if waited.elapsed() > Duration::from_secs(10) {
+                tracing::warn!("waiting for {} to hold ring version {}", behind.join(", "), pending.version);
+                waited = Instant::now();
+            }
+            glommio::timer::sleep(self.options.gossip.interval).await;
+        }
     }
 
     fn is_up(&self, name: &str) -> bool {

@@ -62,6 +62,23 @@ impl<V> Default for Acceptor<V> {
 }
 
 impl<V: Clone + PartialEq> Acceptor<V> {
+    /// Takes on another acceptor's state as well as its own (a ring change copies a range to a
+    /// new replica): the higher promise and commit, and the higher accepted proposal unless it
+    /// is committed already. The result is a state one acceptor could have reached by hearing
+    /// the messages both heard, so it keeps every promise either made.
+    pub fn absorb(&mut self, other: &Acceptor<V>) {
+        self.promised = self.promised.max(other.promised);
+        self.committed = self.committed.max(other.committed);
+        if let Some((ballot, proposal)) = &other.accepted {
+            if self.accepted.as_ref().is_none_or(|(mine, _)| mine < ballot) {
+                self.accepted = Some((*ballot, proposal.clone()));
+            }
+        }
+        if self.accepted.as_ref().is_some_and(|(ballot, _)| *ballot <= self.committed) {
+            self.accepted = None;
+        }
+    }
+
     /// Phase 1b: promises `ballot` if it is above every ballot promised. Whether the state
     /// changed (and must be made durable before the answer).
     pub fn prepare(&mut self, ballot: Ballot) -> bool {

@@ -433,6 +433,33 @@ pub(crate) async fn merge_local<S: Storage>(
     shard.store.wait_acked(seq).await
 }
 
+/// Takes on another replica's whole record of `key`: its versions merged, its Paxos acceptor
+/// state absorbed (a ring change's transfer: the new replica stands in for the one it
+/// displaces). Whether anything changed here.
+pub(crate) async fn absorb_record<S: Storage>(
+    shard: &Shard<S>,
+    key: &[u8],
+    theirs: &Record,
+) -> Result<bool, LocalReply> {
+    let size: usize =
+        theirs.versions.siblings().iter().map(|s| s.value.as_ref().map_or(0, |v| v.0.len()) + 48).sum();
+    let (changed, seq) = shard
+        .store
+        .update_raw(key, size, |current| {
+            let mut mine = decode_record(current)?;
+            let before = mine.clone();
+            mine.versions.merge(&theirs.versions);
+            mine.acceptor.absorb(&theirs.acceptor);
+            if mine == before {
+                return Ok(None);
+            }
+            encode_bounded(shard.cluster.as_ref(), &mut mine).map(Some)
+        })
+        .await?;
+    shard.store.wait_acked(seq).await?;
+    Ok(changed.is_some())
+}
+
 /// Replica side: the versions this replica holds of `key`, encoded (empty: none).
 pub async fn read_replica<S: Storage>(shard: &Shard<S>, key: &[u8]) -> LocalReply {
     match shard.store.read_raw(key).await {

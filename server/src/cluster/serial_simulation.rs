@@ -6,6 +6,18 @@
 //! operation whose proposer died or that timed out after proposing counts as "may or may not
 //! have happened".
 //!
+//! The ring changes meanwhile: node 4 starts outside it and joins, then node 1 is
+//! decommissioned (`ring_state.rs` plans both). Each node serves from its own view of the
+//! ring, which reaches it after a delay; a proposer includes the key's pending replicas as its
+//! view shows them (`Proposer::new_with_pending`); once every node that is up holds the
+//! pending ring (the barrier), transfers copy the moving partitions' versions and acceptor
+//! state from the displaced replica, or, when it cannot be reached, from every other old
+//! replica; after a change completes, nodes hand the keys they no longer
+//! replicate to the current replicas. (Found here: a transfer from one reachable replica in
+//! place of the unreachable displaced one copied a stale state, and the key went back in time;
+//! and without the barrier, a proposer still placed by the old ring chose a value on the old
+//! replicas after the copy was taken.)
+//!
 //! The proposers and acceptors are the real ones (`paxos.rs`); only the network and the
 //! clock are simulated. `SIM_SEEDS=n` runs n seeds (default 500); `SIM_SEED=s` replays one.
 
@@ -14,7 +26,8 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::hash::{Hash, Hasher};
 
 use super::paxos::{backoff_us, next_ballot, Acceptor, Ballot, Failure, Proposer, Step};
-use super::ring::{NodeId, Ring};
+use super::ring::NodeId;
+use super::ring_state::{RingState, Transfer};
 use super::versions::Versions;
 use crate::linearizability::{self, Event, Operation, Outcome};
 use crate::storage::sim::SimRng;
@@ -46,10 +59,30 @@ enum Phase {
 
 #[derive(Debug)]
 enum Timer {
-    Deliver { from: NodeId, to: NodeId, message: Message },
-    PhaseTimeout { op: u64, phase_id: u64 },
-    Backoff { op: u64 },
-    ClientNext { client: u32 },
+    Deliver {
+        from: NodeId,
+        to: NodeId,
+        message: Message,
+    },
+    PhaseTimeout {
+        op: u64,
+        phase_id: u64,
+    },
+    Backoff {
+        op: u64,
+    },
+    ClientNext {
+        client: u32,
+    },
+    /// A committed ring reaches a node.
+    View {
+        node: NodeId,
+        state: Box<RingState>,
+    },
+    /// The pending change's transfers and completion make progress.
+    ChangeStep,
+    /// Nodes hand off the keys they no longer replicate.
+    HandOff,
 }
 
 #[derive(Default)]
@@ -60,6 +93,7 @@ struct Node {
     counter: u64,
     /// This node's clock runs this far ahead of true time (skew).
     clock_skew_us: u64,
+    view: Option<RingState>,
 }
 
 struct Running {
@@ -73,7 +107,10 @@ struct Running {
 
 struct Simulation {
     rng: SimRng,
-    ring: Ring,
+    /// The latest committed ring; nodes learn it after a delay.
+    authority: RingState,
+    transfers: Vec<(Transfer, bool)>,
+    changes: u64,
     nodes: Vec<Node>,
     now_us: u64,
     timers: BinaryHeap<Reverse<(u64, u64)>>,
@@ -98,14 +135,23 @@ fn newest(versions: &Versions<Value>) -> Option<Value> {
 
 impl Simulation {
     fn new(seed: u64) -> Simulation {
-        let node_ids: Vec<NodeId> = (0..NODE_COUNT).collect();
         let mut rng = SimRng::new(seed);
+        // Node 4 starts outside the ring: it joins during the run.
+        let members: Vec<String> = (0..NODE_COUNT - 1).map(|i| format!("n{i}")).collect();
+        let authority = RingState::formed(members, REPLICAS, 4).expect("ring");
         let nodes = (0..NODE_COUNT)
-            .map(|_| Node { up: true, clock_skew_us: rng.below(5_000), ..Node::default() })
+            .map(|_| Node {
+                up: true,
+                clock_skew_us: rng.below(5_000),
+                view: Some(authority.clone()),
+                ..Node::default()
+            })
             .collect();
         Simulation {
             rng,
-            ring: Ring::new(4, &node_ids).expect("ring"),
+            authority,
+            transfers: Vec::new(),
+            changes: 0,
             nodes,
             now_us: 0,
             timers: BinaryHeap::new(),
@@ -149,8 +195,129 @@ impl Simulation {
         }
     }
 
-    fn replicas(&self, key: u32) -> Vec<NodeId> {
-        self.ring.preference_list(&key.to_le_bytes(), REPLICAS).to_vec()
+    /// The replicas of `key` and its pending replicas, as `node` sees the ring.
+    fn replicas_seen_by(&self, node: NodeId, key: u32) -> (Vec<NodeId>, Vec<NodeId>) {
+        let view = self.nodes[node as usize].view.as_ref().expect("view");
+        let now = view.ring().expect("ring").preference_list(&key.to_le_bytes(), REPLICAS).to_vec();
+        let pending = match view.pending_ring() {
+            Some(next) => next
+                .preference_list(&key.to_le_bytes(), REPLICAS)
+                .into_iter()
+                .filter(|n| !now.contains(n))
+                .collect(),
+            None => Vec::new(),
+        };
+        (now, pending)
+    }
+
+    /// A ring version is chosen: every node learns it within 30 ms (the driver at once).
+    fn commit_ring(&mut self, state: RingState, driver: NodeId) {
+        self.authority = state.clone();
+        self.transfers = state.transfers().into_iter().map(|t| (t, false)).collect();
+        for node in 0..NODE_COUNT {
+            let delay = if node == driver { 0 } else { 1 + self.rng.below(30_000) };
+            self.at(self.now_us + delay, Timer::View { node, state: Box::new(state.clone()) });
+        }
+    }
+
+    /// Starts a change when it is due, runs the transfers the sources and targets are up for
+    /// (a partition's versions merged into the target at once), and completes the change when
+    /// they are all done.
+    fn change_step(&mut self) {
+        if self.authority.pending.is_none() {
+            let change = match self.now_us {
+                300_000.. if self.authority.id_of("n4").is_none() => {
+                    Some((self.authority.plan_join("n4"), 4))
+                }
+                600_000.. if self.authority.left.is_empty() => {
+                    Some((self.authority.plan_leave("n1", "n0"), 0))
+                }
+                _ => None,
+            };
+            if let Some((planned, driver)) = change {
+                self.commit_ring(planned.expect("the change plans"), driver);
+            }
+        } else if (0..NODE_COUNT).any(|n| {
+            let node = &self.nodes[n as usize];
+            node.up && node.view.as_ref().is_none_or(|view| view.version < self.authority.version)
+        }) {
+            // The barrier: no transfer and no completion before every node that is up holds
+            // the pending ring, so that no acceptor that transfers copy from still answers
+            // proposers placed by the older one.
+        } else if self.transfers.iter().all(|(_, done)| *done) {
+            let driver = self.authority.pending.as_ref().and_then(|p| self.authority.id_of(&p.driver));
+            let completed = self.authority.completed().expect("complete");
+            self.commit_ring(completed, driver.unwrap_or(0));
+            self.changes += 1;
+            self.at(self.now_us + 60_000, Timer::HandOff);
+        } else {
+            let ring = self.authority.ring().expect("ring");
+            for index in 0..self.transfers.len() {
+                let (transfer, done) = self.transfers[index].clone();
+                let target = transfer.target;
+                if done || !self.nodes[target as usize].up || self.rng.below(3) != 0 {
+                    continue;
+                }
+                // The planned sources if all are reachable; else every other old replica of the
+                // partition, all of them (a subset might miss a write a quorum acknowledged).
+                let reachable = |s: &NodeId| self.nodes[*s as usize].up && self.connected(target, *s);
+                let sources: Vec<NodeId> = if transfer.sources.iter().all(reachable) {
+                    transfer.sources.clone()
+                } else {
+                    let others: Vec<NodeId> = ring
+                        .preference_list_of_partition(transfer.partition, REPLICAS)
+                        .into_iter()
+                        .filter(|s| *s != target && !transfer.sources.contains(s))
+                        .collect();
+                    if others.is_empty() || !others.iter().all(reachable) {
+                        continue;
+                    }
+                    others
+                };
+                for source in sources {
+                    let copied: Vec<(u32, (Acceptor<Value>, Versions<Value>))> = self.nodes[source as usize]
+                        .records
+                        .iter()
+                        .filter(|(&key, _)| ring.partition_of(&key.to_le_bytes()) == transfer.partition)
+                        .map(|(&key, record)| (key, record.clone()))
+                        .collect();
+                    for (key, (acceptor, versions)) in copied {
+                        let (mine, stored) = self.nodes[target as usize].records.entry(key).or_default();
+                        mine.absorb(&acceptor);
+                        stored.merge(&versions);
+                    }
+                }
+                self.transfers[index].1 = true;
+            }
+        }
+        if self.now_us < LOAD_US {
+            self.at(self.now_us + 10_000, Timer::ChangeStep);
+        }
+    }
+
+    /// Nodes hand the versions of keys they no longer replicate to the current replicas and
+    /// forget them (acceptor state included).
+    fn hand_off(&mut self) {
+        for node in 0..NODE_COUNT {
+            if !self.nodes[node as usize].up {
+                continue;
+            }
+            let keys: Vec<u32> = self.nodes[node as usize].records.keys().copied().collect();
+            for key in keys {
+                let (replicas, pending) = self.replicas_seen_by(node, key);
+                if replicas.contains(&node) || pending.contains(&node) {
+                    continue;
+                }
+                if !replicas.iter().all(|&r| self.nodes[r as usize].up && self.connected(node, r)) {
+                    continue;
+                }
+                let versions = self.nodes[node as usize].records[&key].1.clone();
+                for replica in replicas {
+                    self.nodes[replica as usize].records.entry(key).or_default().1.merge(&versions);
+                }
+                self.nodes[node as usize].records.remove(&key);
+            }
+        }
     }
 
     fn client_next(&mut self, client: u32) {
@@ -174,8 +341,9 @@ impl Simulation {
         };
         let op = self.next_op;
         self.next_op += 1;
-        let replicas = self.replicas(key);
-        let proposer = Proposer::new(&replicas, if self.rng.below(2) == 0 { 0 } else { 2 });
+        let (replicas, pending) = self.replicas_seen_by(node, key);
+        let commit_wait = if self.rng.below(2) == 0 { 0 } else { 2 };
+        let proposer = Proposer::new_with_pending(&replicas, &pending, commit_wait);
         let reading = operation == Operation::Read;
         self.running.insert(op, Running { client, node, key, operation, proposer, start_us: self.now_us });
         let first = if reading {
@@ -391,6 +559,14 @@ impl Simulation {
                 }
                 Timer::Backoff { op } => self.drive(op, Step::Retry { attempt: 0 }),
                 Timer::ClientNext { client } => self.client_next(client),
+                Timer::View { node, state } => {
+                    let view = &mut self.nodes[node as usize].view;
+                    if view.as_ref().is_none_or(|v| v.version < state.version) {
+                        *view = Some(*state);
+                    }
+                }
+                Timer::ChangeStep => self.change_step(),
+                Timer::HandOff => self.hand_off(),
             }
         }
         self.now_us = until_us;
@@ -403,6 +579,7 @@ struct RunOutcome {
     operations: u64,
     applied: u64,
     unknown: u64,
+    changes: u64,
     trace_hash: u64,
 }
 
@@ -411,6 +588,7 @@ fn run(seed: u64) -> RunOutcome {
     for client in 0..CLIENT_COUNT {
         sim.at(u64::from(client) * 100, Timer::ClientNext { client });
     }
+    sim.at(10_000, Timer::ChangeStep);
     let mut partition_until = 0;
     while sim.now_us < LOAD_US {
         let step_end = sim.now_us + 5_000;
@@ -451,7 +629,7 @@ fn run(seed: u64) -> RunOutcome {
         applied += history.iter().filter(|e| e.outcome == Outcome::CasApplied).count() as u64;
         unknown += history.iter().filter(|e| e.outcome == Outcome::Unknown).count() as u64;
     }
-    RunOutcome { operations, applied, unknown, trace_hash: sim.trace.finish() }
+    RunOutcome { operations, applied, unknown, changes: sim.changes, trace_hash: sim.trace.finish() }
 }
 
 fn env_u64(name: &str) -> Option<u64> {
@@ -464,18 +642,19 @@ fn cas_and_serial_reads_are_linearizable_under_loss_partitions_and_crashes() {
         Some(seed) => vec![seed],
         None => (0..env_u64("SIM_SEEDS").unwrap_or(500)).collect(),
     };
-    let (mut operations, mut applied, mut unknown) = (0, 0, 0);
+    let (mut operations, mut applied, mut unknown, mut changes) = (0, 0, 0, 0);
     for &seed in &seeds {
         let first = run(seed);
         assert_eq!(first, run(seed), "seed {seed}: a second run traced differently");
         operations += first.operations;
         applied += first.applied;
         unknown += first.unknown;
+        changes += first.changes;
     }
     println!(
         "serial simulation: {} seeds, each run twice with equal trace hashes; 5 nodes, N=3, {CLIENT_COUNT} \
-         clients on {KEY_COUNT} keys, 5 % loss, 2 % duplication, reordering, clock skew, partitions, crashes: \
-         {operations} operations checked ({applied} CAS applied, {unknown} of unknown outcome), 0 violations",
+         clients on {KEY_COUNT} keys, 5 % loss, 2 % duplication, reordering, clock skew, partitions, crashes, \
+         a join and a decommission ({changes} ring changes completed): {operations} operations checked ({applied} CAS applied, {unknown} of unknown outcome), 0 violations",
         seeds.len()
     );
     assert!(applied > seeds.len() as u64 * 10, "too few CAS applied to mean anything");
