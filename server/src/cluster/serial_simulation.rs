@@ -42,6 +42,8 @@ const OPERATION_TIMEOUT_US: u64 = 300_000;
 const LOAD_US: u64 = 1_000_000;
 
 type Value = u64;
+/// A key's acceptor state and versions, as a node stores them.
+type Record = (Acceptor<Value>, Versions<Value>);
 
 #[derive(Debug, Clone)]
 enum Message {
@@ -88,7 +90,7 @@ enum Timer {
 #[derive(Default)]
 struct Node {
     up: bool,
-    records: BTreeMap<u32, (Acceptor<Value>, Versions<Value>)>,
+    records: BTreeMap<u32, Record>,
     /// The persisted lease.
     counter: u64,
     /// This node's clock runs this far ahead of true time (skew).
@@ -275,7 +277,7 @@ impl Simulation {
                     others
                 };
                 for source in sources {
-                    let copied: Vec<(u32, (Acceptor<Value>, Versions<Value>))> = self.nodes[source as usize]
+                    let copied: Vec<(u32, Record)> = self.nodes[source as usize]
                         .records
                         .iter()
                         .filter(|(&key, _)| ring.partition_of(&key.to_le_bytes()) == transfer.partition)
