@@ -410,6 +410,14 @@ mod tests {
             assert!(!transfer.sources.contains(&1) && !transfer.sources.is_empty(), "{transfer:?}");
         }
         assert_eq!(replacing.completed().expect("done").left, vec![1]);
+        // Removing the dead node instead: its partitions go to the others, copied from every
+        // surviving replica of each range.
+        let removing = ring.plan_remove("b", "a").expect("remove");
+        for transfer in removing.transfers() {
+            assert!(transfer.target != 1 && !transfer.sources.contains(&1), "{transfer:?}");
+            assert!(transfer.sources.len() >= 2, "{transfer:?}");
+        }
+        assert!(!removing.completed().expect("done").owners.contains(&1));
     }
 
     #[test]

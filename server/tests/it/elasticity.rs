@@ -209,10 +209,10 @@ fn wait_for_n_replicas(rt: &tokio::runtime::Runtime, address: &str, keys: &[Vec<
     start.elapsed()
 }
 
-/// Every preloaded key and every key of the load so far (a sample of the load's, to bound time).
-fn sample_keys(load: &Load) -> Vec<Vec<u8>> {
-    let mut keys: Vec<Vec<u8>> = (0..PRELOAD).step_by(7).map(preload_key).collect();
-    keys.extend(load.acked.lock().expect("lock").keys().step_by(5).cloned());
+/// Every preloaded key and every key the load has written so far.
+fn all_keys(load: &Load) -> Vec<Vec<u8>> {
+    let mut keys: Vec<Vec<u8>> = (0..PRELOAD).map(preload_key).collect();
+    keys.extend(load.acked.lock().expect("lock").keys().cloned());
     keys
 }
 
@@ -314,9 +314,9 @@ fn the_cluster_grows_shrinks_and_replaces_a_node_under_load() {
             keys as f64 / ideal
         );
         assert!(keys as f64 <= 1.1 * ideal, "join of node {size} copied {keys} keys, ideal {ideal:.0}");
-        let settled = wait_for_n_replicas(&rt, &first, &sample_keys(&load));
+        let settled = wait_for_n_replicas(&rt, &first, &all_keys(&load));
         println!(
-            "join of node {size}: every sampled key on exactly {REPLICAS} replicas {:.2} s later",
+            "join of node {size}: every key on exactly {REPLICAS} replicas {:.2} s later",
             settled.as_secs_f64()
         );
         joined.push((dir, node));
@@ -333,7 +333,7 @@ fn the_cluster_grows_shrinks_and_replaces_a_node_under_load() {
         .expect("decommission");
     println!("decommission of {leaving_name}: {report} in {:.2} s", started.elapsed().as_secs_f64());
     wait_for_ring(&rt, &first, 4, before + 2, Duration::from_secs(30));
-    wait_for_n_replicas(&rt, &first, &sample_keys(&load));
+    wait_for_n_replicas(&rt, &first, &all_keys(&load));
     cluster.kill9(2);
 
     // Kill the second original node and replace it with an empty one.
@@ -352,7 +352,7 @@ fn the_cluster_grows_shrinks_and_replaces_a_node_under_load() {
         started.elapsed().as_secs_f64()
     );
     joined.push((dir, node));
-    wait_for_n_replicas(&rt, &first, &sample_keys(&load));
+    wait_for_n_replicas(&rt, &first, &all_keys(&load));
     finish_and_check(&rt, &mut load, &first);
 }
 
@@ -389,7 +389,7 @@ fn a_join_survives_kill9_of_the_joining_node_and_of_a_source() {
     let node = restart_node(&dir, &address, port, &flags);
     let version = wait_for_ring(&rt, &first, 4, before + 2, Duration::from_secs(180));
     println!("the restarted joining node resumed; ring version {version}");
-    wait_for_n_replicas(&rt, &first, &sample_keys(&load));
+    wait_for_n_replicas(&rt, &first, &all_keys(&load));
     let _fourth = (dir, node);
 
     // 2. kill -9 a source node mid-stream; the join takes the other replicas.
@@ -405,7 +405,7 @@ fn a_join_survives_kill9_of_the_joining_node_and_of_a_source() {
     let version = wait_for_ring(&rt, &first, 5, before + 2, Duration::from_secs(180));
     println!("the join completed without the source; ring version {version}");
     cluster.restart(2);
-    wait_for_n_replicas(&rt, &first, &sample_keys(&load));
+    wait_for_n_replicas(&rt, &first, &all_keys(&load));
     let _fifth = (dir, node);
     finish_and_check(&rt, &mut load, &first);
 }
