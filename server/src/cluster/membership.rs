@@ -491,11 +491,15 @@ impl Membership {
     /// Reads the ring from a peer that announces a newer version than ours.
     async fn catch_up(&self) {
         let mine = self.committed().map_or(0, |state| state.version);
+        // From a peer that is up: a dead member's last state announces the version too.
         let newest = {
             let gossip = self.gossip.borrow();
+            let now_us = self.now_us();
             gossip
                 .members()
-                .filter(|(name, state)| *name != &self.me && state.ring_version > mine)
+                .filter(|(name, state)| {
+                    *name != &self.me && state.ring_version > mine && gossip.is_up(name, now_us)
+                })
                 .max_by_key(|(_, state)| state.ring_version)
                 .and_then(|(_, state)| parse_address(&state.address))
         };

@@ -186,7 +186,7 @@ fn wait_for_n_replicas(rt: &tokio::runtime::Runtime, address: &str, keys: &[Vec<
     let start = Instant::now();
     let mut last = String::new();
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        wait_for("every key on exactly N replicas", Duration::from_secs(60), || {
+        wait_for("every key on exactly N replicas", Duration::from_secs(120), || {
             let (_, nodes) = ring_members(rt, address)?;
             let mut probes: Vec<ReplicaProbe> = nodes
                 .iter()
