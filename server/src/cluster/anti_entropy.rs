@@ -398,6 +398,9 @@ pub async fn pull_partition<S: Storage>(
     let view = cluster.view();
     let formed = view.formed.as_ref().ok_or("the cluster is not formed")?;
     let bits = formed.partition_bits;
+    if partition >= formed.ring.partition_count() {
+        return Err(format!("no partition {partition} in a ring of {}", formed.ring.partition_count()));
+    }
     let (mut keys_copied, mut bytes) = (0u64, 0u64);
     for source in sources {
         let info = view.nodes.get(source).ok_or_else(|| format!("{source} is unknown"))?;

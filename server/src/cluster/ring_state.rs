@@ -83,9 +83,33 @@ impl RingState {
         })
     }
 
+    /// The ring of the current owners; an error if an owner names no member (a ring read from
+    /// a peer or a file is checked before it is adopted).
     pub fn ring(&self) -> Result<Ring, String> {
+        let owners_known =
+            |owners: &[NodeId]| owners.iter().all(|&owner| (owner as usize) < self.members.len());
+        let pending_owners = self.pending.as_ref().map_or(&[][..], |pending| &pending.owners[..]);
+        if !owners_known(&self.owners) || !owners_known(pending_owners) {
+            return Err("ring: a partition owner names no member".into());
+        }
         Ring::from_owners(self.partition_bits, self.owners.clone())
             .map_err(|error| format!("ring: {error:?}"))
+    }
+
+    /// The replicas of `key` now, and the nodes that will also be once the pending change
+    /// completes (empty when none is pending).
+    pub fn replicas(&self, key: &[u8]) -> (Vec<NodeId>, Vec<NodeId>) {
+        let Ok(ring) = self.ring() else { return (Vec::new(), Vec::new()) };
+        let now = ring.preference_list(key, self.replica_count).to_vec();
+        let pending = match self.pending_ring() {
+            Some(next) => next
+                .preference_list(key, self.replica_count)
+                .into_iter()
+                .filter(|n| !now.contains(n))
+                .collect(),
+            None => Vec::new(),
+        };
+        (now, pending)
     }
 
     pub fn pending_ring(&self) -> Option<Ring> {
@@ -418,6 +442,15 @@ mod tests {
             assert!(transfer.sources.len() >= 2, "{transfer:?}");
         }
         assert!(!removing.completed().expect("done").owners.contains(&1));
+    }
+
+    #[test]
+    fn a_ring_whose_owners_name_no_member_is_refused() {
+        let mut ring = three();
+        assert_eq!(ring.replicas(b"k").0.len(), 3);
+        ring.owners[7] = 9;
+        assert!(ring.ring().is_err());
+        assert_eq!(ring.replicas(b"k"), (Vec::new(), Vec::new()));
     }
 
     #[test]

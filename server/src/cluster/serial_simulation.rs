@@ -199,17 +199,7 @@ impl Simulation {
 
     /// The replicas of `key` and its pending replicas, as `node` sees the ring.
     fn replicas_seen_by(&self, node: NodeId, key: u32) -> (Vec<NodeId>, Vec<NodeId>) {
-        let view = self.nodes[node as usize].view.as_ref().expect("view");
-        let now = view.ring().expect("ring").preference_list(&key.to_le_bytes(), REPLICAS).to_vec();
-        let pending = match view.pending_ring() {
-            Some(next) => next
-                .preference_list(&key.to_le_bytes(), REPLICAS)
-                .into_iter()
-                .filter(|n| !now.contains(n))
-                .collect(),
-            None => Vec::new(),
-        };
-        (now, pending)
+        self.nodes[node as usize].view.as_ref().expect("view").replicas(&key.to_le_bytes())
     }
 
     /// A ring version is chosen: every node learns it within 30 ms (the driver at once).
