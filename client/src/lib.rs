@@ -49,6 +49,10 @@ pub enum Error {
     NoSpace(String),
     /// The operation is not offered here (a cluster operation on a standalone node).
     Unsupported(String),
+    /// A write with a causal context was refused, nothing written: it would leave the key
+    /// with more siblings (or sibling bytes) than the cluster accepts. Read the key with
+    /// [`Client::get_versions`] and write with its context to replace the siblings.
+    SiblingsFull(String),
     /// The server failed; a write may or may not have taken effect.
     Internal(String),
     /// A status this client does not know.
@@ -77,6 +81,7 @@ impl fmt::Display for Error {
             Error::Timeout => write!(f, "timed out"),
             Error::NoSpace(message) => write!(f, "no space: {message}"),
             Error::Unsupported(message) => write!(f, "unsupported: {message}"),
+            Error::SiblingsFull(message) => write!(f, "too many siblings: {message}"),
             Error::Internal(message) => write!(f, "server error: {message}"),
             Error::Server { status, message } => write!(f, "server status {status}: {message}"),
             Error::Io(message) => write!(f, "i/o error: {message}"),
@@ -114,8 +119,11 @@ pub struct Versioned {
     /// Concurrent values (siblings); empty if the key is absent or deleted.
     pub siblings: Vec<Value>,
     /// Opaque; pass it to [`Client::put_with_context`] so that the write supersedes exactly
-    /// these siblings.
+    /// these siblings. It never covers a sibling that is not in `siblings`.
     pub context: Vec<u8>,
+    /// Siblings the cluster holds beyond `siblings` (only from [`Client::get_versions_page`];
+    /// [`Client::get_versions`] reads them all).
+    pub omitted: u32,
 }
 
 impl Versioned {
@@ -251,6 +259,10 @@ fn check_value(value: &[u8]) -> Result<(), Error> {
     Ok(())
 }
 
+/// Pages of siblings one read follows at most: every page holds at least one sibling, and a
+/// key holds at most this many.
+const SIBLING_PAGE_COUNT_MAX: usize = schema::peer::STORED_SIBLING_COUNT_MAX;
+
 /// Maps a non-OK status to its error.
 fn status_error(response: ResponseView) -> Error {
     let message = response.message;
@@ -266,6 +278,7 @@ fn status_error(response: ResponseView) -> Error {
         Status::TIMEOUT => Error::Timeout,
         Status::NO_SPACE => Error::NoSpace(message),
         Status::UNSUPPORTED => Error::Unsupported(message),
+        Status::SIBLINGS_FULL => Error::SiblingsFull(message),
         Status::INTERNAL => Error::Internal(message),
         other => Error::Server { status: other.0, message },
     }
@@ -531,33 +544,63 @@ impl Client {
     }
 
     /// Every sibling of `key` and the causal context (a cluster may hold concurrent values).
+    /// A reply holds the siblings that fit in one frame; this reads the rest page by page,
+    /// each following page asked with the context so far, so that the last context covers
+    /// exactly the siblings returned (never one that arrived between pages).
     pub async fn get_versions(&self, key: &[u8]) -> Result<Versioned, Error> {
+        self.get_pages(key, false, usize::MAX).await
+    }
+
+    /// One page of `key`'s siblings at most: those that fit in one reply, from the first.
+    /// The context covers only those returned; `Versioned::omitted` counts the rest.
+    pub async fn get_versions_page(&self, key: &[u8]) -> Result<Versioned, Error> {
+        self.get_pages(key, false, 1).await
+    }
+
+    async fn get_pages(
+        &self,
+        key: &[u8],
+        metadata_only: bool,
+        page_count_max: usize,
+    ) -> Result<Versioned, Error> {
         check_key(key)?;
-        let response = self.call(Op::Get { key, metadata_only: false }).await?;
-        match response.status {
-            Status::OK | Status::NOT_FOUND => Ok(Versioned {
-                siblings: response.siblings.into_iter().map(Value::from).collect(),
-                context: response.context,
-            }),
-            _ => Err(status_error(response)),
+        let mut versioned = Versioned::default();
+        let mut context = Vec::new();
+        for _ in 0..page_count_max.min(SIBLING_PAGE_COUNT_MAX) {
+            let sibling_skip = u32::try_from(versioned.siblings.len()).unwrap_or(u32::MAX);
+            let op = Op::Get { key, metadata_only, sibling_skip };
+            let response = self.call_with_context(op, &context).await?;
+            if !matches!(response.status, Status::OK | Status::NOT_FOUND) {
+                return Err(status_error(response));
+            }
+            let page_size = response.siblings.len();
+            context = response.context;
+            versioned.siblings.extend(response.siblings.into_iter().map(Value::from));
+            versioned.omitted = response.siblings_omitted;
+            if response.siblings_omitted == 0 || page_size == 0 {
+                break;
+            }
         }
+        versioned.context = context;
+        Ok(versioned)
     }
 
     /// Stores `value` superseding what `context` (from [`Client::get_versions`]) covers;
-    /// concurrent writes not covered stay as siblings.
+    /// concurrent writes not covered stay as siblings. Returns the key's context after the
+    /// write (empty on a standalone node), with which a following write supersedes this one.
     pub async fn put_with_context(
         &self,
         key: &[u8],
         value: &[u8],
         ttl: Option<Duration>,
         context: &[u8],
-    ) -> Result<(), Error> {
+    ) -> Result<Vec<u8>, Error> {
         check_key(key)?;
         check_value(value)?;
         let ttl_ms = ttl.map_or(0, |ttl| ttl.as_millis().max(1) as u64);
         let response = self.call_with_context(Op::Put { key, value, ttl_ms }, context).await?;
         match response.status {
-            Status::OK => Ok(()),
+            Status::OK => Ok(response.context),
             _ => Err(status_error(response)),
         }
     }
@@ -588,19 +631,10 @@ impl Client {
     }
 
     async fn get_inner(&self, key: &[u8], metadata_only: bool) -> Result<Option<Value>, Error> {
-        check_key(key)?;
-        let response = self.call(Op::Get { key, metadata_only }).await?;
-        match response.status {
-            Status::OK => {
-                // A cluster may answer with concurrent siblings: the default resolver picks.
-                let sibling = response.siblings.into_iter().max_by_key(|sibling| sibling.timestamp_us);
-                let sibling =
-                    sibling.ok_or_else(|| Error::Protocol("OK reply to Get without a value".into()))?;
-                Ok(Some(Value::from(sibling)))
-            }
-            Status::NOT_FOUND => Ok(None),
-            _ => Err(status_error(response)),
-        }
+        // A cluster may answer with concurrent siblings: the default resolver picks, from
+        // every page.
+        let versioned = self.get_pages(key, metadata_only, usize::MAX).await?;
+        Ok(versioned.siblings.into_iter().max_by_key(|sibling| sibling.timestamp_us))
     }
 
     /// Deletes `key`; `Ok(false)` if it did not exist.
@@ -637,6 +671,19 @@ impl Client {
         ttl: Option<Duration>,
         context: &[u8],
     ) -> Result<CasOutcome, Error> {
+        self.cas_versioned(key, expected, new_value, ttl, context).await.map(|(outcome, _)| outcome)
+    }
+
+    /// As [`Client::cas_with_context`], and also the key's context after a swap in a cluster
+    /// (empty otherwise): a following write with it supersedes the swapped-in value.
+    pub async fn cas_versioned(
+        &self,
+        key: &[u8],
+        expected: Option<&[u8]>,
+        new_value: &[u8],
+        ttl: Option<Duration>,
+        context: &[u8],
+    ) -> Result<(CasOutcome, Vec<u8>), Error> {
         check_key(key)?;
         check_value(new_value)?;
         if let Some(expected) = expected {
@@ -645,9 +692,10 @@ impl Client {
         let ttl_ms = ttl.map_or(0, |ttl| ttl.as_millis().max(1) as u64);
         let response = self.call_with_context(Op::Cas { key, expected, new_value, ttl_ms }, context).await?;
         match response.status {
-            Status::OK => Ok(CasOutcome::Swapped),
+            Status::OK => Ok((CasOutcome::Swapped, response.context)),
             Status::CAS_FAILED => {
-                Ok(CasOutcome::Failed { current: response.siblings.into_iter().next().map(Value::from) })
+                let current = response.siblings.into_iter().next().map(Value::from);
+                Ok((CasOutcome::Failed { current }, Vec::new()))
             }
             _ => Err(status_error(response)),
         }

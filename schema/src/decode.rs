@@ -6,7 +6,7 @@ use std::fmt;
 use crate::wire;
 use crate::{
     Consistency, HelloInfo, ShardFunction, Status, FRAME_HEADER_SIZE, FRAME_SIZE_MAX, KEY_SIZE_MAX,
-    SIBLING_COUNT_MAX, VALUE_SIZE_MAX, WRITE_ID_SIZE,
+    PEER_FRAME_SIZE_MAX, SIBLING_COUNT_MAX, VALUE_SIZE_MAX, WRITE_ID_SIZE,
 };
 
 /// The longest TTL accepted: 100 years, so that `now + ttl` never overflows.
@@ -34,15 +34,25 @@ impl std::error::Error for FrameError {}
 /// Splits the first frame off `buf`. `Ok(None)`: more bytes are needed. `Ok(Some(payload))`:
 /// the frame occupies `FRAME_HEADER_SIZE + payload.len()` bytes at the front of `buf`.
 /// The size is checked before the caller buffers the payload, so a 4 GiB prefix costs nothing.
+/// Frames are client frames, at most `FRAME_SIZE_MAX`.
 pub fn split_frame(buf: &[u8]) -> Result<Option<&[u8]>, FrameError> {
+    split_frame_within(buf, FRAME_SIZE_MAX)
+}
+
+/// `split_frame` for a node, which also reads node-to-node frames (`PEER_FRAME_SIZE_MAX`).
+pub fn split_peer_frame(buf: &[u8]) -> Result<Option<&[u8]>, FrameError> {
+    split_frame_within(buf, PEER_FRAME_SIZE_MAX)
+}
+
+fn split_frame_within(buf: &[u8], size_max: usize) -> Result<Option<&[u8]>, FrameError> {
     let Some(header) = buf.get(..FRAME_HEADER_SIZE) else {
         return Ok(None);
     };
     let mut size_bytes = [0u8; FRAME_HEADER_SIZE];
     size_bytes.copy_from_slice(header);
     let size = u32::from_le_bytes(size_bytes) as usize;
-    if size > FRAME_SIZE_MAX {
-        return Err(FrameError::TooLarge { size, size_max: FRAME_SIZE_MAX });
+    if size > size_max {
+        return Err(FrameError::TooLarge { size, size_max });
     }
     Ok(buf.get(FRAME_HEADER_SIZE..FRAME_HEADER_SIZE + size))
 }
@@ -79,6 +89,8 @@ pub enum Op<'a> {
     Get {
         key: &'a [u8],
         metadata_only: bool,
+        /// Siblings to leave out at the front of the reply (a following page).
+        sibling_skip: u32,
     },
     Delete {
         key: &'a [u8],
@@ -187,7 +199,7 @@ fn verifier_options() -> flatbuffers::VerifierOptions {
     flatbuffers::VerifierOptions {
         max_depth: 8,
         max_tables: 4 * SIBLING_COUNT_MAX + 64,
-        max_apparent_size: 2 * FRAME_SIZE_MAX,
+        max_apparent_size: 2 * PEER_FRAME_SIZE_MAX,
         ignore_missing_null_terminator: false,
     }
 }
@@ -225,7 +237,11 @@ pub fn parse_request(payload: &[u8]) -> Result<RequestView<'_>, ParseError> {
         }
         wire::Operation::Get => {
             let get = request.op_as_get().ok_or_else(|| bad("Get without a body".into()))?;
-            Op::Get { key: check_key(id, get.key())?, metadata_only: get.metadata_only() }
+            Op::Get {
+                key: check_key(id, get.key())?,
+                metadata_only: get.metadata_only(),
+                sibling_skip: get.sibling_skip(),
+            }
         }
         wire::Operation::Delete => {
             let delete = request.op_as_delete().ok_or_else(|| bad("Delete without a body".into()))?;
@@ -400,6 +416,8 @@ pub struct ResponseView {
     pub merkle: Option<crate::peer::MerkleData>,
     /// The reply to RingChange (JSON).
     pub ring: Option<String>,
+    /// Siblings of the key left out of this reply (read them with `Get.sibling_skip`).
+    pub siblings_omitted: u32,
 }
 
 /// Verifies a response payload (clients distrust servers too).
@@ -445,5 +463,6 @@ pub fn parse_response(payload: &[u8]) -> Result<ResponseView, String> {
         topology: response.topology().map(|t| crate::peer::decode_topology(t.bytes())).transpose()?,
         merkle: response.merkle().map(|m| crate::peer::decode_merkle(m.bytes())).transpose()?,
         ring: response.ring().map(str::to_string),
+        siblings_omitted: response.siblings_omitted(),
     })
 }

@@ -3,7 +3,7 @@
 use flatbuffers::FlatBufferBuilder;
 
 use crate::wire;
-use crate::{Op, RequestView, ShardFunction, Status, FRAME_SIZE_MAX};
+use crate::{Op, RequestView, ShardFunction, Status, PEER_FRAME_SIZE_MAX};
 
 /// What a Hello reply tells a client about the node.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,6 +43,8 @@ pub struct ResponseOut<'a> {
     pub merkle: &'a [u8],
     /// The reply to RingChange (JSON).
     pub ring: Option<&'a str>,
+    /// Siblings left out of a read's reply (they follow those in `siblings`).
+    pub siblings_omitted: u32,
 }
 
 impl<'a> ResponseOut<'a> {
@@ -59,13 +61,14 @@ impl<'a> ResponseOut<'a> {
             topology: &[],
             merkle: &[],
             ring: None,
+            siblings_omitted: 0,
         }
     }
 }
 
 fn finish_frame(builder: &mut FlatBufferBuilder<'_>, out: &mut Vec<u8>) {
     let data = builder.finished_data();
-    assert!(data.len() <= FRAME_SIZE_MAX, "encoded frame of {} bytes", data.len());
+    assert!(data.len() <= PEER_FRAME_SIZE_MAX, "encoded frame of {} bytes", data.len());
     out.extend_from_slice(&(data.len() as u32).to_le_bytes());
     out.extend_from_slice(data);
     builder.reset();
@@ -135,6 +138,7 @@ pub fn encode_response(builder: &mut FlatBufferBuilder<'_>, out: &mut Vec<u8>, r
             topology,
             merkle,
             ring,
+            siblings_omitted: response.siblings_omitted,
         },
     );
     builder.finish_minimal(root);
@@ -217,9 +221,9 @@ pub fn encode_request(builder: &mut FlatBufferBuilder<'_>, out: &mut Vec<u8>, re
             let args = wire::PutArgs { key: Some(key), value: Some(value), ttl_ms };
             (wire::Operation::Put, wire::Put::create(builder, &args).as_union_value())
         }
-        Op::Get { key, metadata_only } => {
+        Op::Get { key, metadata_only, sibling_skip } => {
             let key = builder.create_vector(key);
-            let args = wire::GetArgs { key: Some(key), metadata_only };
+            let args = wire::GetArgs { key: Some(key), metadata_only, sibling_skip };
             (wire::Operation::Get, wire::Get::create(builder, &args).as_union_value())
         }
         Op::Delete { key } => {
@@ -293,7 +297,7 @@ mod tests {
         let cases = [
             Op::Hello { protocol_version: 1, client_name: "test" },
             Op::Put { key: b"k", value: b"", ttl_ms: 5 },
-            Op::Get { key: b"k", metadata_only: true },
+            Op::Get { key: b"k", metadata_only: true, sibling_skip: 3 },
             Op::Delete { key: b"k" },
             Op::Cas { key: b"k", expected: None, new_value: b"v", ttl_ms: 0 },
             Op::Cas { key: b"k", expected: Some(b""), new_value: b"v", ttl_ms: 0 },
@@ -310,8 +314,9 @@ mod tests {
         let long_value = vec![0u8; VALUE_SIZE_MAX + 1];
         let max_value = vec![0u8; VALUE_SIZE_MAX];
         let status = |op| roundtrip(op).map(|_| Status::OK).unwrap_or_else(|e| e.status);
-        assert_eq!(status(Op::Get { key: b"", metadata_only: false }), Status::KEY_EMPTY);
-        assert_eq!(status(Op::Get { key: &long_key, metadata_only: false }), Status::KEY_TOO_LARGE);
+        assert_eq!(status(Op::Get { key: b"", metadata_only: false, sibling_skip: 0 }), Status::KEY_EMPTY);
+        let get_long = Op::Get { key: &long_key, metadata_only: false, sibling_skip: 0 };
+        assert_eq!(status(get_long), Status::KEY_TOO_LARGE);
         assert_eq!(status(Op::Put { key: &max_key, value: &max_value, ttl_ms: 0 }), Status::OK);
         assert_eq!(status(Op::Put { key: b"k", value: &long_value, ttl_ms: 0 }), Status::VALUE_TOO_LARGE);
         let cas = Op::Cas { key: b"k", expected: Some(&long_value), new_value: b"", ttl_ms: 0 };
@@ -351,6 +356,7 @@ mod tests {
             topology: &[],
             merkle: &[],
             ring: None,
+            siblings_omitted: 5,
         };
         let mut builder = FlatBufferBuilder::new();
         let mut frame = Vec::new();
@@ -361,6 +367,8 @@ mod tests {
         assert_eq!(view.siblings[0].value, b"v");
         assert_eq!(view.siblings[0].ttl_left_ms, 4);
         assert_eq!(view.context, b"ctx");
+        assert_eq!(view.siblings_omitted, 5);
+        assert_eq!(view.siblings_omitted, 5);
         assert_eq!(view.hello, Some(hello));
     }
 }

@@ -15,8 +15,8 @@ mod encode;
 pub mod peer;
 
 pub use decode::{
-    parse_request, parse_response, split_frame, FrameError, Op, ParseError, RequestView, ResponseView,
-    SiblingView, TTL_MS_MAX,
+    parse_request, parse_response, split_frame, split_peer_frame, FrameError, Op, ParseError, RequestView,
+    ResponseView, SiblingView, TTL_MS_MAX,
 };
 pub use encode::{encode_request, encode_response, HelloInfo, ResponseOut, SiblingOut};
 pub use generated::kv::wire;
@@ -28,26 +28,40 @@ pub const PROTOCOL_VERSION: u32 = 1;
 pub const KEY_SIZE_MAX: usize = 256;
 /// Values are 0..=1 MiB.
 pub const VALUE_SIZE_MAX: usize = 1 << 20;
+/// A coordinator refuses (`SIBLINGS_FULL`) a write with a causal context that would leave the
+/// key with more than this many bytes of sibling values: room for two maximal values. A key
+/// within it always fits in one reply.
+pub const SIBLING_VALUE_BYTES_MAX: usize = 2 * VALUE_SIZE_MAX;
 /// The largest value a node's storage engine holds. A cluster node stores all of a key's
-/// versions (siblings and version vector) as one value, bounded to this by dropping the
-/// oldest siblings: room for two maximal values and their metadata.
-pub const STORED_VALUE_SIZE_MAX: usize = 2 * VALUE_SIZE_MAX + 16 * 1024;
+/// versions (siblings, version vector, a pending Paxos proposal) as one value. Merges never
+/// drop a sibling, so a key may outgrow the coordinator's limits (concurrent coordinators
+/// each within them); this leaves room for eight times the byte limit. A merge beyond it is
+/// refused (the replicas that hold the versions keep them), never truncated.
+pub const STORED_VALUE_SIZE_MAX: usize = 8 * SIBLING_VALUE_BYTES_MAX + 64 * 1024;
 /// Bytes of the little-endian length prefix in front of every frame.
 pub const FRAME_HEADER_SIZE: usize = 4;
-/// The largest frame payload either side accepts: a CAS carries two values plus a key,
-/// and FlatBuffers adds a little framing of its own.
+/// The largest frame payload a client sends or receives: a CAS carries two values plus a key,
+/// a reply at most `SIBLING_VALUE_BYTES_MAX` of sibling values (the rest are left for a
+/// following page), and FlatBuffers adds a little framing of its own.
 pub const FRAME_SIZE_MAX: usize = 2 * VALUE_SIZE_MAX + 64 * 1024;
+/// The largest frame payload a node accepts and sends: node-to-node messages carry a key's
+/// whole stored versions. A client frame above `FRAME_SIZE_MAX` gets no more than an error.
+pub const PEER_FRAME_SIZE_MAX: usize = STORED_VALUE_SIZE_MAX + 64 * 1024;
 /// Seed of the shard hash; part of the protocol, never changed for a data directory.
 pub const SHARD_HASH_SEED: u64 = 0;
 /// Length of an optional write id.
 pub const WRITE_ID_SIZE: usize = 16;
-/// A reply never holds more siblings than this.
+/// A reply never holds more siblings than this, and a coordinator refuses (`SIBLINGS_FULL`) a
+/// write with a causal context that would leave the key with more.
 pub const SIBLING_COUNT_MAX: usize = 64;
 
 const _: () = assert!(FRAME_SIZE_MAX <= u32::MAX as usize);
 const _: () = assert!(FRAME_SIZE_MAX > 2 * VALUE_SIZE_MAX + KEY_SIZE_MAX);
 // A replica's versions travel in one frame (Replicate, the reply to ReadReplica).
-const _: () = assert!(FRAME_SIZE_MAX >= STORED_VALUE_SIZE_MAX + KEY_SIZE_MAX + 4096);
+const _: () = assert!(PEER_FRAME_SIZE_MAX >= STORED_VALUE_SIZE_MAX + KEY_SIZE_MAX + 4096);
+const _: () = assert!(PEER_FRAME_SIZE_MAX <= u32::MAX as usize);
+// A reply's page of siblings, with their metadata and the context, fits in a client frame.
+const _: () = assert!(FRAME_SIZE_MAX >= SIBLING_VALUE_BYTES_MAX + SIBLING_COUNT_MAX * 64 + 16 * 1024);
 
 /// The stable 64-bit hash of a key: xxh3-64 with [`SHARD_HASH_SEED`]. Ring tokens and shard
 /// placement both derive from it, so it must never change for an existing data directory.

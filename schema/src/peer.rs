@@ -7,8 +7,10 @@ use flatbuffers::{FlatBufferBuilder, WIPOffset};
 use crate::wire;
 use crate::{KEY_SIZE_MAX, VALUE_SIZE_MAX};
 
-/// Siblings a stored or shipped key may hold (the cluster bounds them lower).
-pub const STORED_SIBLING_COUNT_MAX: usize = 64;
+/// Siblings a stored or shipped key may hold. A coordinator holds a key to
+/// `SIBLING_COUNT_MAX`; merges never drop a sibling, so a key may hold more (concurrent
+/// coordinators each within the limit), up to this; a merge beyond it is refused.
+pub const STORED_SIBLING_COUNT_MAX: usize = 16 * crate::SIBLING_COUNT_MAX;
 /// Entries in one version vector (actors: the nodes that ever coordinated a write of the key).
 pub const CLOCK_ENTRY_COUNT_MAX: usize = 1024;
 /// Nodes in one gossip message or topology.
@@ -69,6 +71,8 @@ pub struct KeyVersionsData {
     pub chosen: Vec<(Ballot, u32, u64)>,
     /// Only in a stored record (and a replica's answer to Paxos); default elsewhere.
     pub acceptor: AcceptorData,
+    /// The newest blind write met: (timestamp_us, actor, counter).
+    pub newest_blind: Option<(u64, u32, u64)>,
 }
 
 fn options() -> flatbuffers::VerifierOptions {
@@ -112,6 +116,9 @@ pub fn encode_key_versions(versions: &KeyVersionsData) -> Vec<u8> {
         .map(|&(ballot, actor, counter)| wire::ChosenWrite::new(&ballot.to_wire(), actor, counter))
         .collect();
     let chosen = (!chosen.is_empty()).then(|| builder.create_vector(&chosen));
+    let newest_blind = versions
+        .newest_blind
+        .map(|(timestamp_us, actor, counter)| wire::BlindWrite::new(timestamp_us, counter, actor));
     let acceptor = &versions.acceptor;
     let has_state = *acceptor != AcceptorData::default();
     let promised = acceptor.promised.to_wire();
@@ -129,6 +136,7 @@ pub fn encode_key_versions(versions: &KeyVersionsData) -> Vec<u8> {
             accepted_proposal,
             committed: has_state.then_some(&committed),
             chosen,
+            newest_blind: newest_blind.as_ref(),
         },
     );
     builder.finish_minimal(root);
@@ -209,7 +217,12 @@ fn decode_versions(bytes: &[u8], may_hold_acceptor: bool) -> Result<KeyVersionsD
         accepted,
         committed: root.committed().map(Ballot::from_wire).unwrap_or_default(),
     };
-    Ok(KeyVersionsData { clock, siblings: out, chosen, acceptor })
+    let newest_blind =
+        root.newest_blind().map(|write| (write.timestamp_us(), write.actor(), write.counter()));
+    if newest_blind.is_some_and(|(_, _, counter)| counter == 0) {
+        return Err("a blind write with a zero counter".into());
+    }
+    Ok(KeyVersionsData { clock, siblings: out, chosen, acceptor, newest_blind })
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -620,6 +633,7 @@ mod tests {
             ],
             chosen: vec![(Ballot { time_us: 5, actor: 1, counter: 2 }, 1, 5)],
             acceptor: AcceptorData::default(),
+            newest_blind: Some((4, 7, 2)),
         };
         assert_eq!(decode_key_versions(&encode_key_versions(&versions)), Ok(versions.clone()));
         // A stored record: the acceptor state round-trips too, and a proposal may not nest

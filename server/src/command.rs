@@ -49,6 +49,11 @@ pub enum Command {
     Read {
         key: Vec<u8>,
         metadata_only: bool,
+        /// Live siblings to leave out at the front of the reply (a following page).
+        sibling_skip: u32,
+        /// A following page: the context the earlier pages' replies gave, which covers the
+        /// siblings they showed.
+        shown_before: Option<VersionVector>,
         consistency: Consistency,
         timeout_ms: u64,
     },
@@ -115,7 +120,7 @@ impl Command {
             | Op::Transfer { .. }
             | Op::ChangeMembership { .. }
             | Op::Snapshot { .. } => return None,
-            Op::Get { key, metadata_only } => Command::Get { key: key.to_vec(), metadata_only },
+            Op::Get { key, metadata_only, .. } => Command::Get { key: key.to_vec(), metadata_only },
             Op::Put { key, value, ttl_ms } => {
                 Command::Put { key: key.to_vec(), value: value.to_vec(), ttl_ms }
             }
@@ -165,6 +170,9 @@ pub struct Version<V> {
 pub enum Reply<V> {
     /// A PUT, DELETE or successful CAS is durable under the sync policy.
     Done,
+    /// Cluster: as `Done`, with the key's causal context after the write (the context a
+    /// following write may carry to supersede it).
+    Written(Vec<u8>),
     Found(Version<V>),
     NotFound,
     /// The CAS did not match; the current version, if any.
@@ -173,10 +181,13 @@ pub enum Reply<V> {
         status: Status,
         message: String,
     },
-    /// Cluster read: every live sibling (none: NOT_FOUND) and the causal context.
+    /// Cluster read: the live siblings that fit in one reply (none: NOT_FOUND), how many
+    /// more there are (`omitted`, after these), and a causal context that covers no sibling
+    /// left out.
     Siblings {
         versions: Vec<Version<V>>,
         context: Vec<u8>,
+        omitted: u32,
     },
     /// Node to node: a replica's encoded versions (empty: it holds none).
     Versions(Vec<u8>),
@@ -202,13 +213,16 @@ impl<V> Reply<V> {
         };
         match self {
             Reply::Done => Reply::Done,
+            Reply::Written(context) => Reply::Written(context),
             Reply::Found(version) => Reply::Found(map_version(version)),
             Reply::NotFound => Reply::NotFound,
             Reply::CasFailed(version) => Reply::CasFailed(version.map(map_version)),
             Reply::Error { status, message } => Reply::Error { status, message },
-            Reply::Siblings { versions, context } => {
-                Reply::Siblings { versions: versions.into_iter().map(map_version).collect(), context }
-            }
+            Reply::Siblings { versions, context, omitted } => Reply::Siblings {
+                versions: versions.into_iter().map(map_version).collect(),
+                context,
+                omitted,
+            },
             Reply::Versions(bytes) => Reply::Versions(bytes),
             Reply::Updated(answer) => Reply::Updated(answer.map_value(&f)),
             Reply::Stats(text) => Reply::Stats(text),

@@ -71,11 +71,14 @@ pub fn op_name(command: &Command) -> &'static str {
 
 pub fn status_name(reply: &LocalReply) -> &'static str {
     let status = match reply {
-        Reply::Done | Reply::Found(_) | Reply::Versions(_) | Reply::Updated(_) | Reply::Stats(_) => {
-            Status::OK
-        }
+        Reply::Done
+        | Reply::Written(_)
+        | Reply::Found(_)
+        | Reply::Versions(_)
+        | Reply::Updated(_)
+        | Reply::Stats(_) => Status::OK,
         Reply::NotFound => Status::NOT_FOUND,
-        Reply::Siblings { versions, .. } if versions.is_empty() => Status::NOT_FOUND,
+        Reply::Siblings { versions, omitted: 0, .. } if versions.is_empty() => Status::NOT_FOUND,
         Reply::Siblings { .. } => Status::OK,
         Reply::CasFailed(_) => Status::CAS_FAILED,
         Reply::Error { status, .. } => *status,

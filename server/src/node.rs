@@ -555,7 +555,9 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
             },
             limits,
             connections_max: args.connections_max.div_ceil(shard_count),
-            large_buffers_size_max: args.read_buffers_max_mib.max(3) << 20,
+            // Never less than one node-to-node frame, which would otherwise wait for good.
+            large_buffers_size_max: args.read_buffers_max_mib.max((schema::PEER_FRAME_SIZE_MAX >> 20) + 2)
+                << 20,
             hello: hello.clone(),
             client_listener,
             shard_listener,

@@ -213,9 +213,10 @@ impl<S: Storage> Shard<S> {
                 let timeout = Duration::from_millis(timeout_ms);
                 replication::coordinate_write(self, key, value, ttl_ms, context, consistency, timeout).await
             }
-            Command::Read { key, metadata_only, consistency, timeout_ms } => {
+            Command::Read { key, metadata_only, sibling_skip, shown_before, consistency, timeout_ms } => {
                 let timeout = Duration::from_millis(timeout_ms);
-                replication::coordinate_read(self, key, metadata_only, consistency, timeout).await
+                let page = replication::Page { metadata_only, sibling_skip, shown_before };
+                replication::coordinate_read(self, key, page, consistency, timeout).await
             }
             Command::Serial { key, op, commit, timeout_ms } => {
                 let timeout = Duration::from_millis(timeout_ms);

@@ -75,7 +75,7 @@ fn main() {
                         let (store, value) = (store.clone(), value.clone());
                         glommio::spawn_local(async move {
                             let op = if read {
-                                Op::Get { key: &key, metadata_only: false }
+                                Op::Get { key: &key, metadata_only: false, sibling_skip: 0 }
                             } else {
                                 Op::Put { key: &key, value: &value, ttl_ms: 0 }
                             };

@@ -110,10 +110,10 @@ impl ::flatbuffers::SimpleToVerifyInSlice for Consistency {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_STATUS: u16 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_STATUS: u16 = 14;
+pub const ENUM_MAX_STATUS: u16 = 15;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_STATUS: [Status; 15] = [
+pub const ENUM_VALUES_STATUS: [Status; 16] = [
   Status::OK,
   Status::NOT_FOUND,
   Status::CAS_FAILED,
@@ -129,6 +129,7 @@ pub const ENUM_VALUES_STATUS: [Status; 15] = [
   Status::FRAME_TOO_LARGE,
   Status::NO_SPACE,
   Status::UNSUPPORTED,
+  Status::SIBLINGS_FULL,
 ];
 
 /// Outcome of a request. Values are stable: new ones are appended, none renumbered.
@@ -156,9 +157,14 @@ impl Status {
   /// The operation is not offered in this configuration (for example SERIAL on a
   /// standalone node's node-to-node operations).
   pub const UNSUPPORTED: Self = Self(14);
+  /// A write with a causal context was refused: it would leave the key with more siblings, or
+  /// more bytes of sibling values, than a coordinator accepts (the message names the limits).
+  /// Nothing was written. Read the key and write with the context it returns: that write
+  /// replaces the siblings it was given.
+  pub const SIBLINGS_FULL: Self = Self(15);
 
   pub const ENUM_MIN: u16 = 0;
-  pub const ENUM_MAX: u16 = 14;
+  pub const ENUM_MAX: u16 = 15;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::OK,
     Self::NOT_FOUND,
@@ -175,6 +181,7 @@ impl Status {
     Self::FRAME_TOO_LARGE,
     Self::NO_SPACE,
     Self::UNSUPPORTED,
+    Self::SIBLINGS_FULL,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -194,6 +201,7 @@ impl Status {
       Self::FRAME_TOO_LARGE => Some("FRAME_TOO_LARGE"),
       Self::NO_SPACE => Some("NO_SPACE"),
       Self::UNSUPPORTED => Some("UNSUPPORTED"),
+      Self::SIBLINGS_FULL => Some("SIBLINGS_FULL"),
       _ => None,
     }
   }
@@ -1364,6 +1372,166 @@ impl<'a> ChosenWrite {
 
 }
 
+/// A blind write's place in last-writer-wins order: timestamp, then dot (actor, counter).
+// struct BlindWrite, aligned to 8
+#[repr(transparent)]
+#[derive(Clone, Copy, PartialEq)]
+pub struct BlindWrite(pub [u8; 24]);
+impl Default for BlindWrite { 
+  fn default() -> Self { 
+    Self([0; 24])
+  }
+}
+impl ::core::fmt::Debug for BlindWrite {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter) -> ::core::fmt::Result {
+    f.debug_struct("BlindWrite")
+      .field("timestamp_us", &self.timestamp_us())
+      .field("counter", &self.counter())
+      .field("actor", &self.actor())
+      .finish()
+  }
+}
+
+impl ::flatbuffers::SimpleToVerifyInSlice for BlindWrite {}
+impl<'a> ::flatbuffers::Follow<'a> for BlindWrite {
+  type Inner = &'a BlindWrite;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    unsafe { <&'a BlindWrite>::follow(buf, loc) }
+  }
+}
+impl<'a> ::flatbuffers::Follow<'a> for &'a BlindWrite {
+  type Inner = &'a BlindWrite;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    unsafe { ::flatbuffers::follow_cast_ref::<BlindWrite>(buf, loc) }
+  }
+}
+impl<'b> ::flatbuffers::Push for BlindWrite {
+    type Output = BlindWrite;
+    #[inline]
+    unsafe fn push(&self, dst: &mut [u8], _written_len: usize) {
+        let src = unsafe { ::core::slice::from_raw_parts(self as *const BlindWrite as *const u8, <Self as ::flatbuffers::Push>::size()) };
+        dst.copy_from_slice(src);
+    }
+    #[inline]
+    fn alignment() -> ::flatbuffers::PushAlignment {
+        ::flatbuffers::PushAlignment::new(8)
+    }
+}
+
+impl<'a> ::flatbuffers::Verifiable for BlindWrite {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.in_buffer::<Self>(pos)
+  }
+}
+
+impl<'a> BlindWrite {
+  #[allow(clippy::too_many_arguments)]
+  pub fn new(
+    timestamp_us: u64,
+    counter: u64,
+    actor: u32,
+  ) -> Self {
+    let mut s = Self([0; 24]);
+    s.set_timestamp_us(timestamp_us);
+    s.set_counter(counter);
+    s.set_actor(actor);
+    s
+  }
+
+  pub fn timestamp_us(&self) -> u64 {
+    let mut mem = ::core::mem::MaybeUninit::<<u64 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[0..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_timestamp_us(&mut self, x: u64) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[0..].as_mut_ptr(),
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+  pub fn counter(&self) -> u64 {
+    let mut mem = ::core::mem::MaybeUninit::<<u64 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[8..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_counter(&mut self, x: u64) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[8..].as_mut_ptr(),
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+  pub fn actor(&self) -> u32 {
+    let mut mem = ::core::mem::MaybeUninit::<<u32 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[16..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u32 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_actor(&mut self, x: u32) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[16..].as_mut_ptr(),
+        ::core::mem::size_of::<<u32 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+}
+
 pub enum HelloOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
@@ -1628,6 +1796,7 @@ impl<'a> ::flatbuffers::Follow<'a> for Get<'a> {
 impl<'a> Get<'a> {
   pub const VT_KEY: ::flatbuffers::VOffsetT = 4;
   pub const VT_METADATA_ONLY: ::flatbuffers::VOffsetT = 6;
+  pub const VT_SIBLING_SKIP: ::flatbuffers::VOffsetT = 8;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -1639,6 +1808,7 @@ impl<'a> Get<'a> {
     args: &'args GetArgs<'args>
   ) -> ::flatbuffers::WIPOffset<Get<'bldr>> {
     let mut builder = GetBuilder::new(_fbb);
+    builder.add_sibling_skip(args.sibling_skip);
     if let Some(x) = args.key { builder.add_key(x); }
     builder.add_metadata_only(args.metadata_only);
     builder.finish()
@@ -1660,6 +1830,15 @@ impl<'a> Get<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<bool>(Get::VT_METADATA_ONLY, Some(false)).unwrap()}
   }
+  /// Leave out the first `sibling_skip` siblings (in the order replies list them): the way to
+  /// read the siblings a reply left out (`Response.siblings_omitted`).
+  #[inline]
+  pub fn sibling_skip(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(Get::VT_SIBLING_SKIP, Some(0)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for Get<'_> {
@@ -1670,6 +1849,7 @@ impl ::flatbuffers::Verifiable for Get<'_> {
     v.visit_table(pos)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u8>>>("key", Self::VT_KEY, false)?
      .visit_field::<bool>("metadata_only", Self::VT_METADATA_ONLY, false)?
+     .visit_field::<u32>("sibling_skip", Self::VT_SIBLING_SKIP, false)?
      .finish();
     Ok(())
   }
@@ -1677,6 +1857,7 @@ impl ::flatbuffers::Verifiable for Get<'_> {
 pub struct GetArgs<'a> {
     pub key: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u8>>>,
     pub metadata_only: bool,
+    pub sibling_skip: u32,
 }
 impl<'a> Default for GetArgs<'a> {
   #[inline]
@@ -1684,6 +1865,7 @@ impl<'a> Default for GetArgs<'a> {
     GetArgs {
       key: None,
       metadata_only: false,
+      sibling_skip: 0,
     }
   }
 }
@@ -1700,6 +1882,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> GetBuilder<'a, 'b, A> {
   #[inline]
   pub fn add_metadata_only(&mut self, metadata_only: bool) {
     self.fbb_.push_slot::<bool>(Get::VT_METADATA_ONLY, metadata_only, false);
+  }
+  #[inline]
+  pub fn add_sibling_skip(&mut self, sibling_skip: u32) {
+    self.fbb_.push_slot::<u32>(Get::VT_SIBLING_SKIP, sibling_skip, 0);
   }
   #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> GetBuilder<'a, 'b, A> {
@@ -1721,6 +1907,7 @@ impl ::core::fmt::Debug for Get<'_> {
     let mut ds = f.debug_struct("Get");
       ds.field("key", &self.key());
       ds.field("metadata_only", &self.metadata_only());
+      ds.field("sibling_skip", &self.sibling_skip());
       ds.finish()
   }
 }
@@ -4442,6 +4629,7 @@ impl<'a> Response<'a> {
   pub const VT_TOPOLOGY: ::flatbuffers::VOffsetT = 20;
   pub const VT_MERKLE: ::flatbuffers::VOffsetT = 22;
   pub const VT_RING: ::flatbuffers::VOffsetT = 24;
+  pub const VT_SIBLINGS_OMITTED: ::flatbuffers::VOffsetT = 26;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -4454,6 +4642,7 @@ impl<'a> Response<'a> {
   ) -> ::flatbuffers::WIPOffset<Response<'bldr>> {
     let mut builder = ResponseBuilder::new(_fbb);
     builder.add_id(args.id);
+    builder.add_siblings_omitted(args.siblings_omitted);
     if let Some(x) = args.ring { builder.add_ring(x); }
     if let Some(x) = args.merkle { builder.add_merkle(x); }
     if let Some(x) = args.topology { builder.add_topology(x); }
@@ -4580,6 +4769,16 @@ impl<'a> Response<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(Response::VT_RING, None)}
   }
+  /// Siblings of the key that this reply leaves out, after those it holds, because they would
+  /// not fit in one frame; ask again with `Get.sibling_skip` to read them. `context` never
+  /// covers a sibling left out, so a write with it replaces only those shown.
+  #[inline]
+  pub fn siblings_omitted(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(Response::VT_SIBLINGS_OMITTED, Some(0)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for Response<'_> {
@@ -4599,6 +4798,7 @@ impl ::flatbuffers::Verifiable for Response<'_> {
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u8>>>("topology", Self::VT_TOPOLOGY, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u8>>>("merkle", Self::VT_MERKLE, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("ring", Self::VT_RING, false)?
+     .visit_field::<u32>("siblings_omitted", Self::VT_SIBLINGS_OMITTED, false)?
      .finish();
     Ok(())
   }
@@ -4615,6 +4815,7 @@ pub struct ResponseArgs<'a> {
     pub topology: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u8>>>,
     pub merkle: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u8>>>,
     pub ring: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub siblings_omitted: u32,
 }
 impl<'a> Default for ResponseArgs<'a> {
   #[inline]
@@ -4631,6 +4832,7 @@ impl<'a> Default for ResponseArgs<'a> {
       topology: None,
       merkle: None,
       ring: None,
+      siblings_omitted: 0,
     }
   }
 }
@@ -4685,6 +4887,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ResponseBuilder<'a, 'b, A> {
     self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Response::VT_RING, ring);
   }
   #[inline]
+  pub fn add_siblings_omitted(&mut self, siblings_omitted: u32) {
+    self.fbb_.push_slot::<u32>(Response::VT_SIBLINGS_OMITTED, siblings_omitted, 0);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ResponseBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     ResponseBuilder {
@@ -4713,6 +4919,7 @@ impl ::core::fmt::Debug for Response<'_> {
       ds.field("topology", &self.topology());
       ds.field("merkle", &self.merkle());
       ds.field("ring", &self.ring());
+      ds.field("siblings_omitted", &self.siblings_omitted());
       ds.finish()
   }
 }
@@ -4941,6 +5148,7 @@ impl<'a> KeyVersions<'a> {
   pub const VT_ACCEPTED_PROPOSAL: ::flatbuffers::VOffsetT = 12;
   pub const VT_COMMITTED: ::flatbuffers::VOffsetT = 14;
   pub const VT_CHOSEN: ::flatbuffers::VOffsetT = 16;
+  pub const VT_NEWEST_BLIND: ::flatbuffers::VOffsetT = 18;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -4952,6 +5160,7 @@ impl<'a> KeyVersions<'a> {
     args: &'args KeyVersionsArgs<'args>
   ) -> ::flatbuffers::WIPOffset<KeyVersions<'bldr>> {
     let mut builder = KeyVersionsBuilder::new(_fbb);
+    if let Some(x) = args.newest_blind { builder.add_newest_blind(x); }
     if let Some(x) = args.chosen { builder.add_chosen(x); }
     if let Some(x) = args.committed { builder.add_committed(x); }
     if let Some(x) = args.accepted_proposal { builder.add_accepted_proposal(x); }
@@ -5027,6 +5236,16 @@ impl<'a> KeyVersions<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ChosenWrite>>>(KeyVersions::VT_CHOSEN, None)}
   }
+  /// The newest blind (last-writer-wins) write of the key these versions have met, even if a
+  /// later write superseded it: every sibling older than it (by timestamp, then dot) is
+  /// superseded wherever the two meet. Absent: no blind write.
+  #[inline]
+  pub fn newest_blind(&self) -> Option<&'a BlindWrite> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<BlindWrite>(KeyVersions::VT_NEWEST_BLIND, None)}
+  }
 }
 
 impl ::flatbuffers::Verifiable for KeyVersions<'_> {
@@ -5042,6 +5261,7 @@ impl ::flatbuffers::Verifiable for KeyVersions<'_> {
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u8>>>("accepted_proposal", Self::VT_ACCEPTED_PROPOSAL, false)?
      .visit_field::<Ballot>("committed", Self::VT_COMMITTED, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ChosenWrite>>>("chosen", Self::VT_CHOSEN, false)?
+     .visit_field::<BlindWrite>("newest_blind", Self::VT_NEWEST_BLIND, false)?
      .finish();
     Ok(())
   }
@@ -5054,6 +5274,7 @@ pub struct KeyVersionsArgs<'a> {
     pub accepted_proposal: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u8>>>,
     pub committed: Option<&'a Ballot>,
     pub chosen: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ChosenWrite>>>,
+    pub newest_blind: Option<&'a BlindWrite>,
 }
 impl<'a> Default for KeyVersionsArgs<'a> {
   #[inline]
@@ -5066,6 +5287,7 @@ impl<'a> Default for KeyVersionsArgs<'a> {
       accepted_proposal: None,
       committed: None,
       chosen: None,
+      newest_blind: None,
     }
   }
 }
@@ -5104,6 +5326,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> KeyVersionsBuilder<'a, 'b, A>
     self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(KeyVersions::VT_CHOSEN, chosen);
   }
   #[inline]
+  pub fn add_newest_blind(&mut self, newest_blind: &BlindWrite) {
+    self.fbb_.push_slot_always::<&BlindWrite>(KeyVersions::VT_NEWEST_BLIND, newest_blind);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> KeyVersionsBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     KeyVersionsBuilder {
@@ -5128,6 +5354,7 @@ impl ::core::fmt::Debug for KeyVersions<'_> {
       ds.field("accepted_proposal", &self.accepted_proposal());
       ds.field("committed", &self.committed());
       ds.field("chosen", &self.chosen());
+      ds.field("newest_blind", &self.newest_blind());
       ds.finish()
   }
 }

@@ -146,7 +146,7 @@ mod tests {
 
     fn versions(siblings: Vec<Sibling<Value>>) -> Versions<Value> {
         let clock = VersionVector::from_entries(siblings.iter().map(|s| (s.dot.actor, s.dot.counter)));
-        Versions::from_parts(clock, siblings, Vec::new())
+        Versions::from_parts(clock, siblings, Vec::new(), None)
     }
 
     fn sibling(actor: u32, counter: u64, value: Option<&[u8]>, timestamp_us: u64) -> Sibling<Value> {

@@ -18,7 +18,7 @@ use futures::channel::oneshot;
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 use schema::{
-    encode_request, parse_response, split_frame, Consistency, Op, RequestView, ResponseView,
+    encode_request, parse_response, split_peer_frame, Consistency, Op, RequestView, ResponseView,
     FRAME_HEADER_SIZE,
 };
 
@@ -241,7 +241,7 @@ async fn read_replies(mut reader: futures_lite::io::ReadHalf<TcpStream>, connect
     loop {
         let mut start = 0;
         loop {
-            let payload = match split_frame(&buffer[start..end]) {
+            let payload = match split_peer_frame(&buffer[start..end]) {
                 Ok(Some(payload)) => payload,
                 Ok(None) => break,
                 Err(error) => return connection.fail(&error.to_string()),

@@ -9,14 +9,17 @@
 //! 2. Too few live replicas for the consistency level: `UNAVAILABLE`, nothing written.
 //! 3. A fresh counter from the shard's lease, then read-modify-write of the key's versions
 //!    in the local engine with no await in between (the new dot supersedes what the
-//!    client's context covers); the local log append is in flight.
+//!    client's context covers); the local log append is in flight. A write with a context
+//!    that would grow the key past its sibling limits is refused here (`SIBLINGS_FULL`),
+//!    with nothing written.
 //! 4. The new versions go to the other live replicas as `Replicate` (they merge); down
 //!    replicas, and replicas that fail or time out, get a hint.
 //! 5. The client hears OK after W durable acknowledgements (the local one included),
 //!    `TIMEOUT` otherwise; the rest finish in the background.
 //!
-//! The read path: R replies (the local one included) are merged; the client gets every live
-//! sibling and the merged context. The round keeps listening until every replica asked has
+//! The read path: R replies (the local one included) are merged; the client gets the live
+//! siblings that fit in one reply (the count of those left out, to read with a following
+//! page) and a context that covers none left out. The round keeps listening until every replica asked has
 //! answered or the deadline passes, and then sends the merged versions to the replicas that
 //! lacked something (read repair).
 
@@ -38,7 +41,7 @@ use super::lease::CounterLease;
 use super::paxos::{Acceptor, Ballot};
 use super::peer::{PeerError, PeerPool, PeerRequest};
 use super::ring::NodeId;
-use super::versions::{Dot, Sibling, VersionVector, Versions};
+use super::versions::{check_growth, Dot, Sibling, SiblingLimits, VersionVector, Versions};
 use super::view::ClusterView;
 use crate::clock::now_ms;
 use crate::command::{LocalReply, Reply, Version};
@@ -69,7 +72,11 @@ pub struct ReplicationStats {
     pub hint_replayed_count: std::cell::Cell<u64>,
     pub forwarded_count: std::cell::Cell<u64>,
     pub unavailable_count: std::cell::Cell<u64>,
-    pub sibling_dropped_count: std::cell::Cell<u64>,
+    /// Writes refused with `SIBLINGS_FULL`.
+    pub siblings_full_count: std::cell::Cell<u64>,
+    /// Merges refused because the key's versions would not fit in a stored value (nothing
+    /// dropped: the sender keeps them).
+    pub oversized_merge_count: std::cell::Cell<u64>,
     pub anti_entropy: super::anti_entropy::AntiEntropyStats,
 }
 
@@ -169,7 +176,8 @@ impl<S: Storage> ClusterShard<S> {
             "read_repairs": stats.read_repair_count.get(),
             "forwarded": stats.forwarded_count.get(),
             "unavailable": stats.unavailable_count.get(),
-            "siblings_dropped": stats.sibling_dropped_count.get(),
+            "siblings_full": stats.siblings_full_count.get(),
+            "oversized_merges": stats.oversized_merge_count.get(),
             "anti_entropy": {
                 "passes": stats.anti_entropy.passes.get(),
                 "last_pass_ms": stats.anti_entropy.last_pass_ms.get(),
@@ -220,7 +228,9 @@ pub fn versions_from_data(data: KeyVersionsData) -> Versions<Value> {
             blind: s.blind,
         })
         .collect();
-    Versions::from_parts(clock, siblings, chosen)
+    let newest_blind =
+        data.newest_blind.map(|(timestamp_us, actor, counter)| (timestamp_us, Dot { actor, counter }));
+    Versions::from_parts(clock, siblings, chosen, newest_blind)
 }
 
 /// The versions as shipped between replicas (no acceptor state).
@@ -241,6 +251,9 @@ pub fn versions_to_data(versions: &Versions<Value>) -> KeyVersionsData {
             .collect(),
         chosen: versions.chosen().iter().map(|&(ballot, dot)| (ballot, dot.actor, dot.counter)).collect(),
         acceptor: AcceptorData::default(),
+        newest_blind: versions
+            .newest_blind()
+            .map(|(timestamp_us, dot)| (timestamp_us, dot.actor, dot.counter)),
     }
 }
 
@@ -333,27 +346,39 @@ pub(crate) fn encode_versions(versions: &Versions<Value>) -> Vec<u8> {
     encode_key_versions(&versions_to_data(versions))
 }
 
-/// Encodes `record` for the engine, dropping the oldest siblings (counted) until it fits in
-/// a stored value; `BAD_REQUEST` if even one sibling and the accepted proposal do not.
+/// Encodes `record` for the engine. A record that does not fit in a stored value is refused
+/// (`VALUE_TOO_LARGE`, counted and logged), never cut: no sibling is ever dropped to fit.
 pub(crate) fn encode_bounded<S: Storage>(
     cluster: Option<&ClusterShard<S>>,
-    record: &mut Record,
+    record: &Record,
 ) -> Result<(Vec<u8>, u64), LocalReply> {
-    loop {
-        let bytes = encode_key_versions(&record_to_data(record));
-        if bytes.len() <= schema::STORED_VALUE_SIZE_MAX || !record.versions.shed_oldest() {
-            if let Some(cluster) = cluster {
-                count_dropped_siblings(cluster, &record.versions);
-            }
-            if bytes.len() > schema::STORED_VALUE_SIZE_MAX {
-                return Err(Reply::error(
-                    Status::VALUE_TOO_LARGE,
-                    format!("the key's versions and pending proposal need {} bytes", bytes.len()),
-                ));
-            }
-            return Ok((bytes, engine_expiry(record)));
-        }
+    let bytes = encode_key_versions(&record_to_data(record));
+    let sibling_count_max = schema::peer::STORED_SIBLING_COUNT_MAX;
+    let siblings = record.versions.siblings().len();
+    let accepted = record.acceptor.accepted.as_ref().map_or(0, |(_, proposal)| proposal.siblings().len());
+    if bytes.len() <= schema::STORED_VALUE_SIZE_MAX && siblings.max(accepted) <= sibling_count_max {
+        return Ok((bytes, engine_expiry(record)));
     }
+    if let Some(cluster) = cluster {
+        cluster.stats.oversized_merge_count.set(cluster.stats.oversized_merge_count.get() + 1);
+    }
+    let message = format!(
+        "the key's versions ({siblings} siblings) and pending proposal need {} bytes; at most {} bytes and \
+         {sibling_count_max} siblings are stored",
+        bytes.len(),
+        schema::STORED_VALUE_SIZE_MAX
+    );
+    tracing::error!("{message}: the update is refused, and the replica that sent it keeps it");
+    Err(Reply::error(Status::VALUE_TOO_LARGE, message))
+}
+
+/// The limits a coordinator holds a key's siblings to (`schema`'s, the same on every node).
+pub(crate) const SIBLING_LIMITS: SiblingLimits =
+    SiblingLimits { count_max: schema::SIBLING_COUNT_MAX, value_bytes_max: schema::SIBLING_VALUE_BYTES_MAX };
+
+/// A stored value's bytes, for the sibling limits.
+pub(crate) fn value_size(value: &Value) -> usize {
+    value.0.len()
 }
 
 /// A sibling's value and milliseconds left (0: no TTL), unless it is a tombstone or expired.
@@ -366,34 +391,71 @@ pub(crate) fn live_value(sibling: &Sibling<Value>, now_ms: u64) -> Option<(&[u8]
     }
 }
 
-/// The live siblings a client sees.
-pub(crate) fn client_reply(versions: &Versions<Value>, metadata_only: bool) -> LocalReply {
+/// Which part of a key's siblings a read's reply holds.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Page {
+    /// Timestamps and TTLs only: no value bytes.
+    pub metadata_only: bool,
+    /// Live siblings (in dot order) to leave out at the front.
+    pub sibling_skip: u32,
+    /// For a following page: the context the earlier pages gave (it covers what they showed).
+    pub shown_before: Option<VersionVector>,
+}
+
+/// The live siblings a client sees, in dot order: from `page.sibling_skip` on, as many as fit
+/// in one reply (`SIBLING_COUNT_MAX`, and `SIBLING_VALUE_BYTES_MAX` of values, but always
+/// one), with the count left out after them. The context covers the siblings this reply and
+/// the earlier pages showed (`page.shown_before`), and no other live sibling: a sibling that
+/// arrived between pages is never covered unseen.
+pub(crate) fn client_reply(versions: &Versions<Value>, page: Page) -> LocalReply {
     let now = now_ms();
-    let live = versions
+    let mut live: Vec<(&Sibling<Value>, &[u8], u64)> = versions
         .siblings()
         .iter()
-        .filter_map(|s| {
-            let (bytes, ttl_left_ms) = live_value(s, now)?;
-            Some(Version {
-                value: (!metadata_only).then(|| Rc::from(bytes)),
-                timestamp_us: s.timestamp_us,
-                ttl_left_ms,
-            })
-        })
+        .filter_map(|s| live_value(s, now).map(|(bytes, ttl_left_ms)| (s, bytes, ttl_left_ms)))
         .collect();
-    Reply::Siblings { versions: live, context: versions.context().encode() }
+    live.sort_by_key(|(sibling, _, _)| sibling.dot);
+    let skip = (page.sibling_skip as usize).min(live.len());
+    let mut shown = Vec::new();
+    let mut value_bytes = 0;
+    for &(sibling, bytes, ttl_left_ms) in live.iter().skip(skip) {
+        let size = if page.metadata_only { 0 } else { bytes.len() };
+        let full =
+            shown.len() == schema::SIBLING_COUNT_MAX || value_bytes + size > schema::SIBLING_VALUE_BYTES_MAX;
+        if full && !shown.is_empty() {
+            break;
+        }
+        value_bytes += size;
+        let version = Version {
+            value: (!page.metadata_only).then(|| Rc::from(bytes)),
+            timestamp_us: sibling.timestamp_us,
+            ttl_left_ms,
+        };
+        shown.push((sibling.dot, version));
+    }
+    let omitted = live.len() - skip - shown.len();
+    let context = if shown.len() == live.len() {
+        versions.context().encode()
+    } else {
+        // Tombstones and expired values hold no value to show: covering them is what the
+        // client saw ("absent").
+        let shown_before = |dot: Dot| page.shown_before.as_ref().is_some_and(|context| context.covers(dot));
+        let left_out = |sibling: &Sibling<Value>| {
+            live.iter().any(|(s, _, _)| s.dot == sibling.dot)
+                && !shown.iter().any(|(dot, _)| *dot == sibling.dot)
+                && !shown_before(sibling.dot)
+        };
+        versions.context_given(|sibling| !left_out(sibling)).encode()
+    };
+    Reply::Siblings {
+        versions: shown.into_iter().map(|(_, version)| version).collect(),
+        context,
+        omitted: u32::try_from(omitted).unwrap_or(u32::MAX),
+    }
 }
 
 fn cluster_of<S: Storage>(shard: &Shard<S>) -> Result<&ClusterShard<S>, LocalReply> {
     shard.cluster.as_ref().ok_or_else(|| Reply::error(Status::UNSUPPORTED, "this node is not in a cluster"))
-}
-
-/// Siblings beyond `SIBLING_COUNT_MAX` that an update dropped (the oldest go first).
-fn count_dropped_siblings<S: Storage>(cluster: &ClusterShard<S>, versions: &Versions<Value>) {
-    let dropped = versions.dropped_sibling_count();
-    if dropped > 0 {
-        cluster.stats.sibling_dropped_count.set(cluster.stats.sibling_dropped_count.get() + dropped);
-    }
 }
 
 /// Replica side: merges `bytes` (verified versions) into what this replica holds of `key`.
@@ -427,7 +489,7 @@ pub(crate) async fn merge_local<S: Storage>(
             if mine.versions == before {
                 return Ok(None);
             }
-            encode_bounded(shard.cluster.as_ref(), &mut mine).map(Some)
+            encode_bounded(shard.cluster.as_ref(), &mine).map(Some)
         })
         .await?;
     shard.store.wait_acked(seq).await
@@ -453,7 +515,7 @@ pub(crate) async fn absorb_record<S: Storage>(
             if mine == before {
                 return Ok(None);
             }
-            encode_bounded(shard.cluster.as_ref(), &mut mine).map(Some)
+            encode_bounded(shard.cluster.as_ref(), &mine).map(Some)
         })
         .await?;
     shard.store.wait_acked(seq).await?;
@@ -496,6 +558,7 @@ fn unavailable<S: Storage>(cluster: &ClusterShard<S>, message: String) -> LocalR
 fn reply_from_peer(response: ResponseView, is_read: bool) -> LocalReply {
     match response.status {
         Status::OK | Status::NOT_FOUND if is_read => Reply::Siblings {
+            omitted: response.siblings_omitted,
             versions: response
                 .siblings
                 .into_iter()
@@ -507,7 +570,8 @@ fn reply_from_peer(response: ResponseView, is_read: bool) -> LocalReply {
                 .collect(),
             context: response.context,
         },
-        Status::OK => Reply::Done,
+        Status::OK if response.context.is_empty() => Reply::Done,
+        Status::OK => Reply::Written(response.context),
         status => Reply::Error { status, message: response.message },
     }
 }
@@ -600,13 +664,20 @@ pub async fn coordinate_write<S: Storage>(
     let actor = cluster.actor;
     // Replicas get the versions only; the acceptor state is this replica's own.
     let mut shipped = None;
+    let mut written_context = Vec::new();
     let updated = shard
         .store
         .update_raw(&key, size, |current| {
             let mut record = decode_record(current)?;
             let value = value.map(|v| (v, expires_at_ms));
+            let before = record.versions.footprint(value_size);
             record.versions.write(actor, floor, context.as_ref(), value, timestamp_us);
-            let stored = encode_bounded(Some(cluster), &mut record)?;
+            if let Err(full) = check_growth(before, record.versions.footprint(value_size), SIBLING_LIMITS) {
+                cluster.stats.siblings_full_count.set(cluster.stats.siblings_full_count.get() + 1);
+                return Err(Reply::error(Status::SIBLINGS_FULL, full.to_string()));
+            }
+            written_context = record.versions.context().encode();
+            let stored = encode_bounded(Some(cluster), &record)?;
             shipped = Some(if record.acceptor == Acceptor::default() {
                 Rc::<[u8]>::from(stored.0.as_slice())
             } else {
@@ -684,7 +755,7 @@ pub async fn coordinate_write<S: Storage>(
         }
     };
     match outcome {
-        Outcome::Done => Reply::Done,
+        Outcome::Done => Reply::Written(written_context),
         Outcome::TimedOut { replies } | Outcome::Failed { replies } if overloaded => Reply::error(
             Status::OVERLOADED,
             format!(
@@ -718,7 +789,7 @@ async fn cluster_link_call<S: Storage>(
 pub async fn coordinate_read<S: Storage>(
     shard: &Rc<Shard<S>>,
     key: Vec<u8>,
-    metadata_only: bool,
+    page: Page,
     consistency: Consistency,
     timeout: Duration,
 ) -> LocalReply {
@@ -727,8 +798,9 @@ pub async fn coordinate_read<S: Storage>(
         Err(reply) => return reply,
     };
     if !replicas.contains(&me) {
-        let op = Op::Get { key: &key, metadata_only };
-        return forward(cluster, &view, &key, op, consistency, &[], timeout).await;
+        let op = Op::Get { key: &key, metadata_only: page.metadata_only, sibling_skip: page.sibling_skip };
+        let shown_before = page.shown_before.as_ref().map(VersionVector::encode).unwrap_or_default();
+        return forward(cluster, &view, &key, op, consistency, &shown_before, timeout).await;
     }
     let timeout_us = timeout.as_micros() as u64;
     let (round, plan) =
@@ -758,18 +830,8 @@ pub async fn coordinate_read<S: Storage>(
     drop(sender);
     let (answer, answered) = oneshot::channel();
     let asked = plan.send_to.len();
-    glommio::spawn_local(finish_read(
-        shard.clone(),
-        key,
-        me,
-        round,
-        replies,
-        answer,
-        asked,
-        timeout,
-        metadata_only,
-    ))
-    .detach();
+    glommio::spawn_local(finish_read(shard.clone(), key, me, round, replies, answer, asked, timeout, page))
+        .detach();
     answered.await.unwrap_or_else(|_| Reply::error(Status::INTERNAL, "read round ended without an answer"))
 }
 
@@ -804,7 +866,7 @@ async fn finish_read<S: Storage>(
     answer: oneshot::Sender<LocalReply>,
     asked: usize,
     timeout: Duration,
-    metadata_only: bool,
+    page: Page,
 ) {
     let mut answer = Some(answer);
     let mut heard = 0;
@@ -824,7 +886,7 @@ async fn finish_read<S: Storage>(
         if outcome != Outcome::Pending {
             if let Some(answer) = answer.take() {
                 let reply = match outcome {
-                    Outcome::Done => client_reply(round.merged(), metadata_only),
+                    Outcome::Done => client_reply(round.merged(), page.clone()),
                     Outcome::TimedOut { replies } | Outcome::Failed { replies } => Reply::error(
                         Status::TIMEOUT,
                         format!("{replies} replicas answered in time; not enough"),

@@ -21,7 +21,7 @@ use super::paxos::{backoff_us, next_ballot, Ballot, Failure, Proposer, Step};
 use super::peer::PeerRequest;
 use super::replication::{
     client_reply, decode_record, encode_bounded, encode_versions, live_value, place, record_from_data,
-    too_few_replicas, versions_from_data, ClusterShard, Record, Value,
+    too_few_replicas, versions_from_data, ClusterShard, Page, Record, Value,
 };
 use super::ring::NodeId;
 use super::versions::Versions;
@@ -48,7 +48,7 @@ pub enum SerialOp {
     /// with its CAS operations.
     Write { value: Option<Vec<u8>>, ttl_ms: u64 },
     /// A SERIAL read: sees every operation of this kind that completed before it.
-    Read { metadata_only: bool },
+    Read { metadata_only: bool, sibling_skip: u32, shown_before: Option<super::versions::VersionVector> },
 }
 
 /// The longest a single phase waits for a replica (the operation's deadline may be shorter).
@@ -76,7 +76,14 @@ fn decide(op: &SerialOp, state: &Versions<Value>) -> Decision {
     let now = now_ms();
     let current = newest_live(state, now);
     match op {
-        SerialOp::Read { metadata_only } => (None, client_reply(state, *metadata_only)),
+        SerialOp::Read { metadata_only, sibling_skip, shown_before } => {
+            let page = Page {
+                metadata_only: *metadata_only,
+                sibling_skip: *sibling_skip,
+                shown_before: shown_before.clone(),
+            };
+            (None, client_reply(state, page))
+        }
         SerialOp::Cas { expected, new_value, ttl_ms, context } => {
             let value = current.map(|(value, _, _)| value);
             let unchanged = context.as_ref().is_none_or(|context| context == state.context());
@@ -207,6 +214,11 @@ pub async fn coordinate<S: Storage>(
                     let value = value.map(|v| (v, expires_at_ms));
                     let dot =
                         proposal.write(cluster.actor, counter, Some(state.context()), value, timestamp_us);
+                    // A write's answer carries the key's context after it.
+                    let answer = match answer {
+                        Reply::Done => Reply::Written(proposal.context().encode()),
+                        answer => answer,
+                    };
                     proposer.write(proposal, dot, answer)
                 }
             },
@@ -399,7 +411,7 @@ pub async fn accept<S: Storage>(
                 answer = Some(current.map(<[u8]>::to_vec).unwrap_or_default());
                 return Ok(None);
             }
-            encode_bounded(shard.cluster.as_ref(), &mut record).map(Some)
+            encode_bounded(shard.cluster.as_ref(), &record).map(Some)
         })
         .await;
     match updated {

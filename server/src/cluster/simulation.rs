@@ -1,5 +1,6 @@
 //! A whole cluster in one process, deterministic from a seed: the ring, the coordinator's
-//! rounds, versions (blind writes and writes with a causal context) and hinted handoff,
+//! rounds, versions (blind writes and writes with a causal context, values with sizes, the
+//! coordinator's sibling limits) and hinted handoff,
 //! driven by a simulated network that loses, duplicates, delays and reorders messages and
 //! partitions the nodes, while nodes crash and come back.
 //!
@@ -10,8 +11,11 @@
 //! After the faults stop, hints are delivered and replicas compare their versions over the
 //! network (anti-entropy). Then:
 //! - replicas agree: every replica of a key holds the same versions;
-//! - an acknowledged write vanishes only if a write issued after it had it in its context
-//!   (or, both being blind, a later last-writer-wins write replaced it: documented as lossy);
+//! - an acknowledged write vanishes only if a write issued after it had it in its context, or
+//!   a blind write newer by (timestamp, dot) replaced it (last-writer-wins: documented as
+//!   lossy); no bound on siblings ever drops one (coordinators refuse writes past
+//!   `LIMITS` instead, and those are never acknowledged);
+//! - no acknowledged blind write is undone: no sibling older than it is left;
 //! - the run's trace (every delivered message) hashes the same when the seed runs again.
 //!
 //! Membership changes too: node 4 starts outside the ring and joins, then node 1 is
@@ -32,7 +36,7 @@ use super::coordinator::{Consistency, Outcome, WriteRound};
 use super::hints::{HintLimits, Hints};
 use super::ring::NodeId;
 use super::ring_state::{RingState, Transfer};
-use super::versions::{Dot, VersionVector, Versions};
+use super::versions::{check_growth, Dot, SiblingLimits, VersionVector, Versions};
 use crate::storage::sim::SimRng;
 
 const NODE_COUNT: u32 = 5;
@@ -41,7 +45,16 @@ const KEY_COUNT: u32 = 20;
 const TIMEOUT_US: u64 = 50_000;
 const STEP_COUNT: u64 = 400;
 
-type Value = u64;
+/// A value: its id and its size in bytes (what the coordinator's byte limit counts).
+type Value = (u64, u32);
+
+/// Small limits, so that keys reach them often; values of 1..=`VALUE_SIZE_MAX` bytes.
+const LIMITS: SiblingLimits = SiblingLimits { count_max: 3, value_bytes_max: 1_500 };
+const VALUE_SIZE_MAX: u64 = 1_000;
+
+fn value_size(value: &Value) -> usize {
+    value.1 as usize
+}
 
 #[derive(Debug, Clone)]
 enum Message {
@@ -160,6 +173,8 @@ struct Simulation {
     pending: BTreeMap<(NodeId, u64), Pending>,
     next_request: u64,
     issued: Vec<Issued>,
+    /// Writes a coordinator refused for its sibling limits (nothing written).
+    refused: u64,
     loss_per_million: u32,
     duplicate_per_million: u32,
     /// Nodes cut off from the rest, while a partition lasts.
@@ -195,6 +210,7 @@ impl Simulation {
             pending: BTreeMap::new(),
             next_request: 1,
             issued: Vec::new(),
+            refused: 0,
             loss_per_million: 50_000,
             duplicate_per_million: 20_000,
             partitioned: BTreeSet::new(),
@@ -402,7 +418,15 @@ impl Simulation {
         let timestamp = self.now_us * 16 + u64::from(coordinator);
         let versions = node.data.entry(key).or_default();
         let covers = context.clone().unwrap_or_else(|| versions.context().clone());
+        // As `replication::coordinate_write`: the write is refused, nothing kept, if it would
+        // grow the key past the limits.
+        let before = versions.clone();
         let dot = versions.write(coordinator, node.counter, context.as_ref(), Some(value), timestamp);
+        if check_growth(before.footprint(value_size), versions.footprint(value_size), LIMITS).is_err() {
+            *versions = before;
+            self.refused += 1;
+            return;
+        }
         let versions = versions.clone();
         for &target in &plan.hint_for {
             if let Some(hints) = &mut node.hints {
@@ -587,6 +611,7 @@ struct RunOutcome {
     acknowledged: u64,
     issued: u64,
     with_context: u64,
+    refused: u64,
     siblings: u64,
     changes: u64,
     trace_hash: u64,
@@ -596,6 +621,7 @@ struct RunOutcome {
 fn run(seed: u64) -> RunOutcome {
     let mut sim = Simulation::new(seed);
     let mut value = seed * 1_000_000;
+    let mut remembered: BTreeMap<u32, VersionVector> = BTreeMap::new();
     let mut partition_until = 0;
     for step in 0..STEP_COUNT {
         sim.step = step;
@@ -634,8 +660,20 @@ fn run(seed: u64) -> RunOutcome {
         if sim.nodes[via as usize].up {
             let key = sim.rng.below(u64::from(KEY_COUNT)) as u32;
             value += 1;
-            let context = if sim.rng.below(2) == 0 { sim.client_read_context(key) } else { None };
-            sim.client_write(via, key, value, context);
+            let size = 1 + sim.rng.below(VALUE_SIZE_MAX) as u32;
+            // A fresh read's context, a context read long ago (clients that read once and
+            // write late, concurrently: siblings pile up against the limits), or blind.
+            let context = match sim.rng.below(3) {
+                0 => sim.client_read_context(key),
+                1 => remembered.get(&key).cloned(),
+                _ => None,
+            };
+            if sim.rng.below(10) == 0 {
+                if let Some(context) = sim.client_read_context(key) {
+                    remembered.insert(key, context);
+                }
+            }
+            sim.client_write(via, key, (value, size), context);
         }
         if step % 20 == 0 {
             sim.replay_hints();
@@ -693,15 +731,23 @@ fn run(seed: u64) -> RunOutcome {
             }
             let later = &sim.issued[index + 1..];
             let superseded = later.iter().any(|other| other.key == key && other.covers.covers(write.dot));
-            let replaced_blind = write.blind
-                && sim.issued.iter().any(|other| {
-                    other.key == key
-                        && other.blind
-                        && (other.timestamp_us, other.dot) > (write.timestamp_us, write.dot)
-                });
+            let replaced_blind = sim.issued.iter().any(|other| {
+                other.key == key
+                    && other.blind
+                    && (other.timestamp_us, other.dot) > (write.timestamp_us, write.dot)
+            });
             assert!(
                 superseded || replaced_blind,
                 "seed {seed}: acknowledged write {:?} of key {key} vanished with no later write covering it",
+                write.dot
+            );
+        }
+        for write in sim.issued.iter().filter(|w| w.key == key && w.acknowledged && w.blind) {
+            let older =
+                first.siblings().iter().find(|s| (s.timestamp_us, s.dot) < (write.timestamp_us, write.dot));
+            assert!(
+                older.is_none(),
+                "seed {seed}: acknowledged blind write {:?} of key {key} undone by the older {older:?}",
                 write.dot
             );
         }
@@ -710,6 +756,7 @@ fn run(seed: u64) -> RunOutcome {
         acknowledged: sim.issued.iter().filter(|w| w.acknowledged).count() as u64,
         issued: sim.issued.len() as u64,
         with_context: sim.issued.iter().filter(|w| !w.blind).count() as u64,
+        refused: sim.refused,
         siblings,
         changes: sim.changes_completed,
         trace_hash: sim.trace.finish(),
@@ -727,6 +774,8 @@ fn no_acknowledged_write_is_lost_under_loss_duplication_partitions_and_crashes()
         None => (0..env_u64("SIM_SEEDS").unwrap_or(500)).collect(),
     };
     let (mut acknowledged, mut issued, mut with_context, mut siblings, mut changes) = (0, 0, 0, 0, 0);
+    let mut refused = 0;
+    let SiblingLimits { count_max, value_bytes_max } = LIMITS;
     for &seed in &seeds {
         let first = run(seed);
         let again = run(seed);
@@ -737,6 +786,7 @@ fn no_acknowledged_write_is_lost_under_loss_duplication_partitions_and_crashes()
         acknowledged += first.acknowledged;
         issued += first.issued;
         with_context += first.with_context;
+        refused += first.refused;
         siblings += first.siblings;
         changes += first.changes;
     }
@@ -744,8 +794,49 @@ fn no_acknowledged_write_is_lost_under_loss_duplication_partitions_and_crashes()
         "simulation: {} seeds, each run twice with equal trace hashes; 5 nodes, N=3 QUORUM, 5 % loss, 2 % \
          duplication, reordering, partitions, crashes, a join and a decommission ({changes} ring changes \
          completed): {issued} writes issued ({with_context} with a context), {acknowledged} acknowledged, \
-         none lost; {siblings} siblings left at the end",
+         none lost, no blind write undone; {refused} refused for sibling limits ({count_max} siblings, \
+         {value_bytes_max} bytes); {siblings} siblings left at the end",
         seeds.len()
     );
     assert!(acknowledged > seeds.len() as u64 * 100);
+}
+
+/// Issue 16's sequence: a value written with a context (a CAS's, say) while replica C is down
+/// reaches A and B; C comes back and, before any hint reaches it, takes a blind delete that
+/// follows the first write in real time. Wherever the two meet, the delete must win (it used
+/// to leave the older value as a sibling, undoing the client's delete).
+#[test]
+fn a_blind_write_wins_over_an_older_write_its_coordinator_never_saw() {
+    for key in 0..KEY_COUNT {
+        let mut sim = Simulation::new(u64::from(key));
+        sim.loss_per_million = 0;
+        sim.duplicate_per_million = 0;
+        let replicas = sim.replicas(key);
+        let (a, c) = (replicas[0], replicas[2]);
+        sim.nodes[c as usize].up = false;
+        sim.client_write(a, key, (1, 10), Some(VersionVector::default()));
+        sim.run_until(sim.now_us + 50_000);
+        assert!(sim.issued[0].acknowledged, "key {key}: the first write is acknowledged by A and B");
+        sim.nodes[c as usize].up = true;
+        sim.now_us += 1_000;
+        let node_c = &sim.nodes[c as usize];
+        assert!(node_c.data.get(&key).is_none_or(|v| v.siblings().is_empty()), "C has not seen it");
+        sim.client_write(c, key, (2, 10), None);
+        sim.run_until(sim.now_us + 50_000);
+        assert!(sim.issued[1].acknowledged, "key {key}: the blind write is acknowledged");
+        for _ in 0..10 {
+            sim.replay_hints();
+            sim.run_until(sim.now_us + 50_000);
+        }
+        sim.exchange_replicas();
+        sim.run_until(sim.now_us + 50_000);
+        for &replica in &replicas {
+            let values: Vec<Option<Value>> = sim.nodes[replica as usize]
+                .data
+                .get(&key)
+                .map(|v| v.siblings().iter().map(|s| s.value).collect())
+                .unwrap_or_default();
+            assert_eq!(values, [Some((2, 10))], "key {key}: replica {replica} after the blind write");
+        }
+    }
 }

@@ -11,8 +11,12 @@
 //! - Replicas merge: a sibling survives unless the other side's clock covers its dot and the
 //!   other side no longer holds it. Merging is commutative, associative and idempotent.
 //! - A write without a context ("blind", from RESP or `kvctl put`) is last-writer-wins: it
-//!   supersedes what the coordinator has seen, and concurrent blind siblings collapse to the
-//!   one with the highest (timestamp, dot), which loses the others (documented as lossy).
+//!   supersedes what the coordinator has seen and every sibling older than it by (hybrid-clock
+//!   timestamp, dot), blind or not, wherever the two meet; so of concurrent blind writes the
+//!   newest wins and the others are lost (documented as lossy).
+//! - Nothing else removes a sibling: no bound drops one. A coordinator refuses a write with a
+//!   context that would take the key past `SiblingLimits` (`check_growth`); a key that goes
+//!   past them anyway (concurrent coordinators, hints, anti-entropy) keeps every sibling.
 //! - The last writes the key's Paxos chose ride along (`chosen`): a window of one sequence,
 //!   so a merge keeps the window that reaches further.
 
@@ -23,8 +27,56 @@ use schema::peer::{Ballot, CHOSEN_WRITE_COUNT_MAX};
 /// A writer's identity in version vectors: the node id.
 pub type Actor = u32;
 
-/// Siblings a key may hold; beyond it the oldest (by timestamp) are dropped and counted.
-pub const SIBLING_COUNT_MAX: usize = 16;
+/// What a coordinator lets a key grow to: a write with a context that would take the key's
+/// siblings past either bound is refused (`SIBLINGS_FULL`), so its writer is told. Merges are
+/// never bounded by these: they keep every sibling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SiblingLimits {
+    pub count_max: usize,
+    /// Bytes of sibling values (tombstones count none).
+    pub value_bytes_max: usize,
+}
+
+/// How many siblings a key holds and the bytes of their values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Footprint {
+    pub sibling_count: usize,
+    pub value_bytes: usize,
+}
+
+/// A write refused because it would take the key past its sibling limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SiblingsFull {
+    pub after: Footprint,
+    pub limits: SiblingLimits,
+}
+
+impl std::fmt::Display for SiblingsFull {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the write would leave the key with {} siblings of {} value bytes; the limits are {} siblings \
+             and {} bytes: read the key and write with its context to resolve them",
+            self.after.sibling_count,
+            self.after.value_bytes,
+            self.limits.count_max,
+            self.limits.value_bytes_max
+        )
+    }
+}
+
+/// Whether a write that took a key from `before` to `after` may be acknowledged: refused only
+/// if it grows the key (in count or bytes) and leaves it past a limit. A write that shrinks an
+/// oversized key (a client resolving the siblings it was given) always goes through.
+pub fn check_growth(before: Footprint, after: Footprint, limits: SiblingLimits) -> Result<(), SiblingsFull> {
+    let grows = after.sibling_count > before.sibling_count || after.value_bytes > before.value_bytes;
+    let past = after.sibling_count > limits.count_max || after.value_bytes > limits.value_bytes_max;
+    if grows && past {
+        Err(SiblingsFull { after, limits })
+    } else {
+        Ok(())
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Dot {
@@ -106,7 +158,7 @@ pub struct Sibling<V> {
     /// `None`: a deletion (tombstone).
     pub value: Option<V>,
     pub timestamp_us: u64,
-    /// Written without a context: resolved last-writer-wins against other blind siblings.
+    /// Written without a context: supersedes every sibling older than it (see `resolve`).
     pub blind: bool,
 }
 
@@ -114,10 +166,13 @@ pub struct Sibling<V> {
 pub struct Versions<V> {
     clock: VersionVector,
     siblings: Vec<Sibling<V>>,
-    dropped_sibling_count: u64,
     /// The last writes chosen by the key's Paxos, oldest first: the ballot each was first
     /// proposed under (rising along the sequence), and its dot.
     chosen: Vec<(Ballot, Dot)>,
+    /// The newest blind write these versions have met, (timestamp, dot), kept after a later
+    /// write supersedes it: it still supersedes every older sibling it meets, so a value that
+    /// a blind write overwrote never comes back through a replica that missed the blind write.
+    newest_blind: Option<(u64, Dot)>,
 }
 
 impl<V> Default for Versions<V> {
@@ -125,8 +180,8 @@ impl<V> Default for Versions<V> {
         Versions {
             clock: VersionVector::default(),
             siblings: Vec::new(),
-            dropped_sibling_count: 0,
             chosen: Vec::new(),
+            newest_blind: None,
         }
     }
 }
@@ -137,8 +192,14 @@ impl<V: Clone> Versions<V> {
         clock: VersionVector,
         siblings: Vec<Sibling<V>>,
         chosen: Vec<(Ballot, Dot)>,
+        newest_blind: Option<(u64, Dot)>,
     ) -> Versions<V> {
-        Versions { clock, siblings, dropped_sibling_count: 0, chosen }
+        Versions { clock, siblings, chosen, newest_blind }
+    }
+
+    /// The newest blind write met: (timestamp, dot).
+    pub fn newest_blind(&self) -> Option<(u64, Dot)> {
+        self.newest_blind
     }
 
     /// The last writes chosen by the key's Paxos, oldest first.
@@ -162,9 +223,25 @@ impl<V: Clone> Versions<V> {
         &self.siblings
     }
 
-    /// Siblings dropped by the `SIBLING_COUNT_MAX` bound so far.
-    pub fn dropped_sibling_count(&self) -> u64 {
-        self.dropped_sibling_count
+    /// The context for a reply that holds only the siblings `given` accepts: the key's clock
+    /// lowered, actor by actor, below every sibling left out, so that a write with it never
+    /// supersedes a value its client was not shown (left-out siblings stay as siblings).
+    pub fn context_given(&self, given: impl Fn(&Sibling<V>) -> bool) -> VersionVector {
+        let mut context = self.clock.clone();
+        for sibling in self.siblings.iter().filter(|s| !given(s)) {
+            let counter = context.0.entry(sibling.dot.actor).or_insert(0);
+            *counter = (*counter).min(sibling.dot.counter - 1);
+        }
+        context.0.retain(|_, counter| *counter > 0);
+        context
+    }
+
+    /// The siblings' count and value bytes, `size_of` giving a value's bytes.
+    pub fn footprint(&self, size_of: impl Fn(&V) -> usize) -> Footprint {
+        Footprint {
+            sibling_count: self.siblings.len(),
+            value_bytes: self.siblings.iter().filter_map(|s| s.value.as_ref()).map(size_of).sum(),
+        }
     }
 
     /// A coordinator's write. `context: None` is a blind write. `counter_floor` is the
@@ -208,36 +285,18 @@ impl<V: Clone> Versions<V> {
         if other.chosen.last().map(|c| c.0) > self.chosen.last().map(|c| c.0) {
             self.chosen = other.chosen.clone();
         }
+        self.newest_blind = self.newest_blind.max(other.newest_blind);
         self.resolve();
     }
 
-    /// Drops the oldest sibling (by timestamp, then dot), counted as a bound's drop; false if
-    /// one or none is left. Deterministic, so replicas that shed the same set agree.
-    pub fn shed_oldest(&mut self) -> bool {
-        if self.siblings.len() <= 1 {
-            return false;
-        }
-        let oldest =
-            (0..self.siblings.len()).min_by_key(|&i| (self.siblings[i].timestamp_us, self.siblings[i].dot));
-        if let Some(index) = oldest {
-            self.siblings.remove(index);
-            self.dropped_sibling_count += 1;
-        }
-        true
-    }
-
-    /// Blind siblings are last-writer-wins among themselves; the sibling count is bounded.
+    /// The newest blind write met (a sibling, or remembered) supersedes every sibling older
+    /// than it by (timestamp, dot). Both the sibling set and `newest_blind` merge as joins, so
+    /// merging stays commutative, associative and idempotent.
     fn resolve(&mut self) {
-        if let Some(winner) = self.siblings.iter().filter(|s| s.blind).map(|s| (s.timestamp_us, s.dot)).max()
-        {
-            self.siblings.retain(|s| !s.blind || (s.timestamp_us, s.dot) == winner);
-        }
-        if self.siblings.len() > SIBLING_COUNT_MAX {
-            self.siblings.sort_by_key(|s| (s.timestamp_us, s.dot));
-            let excess = self.siblings.len() - SIBLING_COUNT_MAX;
-            self.siblings.drain(..excess);
-            self.dropped_sibling_count += excess as u64;
-            self.siblings.sort_by_key(|s| s.dot);
+        let blind_siblings = self.siblings.iter().filter(|s| s.blind).map(|s| (s.timestamp_us, s.dot));
+        self.newest_blind = self.newest_blind.max(blind_siblings.max());
+        if let Some(newest_blind) = self.newest_blind {
+            self.siblings.retain(|s| (s.timestamp_us, s.dot) >= newest_blind);
         }
     }
 }
@@ -310,21 +369,88 @@ mod tests {
     }
 
     #[test]
-    fn sibling_count_is_bounded_and_counted() {
+    fn merges_keep_every_sibling_however_many() {
         let mut key: Versions<u32> = Versions::default();
         let empty = VersionVector::default();
-        for actor in 0..(SIBLING_COUNT_MAX as u32 + 4) {
+        for actor in 0..100u32 {
             let mut other = Versions::default();
             other.write(actor, 0, Some(&empty), Some(actor), u64::from(actor));
             key.merge(&other);
         }
-        assert_eq!(key.siblings().len(), SIBLING_COUNT_MAX);
-        assert_eq!(key.dropped_sibling_count(), 4);
+        assert_eq!(key.siblings().len(), 100);
+        assert_eq!(key.footprint(|_| 10), Footprint { sibling_count: 100, value_bytes: 1000 });
     }
 
-    /// Random replicas, writes with stale contexts and gossip in random order. After a full
-    /// exchange every replica agrees, merging is order-insensitive, and no write is lost
-    /// unless a later write's context covered it.
+    #[test]
+    fn a_coordinator_refuses_only_writes_that_grow_a_key_past_its_limits() {
+        let limits = SiblingLimits { count_max: 3, value_bytes_max: 25 };
+        let size = |v: &u32| *v as usize;
+        let footprint = |count, bytes| Footprint { sibling_count: count, value_bytes: bytes };
+        assert_eq!(check_growth(footprint(2, 20), footprint(3, 25), limits), Ok(()));
+        assert!(check_growth(footprint(3, 20), footprint(4, 24), limits).is_err(), "count");
+        assert!(check_growth(footprint(2, 20), footprint(3, 26), limits).is_err(), "bytes");
+        // A key past its limits (merged from concurrent coordinators) may still be resolved.
+        assert_eq!(check_growth(footprint(9, 90), footprint(5, 50), limits), Ok(()));
+        let mut key: Versions<u32> = Versions::default();
+        let empty = VersionVector::default();
+        key.write(1, 0, Some(&empty), Some(10), 1);
+        let before = key.footprint(size);
+        key.write(1, 0, Some(&empty), Some(20), 2);
+        let error = check_growth(before, key.footprint(size), limits).expect_err("30 bytes");
+        assert_eq!(error.after, footprint(2, 30));
+    }
+
+    #[test]
+    fn a_blind_write_supersedes_every_older_sibling_it_meets() {
+        // A value written with a context (say, a CAS) at one replica; a blind delete made
+        // later at a replica that never saw it: wherever they meet, the delete wins.
+        let mut a: Versions<u32> = Versions::default();
+        let mut c: Versions<u32> = Versions::default();
+        a.write(1, 0, Some(&VersionVector::default()), Some(7), 10);
+        c.write(3, 0, None, None, 20);
+        let mut merged = a.clone();
+        merged.merge(&c);
+        assert_eq!(values(&merged), [None]);
+        c.merge(&a);
+        assert_eq!(values(&c), [None]);
+        // A newer write with a context, concurrent with the blind one, stays beside it.
+        let mut b: Versions<u32> = Versions::default();
+        b.write(2, 0, Some(&VersionVector::default()), Some(9), 30);
+        merged.merge(&b);
+        assert_eq!(values(&merged), [None, Some(9)]);
+    }
+
+    #[test]
+    fn a_partial_context_covers_no_sibling_left_out() {
+        let mut key: Versions<u32> = Versions::default();
+        let empty = VersionVector::default();
+        // Two siblings of one actor: its node wrote twice with a stale (empty) context.
+        key.write(1, 0, Some(&empty), Some(10), 10);
+        key.write(1, 0, Some(&empty), Some(11), 11);
+        for (actor, value) in [(2, 20), (3, 30)] {
+            let mut other = Versions::default();
+            other.write(actor, 0, Some(&empty), Some(value), u64::from(value));
+            key.merge(&other);
+        }
+        assert_eq!(key.siblings().len(), 4);
+        let shown = |s: &Sibling<u32>| s.value == Some(11) || s.value == Some(20);
+        let context = key.context_given(shown);
+        for sibling in key.siblings() {
+            assert_eq!(
+                context.covers(sibling.dot),
+                shown(sibling) && sibling.value != Some(11),
+                "{sibling:?}"
+            );
+        }
+        // A write with it keeps every sibling it was not given.
+        key.write(4, 0, Some(&context), Some(40), 40);
+        assert_eq!(values(&key), [Some(10), Some(11), Some(30), Some(40)]);
+        assert_eq!(key.context_given(|_| true), *key.context());
+    }
+
+    /// Random replicas, writes with stale contexts, blind writes and gossip in random order.
+    /// After a full exchange every replica agrees, merging is order-insensitive, and a write is
+    /// gone exactly when a later write's context covered it or a newer blind write exists.
     #[test]
     fn replicas_converge_and_lose_only_superseded_writes() {
         for seed in 0..300 {
@@ -333,6 +459,7 @@ mod tests {
             let mut replicas: Vec<Versions<u32>> = vec![Versions::default(); replica_count];
             let mut superseded = std::collections::BTreeSet::new();
             let mut written = Vec::new();
+            let mut blind = Vec::new();
             for value in 0..40u32 {
                 let at = rng.below(replica_count as u64) as usize;
                 if rng.below(3) == 0 {
@@ -341,14 +468,22 @@ mod tests {
                     replicas[at].merge(&other);
                     continue;
                 }
-                // A client read some replica (possibly stale) and writes through `at`.
+                // A client read some replica (possibly stale) and writes through `at`, now
+                // and then blind (which supersedes everything older, wherever it meets it).
+                let timestamp_us = u64::from(value);
+                if rng.below(5) == 0 {
+                    let dot = replicas[at].write(at as Actor, 0, None, Some(value), timestamp_us);
+                    written.push((dot, value, timestamp_us));
+                    blind.push((timestamp_us, dot));
+                    continue;
+                }
                 let read_from = rng.below(replica_count as u64) as usize;
                 let context = replicas[read_from].context().clone();
                 for sibling in replicas[read_from].siblings() {
                     superseded.insert(sibling.dot);
                 }
-                let dot = replicas[at].write(at as Actor, 0, Some(&context), Some(value), u64::from(value));
-                written.push((dot, value));
+                let dot = replicas[at].write(at as Actor, 0, Some(&context), Some(value), timestamp_us);
+                written.push((dot, value, timestamp_us));
             }
             // Full exchange, in both directions, twice.
             for _ in 0..2 {
@@ -363,9 +498,18 @@ mod tests {
                 assert_eq!(replica.siblings(), replicas[0].siblings(), "seed {seed}");
                 assert_eq!(replica.context(), replicas[0].context(), "seed {seed}");
             }
-            for (dot, value) in written {
+            let newest_blind = blind.iter().max().copied();
+            for (dot, value, timestamp_us) in written {
                 let kept = replicas[0].siblings().iter().any(|s| s.dot == dot);
-                assert!(kept || superseded.contains(&dot), "seed {seed}: write {value} at {dot:?} lost");
+                let older_than_blind = newest_blind.is_some_and(|newest| (timestamp_us, dot) < newest);
+                assert!(
+                    kept || superseded.contains(&dot) || older_than_blind,
+                    "seed {seed}: write {value} at {dot:?} lost"
+                );
+                assert!(
+                    !(kept && older_than_blind),
+                    "seed {seed}: write {value} older than a blind write kept"
+                );
             }
         }
     }

@@ -17,8 +17,8 @@ use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 use glommio::sync::{Semaphore, StaticPermit};
 use schema::{
-    encode_response, parse_request, split_frame, Op, RequestView, ResponseOut, SiblingOut, Status,
-    FRAME_HEADER_SIZE, FRAME_SIZE_MAX, PROTOCOL_VERSION,
+    encode_response, parse_request, split_peer_frame, Op, RequestView, ResponseOut, SiblingOut, Status,
+    FRAME_HEADER_SIZE, PEER_FRAME_SIZE_MAX, PROTOCOL_VERSION,
 };
 
 use schema::peer::encode_topology;
@@ -115,7 +115,7 @@ async fn read_requests<S: Storage>(
     loop {
         // Serve every whole frame in the buffer.
         loop {
-            let payload = match split_frame(&buffer[start..end]) {
+            let payload = match split_peer_frame(&buffer[start..end]) {
                 Ok(Some(payload)) => payload,
                 Ok(None) => break,
                 Err(error) => {
@@ -153,11 +153,11 @@ async fn read_requests<S: Storage>(
             let needed = match buffer.get(..FRAME_HEADER_SIZE) {
                 Some(header) => {
                     let size = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
-                    FRAME_HEADER_SIZE + size.min(FRAME_SIZE_MAX)
+                    FRAME_HEADER_SIZE + size.min(PEER_FRAME_SIZE_MAX)
                 }
                 None => FRAME_HEADER_SIZE,
             };
-            let size = needed.max(2 * buffer.len()).min(FRAME_HEADER_SIZE + FRAME_SIZE_MAX);
+            let size = needed.max(2 * buffer.len()).min(FRAME_HEADER_SIZE + PEER_FRAME_SIZE_MAX);
             // Large buffers come out of a per-shard budget, so that many connections each
             // sending the start of a 2 MiB frame cannot exhaust memory: beyond the budget a
             // connection waits (reading nothing) until others finish their frames.
@@ -435,15 +435,20 @@ fn cluster_command<S: Storage>(
         Op::Delete { key } => {
             Command::Write { key: key.to_vec(), value: None, ttl_ms: 0, context, consistency, timeout_ms }
         }
-        Op::Get { key, metadata_only } if serial => Command::Serial {
+        Op::Get { key, metadata_only, sibling_skip } if serial => Command::Serial {
             key: key.to_vec(),
-            op: SerialOp::Read { metadata_only },
+            op: SerialOp::Read { metadata_only, sibling_skip, shown_before: context },
             commit: consistency,
             timeout_ms,
         },
-        Op::Get { key, metadata_only } => {
-            Command::Read { key: key.to_vec(), metadata_only, consistency, timeout_ms }
-        }
+        Op::Get { key, metadata_only, sibling_skip } => Command::Read {
+            key: key.to_vec(),
+            metadata_only,
+            sibling_skip,
+            shown_before: context,
+            consistency,
+            timeout_ms,
+        },
         Op::Cas { key, expected, new_value, ttl_ms } => Command::Serial {
             key: key.to_vec(),
             op: SerialOp::Cas {
@@ -504,6 +509,10 @@ fn encode(
 pub fn encode_reply(builder: &mut FlatBufferBuilder<'_>, out: &mut Vec<u8>, id: u64, reply: &LocalReply) {
     match reply {
         Reply::Done => encode_response(builder, out, &ResponseOut::status(id, Status::OK, "")),
+        Reply::Written(context) => {
+            let response = ResponseOut { context, ..ResponseOut::status(id, Status::OK, "") };
+            encode_response(builder, out, &response);
+        }
         Reply::NotFound => encode_response(builder, out, &ResponseOut::status(id, Status::NOT_FOUND, "")),
         Reply::Found(version) => {
             let siblings = [sibling_of(version)];
@@ -519,11 +528,15 @@ pub fn encode_reply(builder: &mut FlatBufferBuilder<'_>, out: &mut Vec<u8>, id: 
         Reply::Error { status, message } => {
             encode_response(builder, out, &ResponseOut::status(id, *status, message));
         }
-        Reply::Siblings { versions, context } => {
+        Reply::Siblings { versions, context, omitted } => {
             let siblings: Vec<SiblingOut<'_>> = versions.iter().map(sibling_of).collect();
-            let status = if siblings.is_empty() { Status::NOT_FOUND } else { Status::OK };
-            let response =
-                ResponseOut { siblings: &siblings, context, ..ResponseOut::status(id, status, "") };
+            let status = if siblings.is_empty() && *omitted == 0 { Status::NOT_FOUND } else { Status::OK };
+            let response = ResponseOut {
+                siblings: &siblings,
+                context,
+                siblings_omitted: *omitted,
+                ..ResponseOut::status(id, status, "")
+            };
             encode_response(builder, out, &response);
         }
         Reply::Versions(bytes) => {

@@ -79,27 +79,54 @@ pub async fn get<S: Storage>(
     key: &[u8],
 ) -> Result<Option<Current>, Value> {
     check_key(key)?;
-    let command = if shard.cluster.is_some() {
-        let timeout_ms = access.timeout.as_millis() as u64;
-        Command::Read { key: key.to_vec(), metadata_only: false, consistency: access.consistency, timeout_ms }
-    } else {
-        Command::Get { key: key.to_vec(), metadata_only: false }
-    };
-    match shard.execute(command).await {
+    if shard.cluster.is_some() {
+        return newest_sibling(shard, access, key).await;
+    }
+    match shard.execute(Command::Get { key: key.to_vec(), metadata_only: false }).await {
         Reply::Found(version) => Ok(Some(Current {
             value: version.value.unwrap_or_else(|| Rc::from(&[][..])),
             ttl_left_ms: version.ttl_left_ms,
         })),
         Reply::NotFound => Ok(None),
-        // A cluster may hold concurrent values: the newest (by timestamp) is the value.
-        Reply::Siblings { versions, .. } => {
-            Ok(versions.into_iter().max_by_key(|v| v.timestamp_us).map(|v| Current {
-                value: v.value.unwrap_or_else(|| Rc::from(&[][..])),
-                ttl_left_ms: v.ttl_left_ms,
-            }))
-        }
         other => Err(failed(other)),
     }
+}
+
+/// A cluster may hold concurrent values: the newest (by timestamp) is the value, looked for
+/// through every page of siblings (a reply holds what fits in a frame).
+async fn newest_sibling<S: Storage>(
+    shard: &Rc<Shard<S>>,
+    access: Access,
+    key: &[u8],
+) -> Result<Option<Current>, Value> {
+    let mut newest: Option<crate::command::Version<Rc<[u8]>>> = None;
+    let mut sibling_skip = 0u32;
+    // Each page holds at least one sibling; a key holds at most this many.
+    for _ in 0..schema::peer::STORED_SIBLING_COUNT_MAX {
+        let command = Command::Read {
+            key: key.to_vec(),
+            metadata_only: false,
+            sibling_skip,
+            shown_before: None,
+            consistency: access.consistency,
+            timeout_ms: access.timeout.as_millis() as u64,
+        };
+        let (versions, omitted) = match shard.execute(command).await {
+            Reply::Siblings { versions, omitted, .. } => (versions, omitted),
+            other => return Err(failed(other)),
+        };
+        sibling_skip += versions.len() as u32;
+        for version in versions {
+            if newest.as_ref().is_none_or(|n| version.timestamp_us > n.timestamp_us) {
+                newest = Some(version);
+            }
+        }
+        if omitted == 0 || sibling_skip == 0 {
+            break;
+        }
+    }
+    Ok(newest
+        .map(|v| Current { value: v.value.unwrap_or_else(|| Rc::from(&[][..])), ttl_left_ms: v.ttl_left_ms }))
 }
 
 pub async fn put<S: Storage>(
@@ -124,7 +151,7 @@ pub async fn put<S: Storage>(
         Command::Put { key: key.to_vec(), value: value.to_vec(), ttl_ms }
     };
     match shard.execute(command).await {
-        Reply::Done => Ok(()),
+        Reply::Done | Reply::Written(_) => Ok(()),
         other => Err(failed(other)),
     }
 }
@@ -152,7 +179,7 @@ pub async fn delete<S: Storage>(shard: &Rc<Shard<S>>, access: Access, key: &[u8]
         timeout_ms: access.timeout.as_millis() as u64,
     };
     match shard.execute(command).await {
-        Reply::Done => Ok(true),
+        Reply::Done | Reply::Written(_) => Ok(true),
         other => Err(failed(other)),
     }
 }

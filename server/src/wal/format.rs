@@ -27,8 +27,12 @@ pub const BATCH_MAGIC: u32 = u32::from_le_bytes(*b"KVBT");
 pub const BATCH_HEADER_SIZE: usize = 32;
 pub const RECORD_HEADER_SIZE: usize = 40;
 pub const RECORD_SIZE_MAX: usize = RECORD_HEADER_SIZE + KEY_SIZE_MAX + STORED_VALUE_SIZE_MAX;
-/// A batch holds at most this many payload bytes; one record of the largest size always fits.
-pub const BATCH_PAYLOAD_SIZE_MAX: usize = 4 << 20;
+/// A batch is cut once its records reach this many payload bytes (a larger record goes in a
+/// batch of its own).
+pub const BATCH_PAYLOAD_SIZE_TARGET: usize = 4 << 20;
+/// A batch holds at most this many payload bytes: the target, or one record of the largest size.
+pub const BATCH_PAYLOAD_SIZE_MAX: usize =
+    if RECORD_SIZE_MAX > BATCH_PAYLOAD_SIZE_TARGET { RECORD_SIZE_MAX } else { BATCH_PAYLOAD_SIZE_TARGET };
 
 const _: () = assert!(SEGMENT_HEADER_SIZE <= BLOCK_SIZE);
 const _: () = assert!(BATCH_PAYLOAD_SIZE_MAX >= RECORD_SIZE_MAX);

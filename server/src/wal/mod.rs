@@ -24,12 +24,15 @@ use futures::channel::oneshot;
 
 use crate::event::Event;
 use crate::storage::{block_align_up, Storage, StorageFile, BLOCK_SIZE};
-use format::{BatchError, Record, SegmentHeader, BATCH_HEADER_SIZE, BATCH_PAYLOAD_SIZE_MAX};
+use format::{
+    BatchError, Record, SegmentHeader, BATCH_HEADER_SIZE, BATCH_PAYLOAD_SIZE_MAX, BATCH_PAYLOAD_SIZE_TARGET,
+};
 
 /// Size a segment is preallocated to; a new segment starts when a batch would not fit.
 pub const SEGMENT_SIZE: u64 = 64 << 20;
-/// Bytes of records that may wait for the flusher; writers beyond it wait for room.
-pub const PENDING_SIZE_MAX: usize = 3 * BATCH_PAYLOAD_SIZE_MAX;
+/// Bytes of records that may wait for the flusher; writers beyond it wait for room (a record
+/// larger than this is let in once nothing else is pending).
+pub const PENDING_SIZE_MAX: usize = 3 * BATCH_PAYLOAD_SIZE_TARGET;
 
 const _: () = assert!(SEGMENT_SIZE >= BLOCK_SIZE as u64 + 2 * BATCH_PAYLOAD_SIZE_MAX as u64);
 
@@ -499,7 +502,8 @@ impl<S: Storage> Shared<S> {
         self.room.notify_all();
     }
 
-    /// Cuts the next batch off the pending records: as many whole records as fit.
+    /// Cuts the next batch off the pending records: as many whole records as fit in the
+    /// target, and always the first.
     fn take_batch(&self) -> Option<(u64, u64, Vec<u8>)> {
         let mut state = self.state.borrow_mut();
         let pending = &mut state.pending;
@@ -508,7 +512,7 @@ impl<S: Storage> Shared<S> {
         let mut record_count = 0;
         let mut cut = 0;
         while let Some(&end) = pending.record_ends.front() {
-            if end > BATCH_PAYLOAD_SIZE_MAX {
+            if end > BATCH_PAYLOAD_SIZE_TARGET && record_count > 0 {
                 break;
             }
             cut = end;

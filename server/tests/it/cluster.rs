@@ -422,24 +422,26 @@ fn concurrent_writers_with_contexts_make_siblings_and_lose_none() {
             }
         }
         println!("cluster: with any 2 of 3 nodes stopped, all 20 keys read at ONE from the third");
-        // Values of the largest size replicate, and concurrent ones are kept while they fit in
-        // a stored value (two); a third sheds the oldest, counted.
+        // Values of the largest size replicate, and concurrent ones are accepted while the key's
+        // siblings stay within 2 MiB of values; a third is refused (nothing written), counted.
         let big = |fill: u8| vec![fill; client::VALUE_SIZE_MAX];
         a.put(b"big", &big(1)).await.expect("1 MiB write");
         let seen = a.get_versions(b"big").await.expect("read 1 MiB");
         assert_eq!(seen.siblings.len(), 1);
-        for fill in [2u8, 3, 4] {
+        for fill in [2u8, 3] {
             a.put_with_context(b"big", &big(fill), None, &seen.context).await.expect("concurrent 1 MiB write");
         }
+        let refused = a.put_with_context(b"big", &big(4), None, &seen.context).await;
+        assert!(matches!(refused, Err(Error::SiblingsFull(_))), "{refused:?}");
         let kept = all.get_versions(b"big").await.expect("read siblings");
         let mut fills: Vec<u8> = kept.siblings.iter().map(|s| s.value[0]).collect();
         fills.sort();
-        assert_eq!(fills, [3, 4], "the two newest 1 MiB siblings are kept");
-        let mut dropped = 0;
+        assert_eq!(fills, [2, 3], "both acknowledged 1 MiB siblings are kept");
+        let mut full = 0;
         for address in &cluster.addresses {
-            dropped += cluster_stats(address).await.and_then(|s| s["siblings_dropped"].as_u64()).unwrap_or(0);
+            full += cluster_stats(address).await.and_then(|s| s["siblings_full"].as_u64()).unwrap_or(0);
         }
-        assert!(dropped >= 1, "siblings dropped by the size bound are counted");
+        assert_eq!(full, 1, "the refused write is counted");
         // CAS goes through the key's Paxos: one applies, the same again fails with the value.
         let outcome = a.cas(b"cas-key", None, b"1", None).await.expect("cas");
         assert_eq!(outcome, client::CasOutcome::Swapped);
@@ -500,11 +502,19 @@ pub(crate) struct Partition {
 
 impl Partition {
     pub(crate) fn isolate(address: &str, others: &[&str]) -> Option<Partition> {
+        let pairs: Vec<(&str, &str)> = others.iter().map(|&other| (address, other)).collect();
+        Partition::cut(&pairs)
+    }
+
+    /// Drops all traffic between the two addresses of each pair, both ways.
+    pub(crate) fn cut(pairs: &[(&str, &str)]) -> Option<Partition> {
         let table = format!("kvtest_{}", std::process::id());
-        let others = others.join(", ");
+        let rules: String = pairs
+            .iter()
+            .map(|(a, b)| format!("  ip saddr {a} ip daddr {b} drop\n  ip saddr {b} ip daddr {a} drop\n"))
+            .collect();
         let script = format!(
-            "table inet {table} {{\n chain output {{\n  type filter hook output priority 0; policy accept;\n  \
-             ip saddr {address} ip daddr {{ {others} }} drop\n  ip saddr {{ {others} }} ip daddr {address} drop\n }}\n}}\n"
+            "table inet {table} {{\n chain output {{\n  type filter hook output priority 0; policy accept;\n{rules} }}\n}}\n"
         );
         let mut child =
             Command::new("nft").args(["-f", "-"]).stdin(std::process::Stdio::piped()).spawn().ok()?;

@@ -69,7 +69,10 @@ fn bystander_is_served(node: &Node) {
 fn unknown_operation_frame(id: u64) -> Vec<u8> {
     let mut builder = FlatBufferBuilder::new();
     let key = builder.create_vector(b"k");
-    let get = wire::Get::create(&mut builder, &wire::GetArgs { key: Some(key), metadata_only: false });
+    let get = wire::Get::create(
+        &mut builder,
+        &wire::GetArgs { key: Some(key), metadata_only: false, sibling_skip: 0 },
+    );
     let args = wire::RequestArgs {
         id,
         op_type: wire::Operation(99),
@@ -110,7 +113,9 @@ fn malformed_frames_get_errors_and_other_clients_are_served() {
         let response = read_response(&mut stream).expect("a response to garbage");
         assert_eq!(response.status, Status::BAD_REQUEST, "{size} bytes of garbage: {response:?}");
     }
-    stream.write_all(&frame(5, Op::Get { key: b"bystander", metadata_only: false })).expect("write");
+    stream
+        .write_all(&frame(5, Op::Get { key: b"bystander", metadata_only: false, sibling_skip: 0 }))
+        .expect("write");
     assert_eq!(read_response(&mut stream).map(|r| r.id), Some(5), "the connection survives garbage");
 
     // An operation from the future.
@@ -133,7 +138,9 @@ fn malformed_frames_get_errors_and_other_clients_are_served() {
         let response = read_response(&mut stream).expect("response");
         assert_eq!((response.id, response.status), (index as u64 + 10, status));
     }
-    stream.write_all(&frame(20, Op::Get { key: b"big", metadata_only: false })).expect("write");
+    stream
+        .write_all(&frame(20, Op::Get { key: b"big", metadata_only: false, sibling_skip: 0 }))
+        .expect("write");
     assert_eq!(read_response(&mut stream).map(|r| r.status), Some(Status::NOT_FOUND));
 
     // A client that connects and never sends is closed after the idle timeout.
@@ -156,7 +163,7 @@ fn a_client_that_never_reads_stalls_only_itself() {
     // reading long before (the socket buffers fill and our writes block), then close us.
     let stream = connect(&node);
     stream.set_write_timeout(Some(Duration::from_secs(5))).expect("timeout");
-    let get = frame(1, Op::Get { key: b"big", metadata_only: false });
+    let get = frame(1, Op::Get { key: b"big", metadata_only: false, sibling_skip: 0 });
     let burst: Vec<u8> = get.iter().copied().cycle().take(get.len() * 1_000).collect();
     let writer = std::thread::spawn(move || {
         let mut stream = stream;

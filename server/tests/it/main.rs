@@ -11,6 +11,7 @@ mod harness;
 mod hostile;
 mod kill9;
 mod kill9_engine;
+mod lost_writes;
 mod metrics;
 mod model;
 mod no_space;

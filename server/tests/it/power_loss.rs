@@ -119,6 +119,7 @@ async fn crash_cycles(seed: u64, policy: SyncPolicy, cycle_count: usize) -> (u64
                         Reply::CasFailed(_) => {}
                         Reply::Error { .. } => return acked, // the log stopped: the machine is going down
                         Reply::Found(_)
+                        | Reply::Written(_)
                         | Reply::Siblings { .. }
                         | Reply::Versions(_)
                         | Reply::Updated(_)
