@@ -27,6 +27,8 @@ const SEND_QUEUE_CAPACITY: usize = 4096;
 
 type Waiters = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<ResponseView, Error>>>>>;
 
+/// One pipelined connection to one node's port: many requests in flight, each matched to its
+/// reply by id.
 #[derive(Debug)]
 pub struct Connection {
     address: SocketAddr,
@@ -45,6 +47,7 @@ fn lock(
 }
 
 impl Connection {
+    /// Connects to `address` within `timeout`.
     pub async fn connect(address: SocketAddr, timeout: Duration) -> Result<Connection, Error> {
         let stream = tokio::time::timeout(timeout, TcpStream::connect(address))
             .await
@@ -60,10 +63,12 @@ impl Connection {
         Ok(Connection { address, frames, waiters, next_id: AtomicU64::new(1), closed })
     }
 
+    /// The node's address this connection reaches.
     pub fn address(&self) -> SocketAddr {
         self.address
     }
 
+    /// Whether the connection has failed or been closed (it is then replaced).
     pub fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Relaxed)
     }
@@ -128,6 +133,15 @@ async fn read_frames(mut reader: OwnedReadHalf, waiters: Waiters, closed: Arc<At
                         Ok(response) => response,
                         Err(error) => return fail_all(&closed, &waiters, Error::Protocol(error)),
                     };
+                    // Id 0 is never a request's (ids start at 1): the node could not read a
+                    // frame, so it cannot tell which request failed. Fail them all.
+                    if response.id == 0 {
+                        let error = Error::Protocol(format!(
+                            "the node could not read a request ({:?}: {})",
+                            response.status, response.message
+                        ));
+                        return fail_all(&closed, &waiters, error);
+                    }
                     if let Some(waiter) = lock(&waiters).remove(&response.id) {
                         let _ = waiter.send(Ok(response));
                     }

@@ -8,8 +8,17 @@
 //! assert_eq!(client.get(b"greeting").await?.map(|v| v.value), Some(b"hello".to_vec()));
 //! # Ok(()) }
 //! ```
+//!
+//! The README's section "The Rust client" has a complete example.
+
+#![warn(missing_docs)]
 
 mod connection;
+
+/// The README's code blocks, compiled (and the Rust one type-checked) as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;
 
 use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -28,13 +37,20 @@ use tokio::sync::Mutex;
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Error {
+    /// The key is empty (keys are 1..=256 bytes). Nothing was sent or written.
     KeyEmpty,
+    /// The key is longer than `size_max` bytes. Nothing was written.
     KeyTooLarge {
+        /// The key's size (0 when the server said so without it).
         size: usize,
+        /// The limit, 256.
         size_max: usize,
     },
+    /// The value is larger than `size_max` bytes. Nothing was written.
     ValueTooLarge {
+        /// The value's size (0 when the server said so without it).
         size: usize,
+        /// The limit, 1 MiB.
         size_max: usize,
     },
     /// The server refused the request as malformed.
@@ -57,11 +73,19 @@ pub enum Error {
     Internal(String),
     /// A status this client does not know.
     Server {
+        /// The status's number (schema/PROTOCOL.md lists them).
         status: u16,
+        /// The server's detail.
         message: String,
     },
+    /// The connection failed (connecting, reading or writing); a write may or may not have
+    /// taken effect.
     Io(String),
+    /// The node closed the connection with the request outstanding; a write may or may not
+    /// have taken effect.
     ConnectionClosed,
+    /// The node answered something this client cannot read (or a frame it could not
+    /// attribute to a request).
     Protocol(String),
 }
 
@@ -96,6 +120,7 @@ impl std::error::Error for Error {}
 /// A stored value with its metadata.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Value {
+    /// The value's bytes (empty from [`Client::get_metadata`]).
     pub value: Vec<u8>,
     /// Microseconds since the Unix epoch, from the writer's hybrid logical clock.
     pub timestamp_us: u64,
@@ -137,13 +162,16 @@ impl Versioned {
 /// The outcome of a compare-and-swap.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CasOutcome {
+    /// The expectation held and the new value is stored.
     Swapped,
     /// The expectation did not hold; the current value, if the key exists.
     Failed {
+        /// The key's current value (the newest, in a cluster), or `None` if it is absent.
         current: Option<Value>,
     },
 }
 
+/// How a [`Client`] talks to the cluster.
 #[derive(Debug, Clone)]
 pub struct Options {
     /// Deadline of each request, also sent to the server.
@@ -152,6 +180,8 @@ pub struct Options {
     pub pool_size: usize,
     /// Route each key to its shard's own port (no cross-core hop on the server).
     pub shard_aware: bool,
+    /// Replicas that must answer each read and write in a cluster (`ONE`, `QUORUM`, `ALL`;
+    /// `SERIAL` makes every request linearizable through the key's Paxos).
     pub consistency: Consistency,
     /// In a cluster: learn the ring and send each request to a replica of its key, on the
     /// shard that owns it (else everything goes to the node connected to, which forwards).
@@ -605,6 +635,7 @@ impl Client {
         }
     }
 
+    /// Stores `value` with no TTL: a blind (last-writer-wins) write in a cluster.
     pub async fn put(&self, key: &[u8], value: &[u8]) -> Result<(), Error> {
         self.put_with_ttl(key, value, None).await
     }
@@ -621,6 +652,8 @@ impl Client {
         }
     }
 
+    /// The value of `key`, or `None` if absent or expired; in a cluster, the newest of its
+    /// siblings by timestamp ([`Client::get_versions`] returns them all).
     pub async fn get(&self, key: &[u8]) -> Result<Option<Value>, Error> {
         self.get_inner(key, false).await
     }

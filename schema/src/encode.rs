@@ -20,7 +20,8 @@ pub struct HelloInfo {
 
 #[derive(Debug, Clone, Copy)]
 pub struct SiblingOut<'a> {
-    pub value: &'a [u8],
+    /// `None` in replies to a metadata-only read: the field is left out.
+    pub value: Option<&'a [u8]>,
     pub timestamp_us: u64,
     pub ttl_left_ms: u64,
 }
@@ -84,11 +85,11 @@ pub fn encode_response(builder: &mut FlatBufferBuilder<'_>, out: &mut Vec<u8>, r
             .siblings
             .iter()
             .map(|sibling| {
-                let value = builder.create_vector(sibling.value);
+                let value = sibling.value.map(|value| builder.create_vector(value));
                 wire::Sibling::create(
                     builder,
                     &wire::SiblingArgs {
-                        value: Some(value),
+                        value,
                         timestamp_us: sibling.timestamp_us,
                         ttl_left_ms: sibling.ttl_left_ms,
                     },
@@ -343,7 +344,7 @@ mod tests {
             client_port: 7400,
             shard_ports: vec![(0, 7401), (1, 7402)],
         };
-        let siblings = [SiblingOut { value: b"v", timestamp_us: 3, ttl_left_ms: 4 }];
+        let siblings = [SiblingOut { value: Some(b"v"), timestamp_us: 3, ttl_left_ms: 4 }];
         let out = ResponseOut {
             id: 9,
             status: Status::OK,

@@ -22,7 +22,8 @@ pub use encode::{encode_request, encode_response, HelloInfo, ResponseOut, Siblin
 pub use generated::kv::wire;
 pub use wire::{Consistency, ShardFunction, Status};
 
-/// Version of the protocol this build speaks; a Hello with a higher version is refused.
+/// Version of the protocol this build speaks. A Hello with a higher version is answered with this
+/// one (the client then speaks it, or hangs up); version 0 is refused.
 pub const PROTOCOL_VERSION: u32 = 1;
 /// Keys are 1..=256 bytes.
 pub const KEY_SIZE_MAX: usize = 256;

@@ -250,6 +250,8 @@ pub struct GossipNode {
     pub address: String,
     pub status: wire::NodeStatus,
     pub shard_ports: Vec<u16>,
+    /// The client port (--listen), on the IP of `address`; 0 if not announced.
+    pub client_port: u16,
     pub load_bytes: u64,
     pub members: Vec<String>,
     pub replica_count: u8,
@@ -309,6 +311,7 @@ pub fn encode_gossip(message: &GossipData) -> Vec<u8> {
                     address: Some(address),
                     status: state.status,
                     shard_ports: Some(shard_ports),
+                    client_port: state.client_port,
                     load_bytes: state.load_bytes,
                     members: Some(members),
                     replica_count: state.replica_count,
@@ -384,6 +387,7 @@ pub fn decode_gossip(bytes: &[u8]) -> Result<GossipData, String> {
             address: state.address().unwrap_or("").to_string(),
             status: state.status(),
             shard_ports: state.shard_ports().map(|p| p.iter().collect()).unwrap_or_default(),
+            client_port: state.client_port(),
             load_bytes: state.load_bytes(),
             members,
             replica_count: state.replica_count(),
@@ -413,8 +417,11 @@ pub fn decode_gossip(bytes: &[u8]) -> Result<GossipData, String> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TopologyNode {
     pub name: String,
+    /// Shard 0's own address (where nodes reach it).
     pub address: String,
     pub shard_ports: Vec<u16>,
+    /// The port clients connect to, on the IP of `address`; 0 if unknown.
+    pub client_port: u16,
     pub up: bool,
     pub status: wire::NodeStatus,
     pub load_bytes: u64,
@@ -471,6 +478,7 @@ pub fn encode_topology(topology: &TopologyData) -> Vec<u8> {
                     name: Some(name),
                     address: Some(address),
                     shard_ports: Some(shard_ports),
+                    client_port: node.client_port,
                     up: node.up,
                     status: node.status,
                     load_bytes: node.load_bytes,
@@ -511,6 +519,7 @@ pub fn decode_topology(bytes: &[u8]) -> Result<TopologyData, String> {
             name: node.name().unwrap_or("").to_string(),
             address: node.address().unwrap_or("").to_string(),
             shard_ports: node.shard_ports().map(|p| p.iter().collect()).unwrap_or_default(),
+            client_port: node.client_port(),
             up: node.up(),
             status: node.status(),
             load_bytes: node.load_bytes(),
@@ -673,6 +682,7 @@ mod tests {
                 address: "127.0.0.1:1".into(),
                 status: wire::NodeStatus::NORMAL,
                 shard_ports: vec![1, 2],
+                client_port: 7,
                 load_bytes: 3,
                 members: vec!["a".into(), "b".into()],
                 replica_count: 3,
@@ -692,6 +702,7 @@ mod tests {
                 name: "a".into(),
                 address: "x".into(),
                 shard_ports: vec![5],
+                client_port: 8,
                 up: true,
                 status: wire::NodeStatus::NORMAL,
                 load_bytes: 0,

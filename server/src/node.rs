@@ -501,11 +501,16 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
     // SAFETY: changes this thread's mask, inherited by the shard threads spawned below.
     unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &signals, std::ptr::null_mut()) };
 
+    // The same seed list on every node, this one's own address included, is the usual
+    // convention: a seed that is this node is no other node.
+    let seeds: Vec<SocketAddr> =
+        args.seeds.iter().copied().filter(|&seed| !is_own_address(seed, client_address)).collect();
     let cluster_options = clustered.then(|| ClusterOptions {
-        cluster_size: args.cluster_size.unwrap_or(args.seeds.len() + 1),
+        cluster_size: args.cluster_size.unwrap_or(seeds.len() + 1),
         replica_count: args.replicas,
         partition_bits: args.partition_bits,
-        seeds: args.seeds.clone(),
+        seeds: seeds.clone(),
+        client_port: client_address.port(),
         gossip: GossipConfig {
             interval: Duration::from_millis(args.gossip_interval_ms.max(1)),
             phi_threshold: args.phi_threshold,
@@ -648,4 +653,32 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
     let _ = fs::remove_file(data_dir.join(PORTS_FILE));
     tracing::info!("stopped cleanly");
     Ok(())
+}
+
+/// Whether `seed` names this node, which listens on `listen`: the same address, or the same
+/// port on an IP of this host when it listens on every address.
+fn is_own_address(seed: SocketAddr, listen: SocketAddr) -> bool {
+    if seed == listen {
+        return true;
+    }
+    // An IP of this host is one a socket can bind to (every 127/8 address is).
+    seed.port() == listen.port()
+        && listen.ip().is_unspecified()
+        && std::net::UdpSocket::bind(SocketAddr::new(seed.ip(), 0)).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_seed_that_is_this_node_is_recognized() {
+        let addr = |s: &str| s.parse::<SocketAddr>().expect("address");
+        assert!(is_own_address(addr("127.0.0.2:7400"), addr("127.0.0.2:7400")));
+        assert!(!is_own_address(addr("127.0.0.3:7400"), addr("127.0.0.2:7400")));
+        assert!(is_own_address(addr("127.0.0.3:7400"), addr("0.0.0.0:7400")));
+        assert!(!is_own_address(addr("127.0.0.3:7401"), addr("0.0.0.0:7400")));
+        // 192.0.2.0/24 is reserved for documentation: never this host's.
+        assert!(!is_own_address(addr("192.0.2.1:7400"), addr("0.0.0.0:7400")));
+    }
 }

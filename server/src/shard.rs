@@ -476,7 +476,8 @@ pub async fn run(launch: ShardLaunch) {
                 Ok(membership) => {
                     let membership = Rc::new(membership);
                     *cluster_shard.membership.borrow_mut() = Some(membership.clone());
-                    cluster_tasks.push(glommio::spawn_local(membership.run()));
+                    cluster_tasks.push(glommio::spawn_local(membership.clone().run()));
+                    cluster_tasks.push(glommio::spawn_local(announce_load(shard.clone(), membership)));
                 }
                 Err(error) => {
                     let _ = ready.send(Err(format!("cluster membership: {error:#}")));
@@ -501,4 +502,34 @@ pub async fn run(launch: ShardLaunch) {
         mesh.close();
     }
     drop(mesh_task);
+}
+
+/// How often shard 0 sums the node's stored bytes for gossip (`kvctl status` LOAD_BYTES).
+const LOAD_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The bytes a shard's engine holds: memtables (not yet flushed) and tables.
+fn engine_load_bytes(engine: &serde_json::Value) -> u64 {
+    ["memtable_bytes", "immutable_memtable_bytes", "table_bytes"]
+        .iter()
+        .filter_map(|field| engine[field].as_u64())
+        .sum()
+}
+
+/// Shard 0: every `LOAD_INTERVAL`, the node's load (every shard's engine bytes, gathered over
+/// the mesh) goes into this node's gossip state, forever.
+async fn announce_load<S: Storage>(shard: Rc<Shard<S>>, membership: Rc<Membership>) {
+    loop {
+        let mut load_bytes = engine_load_bytes(&shard.stats_value()["engine"]);
+        if let Some(mesh) = &shard.mesh {
+            for target in (0..shard.count).filter(|&t| t != shard.index) {
+                if let Reply::Stats(text) = mesh.forward(target, Command::ShardStats).await {
+                    if let Ok(stats) = serde_json::from_str::<serde_json::Value>(&text) {
+                        load_bytes += engine_load_bytes(&stats["engine"]);
+                    }
+                }
+            }
+        }
+        membership.set_load(load_bytes);
+        glommio::timer::sleep(LOAD_INTERVAL).await;
+    }
 }

@@ -303,7 +303,7 @@ async fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 let nodes: Vec<_> = topology
                     .nodes
                     .iter()
-                    .map(|n| json!({"name": n.name, "address": n.address, "up": n.up,
+                    .map(|n| json!({"name": n.name, "address": client_address(n), "node_address": n.address, "up": n.up,
                         "status": status_name(n.status), "load_bytes": n.load_bytes, "shards": n.shard_ports.len()}))
                     .collect();
                 println!(
@@ -326,7 +326,7 @@ async fn run(cli: Cli) -> anyhow::Result<Outcome> {
                     println!(
                         "{:<20} {:<22} {:<5} {:<8} {:>12} {:>6}",
                         n.name,
-                        n.address,
+                        client_address(n),
                         up,
                         status_name(n.status),
                         n.load_bytes,
@@ -472,6 +472,15 @@ fn main() -> ExitCode {
             }
             ExitCode::from(2)
         }
+    }
+}
+
+/// The address a client types for `node`: its client port (--listen) on the IP nodes reach it
+/// at; its shard 0's address if the node does not announce one.
+fn client_address(node: &client::TopologyNode) -> String {
+    match (node.address.parse::<std::net::SocketAddr>(), node.client_port) {
+        (Ok(address), port) if port != 0 => std::net::SocketAddr::new(address.ip(), port).to_string(),
+        _ => node.address.clone(),
     }
 }
 

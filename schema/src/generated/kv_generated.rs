@@ -5520,6 +5520,7 @@ impl<'a> GossipNodeState<'a> {
   pub const VT_STREAM_RANGES_TOTAL: ::flatbuffers::VOffsetT = 28;
   pub const VT_STREAM_BYTES: ::flatbuffers::VOffsetT = 30;
   pub const VT_STREAM_ELAPSED_MS: ::flatbuffers::VOffsetT = 32;
+  pub const VT_CLIENT_PORT: ::flatbuffers::VOffsetT = 34;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -5543,6 +5544,7 @@ impl<'a> GossipNodeState<'a> {
     if let Some(x) = args.shard_ports { builder.add_shard_ports(x); }
     if let Some(x) = args.address { builder.add_address(x); }
     if let Some(x) = args.node { builder.add_node(x); }
+    builder.add_client_port(args.client_port);
     builder.add_partition_bits(args.partition_bits);
     builder.add_replica_count(args.replica_count);
     builder.add_status(args.status);
@@ -5662,6 +5664,14 @@ impl<'a> GossipNodeState<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u64>(GossipNodeState::VT_STREAM_ELAPSED_MS, Some(0)).unwrap()}
   }
+  /// The client port (--listen) on the same IP as `address`; 0 if not announced.
+  #[inline]
+  pub fn client_port(&self) -> u16 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u16>(GossipNodeState::VT_CLIENT_PORT, Some(0)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for GossipNodeState<'_> {
@@ -5685,6 +5695,7 @@ impl ::flatbuffers::Verifiable for GossipNodeState<'_> {
      .visit_field::<u32>("stream_ranges_total", Self::VT_STREAM_RANGES_TOTAL, false)?
      .visit_field::<u64>("stream_bytes", Self::VT_STREAM_BYTES, false)?
      .visit_field::<u64>("stream_elapsed_ms", Self::VT_STREAM_ELAPSED_MS, false)?
+     .visit_field::<u16>("client_port", Self::VT_CLIENT_PORT, false)?
      .finish();
     Ok(())
   }
@@ -5705,6 +5716,7 @@ pub struct GossipNodeStateArgs<'a> {
     pub stream_ranges_total: u32,
     pub stream_bytes: u64,
     pub stream_elapsed_ms: u64,
+    pub client_port: u16,
 }
 impl<'a> Default for GossipNodeStateArgs<'a> {
   #[inline]
@@ -5725,6 +5737,7 @@ impl<'a> Default for GossipNodeStateArgs<'a> {
       stream_ranges_total: 0,
       stream_bytes: 0,
       stream_elapsed_ms: 0,
+      client_port: 0,
     }
   }
 }
@@ -5795,6 +5808,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> GossipNodeStateBuilder<'a, 'b
     self.fbb_.push_slot::<u64>(GossipNodeState::VT_STREAM_ELAPSED_MS, stream_elapsed_ms, 0);
   }
   #[inline]
+  pub fn add_client_port(&mut self, client_port: u16) {
+    self.fbb_.push_slot::<u16>(GossipNodeState::VT_CLIENT_PORT, client_port, 0);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> GossipNodeStateBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     GossipNodeStateBuilder {
@@ -5827,6 +5844,7 @@ impl ::core::fmt::Debug for GossipNodeState<'_> {
       ds.field("stream_ranges_total", &self.stream_ranges_total());
       ds.field("stream_bytes", &self.stream_bytes());
       ds.field("stream_elapsed_ms", &self.stream_elapsed_ms());
+      ds.field("client_port", &self.client_port());
       ds.finish()
   }
 }
@@ -6037,6 +6055,7 @@ impl<'a> TopologyNode<'a> {
   pub const VT_STREAM_RANGES_TOTAL: ::flatbuffers::VOffsetT = 18;
   pub const VT_STREAM_BYTES: ::flatbuffers::VOffsetT = 20;
   pub const VT_STREAM_ELAPSED_MS: ::flatbuffers::VOffsetT = 22;
+  pub const VT_CLIENT_PORT: ::flatbuffers::VOffsetT = 24;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -6056,6 +6075,7 @@ impl<'a> TopologyNode<'a> {
     if let Some(x) = args.shard_ports { builder.add_shard_ports(x); }
     if let Some(x) = args.address { builder.add_address(x); }
     if let Some(x) = args.name { builder.add_name(x); }
+    builder.add_client_port(args.client_port);
     builder.add_status(args.status);
     builder.add_up(args.up);
     builder.finish()
@@ -6133,6 +6153,14 @@ impl<'a> TopologyNode<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u64>(TopologyNode::VT_STREAM_ELAPSED_MS, Some(0)).unwrap()}
   }
+  /// The port clients connect to (--listen) on the IP of `address`; 0 if unknown.
+  #[inline]
+  pub fn client_port(&self) -> u16 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u16>(TopologyNode::VT_CLIENT_PORT, Some(0)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for TopologyNode<'_> {
@@ -6151,6 +6179,7 @@ impl ::flatbuffers::Verifiable for TopologyNode<'_> {
      .visit_field::<u32>("stream_ranges_total", Self::VT_STREAM_RANGES_TOTAL, false)?
      .visit_field::<u64>("stream_bytes", Self::VT_STREAM_BYTES, false)?
      .visit_field::<u64>("stream_elapsed_ms", Self::VT_STREAM_ELAPSED_MS, false)?
+     .visit_field::<u16>("client_port", Self::VT_CLIENT_PORT, false)?
      .finish();
     Ok(())
   }
@@ -6166,6 +6195,7 @@ pub struct TopologyNodeArgs<'a> {
     pub stream_ranges_total: u32,
     pub stream_bytes: u64,
     pub stream_elapsed_ms: u64,
+    pub client_port: u16,
 }
 impl<'a> Default for TopologyNodeArgs<'a> {
   #[inline]
@@ -6181,6 +6211,7 @@ impl<'a> Default for TopologyNodeArgs<'a> {
       stream_ranges_total: 0,
       stream_bytes: 0,
       stream_elapsed_ms: 0,
+      client_port: 0,
     }
   }
 }
@@ -6231,6 +6262,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> TopologyNodeBuilder<'a, 'b, A
     self.fbb_.push_slot::<u64>(TopologyNode::VT_STREAM_ELAPSED_MS, stream_elapsed_ms, 0);
   }
   #[inline]
+  pub fn add_client_port(&mut self, client_port: u16) {
+    self.fbb_.push_slot::<u16>(TopologyNode::VT_CLIENT_PORT, client_port, 0);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> TopologyNodeBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     TopologyNodeBuilder {
@@ -6258,6 +6293,7 @@ impl ::core::fmt::Debug for TopologyNode<'_> {
       ds.field("stream_ranges_total", &self.stream_ranges_total());
       ds.field("stream_bytes", &self.stream_bytes());
       ds.field("stream_elapsed_ms", &self.stream_elapsed_ms());
+      ds.field("client_port", &self.client_port());
       ds.finish()
   }
 }

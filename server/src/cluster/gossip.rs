@@ -42,6 +42,8 @@ pub struct NodeState {
     pub status: NodeStatus,
     /// Shard i's own port; the shard count is the length.
     pub shard_ports: Vec<u16>,
+    /// The client port (--listen), on the IP of `address`.
+    pub client_port: u16,
     pub load_bytes: u64,
     /// The members of the cluster it belongs to, sorted, once formed (ring node i is
     /// `members[i]`); empty while forming.
@@ -296,6 +298,7 @@ mod tests {
                         address: address(i),
                         status: NodeStatus::Normal,
                         shard_ports: vec![1],
+                        client_port: 0,
                         load_bytes: 0,
                         members: Vec::new(),
                         replica_count: 3,

@@ -50,6 +50,8 @@ pub struct ClusterOptions {
     pub partition_bits: u32,
     /// Other nodes' client addresses.
     pub seeds: Vec<SocketAddr>,
+    /// This node's client port (--listen), announced in gossip for `kvctl status`.
+    pub client_port: u16,
     pub gossip: GossipConfig,
     pub anti_entropy: super::anti_entropy::AntiEntropyOptions,
     /// Join the running cluster the seeds belong to.
@@ -142,6 +144,7 @@ fn state_to_wire(node: &str, state: &NodeState) -> GossipNode {
         address: state.address.clone(),
         status: status_to_wire(state.status),
         shard_ports: state.shard_ports.clone(),
+        client_port: state.client_port,
         load_bytes: state.load_bytes,
         members: state.members.clone(),
         replica_count: state.replica_count,
@@ -158,6 +161,7 @@ fn state_from_wire(node: GossipNode) -> (String, NodeState) {
         address: node.address,
         status: status_from_wire(node.status),
         shard_ports: node.shard_ports,
+        client_port: node.client_port,
         load_bytes: node.load_bytes,
         members: node.members,
         replica_count: node.replica_count,
@@ -290,6 +294,7 @@ impl Membership {
             address: my_address.to_string(),
             status: NodeStatus::Normal,
             shard_ports,
+            client_port: options.client_port,
             load_bytes: 0,
             members: Vec::new(),
             replica_count: options.replica_count as u8,
@@ -906,6 +911,7 @@ impl Membership {
                 let info = NodeInfo {
                     address,
                     shard_ports: state.shard_ports.clone(),
+                    client_port: state.client_port,
                     up: gossip.is_up(name, now_us),
                     status,
                     // Load changes constantly; shards do not need it, so it does not make

@@ -555,7 +555,7 @@ fn unavailable<S: Storage>(cluster: &ClusterShard<S>, message: String) -> LocalR
 }
 
 /// A reply from a peer coordinator, as this node's reply.
-fn reply_from_peer(response: ResponseView, is_read: bool) -> LocalReply {
+fn reply_from_peer(response: ResponseView, is_read: bool, metadata_only: bool) -> LocalReply {
     match response.status {
         Status::OK | Status::NOT_FOUND if is_read => Reply::Siblings {
             omitted: response.siblings_omitted,
@@ -563,7 +563,7 @@ fn reply_from_peer(response: ResponseView, is_read: bool) -> LocalReply {
                 .siblings
                 .into_iter()
                 .map(|s| Version {
-                    value: Some(Rc::from(s.value)),
+                    value: (!metadata_only).then(|| Rc::from(s.value)),
                     timestamp_us: s.timestamp_us,
                     ttl_left_ms: s.ttl_left_ms,
                 })
@@ -596,9 +596,10 @@ async fn forward<S: Storage>(
     };
     cluster.stats.forwarded_count.set(cluster.stats.forwarded_count.get() + 1);
     let is_read = matches!(op, Op::Get { .. });
+    let metadata_only = matches!(op, Op::Get { metadata_only: true, .. });
     let request = PeerRequest { op, consistency: wire_consistency(consistency), context, timeout };
     match cluster.peers.link(address).call(request).await {
-        Ok(response) => reply_from_peer(response, is_read),
+        Ok(response) => reply_from_peer(response, is_read, metadata_only),
         Err(error) => Reply::error(Status::TIMEOUT, format!("forwarding to replica {address}: {error}")),
     }
 }

@@ -17,6 +17,8 @@ pub struct NodeInfo {
     /// Where its shard 0 listens (gossip goes there).
     pub address: SocketAddr,
     pub shard_ports: Vec<u16>,
+    /// The port clients connect to, on the IP of `address` (0: not announced).
+    pub client_port: u16,
     pub up: bool,
     pub status: NodeStatus,
     pub load_bytes: u64,
@@ -141,6 +143,7 @@ impl ClusterView {
                     name: name.to_string(),
                     address: info.map(|i| i.address.to_string()).unwrap_or_default(),
                     shard_ports: info.map(|i| i.shard_ports.clone()).unwrap_or_default(),
+                    client_port: info.map_or(0, |i| i.client_port),
                     up: **name == self.me || info.is_some_and(|i| i.up),
                     status: status(info.map_or(NodeStatus::Joining, |i| i.status)),
                     load_bytes: info.map_or(0, |i| i.load_bytes),

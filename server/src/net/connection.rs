@@ -556,7 +556,7 @@ pub fn encode_reply(builder: &mut FlatBufferBuilder<'_>, out: &mut Vec<u8>, id: 
 
 fn sibling_of(version: &Version<Rc<[u8]>>) -> SiblingOut<'_> {
     SiblingOut {
-        value: version.value.as_deref().unwrap_or(&[]),
+        value: version.value.as_deref(),
         timestamp_us: version.timestamp_us,
         ttl_left_ms: version.ttl_left_ms,
     }

@@ -162,7 +162,7 @@ fn sigterm_syncs_and_exits_cleanly() {
     });
 }
 
-fn kvctl(address: &str, args: &[&str], stdin: Option<&[u8]>) -> (i32, String, String) {
+pub(crate) fn kvctl(address: &str, args: &[&str], stdin: Option<&[u8]>) -> (i32, String, String) {
     let path = std::path::Path::new(env!("CARGO_BIN_EXE_kvd")).with_file_name("kvctl");
     assert!(
         path.exists(),
