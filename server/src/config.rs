@@ -164,7 +164,7 @@ pub fn print(args: &Args) -> String {
     }
     set(&mut table, "log_format", text(&args.log_format));
     set(&mut table, "log_level", text(&args.log_level));
-    set(&mut table, "resp_consistency", text(&format!("{:?}", args.resp_consistency).to_lowercase()));
+    set(&mut table, "resp_consistency", text(&args.resp_consistency.name()));
     toml::to_string(&table).unwrap_or_default()
 }
 

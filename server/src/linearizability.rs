@@ -1,5 +1,5 @@
-//! A linearizability checker for one key used as a register with compare-and-swap: the
-//! Wing-Gong-Lowe search (linearize an operation that may go next, backtrack when the
+//! A linearizability checker for one key used as a register with reads, blind writes and
+//! deletes, compare-and-swap and increments: the Wing-Gong-Lowe search (linearize an operation that may go next, backtrack when the
 //! register's answers disagree, remember the (linearized set, value) pairs already refuted).
 //! Tests record what clients did and saw, per key, and ask whether some order of the
 //! operations, consistent with real time, explains every answer.
@@ -18,7 +18,29 @@ pub enum Operation<V> {
         expected: Option<V>,
         new: V,
     },
+    /// An unconditional write; `None` deletes.
+    Write(Option<V>),
+    /// Replaces the value by its increment (`Register::incremented`; absent counts as 0).
+    Increment,
 }
+
+/// A register's values: what an increment makes of one.
+pub trait Register: Clone + Eq + Hash + std::fmt::Debug {
+    /// The value after an increment of `value`; `None` if it cannot be incremented (the
+    /// operation then fails and changes nothing).
+    fn incremented(value: &Option<Self>) -> Option<Self>;
+}
+
+macro_rules! integer_register {
+    ($($t:ty),*) => {$(
+        impl Register for $t {
+            fn incremented(value: &Option<$t>) -> Option<$t> {
+                value.unwrap_or(0).checked_add(1)
+            }
+        }
+    )*};
+}
+integer_register!(u32, u64, i64);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome<V> {
@@ -29,6 +51,12 @@ pub enum Outcome<V> {
     CasFailed(Option<V>),
     /// May or may not have taken effect.
     Unknown,
+    /// A write was acknowledged; for a delete, whether the key existed (`None`: not told).
+    Written {
+        existed: Option<bool>,
+    },
+    /// An increment's result.
+    Incremented(V),
 }
 
 /// One operation as a client saw it: invoked at `start`, answered at `end` (any monotonic
@@ -43,18 +71,14 @@ pub struct Event<V> {
 
 /// Whether `history` (one key's operations, from a register holding `initial`) is
 /// linearizable; the error names the operations no order could explain.
-pub fn check<V: Clone + Eq + Hash + std::fmt::Debug>(
-    history: &[Event<V>],
-    initial: Option<V>,
-) -> Result<(), String> {
+pub fn check<V: Register>(history: &[Event<V>], initial: Option<V>) -> Result<(), String> {
     // Unknown reads tell nothing; unknown CASes may apply.
     let events: Vec<&Event<V>> = history
         .iter()
         .filter(|e| !(e.operation == Operation::Read && e.outcome == Outcome::Unknown))
         .collect();
-    let mut search =
-        Search { events: &events, refuted: HashSet::new(), linearized: vec![false; events.len()] };
-    if search.explore(&initial) {
+    let mut search = Search { events: &events, refuted: HashSet::new(), linearized: Bits::new(events.len()) };
+    if search.explore(initial.clone()) {
         Ok(())
     } else {
         Err(format!(
@@ -65,53 +89,112 @@ pub fn check<V: Clone + Eq + Hash + std::fmt::Debug>(
     }
 }
 
-struct Search<'a, V> {
-    events: &'a [&'a Event<V>],
-    refuted: HashSet<(Vec<bool>, Option<V>)>,
-    linearized: Vec<bool>,
+/// A set of event indices.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Bits(Vec<u64>);
+
+impl Bits {
+    fn new(count: usize) -> Bits {
+        Bits(vec![0; count.div_ceil(64)])
+    }
+
+    fn contains(&self, index: usize) -> bool {
+        self.0[index / 64] & (1 << (index % 64)) != 0
+    }
+
+    fn set(&mut self, index: usize, on: bool) {
+        if on {
+            self.0[index / 64] |= 1 << (index % 64);
+        } else {
+            self.0[index / 64] &= !(1 << (index % 64));
+        }
+    }
 }
 
-impl<V: Clone + Eq + Hash> Search<'_, V> {
+struct Search<'a, V> {
+    events: &'a [&'a Event<V>],
+    refuted: HashSet<(Bits, Option<V>)>,
+    linearized: Bits,
+}
+
+/// One step of the depth-first search: the register's value here, the event that led here,
+/// and the next event to try from here.
+struct Frame<V> {
+    value: Option<V>,
+    placed: Option<usize>,
+    next: usize,
+}
+
+impl<V: Register> Search<'_, V> {
     fn known(event: &Event<V>) -> bool {
         event.outcome != Outcome::Unknown
     }
 
-    fn explore(&mut self, value: &Option<V>) -> bool {
-        let pending = |i: usize, s: &Self| !s.linearized[i];
-        // Done once every operation with a known outcome is placed.
-        if !(0..self.events.len()).any(|i| pending(i, self) && Self::known(self.events[i])) {
-            return true;
-        }
-        if self.refuted.contains(&(self.linearized.clone(), value.clone())) {
-            return false;
-        }
-        // An operation may go next only if no pending operation ended before it began.
-        let earliest_end = (0..self.events.len())
-            .filter(|&i| pending(i, self) && Self::known(self.events[i]))
-            .map(|i| self.events[i].end)
-            .min()
-            .unwrap_or(u64::MAX);
-        for i in 0..self.events.len() {
-            if !pending(i, self) || self.events[i].start > earliest_end {
-                continue;
+    /// Depth-first over the orders consistent with real time, with an explicit stack (a
+    /// history of thousands of operations would overflow a thread's stack by recursion).
+    fn explore(&mut self, initial: Option<V>) -> bool {
+        let count = self.events.len();
+        let mut stack = vec![Frame { value: initial, placed: None, next: 0 }];
+        while let Some(frame) = stack.last_mut() {
+            let linearized = &self.linearized;
+            let pending = |i: usize| !linearized.contains(i);
+            if frame.next == 0 {
+                // Done once every operation with a known outcome is placed.
+                if !(0..count).any(|i| pending(i) && Self::known(self.events[i])) {
+                    return true;
+                }
+                if self.refuted.contains(&(self.linearized.clone(), frame.value.clone())) {
+                    frame.next = count; // known dead end: backtrack below
+                }
             }
-            let Some(next) = apply(self.events[i], value) else { continue };
-            self.linearized[i] = true;
-            let explained = self.explore(&next);
-            self.linearized[i] = false;
-            if explained {
-                return true;
+            // An operation may go next only if no pending operation ended before it began.
+            let earliest_end = (0..count)
+                .filter(|&i| pending(i) && Self::known(self.events[i]))
+                .map(|i| self.events[i].end)
+                .min()
+                .unwrap_or(u64::MAX);
+            let mut step = None;
+            while frame.next < count {
+                let i = frame.next;
+                frame.next += 1;
+                if !pending(i) || self.events[i].start > earliest_end {
+                    continue;
+                }
+                if let Some(next) = apply(self.events[i], &frame.value) {
+                    step = Some((i, next));
+                    break;
+                }
+            }
+            match step {
+                Some((i, value)) => {
+                    self.linearized.set(i, true);
+                    stack.push(Frame { value, placed: Some(i), next: 0 });
+                }
+                None => {
+                    let frame = stack.pop().expect("a frame");
+                    self.refuted.insert((self.linearized.clone(), frame.value));
+                    if let Some(i) = frame.placed {
+                        self.linearized.set(i, false);
+                    }
+                }
             }
         }
-        self.refuted.insert((self.linearized.clone(), value.clone()));
         false
     }
 }
 
 /// The register's value after `event` from `value`, if its outcome agrees. An unknown CAS
 /// is placed only where it applies (where it would not, leaving it out is the same).
-fn apply<V: Clone + Eq>(event: &Event<V>, value: &Option<V>) -> Option<Option<V>> {
+fn apply<V: Register>(event: &Event<V>, value: &Option<V>) -> Option<Option<V>> {
     match (&event.operation, &event.outcome) {
+        (Operation::Write(new), Outcome::Written { existed }) => {
+            existed.is_none_or(|existed| existed == value.is_some()).then(|| new.clone())
+        }
+        (Operation::Write(new), Outcome::Unknown) => Some(new.clone()),
+        (Operation::Increment, Outcome::Incremented(new)) => {
+            (V::incremented(value).as_ref() == Some(new)).then(|| Some(new.clone()))
+        }
+        (Operation::Increment, Outcome::Unknown) => V::incremented(value).map(Some),
         (Operation::Read, Outcome::Read(seen)) => (seen == value).then(|| value.clone()),
         (Operation::Cas { expected, new }, Outcome::CasApplied | Outcome::Unknown) => {
             (expected == value).then(|| Some(new.clone()))
@@ -161,6 +244,51 @@ mod tests {
             event(0, 5, cas(None, 2), Outcome::CasApplied),
         ];
         assert!(check(&history, None).is_err(), "a lost update");
+    }
+
+    #[test]
+    fn writes_deletes_and_increments_are_ordered_like_reads() {
+        let ok = vec![
+            event(0, 1, Operation::Write(Some(5)), Outcome::Written { existed: None }),
+            event(2, 3, Operation::Increment, Outcome::Incremented(6)),
+            event(2, 5, Operation::Read, Outcome::Read(Some(6))),
+            event(6, 7, Operation::Write(None), Outcome::Written { existed: Some(true) }),
+            event(8, 9, Operation::Increment, Outcome::Incremented(1)),
+        ];
+        assert_eq!(check(&ok, None), Ok(()));
+        let lost_increment = vec![
+            event(0, 1, Operation::Increment, Outcome::Incremented(1)),
+            event(0, 1, Operation::Increment, Outcome::Incremented(1)),
+        ];
+        assert!(check(&lost_increment, None).is_err());
+        let undone_delete = vec![
+            event(0, 1, Operation::Write(Some(5)), Outcome::Written { existed: None }),
+            event(2, 3, Operation::Write(None), Outcome::Written { existed: Some(true) }),
+            event(4, 5, Operation::Read, Outcome::Read(Some(5))),
+        ];
+        assert!(check(&undone_delete, None).is_err());
+        let deleted_nothing = vec![
+            event(0, 1, Operation::Write(Some(5)), Outcome::Written { existed: None }),
+            event(2, 3, Operation::Write(None), Outcome::Written { existed: Some(false) }),
+        ];
+        assert!(check(&deleted_nothing, None).is_err());
+    }
+
+    #[test]
+    fn a_long_history_is_checked_without_recursion() {
+        // 8,000 increments one after another: as deep as a search goes (recursion overflowed
+        // a test thread's stack at about 5,000).
+        let history: Vec<Event<u32>> = (0..8_000u32)
+            .map(|i| {
+                event(
+                    2 * u64::from(i),
+                    2 * u64::from(i) + 1,
+                    Operation::Increment,
+                    Outcome::Incremented(i + 1),
+                )
+            })
+            .collect();
+        assert_eq!(check(&history, None), Ok(()));
     }
 
     #[test]

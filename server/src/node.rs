@@ -131,9 +131,11 @@ pub struct Args {
     /// RESP clients must AUTH with this password first (as Redis's requirepass).
     #[arg(long, global = true, env = "KVD_REQUIREPASS")]
     pub requirepass: Option<String>,
-    /// Consistency of RESP reads and writes in a cluster: one, quorum or all.
-    #[arg(long, global = true, default_value = "quorum", value_parser = parse_consistency)]
-    pub resp_consistency: crate::cluster::coordinator::Consistency,
+    /// Consistency of RESP reads and writes in a cluster: one, quorum or all (plain reads and
+    /// writes at that level), or serial (every read and write through the key's Paxos:
+    /// linearizable). A connection may change its own with CLIENT CONSISTENCY.
+    #[arg(long, global = true, default_value = "quorum", value_parser = parse_resp_consistency)]
+    pub resp_consistency: crate::resp::store_ops::RespConsistency,
     /// Log format: human or json (one object per line).
     #[arg(long, global = true, default_value = "human", value_parser = ["human", "json"])]
     pub log_format: String,
@@ -170,14 +172,9 @@ pub enum Command {
     },
 }
 
-fn parse_consistency(text: &str) -> Result<crate::cluster::coordinator::Consistency, String> {
-    use crate::cluster::coordinator::Consistency;
-    match text.to_ascii_lowercase().as_str() {
-        "one" => Ok(Consistency::One),
-        "quorum" => Ok(Consistency::Quorum),
-        "all" => Ok(Consistency::All),
-        _ => Err(format!("expected one, quorum or all, got {text:?}")),
-    }
+fn parse_resp_consistency(text: &str) -> Result<crate::resp::store_ops::RespConsistency, String> {
+    crate::resp::store_ops::RespConsistency::parse(text)
+        .ok_or_else(|| format!("expected one, quorum, all or serial, got {text:?}"))
 }
 
 /// The addresses a running node bound, written to `DATA_DIR/ports.json` once it serves.

@@ -266,7 +266,7 @@ fn hello_ip(cluster: &Option<ClusterLaunch>) -> std::net::IpAddr {
 #[derive(Debug, Clone)]
 pub struct RespLaunch {
     pub password: Option<String>,
-    pub consistency: crate::cluster::coordinator::Consistency,
+    pub consistency: crate::resp::store_ops::RespConsistency,
     pub port: u16,
 }
 

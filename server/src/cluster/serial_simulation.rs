@@ -369,7 +369,8 @@ impl Simulation {
                     self.seen.insert((running.client, running.key), Some(new));
                 }
             }
-            Outcome::Unknown => {}
+            // The simulated clients only read and CAS.
+            Outcome::Unknown | Outcome::Written { .. } | Outcome::Incremented(_) => {}
         }
         let end = if outcome == Outcome::Unknown { u64::MAX } else { self.now_us };
         self.histories.entry(running.key).or_default().push(Event {
@@ -462,6 +463,9 @@ impl Simulation {
                                 proposal.write(node, me.counter, Some(state.context()), Some(new), timestamp);
                             let running = self.running.get_mut(&op).expect("running");
                             running.proposer.write(proposal, dot, Outcome::CasApplied)
+                        }
+                        Operation::Write(_) | Operation::Increment => {
+                            unreachable!("the simulated clients only read and CAS")
                         }
                     }
                 }

@@ -33,6 +33,8 @@ pub struct Session {
     pub name: Option<Vec<u8>>,
     pub lib_name: Option<Vec<u8>>,
     pub lib_version: Option<Vec<u8>>,
+    /// How this connection's commands reach a cluster's replicas (`CLIENT CONSISTENCY`).
+    pub access: Access,
 }
 
 impl Session {
@@ -44,6 +46,7 @@ impl Session {
             name: None,
             lib_name: None,
             lib_version: None,
+            access: settings.access,
         }
     }
 }
@@ -166,7 +169,7 @@ pub fn dispatch<S: Storage>(
             let shard = shard.clone();
             Step::Later(Box::pin(async move { Value::Integer(shard.entry_count_total().await as i64) }))
         }
-        _ => Step::Later(data(shard.clone(), settings.access, name, args)),
+        _ => Step::Later(data(shard.clone(), session.access, name, args)),
     }
 }
 
@@ -259,7 +262,17 @@ fn client(session: &mut Session, args: &[Vec<u8>]) -> Value {
             }
             other => Value::error(format!("ERR Unrecognized option '{other}'")),
         },
-        ("ID" | "GETNAME" | "SETNAME" | "SETINFO", _) => {
+        // kv's own: this connection's consistency in a cluster (`--resp-consistency` sets the
+        // default); with no argument, the current one.
+        ("CONSISTENCY", 2) => Value::text(session.access.consistency.name()),
+        ("CONSISTENCY", 3) => match store_ops::RespConsistency::parse(&text(&args[2])) {
+            Some(consistency) => {
+                session.access.consistency = consistency;
+                Value::ok()
+            }
+            None => Value::error("ERR CLIENT CONSISTENCY takes one, quorum, all or serial"),
+        },
+        ("ID" | "GETNAME" | "SETNAME" | "SETINFO" | "CONSISTENCY", _) => {
             arity_error(&format!("client|{}", text(&args[1]).to_lowercase()))
         }
         (other, _) => {

@@ -9,6 +9,7 @@ use schema::Status;
 
 use super::reply::Value;
 use crate::cluster::coordinator::Consistency;
+use crate::cluster::serial::SerialOp;
 use crate::command::{Command, LocalReply, Reply};
 use crate::shard::Shard;
 use crate::storage::Storage;
@@ -25,8 +26,64 @@ pub struct Current {
 #[derive(Debug, Clone, Copy)]
 pub struct Access {
     /// Consistency of reads and writes in a cluster.
-    pub consistency: Consistency,
+    pub consistency: RespConsistency,
     pub timeout: Duration,
+}
+
+/// How RESP commands reach a cluster's replicas: `--resp-consistency`, or per connection
+/// `CLIENT CONSISTENCY`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RespConsistency {
+    /// Plain reads and writes at this level; conditional and counter commands through the
+    /// key's Paxos, committed at this level.
+    Level(Consistency),
+    /// Every read and write of a key through its Paxos: one linearizable order (commits wait
+    /// for a quorum).
+    Serial,
+}
+
+impl RespConsistency {
+    /// `one`, `quorum`, `all` or `serial`, in any case.
+    pub fn parse(text: &str) -> Option<RespConsistency> {
+        Some(match text.to_ascii_lowercase().as_str() {
+            "one" => RespConsistency::Level(Consistency::One),
+            "quorum" => RespConsistency::Level(Consistency::Quorum),
+            "all" => RespConsistency::Level(Consistency::All),
+            "serial" => RespConsistency::Serial,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            RespConsistency::Level(Consistency::One) => "one",
+            RespConsistency::Level(Consistency::Quorum) => "quorum",
+            RespConsistency::Level(Consistency::All) => "all",
+            RespConsistency::Serial => "serial",
+        }
+    }
+
+    /// Replicas a write (or a Paxos commit) waits for.
+    pub fn level(self) -> Consistency {
+        match self {
+            RespConsistency::Level(level) => level,
+            RespConsistency::Serial => Consistency::Quorum,
+        }
+    }
+
+    fn serial(self) -> bool {
+        self == RespConsistency::Serial
+    }
+}
+
+/// `command` through the key's Paxos, committed at `access`'s level.
+fn serial_command(key: &[u8], op: crate::cluster::serial::SerialOp, access: Access) -> Command {
+    Command::Serial {
+        key: key.to_vec(),
+        op,
+        commit: access.consistency.level(),
+        timeout_ms: access.timeout.as_millis() as u64,
+    }
 }
 
 /// A store error as a RESP error, with a code a client can match.
@@ -103,13 +160,18 @@ async fn newest_sibling<S: Storage>(
     let mut sibling_skip = 0u32;
     // Each page holds at least one sibling; a key holds at most this many.
     for _ in 0..schema::peer::STORED_SIBLING_COUNT_MAX {
-        let command = Command::Read {
-            key: key.to_vec(),
-            metadata_only: false,
-            sibling_skip,
-            shown_before: None,
-            consistency: access.consistency,
-            timeout_ms: access.timeout.as_millis() as u64,
+        let command = if access.consistency.serial() {
+            let op = SerialOp::Read { metadata_only: false, sibling_skip, shown_before: None };
+            serial_command(key, op, access)
+        } else {
+            Command::Read {
+                key: key.to_vec(),
+                metadata_only: false,
+                sibling_skip,
+                shown_before: None,
+                consistency: access.consistency.level(),
+                timeout_ms: access.timeout.as_millis() as u64,
+            }
         };
         let (versions, omitted) = match shard.execute(command).await {
             Reply::Siblings { versions, omitted, .. } => (versions, omitted),
@@ -138,13 +200,15 @@ pub async fn put<S: Storage>(
 ) -> Result<(), Value> {
     check_key(key)?;
     check_value(value)?;
-    let command = if shard.cluster.is_some() {
+    let command = if shard.cluster.is_some() && access.consistency.serial() {
+        serial_command(key, SerialOp::Write { value: Some(value.to_vec()), ttl_ms }, access)
+    } else if shard.cluster.is_some() {
         Command::Write {
             key: key.to_vec(),
             value: Some(value.to_vec()),
             ttl_ms,
             context: None,
-            consistency: access.consistency,
+            consistency: access.consistency.level(),
             timeout_ms: access.timeout.as_millis() as u64,
         }
     } else {
@@ -167,6 +231,17 @@ pub async fn delete<S: Storage>(shard: &Rc<Shard<S>>, access: Access, key: &[u8]
             other => Err(failed(other)),
         };
     }
+    if access.consistency.serial() {
+        // One Paxos round: it deletes, or answers NOT_FOUND if the key is absent.
+        return match shard
+            .execute(serial_command(key, SerialOp::Write { value: None, ttl_ms: 0 }, access))
+            .await
+        {
+            Reply::Done | Reply::Written(_) => Ok(true),
+            Reply::NotFound => Ok(false),
+            other => Err(failed(other)),
+        };
+    }
     if get(shard, access, key).await?.is_none() {
         return Ok(false);
     }
@@ -175,7 +250,7 @@ pub async fn delete<S: Storage>(shard: &Rc<Shard<S>>, access: Access, key: &[u8]
         value: None,
         ttl_ms: 0,
         context: None,
-        consistency: access.consistency,
+        consistency: access.consistency.level(),
         timeout_ms: access.timeout.as_millis() as u64,
     };
     match shard.execute(command).await {
@@ -197,12 +272,7 @@ pub async fn update<S: Storage>(
         check_value(value)?;
     }
     let command = if shard.cluster.is_some() {
-        Command::Serial {
-            key: key.to_vec(),
-            op: crate::cluster::serial::SerialOp::Update(update),
-            commit: access.consistency,
-            timeout_ms: access.timeout.as_millis() as u64,
-        }
+        serial_command(key, SerialOp::Update(update), access)
     } else {
         Command::Update { key: key.to_vec(), update }
     };

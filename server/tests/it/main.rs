@@ -18,6 +18,7 @@ mod no_space;
 mod node;
 mod power_loss;
 mod resp;
+mod resp_linearizable;
 mod serial;
 mod snapshot;
 mod table;

@@ -106,6 +106,8 @@ async fn run_client(
                 client = None;
                 node = (node + 1) % addresses.len();
             }
+            // These clients only read and CAS.
+            Outcome::Written { .. } | Outcome::Incremented(_) => {}
         }
         let end = if outcome == Outcome::Unknown { u64::MAX } else { ended };
         let event = Event { start: began, end, operation, outcome };
