@@ -451,6 +451,10 @@ async fn run(cli: Cli) -> anyhow::Result<Outcome> {
 }
 
 fn main() -> ExitCode {
+    // Rust ignores SIGPIPE, so printing into a closed pipe (`kvctl status | head -1`) would
+    // panic; like other command-line tools, end quietly instead.
+    // SAFETY: sets a signal disposition before any other thread exists.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
     let json = cli.json;
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {

@@ -305,3 +305,29 @@ fn data_beyond_memory_lands_in_tables_and_stats_report_it() {
         assert_eq!(printed.as_array().map(Vec::len), Some(2));
     });
 }
+
+/// Regression: `kvctl ... | head -1` made kvctl abort ("failed printing to stdout: Broken
+/// pipe"); it now ends by SIGPIPE, quietly, as command-line tools do.
+#[test]
+fn kvctl_printing_into_a_closed_pipe_ends_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let dir = DataDir::new("kvctl-pipe");
+    let node = Node::start(&dir.0, &[]);
+    let path = std::path::Path::new(env!("CARGO_BIN_EXE_kvd")).with_file_name("kvctl");
+    for i in 0..3 {
+        let (code, _, stderr) = kvctl(&node.address(), &["put", &format!("k{i}"), "v"], None);
+        assert_eq!(code, 0, "{stderr}");
+    }
+    // The reader is gone before kvctl writes: its stdout is a pipe with no reader.
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    let output = Command::new(path)
+        .args(["--addr", &node.address(), "stats"])
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .expect("run kvctl");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.signal(), Some(libc::SIGPIPE), "{:?}: {stderr}", output.status);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
