@@ -766,27 +766,13 @@ impl Membership {
             let target = name(transfer.target);
             let mut failures = 0;
             loop {
-                // The planned sources while they are all up; once one is down (or failing three
-                // times), every other old replica of the partition, all of them: a subset could
-                // miss a write that a quorum acknowledged (the CAS simulator found this).
-                let planned: Vec<String> = transfer.sources.iter().map(|&id| name(id)).collect();
-                let sources: Vec<String> = if failures < 3 && planned.iter().all(|source| self.is_up(source))
-                {
-                    planned
-                } else {
-                    let ring = pending.ring()?;
-                    let others: Vec<String> = ring
-                        .preference_list_of_partition(transfer.partition, pending.replica_count)
-                        .iter()
-                        .filter(|&&id| id != transfer.target && !transfer.sources.contains(&id))
-                        .map(|&id| name(id))
-                        .collect();
-                    // Not all of them up: wait (the transfer fails with "no live source").
-                    match others.iter().all(|other| self.is_up(other)) {
-                        true => others,
-                        false => Vec::new(),
-                    }
-                };
+                // The planned sources until one is down or they failed three times (empty, while
+                // the fallback cannot be used either: the transfer fails with "no live source").
+                let sources: Vec<String> = pending
+                    .transfer_sources(transfer, failures < 3, |id| self.is_up(&name(id)))
+                    .into_iter()
+                    .map(name)
+                    .collect();
                 match self.transfer(&target, transfer.partition, &sources).await {
                     Ok((keys, bytes)) => {
                         report.keys += keys;

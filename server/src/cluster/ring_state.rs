@@ -291,6 +291,34 @@ impl RingState {
         }
         transfers
     }
+
+    /// Where `transfer` of the pending change copies from, `is_up` telling which members are
+    /// reachable: its planned sources while `use_planned` and every one of them is up; else
+    /// every other old replica of the partition, all of them, since a subset could miss a
+    /// write that a quorum acknowledged (the CAS simulator found it); empty (wait and try
+    /// again) while one of those is down too. The driver and both simulators decide here.
+    pub fn transfer_sources(
+        &self,
+        transfer: &Transfer,
+        use_planned: bool,
+        is_up: impl Fn(NodeId) -> bool,
+    ) -> Vec<NodeId> {
+        if use_planned && transfer.sources.iter().all(|&source| is_up(source)) {
+            return transfer.sources.clone();
+        }
+        let Ok(ring) = self.ring() else { return Vec::new() };
+        let others: Vec<NodeId> = ring
+            .preference_list_of_partition(transfer.partition, self.replica_count)
+            .iter()
+            .copied()
+            .filter(|&id| id != transfer.target && !transfer.sources.contains(&id))
+            .collect();
+        if others.iter().all(|&other| is_up(other)) {
+            others
+        } else {
+            Vec::new()
+        }
+    }
 }
 
 /// What a node answers to a ring Paxos message.

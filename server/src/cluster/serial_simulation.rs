@@ -250,22 +250,12 @@ impl Simulation {
                 if done || !self.nodes[target as usize].up || self.rng.below(3) != 0 {
                     continue;
                 }
-                // The planned sources if all are reachable; else every other old replica of the
-                // partition, all of them (a subset might miss a write a quorum acknowledged).
-                let reachable = |s: &NodeId| self.nodes[*s as usize].up && self.connected(target, *s);
-                let sources: Vec<NodeId> = if transfer.sources.iter().all(reachable) {
-                    transfer.sources.clone()
-                } else {
-                    let others: Vec<NodeId> = ring
-                        .preference_list_of_partition(transfer.partition, REPLICAS)
-                        .into_iter()
-                        .filter(|s| *s != target && !transfer.sources.contains(s))
-                        .collect();
-                    if others.is_empty() || !others.iter().all(reachable) {
-                        continue;
-                    }
-                    others
-                };
+                // As the real driver chooses (`RingState::transfer_sources`).
+                let reachable = |s: NodeId| self.nodes[s as usize].up && self.connected(target, s);
+                let sources = self.authority.transfer_sources(&transfer, true, reachable);
+                if sources.is_empty() {
+                    continue;
+                }
                 for source in sources {
                     let copied: Vec<(u32, Record)> = self.nodes[source as usize]
                         .records

@@ -291,9 +291,9 @@ impl Simulation {
         }
     }
 
-    /// Drives the pending change: asks the sources of unfinished transfers again (a live
-    /// replica of the partition in place of one that cannot be reached), and completes the
-    /// change once every transfer is done.
+    /// Drives the pending change: asks the sources of unfinished transfers again (chosen by
+    /// `RingState::transfer_sources`, as the real driver chooses), and completes the change
+    /// once every transfer is done.
     fn drive_change(&mut self) {
         let Some(pending) = self.authority.pending.clone() else { return };
         if self.transfers.iter().all(|(_, done)| *done) {
@@ -304,22 +304,13 @@ impl Simulation {
             self.changes_completed += 1;
             return;
         }
-        let ring = self.authority.ring().expect("ring");
         for index in 0..self.transfers.len() {
             let (transfer, done) = self.transfers[index].clone();
             if done || !self.nodes[transfer.target as usize].up {
                 continue;
             }
             let target = transfer.target;
-            let mut sources: Vec<NodeId> =
-                transfer.sources.iter().copied().filter(|&s| self.live_for(target, s)).collect();
-            if sources.is_empty() {
-                sources = ring
-                    .preference_list_of_partition(transfer.partition, REPLICAS)
-                    .into_iter()
-                    .filter(|&s| s != target && self.live_for(target, s))
-                    .collect();
-            }
+            let sources = self.authority.transfer_sources(&transfer, true, |s| self.live_for(target, s));
             for source in sources {
                 self.send(target, source, Message::Pull { transfer: index, partition: transfer.partition });
             }
