@@ -1,4 +1,5 @@
 //! `kvbench`: the load generator. All logic lives in the library.
+#![forbid(unsafe_code)]
 
 use std::process::ExitCode;
 

@@ -12,6 +12,7 @@
 //! The README's section "The Rust client" has a complete example.
 
 #![warn(missing_docs)]
+#![forbid(unsafe_code)]
 
 mod connection;
 

@@ -4,7 +4,10 @@
 //! Decoding verifies every buffer with the FlatBuffers verifier and checks every limit
 //! before anything else looks at the bytes; see `schema/PROTOCOL.md`.
 
-#[allow(clippy::all, clippy::unwrap_used, unused_imports, deprecated, missing_docs)]
+#![deny(unsafe_code)]
+
+#[allow(clippy::all, clippy::unwrap_used, clippy::undocumented_unsafe_blocks, unused_imports, deprecated, missing_docs)]
+#[allow(unsafe_code)] // generated accessors read verified buffers
 #[rustfmt::skip]
 mod generated {
     include!("generated/kv_generated.rs");

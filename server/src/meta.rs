@@ -44,7 +44,8 @@ pub fn lock_data_dir(dir: &Path) -> anyhow::Result<File> {
     Ok(file)
 }
 
-fn encode(meta: &NodeMeta) -> Vec<u8> {
+/// The NODE file's block for `meta` (public for the fuzz corpus).
+pub fn encode(meta: &NodeMeta) -> Vec<u8> {
     let mut block = Vec::with_capacity(BLOCK_SIZE);
     block.extend_from_slice(&NODE_MAGIC);
     block.extend_from_slice(&NODE_FORMAT_VERSION.to_le_bytes());
@@ -60,7 +61,8 @@ fn encode(meta: &NodeMeta) -> Vec<u8> {
     block
 }
 
-fn decode(block: &[u8]) -> Result<NodeMeta, String> {
+/// What a NODE file's block says (public for the fuzz target).
+pub fn decode(block: &[u8]) -> Result<NodeMeta, String> {
     let field = |range: std::ops::Range<usize>| block.get(range).ok_or("file too short".to_string());
     if field(0..8)? != NODE_MAGIC {
         return Err("not a kvd NODE file (bad magic)".into());

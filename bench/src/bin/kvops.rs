@@ -8,6 +8,7 @@
 //!
 //! `kvops OPS` runs OPS operations (70 % reads of 1 KiB values under 100-byte keys, 16 in
 //! flight) after preloading 10,000 keys.
+#![forbid(unsafe_code)]
 
 use std::path::Path;
 use std::rc::Rc;

@@ -27,7 +27,8 @@ const LEASE_FORMAT_VERSION: u32 = 1;
 /// Counters reserved per durable write of the bound.
 pub const LEASE_BLOCK: u64 = 1 << 20;
 
-fn encode(bound: u64) -> Vec<u8> {
+/// The LEASE file's bytes for `bound` (public for the fuzz corpus).
+pub fn encode(bound: u64) -> Vec<u8> {
     let mut bytes = Vec::with_capacity(BLOCK_SIZE);
     bytes.extend_from_slice(&LEASE_MAGIC);
     bytes.extend_from_slice(&LEASE_FORMAT_VERSION.to_le_bytes());
@@ -38,7 +39,8 @@ fn encode(bound: u64) -> Vec<u8> {
     bytes
 }
 
-fn decode(bytes: &[u8]) -> Result<u64, String> {
+/// The bound a LEASE file holds (public for the fuzz target).
+pub fn decode(bytes: &[u8]) -> Result<u64, String> {
     if bytes.get(..8) != Some(&LEASE_MAGIC[..]) {
         return Err("bad magic".into());
     }

@@ -532,6 +532,7 @@ impl Drop for Partition {
 
 #[test]
 fn a_partitioned_node_refuses_quorum_the_majority_serves_and_healing_loses_nothing() {
+    // SAFETY: geteuid has no preconditions and cannot fail.
     let is_root = unsafe { libc::geteuid() } == 0;
     let has_nft = Command::new("nft").arg("--version").output().is_ok_and(|o| o.status.success());
     if !(is_root && has_nft) {

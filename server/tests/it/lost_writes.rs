@@ -147,6 +147,7 @@ fn a_key_past_the_limits_keeps_every_sibling_and_serves_them_in_pages() {
 
 /// Whether nftables partitions can be made here (root and nft); CI must.
 fn can_partition() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
     let is_root = unsafe { libc::geteuid() } == 0;
     let has_nft = Command::new("nft").arg("--version").output().is_ok_and(|o| o.status.success());
     if !(is_root && has_nft) {

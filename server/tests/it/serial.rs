@@ -182,6 +182,7 @@ fn killed_then_paused(rt: &tokio::runtime::Runtime, cluster: &mut Cluster, kille
         // SAFETY: signals to our own child process.
         unsafe { libc::kill(paused, libc::SIGSTOP) };
         std::thread::sleep(Duration::from_secs(5));
+        // SAFETY: as above.
         unsafe { libc::kill(paused, libc::SIGCONT) };
         std::thread::sleep(Duration::from_secs(2));
     });
@@ -193,6 +194,7 @@ fn cas_histories_stay_linearizable_through_kill_pause_and_partition() {
     let mut cluster = Cluster::start(3, "serial");
     wait_until_all_see(&rt, &cluster.addresses, 3, CONVERGE_DEADLINE);
     killed_then_paused(&rt, &mut cluster, 2);
+    // SAFETY: geteuid has no preconditions and cannot fail.
     let is_root = unsafe { libc::geteuid() } == 0;
     let has_nft =
         std::process::Command::new("nft").arg("--version").output().is_ok_and(|o| o.status.success());
@@ -290,6 +292,7 @@ impl Drop for Namespaces {
 
 /// `size` nodes, each in its own network namespace; node 0 unplugged for 5 s meanwhile.
 fn unplugged_in_namespaces(size: usize) {
+    // SAFETY: geteuid has no preconditions and cannot fail.
     let is_root = unsafe { libc::geteuid() } == 0;
     if !is_root {
         assert!(std::env::var_os("CI").is_none(), "CI must run the network namespace test: needs root");
