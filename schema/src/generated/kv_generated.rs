@@ -2762,7 +2762,7 @@ impl ::core::fmt::Debug for Snapshot<'_> {
 pub enum PaxosOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
-/// One message of the per-key Paxos that makes CAS linearizable (see ARCHITECTURE.md).
+/// One message of the per-key Paxos that makes CAS linearizable (see server/src/cluster/README.md).
 /// Answered OK with the replica's stored record of the key after handling it
 /// (`Response.versions`: versions and acceptor state), once that record is durable.
 pub struct Paxos<'a> {
@@ -2924,7 +2924,7 @@ pub enum AntiEntropyOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
 /// Node to node: one step of anti-entropy between two replicas of a partition (see
-/// ARCHITECTURE.md, "Anti-entropy"). The receiving shard answers for its keys in `partition`
+/// server/src/cluster/README.md, "Anti-entropy"). The receiving shard answers for its keys in `partition`
 /// (of `2^partition_bits`) that the asker's shard `shard_index` of `shard_count` would own, so
 /// that nodes with different shard counts compare the same keys. A partition's Merkle tree has
 /// 64 leaves; `leaves` = 0 asks for the tree (`MerkleReply.leaves`), otherwise for the keys
@@ -3174,7 +3174,7 @@ pub enum RingChangeOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
 /// Node to node, to shard 0: one message of the Paxos that agrees on ring version `version`
-/// (see ARCHITECTURE.md, "Elasticity"). `state`: the proposed ring (ACCEPT, COMMIT), as the
+/// (see server/src/cluster/README.md, "Elasticity"). `state`: the proposed ring (ACCEPT, COMMIT), as the
 /// JSON the `CLUSTER` file holds. Answered OK with `Response.ring`: the receiver's committed
 /// ring and acceptor state, as JSON.
 pub struct RingChange<'a> {

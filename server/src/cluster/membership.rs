@@ -13,8 +13,8 @@
 //! acceptor state persisted in `CLUSTER`), and spreads by commit messages and by gossip (every
 //! node announces its ring version; a node that sees a higher one reads the ring from that
 //! peer). A node started with `--join` (or `--replace DEAD`) learns the ring from its seeds and
-//! drives its own change: pending ownership, transfers, completion (ARCHITECTURE.md,
-//! "Elasticity"). `kvctl decommission` and `kvctl remove` make the node they reach drive one.
+//! drives its own change: pending ownership, transfers, completion (README.md
+//! beside this file, "Elasticity"). `kvctl decommission` and `kvctl remove` make the node they reach drive one.
 
 use std::cell::{Cell, RefCell};
 use std::fs;

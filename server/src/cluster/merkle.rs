@@ -13,7 +13,7 @@
 //! expired values only) until it has been dead for the settle time. A settled key counts as
 //! absent, so that replicas which purged it and replicas which still hold it agree; it may be
 //! purged only after a round found every replica of its partition in agreement (see
-//! ARCHITECTURE.md, "Anti-entropy").
+//! server/src/cluster/README.md, "Anti-entropy").
 
 use schema::peer::MERKLE_LEAF_COUNT;
 

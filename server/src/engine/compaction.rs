@@ -3,7 +3,7 @@
 //! `base * MERGE_WIDTH^k` bytes) they are merged into one table in their place. A key is
 //! rewritten about once per tier, so write amplification grows with the log of the data size
 //! over the memtable size; reads stay at one disk read per GET because bloom filters skip
-//! the tables that lack the key. ARCHITECTURE.md says why tiered rather than leveled.
+//! the tables that lack the key. server/src/engine/README.md says why tiered rather than leveled.
 
 use std::rc::Rc;
 

@@ -8,7 +8,7 @@
 //! first, through per-shard bloom filters, indexes and a block cache, all in bounded memory.
 //!
 //! Everything here runs on the shard's thread: no lock guards any of it. The crash-safety
-//! argument is written out step by step in ARCHITECTURE.md ("Storage engine").
+//! argument is written out step by step in server/src/engine/README.md.
 
 pub mod cache;
 pub mod compaction;

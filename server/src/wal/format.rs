@@ -1,4 +1,4 @@
-//! Byte layout of the write-ahead log (see ARCHITECTURE.md, "File formats"). Pure functions:
+//! Byte layout of the write-ahead log (see server/src/engine/README.md, "File formats"). Pure functions:
 //! no I/O, no clocks, so that every layout rule is tested here.
 //!
 //! A segment is a header block followed by batches. A batch starts at a block boundary, has
