@@ -407,8 +407,7 @@ pub struct Page {
 /// one), with the count left out after them. The context covers the siblings this reply and
 /// the earlier pages showed (`page.shown_before`), and no other live sibling: a sibling that
 /// arrived between pages is never covered unseen.
-pub(crate) fn client_reply(versions: &Versions<Value>, page: Page) -> LocalReply {
-    let now = now_ms();
+pub(crate) fn client_reply(versions: &Versions<Value>, page: Page, now: u64) -> LocalReply {
     let mut live: Vec<(&Sibling<Value>, &[u8], u64)> = versions
         .siblings()
         .iter()
@@ -887,7 +886,7 @@ async fn finish_read<S: Storage>(
         if outcome != Outcome::Pending {
             if let Some(answer) = answer.take() {
                 let reply = match outcome {
-                    Outcome::Done => client_reply(round.merged(), page.clone()),
+                    Outcome::Done => client_reply(round.merged(), page.clone(), now_ms()),
                     Outcome::TimedOut { replies } | Outcome::Failed { replies } => Reply::error(
                         Status::TIMEOUT,
                         format!("{replies} replicas answered in time; not enough"),

@@ -57,24 +57,18 @@ const PHASE_TIMEOUT: Duration = Duration::from_millis(1000);
 /// The key's value as a linearizable operation sees it: the newest live sibling (by
 /// timestamp, then dot), as a plain read's client would resolve it.
 fn newest_live(versions: &Versions<Value>, now_ms: u64) -> Option<(&[u8], u64, u64)> {
-    versions
-        .siblings()
-        .iter()
-        .filter_map(|s| {
-            let (bytes, ttl_left_ms) = live_value(s, now_ms)?;
-            Some(((s.timestamp_us, s.dot), (bytes, ttl_left_ms, s.timestamp_us)))
-        })
-        .max_by_key(|(order, _)| *order)
-        .map(|(_, current)| current)
+    let newest = versions.newest_where(|s| live_value(s, now_ms).is_some())?;
+    let (bytes, ttl_left_ms) = live_value(newest, now_ms)?;
+    Some((bytes, ttl_left_ms, newest.timestamp_us))
 }
 
 /// What an operation does to the state it found: `Some(value)` writes (`None` inside
 /// deletes) with a TTL, and the answer once it is chosen; or nothing, with the answer.
 type Decision = (Option<(Option<Vec<u8>>, u64)>, LocalReply);
 
-fn decide(op: &SerialOp, state: &Versions<Value>) -> Decision {
-    let now = now_ms();
-    let current = newest_live(state, now);
+/// Pure: the time comes in as `now_ms` (TTLs), so the decision depends on its inputs alone.
+fn decide(op: &SerialOp, state: &Versions<Value>, now_ms: u64) -> Decision {
+    let current = newest_live(state, now_ms);
     match op {
         SerialOp::Read { metadata_only, sibling_skip, shown_before } => {
             let page = Page {
@@ -82,7 +76,7 @@ fn decide(op: &SerialOp, state: &Versions<Value>) -> Decision {
                 sibling_skip: *sibling_skip,
                 shown_before: shown_before.clone(),
             };
-            (None, client_reply(state, page))
+            (None, client_reply(state, page, now_ms))
         }
         SerialOp::Cas { expected, new_value, ttl_ms, context } => {
             let value = current.map(|(value, _, _)| value);
@@ -198,7 +192,7 @@ pub async fn coordinate<S: Storage>(
                 broadcast(phase, PaxosPhase::COMMIT, ballot, &proposal, &to);
                 proposer.commits_sent()
             }
-            Step::Decide { state } => match decide(&op, &state) {
+            Step::Decide { state } => match decide(&op, &state, now_ms()) {
                 (None, answer) => proposer.answer(answer),
                 (Some((value, ttl_ms)), answer) => {
                     let counter = match cluster.lease.next().await {

@@ -131,8 +131,9 @@ struct Simulation {
 }
 
 /// The newest live sibling's value, as the real system resolves it.
+/// As the real CAS path sees a key (`Versions::newest_where`); these values never expire.
 fn newest(versions: &Versions<Value>) -> Option<Value> {
-    versions.siblings().iter().filter_map(|s| Some(((s.timestamp_us, s.dot), s.value?))).max().map(|(_, v)| v)
+    versions.newest_where(|s| s.value.is_some()).and_then(|s| s.value)
 }
 
 impl Simulation {

@@ -223,6 +223,13 @@ impl<V: Clone> Versions<V> {
         &self.siblings
     }
 
+    /// The value a linearizable operation sees: the newest sibling (by timestamp, then dot)
+    /// among those `live` accepts (tombstones and expired values are not). The real CAS path
+    /// and the CAS simulator both decide from it.
+    pub fn newest_where(&self, live: impl Fn(&Sibling<V>) -> bool) -> Option<&Sibling<V>> {
+        self.siblings.iter().filter(|s| live(s)).max_by_key(|s| (s.timestamp_us, s.dot))
+    }
+
     /// The context for a reply that holds only the siblings `given` accepts: the key's clock
     /// lowered, actor by actor, below every sibling left out, so that a write with it never
     /// supersedes a value its client was not shown (left-out siblings stay as siblings).
