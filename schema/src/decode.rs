@@ -1,5 +1,6 @@
 //! Decoding of untrusted bytes: frame splitting, FlatBuffers verification and limit checks.
 //! Nothing outside this file reads a wire buffer, so every check lives here once.
+#![deny(clippy::indexing_slicing)]
 
 use std::fmt;
 

@@ -1,6 +1,7 @@
 //! Node-to-node payloads (nested FlatBuffers inside a Request or Response): a key's versions,
 //! gossip messages and the topology. Owned structs with one encoder and one verifying
 //! decoder each, so nothing else touches these buffers.
+#![deny(clippy::indexing_slicing)]
 
 use flatbuffers::{FlatBufferBuilder, WIPOffset};
 
@@ -161,7 +162,8 @@ fn decode_versions(bytes: &[u8], may_hold_acceptor: bool) -> Result<KeyVersionsD
     if clock.len() > CLOCK_ENTRY_COUNT_MAX {
         return Err(format!("version vector of {} entries", clock.len()));
     }
-    if clock.windows(2).any(|pair| pair[0].0 >= pair[1].0) || clock.iter().any(|&(_, counter)| counter == 0) {
+    let disordered = clock.windows(2).any(|pair| matches!(pair, [a, b] if a.0 >= b.0));
+    if disordered || clock.iter().any(|&(_, counter)| counter == 0) {
         return Err("version vector out of order or with a zero counter".into());
     }
     let siblings = root.siblings();
@@ -454,7 +456,8 @@ impl TopologyData {
             if replicas.len() == self.replica_count as usize {
                 break;
             }
-            let owner = self.owners[(partition + step) % self.owners.len()] as usize;
+            let Some(&owner) = self.owners.get((partition + step) % self.owners.len()) else { break };
+            let owner = usize::from(owner);
             if !replicas.contains(&owner) {
                 replicas.push(owner);
             }

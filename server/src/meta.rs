@@ -2,6 +2,7 @@
 //! and the exclusive lock that keeps a second `kvd` out.
 //!
 //! These run on the main thread before any shard starts, so plain `std::fs` is right here.
+#![deny(clippy::indexing_slicing)]
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
@@ -75,7 +76,7 @@ pub fn decode(block: &[u8]) -> Result<NodeMeta, String> {
         return Err(format!("NODE format version {version}, this kvd reads {NODE_FORMAT_VERSION}"));
     }
     let shard_count = u32_at(12)? as usize;
-    let shard_function = field(16..17)?[0];
+    let shard_function = *field(16..17)?.first().ok_or("short field")?;
     let seed = u64::from_le_bytes(field(20..28)?.try_into().map_err(|_| "short field")?);
     let id_size = usize::from(u16::from_le_bytes(field(28..30)?.try_into().map_err(|_| "short field")?));
     if id_size > NODE_ID_SIZE_MAX {

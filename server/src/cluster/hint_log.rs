@@ -12,12 +12,14 @@
 //! (1 add, 2 acknowledged), target u32, id u64; an add continues with key length u16, key, and
 //! the encoded versions. Little-endian. A record cut short or failing its CRC ends the log (a
 //! torn tail).
+#![deny(clippy::indexing_slicing)]
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 use super::ring::NodeId;
+use crate::le::{u16_at, u32_at, u64_at};
 
 pub const HINT_LOG_FILE: &str = "HINTS";
 pub const FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(50);
@@ -63,23 +65,21 @@ pub fn acknowledged_record(target: NodeId, id: u64) -> Vec<u8> {
 pub fn replay(bytes: &[u8]) -> Vec<LoggedHint> {
     let mut pending: Vec<LoggedHint> = Vec::new();
     let mut at = 0;
-    while let Some(header) = bytes.get(at..at + 8) {
-        let length = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
-        let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+    while let (Some(length), Some(crc)) = (u32_at(bytes, at), u32_at(bytes, at + 4)) {
+        let length = length as usize;
         let Some(body) = bytes.get(at + 8..at + 8 + length) else { break };
-        if length < 13 || crc32c::crc32c(body) != crc {
+        if crc32c::crc32c(body) != crc {
             break;
         }
-        let target = u32::from_le_bytes([body[1], body[2], body[3], body[4]]);
-        let mut id_bytes = [0u8; 8];
-        id_bytes.copy_from_slice(&body[5..13]);
-        let id = u64::from_le_bytes(id_bytes);
-        match body[0] {
-            KIND_ADD if body.len() >= 15 => {
-                let key_length = u16::from_le_bytes([body[13], body[14]]) as usize;
-                let Some(key) = body.get(15..15 + key_length) else { break };
-                let versions = body[15 + key_length..].to_vec();
-                pending.push(LoggedHint { id, target, key: key.to_vec(), versions });
+        let (Some(&kind), Some(target), Some(id)) = (body.first(), u32_at(body, 1), u64_at(body, 5)) else {
+            break;
+        };
+        match kind {
+            KIND_ADD => {
+                let Some(key_length) = u16_at(body, 13) else { break };
+                let key_end = 15 + usize::from(key_length);
+                let (Some(key), Some(versions)) = (body.get(15..key_end), body.get(key_end..)) else { break };
+                pending.push(LoggedHint { id, target, key: key.to_vec(), versions: versions.to_vec() });
             }
             KIND_ACKNOWLEDGED => pending.retain(|hint| !(hint.id == id && hint.target == target)),
             _ => break,

@@ -13,6 +13,7 @@
 //!
 //! File `LEASE` (4096 bytes): magic `KVDLEASE`, format version u32 (1), bound u64, CRC32C of
 //! the 20 bytes before it, zero padding (checked). Integers little-endian.
+#![deny(clippy::indexing_slicing)]
 
 use std::cell::Cell;
 use std::io;
@@ -45,10 +46,10 @@ pub fn decode(bytes: &[u8]) -> Result<u64, String> {
         return Err("bad magic".into());
     }
     let crc = u32_at(bytes, 20).ok_or("cut short")?;
-    if crc != crc32c::crc32c(&bytes[..20]) {
+    if Some(crc) != bytes.get(..20).map(crc32c::crc32c) {
         return Err("checksum mismatch".into());
     }
-    if bytes.len() != BLOCK_SIZE || bytes[24..].iter().any(|&b| b != 0) {
+    if bytes.len() != BLOCK_SIZE || bytes.get(24..).is_none_or(|padding| padding.iter().any(|&b| b != 0)) {
         return Err("padding is not zero".into());
     }
     let version = u32_at(bytes, 8).ok_or("cut short")?;

@@ -9,6 +9,7 @@
 //! ```
 //! Integers are little-endian; the CRC32C covers everything before it; the file is padded
 //! with zeros to a whole number of 4 KiB blocks, and the padding is checked too.
+#![deny(clippy::indexing_slicing)]
 
 use std::path::Path;
 
@@ -74,10 +75,11 @@ pub fn decode(bytes: &[u8]) -> Result<Manifest, (u64, String)> {
         .filter(|&size| size + 4 <= bytes.len())
         .ok_or_else(short)?;
     let stored_crc = u32_at(bytes, content_size).ok_or_else(short)?;
-    if stored_crc != crc32c::crc32c(&bytes[..content_size]) {
+    if Some(stored_crc) != bytes.get(..content_size).map(crc32c::crc32c) {
         return Err((content_size as u64, "checksum mismatch".into()));
     }
-    if let Some(at) = bytes[content_size + 4..].iter().position(|&b| b != 0) {
+    let padding = bytes.get(content_size + 4..).unwrap_or_default();
+    if let Some(at) = padding.iter().position(|&b| b != 0) {
         return Err(((content_size + 4 + at) as u64, "padding is not zero".into()));
     }
     if version != MANIFEST_FORMAT_VERSION {

@@ -19,6 +19,7 @@
 //! indexes of a data set many times larger than memory stay in memory. Keys whose tokens
 //! are equal may straddle two blocks; a lookup then reads on (64-bit tokens make it rare).
 //! Decoders require the padding to be zero, so no bit of a table goes unchecked.
+#![deny(clippy::indexing_slicing)]
 
 use schema::{KEY_SIZE_MAX, STORED_VALUE_SIZE_MAX};
 
@@ -97,7 +98,8 @@ fn pad_to_block(bytes: &mut Vec<u8>) {
 }
 
 fn seal(bytes: &mut Vec<u8>, start: usize) {
-    let crc = crc32c::crc32c(&bytes[start..]);
+    // An encoder's own buffer: `start` is where this block began in it.
+    let crc = crc32c::crc32c(bytes.get(start..).unwrap_or_default());
     bytes.extend_from_slice(&crc.to_le_bytes());
     pad_to_block(bytes);
 }
@@ -417,9 +419,9 @@ pub fn parse_data_block(block: &[u8], offset: u64) -> Result<Vec<EntryRef<'_>>, 
     let mut at = 4;
     for _ in 0..count {
         let header = block.get(at..at + ENTRY_HEADER_SIZE).ok_or_else(|| bad("cut short"))?;
-        let kind = match header[32] {
-            1 => EntryKind::Put,
-            2 => EntryKind::Delete,
+        let kind = match header.get(32) {
+            Some(1) => EntryKind::Put,
+            Some(2) => EntryKind::Delete,
             _ => return Err(bad("unknown entry kind")),
         };
         let key_size = usize::from(u16_at(header, 33).ok_or_else(|| bad("cut short"))?);

@@ -14,6 +14,7 @@
 //!                           reserved:u8 key_size:u16 value_size:u32 timestamp_us:u64
 //!                           expires_at_ms:u64 key value
 //! ```
+#![deny(clippy::indexing_slicing)]
 
 use schema::{KEY_SIZE_MAX, STORED_VALUE_SIZE_MAX};
 
@@ -145,8 +146,11 @@ pub fn encode_record(payload: &mut Vec<u8>, record: &Record<'_>) {
     payload.extend_from_slice(&record.expires_at_ms.to_le_bytes());
     payload.extend_from_slice(record.key);
     payload.extend_from_slice(record.value);
-    let crc = crc32c::crc32c(&payload[start + 4..]);
-    payload[start..start + 4].copy_from_slice(&crc.to_le_bytes());
+    // The encoder's own buffer: the record began at `start`, its CRC slot first.
+    let crc = crc32c::crc32c(payload.get(start + 4..).unwrap_or_default());
+    if let Some(slot) = payload.get_mut(start..start + 4) {
+        slot.copy_from_slice(&crc.to_le_bytes());
+    }
     debug_assert_eq!(payload.len() - start, record.encoded_size());
 }
 
@@ -198,7 +202,7 @@ pub fn decode_batch(bytes: &[u8]) -> Result<Batch<'_>, BatchError> {
     }
     let magic = u32_at(header, 0).ok_or(BatchError::BadHeader)?;
     let crc = u32_at(header, 28).ok_or(BatchError::BadHeader)?;
-    if magic != BATCH_MAGIC || crc != crc32c::crc32c(&header[..28]) {
+    if magic != BATCH_MAGIC || Some(crc) != header.get(..28).map(crc32c::crc32c) {
         return Err(BatchError::BadHeader);
     }
     let record_count = u32_at(header, 4).ok_or(BatchError::BadHeader)? as usize;
@@ -213,7 +217,7 @@ pub fn decode_batch(bytes: &[u8]) -> Result<Batch<'_>, BatchError> {
     let mut offset = 0;
     for index in 0..record_count {
         let bad = BatchError::BadRecord { offset: BATCH_HEADER_SIZE + offset };
-        let record = decode_record(&payload[offset..]).ok_or(bad.clone())?;
+        let record = payload.get(offset..).and_then(decode_record).ok_or(bad.clone())?;
         if record.seq != first_seq + index as u64 {
             return Err(bad);
         }
