@@ -11,7 +11,6 @@ pub mod config;
 pub mod engine;
 pub mod event;
 pub mod le;
-pub mod linearizability;
 pub mod mesh;
 pub mod meta;
 pub mod metrics;
@@ -25,3 +24,6 @@ pub mod store;
 pub mod table;
 pub mod update;
 pub mod wal;
+
+/// The protocol crate's checker and generator, for the tests and tools built on this one.
+pub use ::cluster::{linearizability, rng};

@@ -18,7 +18,8 @@ use glommio::{LocalExecutorBuilder, Placement};
 use schema::{encode_request, parse_request, split_frame, Consistency, Op, RequestView};
 use server::command::Command;
 use server::net::connection::encode_reply;
-use server::storage::sim::{SimRng, SimStorage};
+use server::rng::Rng;
+use server::storage::sim::SimStorage;
 use server::store::Store;
 use server::wal::{ShardIdentity, SyncPolicy};
 
@@ -66,7 +67,7 @@ fn main() {
                 bytes +=
                     one_request(&store, index, Op::Put { key: &key(index), value: &value, ttl_ms: 0 }).await;
             }
-            let mut rng = SimRng::new(7);
+            let mut rng = Rng::new(7);
             let mut done = 0;
             while done < op_count {
                 let batch: Vec<_> = (0..IN_FLIGHT.min(op_count - done))

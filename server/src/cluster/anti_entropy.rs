@@ -26,9 +26,8 @@ use schema::{Op, Status};
 
 use super::merkle::{self, Tree};
 use super::peer::PeerRequest;
-use super::replication::{
-    absorb_record, decode_record, encode_versions, merge_local, remote_versions, Record,
-};
+use super::record::{encode_versions, paxos_state_forgettable, Record};
+use super::replication::{absorb_record, decode_record, merge_local, remote_versions};
 use super::ring::NodeId;
 use super::view::{ClusterView, NodeInfo};
 use crate::clock::now_ms;
@@ -265,8 +264,7 @@ async fn purge<S: Storage>(shard: &Shard<S>, keys: &[Vec<u8>], settle_ms: u64) -
                     Err(_) => return false,
                 };
                 let now = now_ms();
-                merkle::is_settled(&record.versions, now, settle_ms)
-                    && super::replication::paxos_state_forgettable(&record, now)
+                merkle::is_settled(&record.versions, now, settle_ms) && paxos_state_forgettable(&record, now)
             })
             .await;
         if removed == Ok(true) {

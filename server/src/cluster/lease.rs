@@ -132,7 +132,8 @@ impl<S: Storage> CounterLease<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::storage::sim::{Faults, SimRng, SimStorage};
+    use crate::rng::Rng;
+    use crate::storage::sim::{Faults, SimStorage};
 
     #[test]
     fn encoding_roundtrips_and_every_bit_flip_is_detected() {
@@ -152,7 +153,7 @@ mod tests {
         futures_lite::future::block_on(async {
             for seed in 0..200 {
                 let storage = SimStorage::new(seed);
-                let mut rng = SimRng::new(seed);
+                let mut rng = Rng::new(seed);
                 let dir = Path::new("/data/shard-0");
                 let mut highest_handed_out = 0;
                 for _cycle in 0..6 {

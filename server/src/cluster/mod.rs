@@ -1,28 +1,16 @@
-//! Cluster logic, written sans-IO: state machines and pure functions that take messages and
-//! time and return decisions, so that a simulator can drive a whole cluster in one process.
-//! So far: the ring (placement, preference lists), per-key versions (version vectors,
-//! dots, siblings), the phi-accrual failure detector, gossip membership, a coordinator's
-//! per-request bookkeeping (quorums, hints, read repair), hinted-handoff queues, and the lease that keeps
-//! version-vector counters from ever being reused.
+//! The cluster's runtime: the I/O that drives the sans-IO protocol machines of the `cluster`
+//! crate (`server/cluster/`, re-exported here under their module names): peer connections,
+//! the write and read paths, membership and ring changes, anti-entropy, CAS, the durable
+//! hint log and counter lease.
 
 pub mod anti_entropy;
-pub mod coordinator;
-pub mod failure_detector;
-pub mod gossip;
 pub mod hint_log;
-pub mod hints;
 pub mod lease;
 pub mod membership;
-pub mod merkle;
-pub mod paxos;
 pub mod peer;
 pub mod replication;
-pub mod ring;
-pub mod ring_state;
 pub mod serial;
-#[cfg(test)]
-mod serial_simulation;
-#[cfg(test)]
-mod simulation;
-pub mod versions;
-pub mod view;
+
+pub use ::cluster::{
+    coordinator, failure_detector, gossip, hints, merkle, paxos, record, ring, ring_state, versions, view,
+};

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use futures::channel::{mpsc, oneshot};
 use futures::StreamExt;
-use schema::peer::{decode_key_versions, encode_key_versions, AcceptorData, KeyVersionsData, StoredSibling};
+use schema::peer::decode_key_versions;
 use schema::{Op, ResponseView, Status};
 
 use super::anti_entropy::AntiEntropyOptions;
@@ -38,10 +38,14 @@ use super::coordinator::{Consistency, Outcome, ReadRound, WriteRound};
 use super::hint_log::{self, LoggedHint};
 use super::hints::{HintLimits, Hints};
 use super::lease::CounterLease;
-use super::paxos::{Acceptor, Ballot};
+use super::paxos::Acceptor;
 use super::peer::{PeerError, PeerPool, PeerRequest};
+use super::record::{
+    self, encode_versions, live_value, value_size, versions_from_data, Record, RecordTooLarge, Value,
+    SIBLING_LIMITS,
+};
 use super::ring::NodeId;
-use super::versions::{check_growth, Dot, Sibling, SiblingLimits, VersionVector, Versions};
+use super::versions::{check_growth, Dot, Sibling, VersionVector, Versions};
 use super::view::ClusterView;
 use crate::clock::now_ms;
 use crate::command::{LocalReply, Reply, Version};
@@ -56,9 +60,6 @@ enum Ack {
     /// The replica, or this node's link to it, refused for load.
     Overloaded,
 }
-
-/// A stored value and when it expires (Unix ms, 0: never).
-pub type Value = (Vec<u8>, u64);
 
 /// How far ahead of this node's clock a peer's timestamp may move it.
 pub const CLOCK_SKEW_MAX_US: u64 = 5_000_000;
@@ -214,181 +215,35 @@ fn monotonic_us() -> u64 {
     START.with(|start| start.elapsed().as_micros() as u64)
 }
 
-pub fn versions_from_data(data: KeyVersionsData) -> Versions<Value> {
-    let clock = VersionVector::from_entries(data.clock);
-    let chosen =
-        data.chosen.into_iter().map(|(ballot, actor, counter)| (ballot, Dot { actor, counter })).collect();
-    let siblings = data
-        .siblings
-        .into_iter()
-        .map(|s| Sibling {
-            dot: Dot { actor: s.actor, counter: s.counter },
-            value: s.value.map(|bytes| (bytes, s.expires_at_ms)),
-            timestamp_us: s.timestamp_us,
-            blind: s.blind,
-        })
-        .collect();
-    let newest_blind =
-        data.newest_blind.map(|(timestamp_us, actor, counter)| (timestamp_us, Dot { actor, counter }));
-    Versions::from_parts(clock, siblings, chosen, newest_blind)
-}
-
-/// The versions as shipped between replicas (no acceptor state).
-pub fn versions_to_data(versions: &Versions<Value>) -> KeyVersionsData {
-    KeyVersionsData {
-        clock: versions.context().entries().collect(),
-        siblings: versions
-            .siblings()
-            .iter()
-            .map(|s| StoredSibling {
-                actor: s.dot.actor,
-                counter: s.dot.counter,
-                value: s.value.as_ref().map(|(bytes, _)| bytes.clone()),
-                timestamp_us: s.timestamp_us,
-                expires_at_ms: s.value.as_ref().map_or(0, |(_, expires)| *expires),
-                blind: s.blind,
-            })
-            .collect(),
-        chosen: versions.chosen().iter().map(|&(ballot, dot)| (ballot, dot.actor, dot.counter)).collect(),
-        acceptor: AcceptorData::default(),
-        newest_blind: versions
-            .newest_blind()
-            .map(|(timestamp_us, dot)| (timestamp_us, dot.actor, dot.counter)),
-    }
-}
-
-/// What a cluster node stores for a key: its versions and its Paxos acceptor state, in one
-/// record, so that one durable write makes both current.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Record {
-    pub versions: Versions<Value>,
-    pub acceptor: Acceptor<Value>,
-}
-
-pub fn record_from_data(mut data: KeyVersionsData) -> Record {
-    let acceptor = std::mem::take(&mut data.acceptor);
-    Record {
-        versions: versions_from_data(data),
-        acceptor: Acceptor {
-            promised: acceptor.promised,
-            accepted: acceptor.accepted.map(|(ballot, proposal)| (ballot, versions_from_data(*proposal))),
-            committed: acceptor.committed,
-        },
-    }
-}
-
-fn record_to_data(record: &Record) -> KeyVersionsData {
-    let acceptor = &record.acceptor;
-    KeyVersionsData {
-        acceptor: AcceptorData {
-            promised: acceptor.promised,
-            accepted: acceptor
-                .accepted
-                .as_ref()
-                .map(|(ballot, proposal)| (*ballot, Box::new(versions_to_data(proposal)))),
-            committed: acceptor.committed,
-        },
-        ..versions_to_data(&record.versions)
-    }
-}
-
-pub fn decode_record(bytes: Option<&[u8]>) -> Result<Record, LocalReply> {
-    match bytes {
-        None => Ok(Record::default()),
-        Some(bytes) => decode_key_versions(bytes)
-            .map(record_from_data)
-            .map_err(|error| Reply::error(Status::INTERNAL, format!("stored versions unreadable: {error}"))),
-    }
-}
-
-fn decode_stored(bytes: Option<&[u8]>) -> Result<Versions<Value>, LocalReply> {
-    decode_record(bytes).map(|record| record.versions)
-}
-
-/// How long a key's Paxos state outlives its last ballot once every sibling has expired:
-/// far longer than any round can last, so the engine never forgets a promise a round in
-/// flight relies on.
-const PAXOS_STATE_KEEP_MS: u64 = 10 * 60 * 1000;
-
-/// When the engine may forget the whole record: once every sibling has expired (never while
-/// a tombstone or an unexpiring value is among them, nor while a proposal is accepted and
-/// uncommitted), and the Paxos state is old.
-fn engine_expiry(record: &Record) -> u64 {
-    let mut latest = 0;
-    for sibling in record.versions.siblings() {
-        match &sibling.value {
-            Some((_, expires)) if *expires > 0 => latest = latest.max(*expires),
-            _ => return 0,
-        }
-    }
-    let acceptor = &record.acceptor;
-    if acceptor.accepted.is_some() {
-        return 0;
-    }
-    let last_ballot = acceptor.promised.max(acceptor.committed);
-    if last_ballot != Ballot::default() {
-        latest = latest.max(last_ballot.time_us / 1000 + PAXOS_STATE_KEEP_MS);
-    }
-    latest
-}
-
-/// Whether the engine may forget the key's Paxos state: nothing accepted and uncommitted, and
-/// the last ballot old enough that no round in flight can rely on it.
-pub(crate) fn paxos_state_forgettable(record: &Record, now_ms: u64) -> bool {
-    let acceptor = &record.acceptor;
-    let last_ballot = acceptor.promised.max(acceptor.committed);
-    acceptor.accepted.is_none()
-        && (last_ballot == Ballot::default() || last_ballot.time_us / 1000 + PAXOS_STATE_KEEP_MS <= now_ms)
-}
-
-/// Encodes versions to ship (no acceptor state).
-pub(crate) fn encode_versions(versions: &Versions<Value>) -> Vec<u8> {
-    encode_key_versions(&versions_to_data(versions))
-}
-
 /// Encodes `record` for the engine. A record that does not fit in a stored value is refused
 /// (`VALUE_TOO_LARGE`, counted and logged), never cut: no sibling is ever dropped to fit.
 pub(crate) fn encode_bounded<S: Storage>(
     cluster: Option<&ClusterShard<S>>,
     record: &Record,
 ) -> Result<(Vec<u8>, u64), LocalReply> {
-    let bytes = encode_key_versions(&record_to_data(record));
-    let sibling_count_max = schema::peer::STORED_SIBLING_COUNT_MAX;
-    let siblings = record.versions.siblings().len();
-    let accepted = record.acceptor.accepted.as_ref().map_or(0, |(_, proposal)| proposal.siblings().len());
-    if bytes.len() <= schema::STORED_VALUE_SIZE_MAX && siblings.max(accepted) <= sibling_count_max {
-        return Ok((bytes, engine_expiry(record)));
-    }
-    if let Some(cluster) = cluster {
-        cluster.stats.oversized_merge_count.set(cluster.stats.oversized_merge_count.get() + 1);
-    }
-    let message = format!(
-        "the key's versions ({siblings} siblings) and pending proposal need {} bytes; at most {} bytes and \
-         {sibling_count_max} siblings are stored",
-        bytes.len(),
-        schema::STORED_VALUE_SIZE_MAX
-    );
-    tracing::error!("{message}: the update is refused, and the replica that sent it keeps it");
-    Err(Reply::error(Status::VALUE_TOO_LARGE, message))
+    record::encode_for_engine(record).map_err(|RecordTooLarge { bytes, siblings }| {
+        if let Some(cluster) = cluster {
+            cluster.stats.oversized_merge_count.set(cluster.stats.oversized_merge_count.get() + 1);
+        }
+        let message = format!(
+            "the key's versions ({siblings} siblings) and pending proposal need {bytes} bytes; at most {} bytes \
+             and {} siblings are stored",
+            schema::STORED_VALUE_SIZE_MAX,
+            schema::peer::STORED_SIBLING_COUNT_MAX
+        );
+        tracing::error!("{message}: the update is refused, and the replica that sent it keeps it");
+        Reply::error(Status::VALUE_TOO_LARGE, message)
+    })
 }
 
-/// The limits a coordinator holds a key's siblings to (`schema`'s, the same on every node).
-pub(crate) const SIBLING_LIMITS: SiblingLimits =
-    SiblingLimits { count_max: schema::SIBLING_COUNT_MAX, value_bytes_max: schema::SIBLING_VALUE_BYTES_MAX };
-
-/// A stored value's bytes, for the sibling limits.
-pub(crate) fn value_size(value: &Value) -> usize {
-    value.0.len()
+/// Decodes a stored record; an unreadable one is an internal error.
+pub fn decode_record(bytes: Option<&[u8]>) -> Result<Record, LocalReply> {
+    record::decode_record(bytes)
+        .map_err(|error| Reply::error(Status::INTERNAL, format!("stored versions unreadable: {error}")))
 }
 
-/// A sibling's value and milliseconds left (0: no TTL), unless it is a tombstone or expired.
-pub(crate) fn live_value(sibling: &Sibling<Value>, now_ms: u64) -> Option<(&[u8], u64)> {
-    let (bytes, expires) = sibling.value.as_ref()?;
-    match *expires {
-        0 => Some((bytes, 0)),
-        expires if expires <= now_ms => None,
-        expires => Some((bytes, (expires - now_ms).max(1))),
-    }
+fn decode_stored(bytes: Option<&[u8]>) -> Result<Versions<Value>, LocalReply> {
+    decode_record(bytes).map(|record| record.versions)
 }
 
 /// Which part of a key's siblings a read's reply holds.

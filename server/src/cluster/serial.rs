@@ -19,9 +19,9 @@ use schema::{Op, Status};
 use super::coordinator::Consistency;
 use super::paxos::{backoff_us, next_ballot, Ballot, Failure, Proposer, Step};
 use super::peer::PeerRequest;
+use super::record::{encode_versions, live_value, record_from_data, versions_from_data, Record, Value};
 use super::replication::{
-    client_reply, decode_record, encode_bounded, encode_versions, live_value, place, record_from_data,
-    too_few_replicas, versions_from_data, ClusterShard, Page, Record, Value,
+    client_reply, decode_record, encode_bounded, place, too_few_replicas, ClusterShard, Page,
 };
 use super::ring::NodeId;
 use super::versions::Versions;

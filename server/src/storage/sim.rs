@@ -18,35 +18,7 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
 use super::{Storage, StorageFile, BLOCK_SIZE};
-
-/// A small deterministic generator (splitmix64), so a failing run replays from its seed.
-#[derive(Debug, Clone)]
-pub struct SimRng(u64);
-
-impl SimRng {
-    pub fn new(seed: u64) -> SimRng {
-        SimRng(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// A number in `0..bound` (`bound > 0`).
-    pub fn below(&mut self, bound: u64) -> u64 {
-        assert!(bound > 0);
-        self.next_u64() % bound
-    }
-
-    /// True with probability `per_million / 1e6`.
-    pub fn chance(&mut self, per_million: u32) -> bool {
-        self.below(1_000_000) < u64::from(per_million)
-    }
-}
+use crate::rng::Rng;
 
 /// Which operations fail, and how often.
 #[derive(Debug, Clone, Copy, Default)]
@@ -107,7 +79,7 @@ struct SimState {
     /// Bytes the file system holds at most (data or allocation of files that still have a
     /// name or an open handle); `None` for unlimited.
     capacity: Option<u64>,
-    rng: SimRng,
+    rng: Rng,
     /// Bumped by every crash; handles from an earlier generation are dead.
     generation: u64,
     write_count: u64,
@@ -135,7 +107,7 @@ impl SimStorage {
             dirs: BTreeSet::new(),
             faults: Faults::default(),
             capacity: None,
-            rng: SimRng::new(seed),
+            rng: Rng::new(seed),
             generation: 0,
             write_count: 0,
             sync_count: 0,
@@ -356,10 +328,7 @@ pub struct SimFileHandle {
 }
 
 impl SimFileHandle {
-    fn with_file<T>(
-        &self,
-        f: impl FnOnce(&mut SimFile, &mut SimRng, Faults) -> io::Result<T>,
-    ) -> io::Result<T> {
+    fn with_file<T>(&self, f: impl FnOnce(&mut SimFile, &mut Rng, Faults) -> io::Result<T>) -> io::Result<T> {
         let mut state = self.storage.state.borrow_mut();
         let state = &mut *state;
         if state.generation != self.generation {

@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 use glommio::{LocalExecutorBuilder, Placement};
 use server::command::Reply;
 use server::engine::EngineOptions;
-use server::storage::sim::{SimRng, SimStorage};
+use server::rng::Rng;
+use server::storage::sim::SimStorage;
 use server::store::Store;
 use server::wal::{ShardIdentity, SyncPolicy};
 
@@ -32,7 +33,7 @@ async fn open(storage: &SimStorage) -> Result<(Store<SimStorage>, server::wal::R
 async fn build(seed: u64) -> (Vec<(PathBuf, Vec<u8>)>, BTreeMap<Vec<u8>, Option<Vec<u8>>>) {
     let storage = SimStorage::new(seed);
     let (store, _) = open(&storage).await.expect("open");
-    let mut rng = SimRng::new(seed);
+    let mut rng = Rng::new(seed);
     let mut model = BTreeMap::new();
     for round in 0..4u8 {
         for _ in 0..150 {
@@ -122,7 +123,7 @@ fn bit_flips_in_tables_manifest_and_log_are_detected_and_never_served() {
                 store.close().await.expect("close");
             }
 
-            let mut rng = SimRng::new(2024);
+            let mut rng = Rng::new(2024);
             let mut tally = Tally::default();
             for flip in 0..2_000 {
                 let (kind, indexes) = &kinds[flip % kinds.len()];

@@ -106,7 +106,7 @@ fn malformed_frames_get_errors_and_other_clients_are_served() {
 
     // Random bytes in a well-delimited frame: an error, and the connection goes on.
     let mut stream = connect(&node);
-    let mut rng = server::storage::sim::SimRng::new(42);
+    let mut rng = server::rng::Rng::new(42);
     for size in [1usize, 7, 64, 1000, 70_000] {
         let garbage: Vec<u8> = (0..size).map(|_| rng.next_u64() as u8).collect();
         stream.write_all(&raw_frame(&garbage)).expect("write");

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use server::storage::sim::SimRng;
+use server::rng::Rng;
 
 use crate::harness::{client, runtime, DataDir, Node};
 
@@ -36,7 +36,7 @@ async fn verify(client: &client::Client, expected: &BTreeMap<String, String>, se
 fn kill9_loses_no_acknowledged_write() {
     let cycle_count: usize = std::env::var("KILL9_CYCLES").ok().and_then(|s| s.parse().ok()).unwrap_or(20);
     let seed = SystemTime::now().duration_since(UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64);
-    let mut rng = SimRng::new(seed);
+    let mut rng = Rng::new(seed);
     let dir = DataDir::new("kill9");
     let runtime = runtime();
     let mut all_acked = BTreeMap::new();

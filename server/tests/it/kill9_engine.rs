@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use server::engine::manifest;
-use server::storage::sim::SimRng;
+use server::rng::Rng;
 
 use crate::harness::{client, runtime, DataDir, Node};
 
@@ -80,7 +80,7 @@ fn kill9_during_flush_and_compaction_loses_nothing_and_resurrects_nothing() {
     let cycle_count: usize =
         std::env::var("KILL9_ENGINE_CYCLES").ok().and_then(|s| s.parse().ok()).unwrap_or(50);
     let seed = SystemTime::now().duration_since(UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64);
-    let mut rng = SimRng::new(seed);
+    let mut rng = Rng::new(seed);
     let dir = DataDir::new("kill9-engine");
     let runtime = runtime();
     let states: States = Arc::default();
@@ -96,7 +96,7 @@ fn kill9_during_flush_and_compaction_loses_nothing_and_resurrects_nothing() {
                 .map(|writer| {
                     let client = client.clone();
                     let states = states.clone();
-                    let mut rng = SimRng::new(seed ^ (cycle as u64 * 1000 + writer));
+                    let mut rng = Rng::new(seed ^ (cycle as u64 * 1000 + writer));
                     tokio::spawn(async move {
                         let mut acked = 0u64;
                         for n in 0.. {

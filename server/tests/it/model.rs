@@ -11,7 +11,8 @@ use glommio::{LocalExecutorBuilder, Placement};
 use server::clock::now_ms;
 use server::command::Reply;
 use server::engine::EngineOptions;
-use server::storage::sim::{Faults, SimRng, SimStorage};
+use server::rng::Rng;
+use server::storage::sim::{Faults, SimStorage};
 use server::store::Store;
 use server::wal::{ShardIdentity, SyncPolicy};
 
@@ -66,7 +67,7 @@ struct KeyModel {
 
 struct Sequence {
     seed: u64,
-    rng: SimRng,
+    rng: Rng,
     storage: SimStorage,
     model: BTreeMap<Vec<u8>, KeyModel>,
     /// A write failed: the store refuses writes until restarted.
@@ -306,7 +307,7 @@ fn engine_matches_a_model_through_faults_flushes_compactions_and_crashes() {
             for seed in seeds() {
                 let sequence = Sequence {
                     seed,
-                    rng: SimRng::new(seed),
+                    rng: Rng::new(seed),
                     storage: SimStorage::new(seed),
                     model: BTreeMap::new(),
                     broken: false,

@@ -10,7 +10,8 @@ use std::rc::Rc;
 
 use glommio::{LocalExecutorBuilder, Placement};
 use server::command::Reply;
-use server::storage::sim::{Faults, SimRng, SimStorage};
+use server::rng::Rng;
+use server::storage::sim::{Faults, SimStorage};
 use server::store::Store;
 use server::wal::{ShardIdentity, SyncPolicy};
 
@@ -55,7 +56,7 @@ async fn crash_cycles(seed: u64, policy: SyncPolicy, cycle_count: usize) -> (u64
     // policies must still recover to a consistent state every time.
     let check_durability = policy == SyncPolicy::Always;
     let storage = SimStorage::new(seed);
-    let mut rng = SimRng::new(seed ^ 0x5eed);
+    let mut rng = Rng::new(seed ^ 0x5eed);
     let models: Rc<RefCell<HashMap<Vec<u8>, KeyModel>>> = Rc::default();
     let mut acked_total = 0u64;
     for cycle in 0..cycle_count {
@@ -90,7 +91,7 @@ async fn crash_cycles(seed: u64, policy: SyncPolicy, cycle_count: usize) -> (u64
             let store = store.clone();
             let models = models.clone();
             let done_ops = done_ops.clone();
-            let mut rng = SimRng::new(seed * 1000 + cycle as u64 * 10 + writer as u64);
+            let mut rng = Rng::new(seed * 1000 + cycle as u64 * 10 + writer as u64);
             writers.push(glommio::spawn_local(async move {
                 let mut acked = 0u64;
                 for op_index in 0..10_000u64 {

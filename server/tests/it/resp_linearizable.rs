@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use server::linearizability::{check, Event, Operation, Outcome};
-use server::storage::sim::SimRng;
+use server::rng::Rng;
 
 use crate::cluster::{wait_until_all_see, Cluster, CONVERGE_DEADLINE};
 use crate::harness::runtime;
@@ -96,7 +96,7 @@ fn run_workload(cluster: &mut Cluster, name: &str) -> (Vec<Vec<Event<i64>>>, usi
     for client in 0..CLIENT_COUNT {
         let (addresses, histories, done) = (addresses.clone(), histories.clone(), done.clone());
         clients.push(std::thread::spawn(move || {
-            let mut rng = SimRng::new(client as u64 + 1);
+            let mut rng = Rng::new(client as u64 + 1);
             let mut node = client % 3;
             let mut connection = RespClient::connect(&addresses[node]);
             let mut last_seen: Vec<Option<i64>> = vec![None; KEY_COUNT];

@@ -4,7 +4,8 @@
 use std::path::Path;
 
 use glommio::{LocalExecutorBuilder, Placement};
-use server::storage::sim::{SimRng, SimStorage};
+use server::rng::Rng;
+use server::storage::sim::SimStorage;
 
 /// Sorted tables: every key reads back through the reader, and single-bit flips at 2,000
 /// seeded positions are each either harmless (padding) or detected: a flip never makes a
@@ -47,7 +48,7 @@ fn table_bit_flips_are_detected_and_never_served() {
             }
             assert_eq!(reader.get(&file, b"absent").await.expect("get"), None);
 
-            let mut rng = SimRng::new(99);
+            let mut rng = Rng::new(99);
             let (mut detected, mut harmless) = (0, 0);
             for _ in 0..2_000 {
                 let position = rng.below(bytes.len() as u64) as usize;

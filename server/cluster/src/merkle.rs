@@ -17,8 +17,8 @@
 
 use schema::peer::MERKLE_LEAF_COUNT;
 
-use super::replication::Value;
-use super::versions::Versions;
+use crate::record::Value;
+use crate::versions::Versions;
 
 pub const LEAF_COUNT: usize = MERKLE_LEAF_COUNT;
 const LEAF_BITS: u32 = LEAF_COUNT.trailing_zeros();
@@ -142,7 +142,7 @@ pub fn differing_keys(mine: &[(Vec<u8>, u64)], theirs: &[(Vec<u8>, u64)]) -> Vec
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::versions::{Dot, Sibling, VersionVector};
+    use crate::versions::{Dot, Sibling, VersionVector};
 
     fn versions(siblings: Vec<Sibling<Value>>) -> Versions<Value> {
         let clock = VersionVector::from_entries(siblings.iter().map(|s| (s.dot.actor, s.dot.counter)));

@@ -8,9 +8,9 @@ use std::net::SocketAddr;
 use schema::peer::{TopologyData, TopologyNode};
 use schema::{shard_of, wire};
 
-use super::gossip::NodeStatus;
-use super::ring::{NodeId, PreferenceList, Ring};
-use super::ring_state::{ChangeKind, RingState};
+use crate::gossip::NodeStatus;
+use crate::ring::{NodeId, PreferenceList, Ring};
+use crate::ring_state::{ChangeKind, RingState};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeInfo {

@@ -32,12 +32,12 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::hash::{Hash, Hasher};
 
-use super::coordinator::{Consistency, Outcome, WriteRound};
-use super::hints::{HintLimits, Hints};
-use super::ring::NodeId;
-use super::ring_state::{RingState, Transfer};
-use super::versions::{check_growth, Dot, SiblingLimits, VersionVector, Versions};
-use crate::storage::sim::SimRng;
+use crate::coordinator::{Consistency, Outcome, WriteRound};
+use crate::hints::{HintLimits, Hints};
+use crate::ring::NodeId;
+use crate::ring_state::{RingState, Transfer};
+use crate::rng::Rng;
+use crate::versions::{check_growth, Dot, SiblingLimits, VersionVector, Versions};
 
 const NODE_COUNT: u32 = 5;
 const REPLICAS: usize = 3;
@@ -157,7 +157,7 @@ struct Issued {
 }
 
 struct Simulation {
-    rng: SimRng,
+    rng: Rng,
     /// The latest committed ring (what the agreement chose; nodes learn it by messages).
     authority: RingState,
     /// The pending change's transfers, and which are done.
@@ -196,7 +196,7 @@ impl Simulation {
             })
             .collect();
         Simulation {
-            rng: SimRng::new(seed),
+            rng: Rng::new(seed),
             authority,
             transfers: Vec::new(),
             changes_completed: 0,

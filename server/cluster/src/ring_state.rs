@@ -12,7 +12,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::ring::{NodeId, Ring};
+use crate::ring::{NodeId, Ring};
 
 /// A Paxos ballot as the ring's JSON holds it: (time µs, actor, counter).
 pub type RingBallot = (u64, u32, u64);

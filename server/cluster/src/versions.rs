@@ -311,7 +311,7 @@ impl<V: Clone> Versions<V> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::storage::sim::SimRng;
+    use crate::rng::Rng;
 
     fn values(versions: &Versions<u32>) -> Vec<Option<u32>> {
         let mut values: Vec<_> = versions.siblings().iter().map(|s| s.value).collect();
@@ -461,7 +461,7 @@ mod tests {
     #[test]
     fn replicas_converge_and_lose_only_superseded_writes() {
         for seed in 0..300 {
-            let mut rng = SimRng::new(seed);
+            let mut rng = Rng::new(seed);
             let replica_count = 3;
             let mut replicas: Vec<Versions<u32>> = vec![Versions::default(); replica_count];
             let mut superseded = std::collections::BTreeSet::new();

@@ -25,12 +25,12 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::hash::{Hash, Hasher};
 
-use super::paxos::{backoff_us, next_ballot, Acceptor, Ballot, Failure, Proposer, Step};
-use super::ring::NodeId;
-use super::ring_state::{RingState, Transfer};
-use super::versions::Versions;
 use crate::linearizability::{self, Event, Operation, Outcome};
-use crate::storage::sim::SimRng;
+use crate::paxos::{backoff_us, next_ballot, Acceptor, Ballot, Failure, Proposer, Step};
+use crate::ring::NodeId;
+use crate::ring_state::{RingState, Transfer};
+use crate::rng::Rng;
+use crate::versions::Versions;
 
 const NODE_COUNT: u32 = 5;
 const REPLICAS: usize = 3;
@@ -108,7 +108,7 @@ struct Running {
 }
 
 struct Simulation {
-    rng: SimRng,
+    rng: Rng,
     /// The latest committed ring; nodes learn it after a delay.
     authority: RingState,
     transfers: Vec<(Transfer, bool)>,
@@ -138,7 +138,7 @@ fn newest(versions: &Versions<Value>) -> Option<Value> {
 
 impl Simulation {
     fn new(seed: u64) -> Simulation {
-        let mut rng = SimRng::new(seed);
+        let mut rng = Rng::new(seed);
         // Node 4 starts outside the ring: it joins during the run.
         let members: Vec<String> = (0..NODE_COUNT - 1).map(|i| format!("n{i}")).collect();
         let authority = RingState::formed(members, REPLICAS, 4).expect("ring");

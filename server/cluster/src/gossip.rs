@@ -15,8 +15,8 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use super::failure_detector::{FailureDetector, PHI_THRESHOLD_DEFAULT};
-use crate::storage::sim::SimRng;
+use crate::failure_detector::{FailureDetector, PHI_THRESHOLD_DEFAULT};
+use crate::rng::Rng;
 
 /// A node's name in the cluster: the id from its data directory.
 pub type NodeName = String;
@@ -93,7 +93,7 @@ impl Default for GossipConfig {
 pub struct Gossip {
     me: NodeName,
     config: GossipConfig,
-    rng: SimRng,
+    rng: Rng,
     seeds: Vec<String>,
     states: BTreeMap<NodeName, NodeState>,
     detectors: BTreeMap<NodeName, FailureDetector>,
@@ -114,7 +114,7 @@ impl Gossip {
         let mut states = BTreeMap::new();
         let seeds = seeds.into_iter().filter(|address| *address != state.address).collect();
         states.insert(me.clone(), state);
-        Gossip { me, config, rng: SimRng::new(seed), seeds, states, detectors: BTreeMap::new() }
+        Gossip { me, config, rng: Rng::new(seed), seeds, states, detectors: BTreeMap::new() }
     }
 
     /// Replaces the seed addresses (once they are known).
@@ -280,7 +280,7 @@ mod tests {
     /// resumes, as SIGSTOP does).
     struct Cluster {
         nodes: Vec<Gossip>,
-        rng: SimRng,
+        rng: Rng,
         in_flight: Vec<(u64, usize, Message)>,
         killed: BTreeSet<usize>,
         paused_until_us: BTreeMap<usize, u64>,
@@ -317,7 +317,7 @@ mod tests {
                 .collect();
             Cluster {
                 nodes,
-                rng: SimRng::new(seed),
+                rng: Rng::new(seed),
                 in_flight: Vec::new(),
                 killed: BTreeSet::new(),
                 paused_until_us: BTreeMap::new(),

@@ -42,9 +42,9 @@ use std::collections::BTreeSet;
 
 pub use schema::peer::Ballot;
 
-use super::coordinator::Unavailable;
-use super::ring::NodeId;
-use super::versions::{Dot, Versions};
+use crate::coordinator::Unavailable;
+use crate::ring::NodeId;
+use crate::versions::{Dot, Versions};
 
 /// A replica's acceptor state for one key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -571,7 +571,7 @@ impl<V: Clone + PartialEq, A: Clone> Proposer<V, A> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::versions::VersionVector;
+    use crate::versions::VersionVector;
 
     type Value = u32;
 

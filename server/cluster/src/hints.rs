@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use super::ring::NodeId;
+use crate::ring::NodeId;
 
 #[derive(Debug, Clone, Copy)]
 pub struct HintLimits {

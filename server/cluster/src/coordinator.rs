@@ -9,8 +9,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::ring::{NodeId, PreferenceList};
-use super::versions::Versions;
+use crate::ring::{NodeId, PreferenceList};
+use crate::versions::Versions;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Consistency {
@@ -246,7 +246,7 @@ impl<V: Clone + PartialEq> ReadRound<V> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::versions::VersionVector;
+    use crate::versions::VersionVector;
     use smallvec::smallvec;
 
     const TIMEOUT_US: u64 = 1_000_000;

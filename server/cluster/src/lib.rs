@@ -1,0 +1,38 @@
+//! The cluster's protocol logic, sans-IO: state machines and pure functions that take
+//! messages, time and randomness as inputs and return decisions. kvd's runtime
+//! (`server/src/cluster/`) drives them with sockets, timers and storage; the simulators in
+//! this crate drive the same code with a seeded network, clock and disk. Nothing here
+//! reads a clock, draws unseeded randomness or touches a file (`clippy.toml` denies it).
+//!
+//! - placement: `ring` (partitions, preference lists), `ring_state` (the agreed ring and a
+//!   change in progress), `view` (what this node believes of the cluster);
+//! - data: `versions` (version vectors, dots, siblings), `record` (what a replica stores,
+//!   its codec and garbage-collection rules), `merkle` (anti-entropy digests);
+//! - rounds: `coordinator` (write and read quorums, hints, read repair), `paxos` (CAS and
+//!   ring agreement), `hints` (hinted hand-off queues);
+//! - membership: `gossip`, `failure_detector`;
+//! - `rng`: the one seeded random-number generator.
+//!
+//! The simulators (`simulation`, `serial_simulation`) and the linearizability checker are
+//! test code.
+
+#![deny(unsafe_code)]
+
+pub mod coordinator;
+pub mod failure_detector;
+pub mod gossip;
+pub mod hints;
+pub mod linearizability;
+pub mod merkle;
+pub mod paxos;
+pub mod record;
+pub mod ring;
+pub mod ring_state;
+pub mod rng;
+pub mod versions;
+pub mod view;
+
+#[cfg(test)]
+mod serial_simulation;
+#[cfg(test)]
+mod simulation;
