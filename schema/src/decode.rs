@@ -122,6 +122,8 @@ pub enum Op<'a> {
         phase: crate::wire::PaxosPhase,
         ballot: crate::peer::Ballot,
         proposal: &'a [u8],
+        /// The ring version that placed the proposer (0: not stated).
+        ring_version: u64,
     },
     /// Node to node: one step of anti-entropy for a partition (`leaves`: a bit per leaf of
     /// its Merkle tree; 0 asks for the tree).
@@ -296,7 +298,13 @@ pub fn parse_request(payload: &[u8]) -> Result<RequestView<'_>, ParseError> {
                     return Err(bad("a Paxos proposal carries no acceptor state".into()));
                 }
             }
-            Op::Paxos { key: check_key(id, paxos.key())?, phase, ballot, proposal }
+            Op::Paxos {
+                key: check_key(id, paxos.key())?,
+                phase,
+                ballot,
+                proposal,
+                ring_version: paxos.ring_version(),
+            }
         }
         wire::Operation::AntiEntropy => {
             let ae = request.op_as_anti_entropy().ok_or_else(|| bad("AntiEntropy without a body".into()))?;

@@ -177,12 +177,17 @@ pub fn encode_request(builder: &mut FlatBufferBuilder<'_>, out: &mut Vec<u8>, re
             let args = wire::ReadReplicaArgs { key: Some(key) };
             (wire::Operation::ReadReplica, wire::ReadReplica::create(builder, &args).as_union_value())
         }
-        Op::Paxos { key, phase, ballot, proposal } => {
+        Op::Paxos { key, phase, ballot, proposal, ring_version } => {
             let key = builder.create_vector(key);
             let proposal = builder.create_vector(proposal);
             let ballot = ballot.to_wire();
-            let args =
-                wire::PaxosArgs { key: Some(key), phase, ballot: Some(&ballot), proposal: Some(proposal) };
+            let args = wire::PaxosArgs {
+                key: Some(key),
+                phase,
+                ballot: Some(&ballot),
+                proposal: Some(proposal),
+                ring_version,
+            };
             (wire::Operation::Paxos, wire::Paxos::create(builder, &args).as_union_value())
         }
         Op::AntiEntropy { partition, partition_bits, shard_count, shard_index, leaves } => {

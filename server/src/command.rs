@@ -71,6 +71,8 @@ pub enum Command {
         phase: schema::wire::PaxosPhase,
         ballot: crate::cluster::paxos::Ballot,
         proposal: Vec<u8>,
+        /// The ring version that placed the proposer (0: not stated).
+        ring_version: u64,
     },
     /// Cluster, node to node: merge encoded versions into this replica's.
     Replicate {

@@ -222,8 +222,8 @@ impl<S: Storage> Shard<S> {
                 let timeout = Duration::from_millis(timeout_ms);
                 crate::cluster::serial::coordinate(self, key, op, commit, timeout).await
             }
-            Command::Paxos { key, phase, ballot, proposal } => {
-                crate::cluster::serial::accept(self, &key, phase, ballot, &proposal).await
+            Command::Paxos { key, phase, ballot, proposal, ring_version } => {
+                crate::cluster::serial::accept(self, &key, phase, ballot, &proposal, ring_version).await
             }
             Command::Replicate { key, versions } => replication::replicate(self, &key, &versions).await,
             Command::ReadReplica { key } => replication::read_replica(self, &key).await,

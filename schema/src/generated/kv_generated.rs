@@ -2782,6 +2782,7 @@ impl<'a> Paxos<'a> {
   pub const VT_PHASE: ::flatbuffers::VOffsetT = 6;
   pub const VT_BALLOT: ::flatbuffers::VOffsetT = 8;
   pub const VT_PROPOSAL: ::flatbuffers::VOffsetT = 10;
+  pub const VT_RING_VERSION: ::flatbuffers::VOffsetT = 12;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -2793,6 +2794,7 @@ impl<'a> Paxos<'a> {
     args: &'args PaxosArgs<'args>
   ) -> ::flatbuffers::WIPOffset<Paxos<'bldr>> {
     let mut builder = PaxosBuilder::new(_fbb);
+    builder.add_ring_version(args.ring_version);
     if let Some(x) = args.proposal { builder.add_proposal(x); }
     if let Some(x) = args.ballot { builder.add_ballot(x); }
     if let Some(x) = args.key { builder.add_key(x); }
@@ -2840,6 +2842,16 @@ impl<'a> Paxos<'a> {
       unsafe { <::flatbuffers::ForwardsUOffset<KeyVersions<'a>>>::follow(data.bytes(), 0) }
     })
   }
+  /// The ring version that placed the proposer (0: not stated). A replica holding a newer
+  /// ring refuses (UNAVAILABLE) without touching its acceptor state: a node that restarts
+  /// with the ring from before a change must not choose a value on the old replicas alone.
+  #[inline]
+  pub fn ring_version(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(Paxos::VT_RING_VERSION, Some(0)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for Paxos<'_> {
@@ -2852,6 +2864,7 @@ impl ::flatbuffers::Verifiable for Paxos<'_> {
      .visit_field::<PaxosPhase>("phase", Self::VT_PHASE, false)?
      .visit_field::<Ballot>("ballot", Self::VT_BALLOT, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u8>>>("proposal", Self::VT_PROPOSAL, false)?
+     .visit_field::<u64>("ring_version", Self::VT_RING_VERSION, false)?
      .finish();
     Ok(())
   }
@@ -2861,6 +2874,7 @@ pub struct PaxosArgs<'a> {
     pub phase: PaxosPhase,
     pub ballot: Option<&'a Ballot>,
     pub proposal: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u8>>>,
+    pub ring_version: u64,
 }
 impl<'a> Default for PaxosArgs<'a> {
   #[inline]
@@ -2870,6 +2884,7 @@ impl<'a> Default for PaxosArgs<'a> {
       phase: PaxosPhase::PREPARE,
       ballot: None,
       proposal: None,
+      ring_version: 0,
     }
   }
 }
@@ -2896,6 +2911,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> PaxosBuilder<'a, 'b, A> {
     self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Paxos::VT_PROPOSAL, proposal);
   }
   #[inline]
+  pub fn add_ring_version(&mut self, ring_version: u64) {
+    self.fbb_.push_slot::<u64>(Paxos::VT_RING_VERSION, ring_version, 0);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> PaxosBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     PaxosBuilder {
@@ -2917,6 +2936,7 @@ impl ::core::fmt::Debug for Paxos<'_> {
       ds.field("phase", &self.phase());
       ds.field("ballot", &self.ballot());
       ds.field("proposal", &self.proposal());
+      ds.field("ring_version", &self.ring_version());
       ds.finish()
   }
 }

@@ -187,6 +187,119 @@ impl WriteRound {
     }
 }
 
+/// Where a write goes from the node a client reached: coordinated here when this node is a
+/// replica of the key, else forwarded to the first live replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    Coordinate,
+    Forward(NodeId),
+}
+
+/// The route for a key with `replicas`, from node `me`; `None`: no replica is up.
+pub fn route(replicas: &[NodeId], me: NodeId, is_live: impl Fn(NodeId) -> bool) -> Option<Route> {
+    if replicas.contains(&me) {
+        return Some(Route::Coordinate);
+    }
+    replicas.iter().copied().find(|&node| is_live(node)).map(Route::Forward)
+}
+
+/// What a replica said to a write the coordinator shipped it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ack {
+    /// The write is durable there.
+    Durable,
+    /// It failed or did not answer in time.
+    Failed,
+    /// The replica, or the link to it, refused for load.
+    Overloaded,
+}
+
+/// How a write ended, for its client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteVerdict {
+    /// W replicas hold it durably.
+    Acknowledged,
+    /// Too few acknowledged and some refused for load: retry later (it may have landed).
+    Overloaded { replies: usize, required: usize },
+    /// Too few acknowledged in time: it may or may not have landed.
+    TimedOut { replies: usize, required: usize },
+}
+
+/// One write at its coordinator, after the local apply: ships it to the live replicas,
+/// hints the down ones and every replica whose acknowledgement fails (the caller keeps the
+/// hint durably and replays it), and counts only durable acknowledgements toward W.
+#[derive(Debug, Clone)]
+pub struct WriteCoordinator {
+    round: WriteRound,
+    required: usize,
+    overloaded: bool,
+    outcome: Outcome,
+}
+
+impl WriteCoordinator {
+    /// Starts a write of a key with `replicas` (and `pending` replicas while a ring change
+    /// is pending): the plan says whom to ship to and whom to hint at once.
+    pub fn start(
+        replicas: &PreferenceList,
+        pending: &[NodeId],
+        is_live: impl Fn(NodeId) -> bool,
+        consistency: Consistency,
+        timeout_us: u64,
+    ) -> Result<(WriteCoordinator, Plan), Unavailable> {
+        let (round, plan) =
+            WriteRound::start_with_pending(replicas, pending, is_live, consistency, 0, timeout_us)?;
+        let required = consistency.required(replicas.len());
+        Ok((WriteCoordinator { round, required, overloaded: false, outcome: Outcome::Pending }, plan))
+    }
+
+    /// A replica's answer. Whether the caller must hint it (anything but durable), and the
+    /// outcome so far. A hint never counts toward W: it is a promise to deliver, not a copy.
+    pub fn on_answer(&mut self, from: NodeId, ack: Ack) -> (bool, Outcome) {
+        let hint = ack != Ack::Durable;
+        self.outcome = match ack {
+            Ack::Durable => self.round.on_ack(from),
+            Ack::Failed | Ack::Overloaded => {
+                self.overloaded |= ack == Ack::Overloaded;
+                self.round.on_error(from)
+            }
+        };
+        (hint, self.outcome)
+    }
+
+    /// The replicas shipped to that have not answered yet.
+    pub fn unanswered(&self) -> Vec<NodeId> {
+        let round = &self.round.round;
+        round
+            .asked
+            .iter()
+            .copied()
+            .filter(|n| !round.answered.contains(n) && !round.errors.contains(n))
+            .collect()
+    }
+
+    /// The deadline passed (or every answer is in): the outcome stays as decided, else the
+    /// write timed out.
+    pub fn on_deadline(&mut self) -> Outcome {
+        self.outcome = self.round.on_time(u64::MAX);
+        self.outcome
+    }
+
+    /// What the client is told once the outcome is decided (`None` while pending).
+    pub fn verdict(&self) -> Option<WriteVerdict> {
+        let required = self.required;
+        match self.outcome {
+            Outcome::Pending => None,
+            Outcome::Done => Some(WriteVerdict::Acknowledged),
+            Outcome::TimedOut { replies } | Outcome::Failed { replies } if self.overloaded => {
+                Some(WriteVerdict::Overloaded { replies, required })
+            }
+            Outcome::TimedOut { replies } | Outcome::Failed { replies } => {
+                Some(WriteVerdict::TimedOut { replies, required })
+            }
+        }
+    }
+}
+
 /// One read at its coordinator: merges the replies and finds the replicas to repair.
 #[derive(Debug, Clone)]
 pub struct ReadRound<V> {
@@ -225,6 +338,14 @@ impl<V: Clone + PartialEq> ReadRound<V> {
     /// the context).
     pub fn merged(&self) -> &Versions<V> {
         &self.merged
+    }
+
+    /// Read repair: each replica whose reply lacked something the merge has, with what to
+    /// send it: the merged versions (replicas merge them, so nothing newer they hold since is
+    /// lost, and afterwards they hold at least what the client was given). Call again after
+    /// late replies.
+    pub fn repairs(&self) -> Vec<(NodeId, Versions<V>)> {
+        self.stale_replicas().into_iter().map(|node| (node, self.merged.clone())).collect()
     }
 
     /// Replicas whose reply lacked something the merge has: each gets the merged versions
@@ -289,6 +410,41 @@ mod tests {
             WriteRound::start(&replicas(), |_| true, Consistency::Quorum, 0, TIMEOUT_US).expect("start");
         assert_eq!(write.on_error(1), Outcome::Pending);
         assert_eq!(write.on_error(2), Outcome::Failed { replies: 0 });
+    }
+
+    #[test]
+    fn a_write_routes_hints_failed_answers_and_tells_overload_from_timeout() {
+        assert_eq!(route(&replicas(), 2, |_| true), Some(Route::Coordinate));
+        assert_eq!(route(&replicas(), 7, |node| node != 1), Some(Route::Forward(2)));
+        assert_eq!(route(&replicas(), 7, |_| false), None);
+
+        let (mut write, plan) =
+            WriteCoordinator::start(&replicas(), &[], |node| node != 3, Consistency::Quorum, TIMEOUT_US)
+                .expect("start");
+        assert_eq!(plan.hint_for, vec![3]);
+        assert_eq!(write.on_answer(1, Ack::Durable), (false, Outcome::Pending));
+        assert_eq!(
+            write.on_answer(2, Ack::Failed),
+            (true, Outcome::Failed { replies: 1 }),
+            "hinted, not counted"
+        );
+        assert_eq!(write.verdict(), Some(WriteVerdict::TimedOut { replies: 1, required: 2 }));
+
+        let (mut write, _) =
+            WriteCoordinator::start(&replicas(), &[], |_| true, Consistency::Quorum, TIMEOUT_US)
+                .expect("start");
+        assert_eq!(write.on_answer(1, Ack::Overloaded), (true, Outcome::Pending));
+        assert_eq!(write.verdict(), None);
+        assert_eq!(write.on_deadline(), Outcome::TimedOut { replies: 0 });
+        assert_eq!(write.verdict(), Some(WriteVerdict::Overloaded { replies: 0, required: 2 }));
+
+        let (mut write, _) =
+            WriteCoordinator::start(&replicas(), &[], |_| true, Consistency::Quorum, TIMEOUT_US)
+                .expect("start");
+        write.on_answer(1, Ack::Durable);
+        assert_eq!(write.on_answer(3, Ack::Durable), (false, Outcome::Done));
+        assert_eq!(write.on_answer(2, Ack::Failed), (true, Outcome::Done), "decided outcomes stay");
+        assert_eq!(write.verdict(), Some(WriteVerdict::Acknowledged));
     }
 
     #[test]

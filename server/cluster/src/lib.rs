@@ -5,7 +5,8 @@
 //! reads a clock, draws unseeded randomness or touches a file (`clippy.toml` denies it).
 //!
 //! - placement: `ring` (partitions, preference lists), `ring_state` (the agreed ring and a
-//!   change in progress), `view` (what this node believes of the cluster);
+//!   change in progress), `ring_change` (agreeing on a version, driving a change),
+//!   `view` (what this node believes of the cluster);
 //! - data: `versions` (version vectors, dots, siblings), `record` (what a replica stores,
 //!   its codec and garbage-collection rules), `merkle` (anti-entropy digests);
 //! - rounds: `coordinator` (write and read quorums, hints, read repair), `paxos` (CAS and
@@ -27,6 +28,7 @@ pub mod merkle;
 pub mod paxos;
 pub mod record;
 pub mod ring;
+pub mod ring_change;
 pub mod ring_state;
 pub mod rng;
 pub mod versions;
@@ -34,5 +36,7 @@ pub mod view;
 
 #[cfg(test)]
 mod serial_simulation;
+#[cfg(test)]
+mod sim_ring;
 #[cfg(test)]
 mod simulation;

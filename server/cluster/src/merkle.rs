@@ -67,16 +67,47 @@ pub fn versions_digest(versions: &Versions<Value>) -> u64 {
 /// Whether a key's versions are settled: nothing live, and the last death (a tombstone's
 /// write, a value's expiry) at least `settle_ms` before `now_ms`. Never for empty versions.
 pub fn is_settled(versions: &Versions<Value>, now_ms: u64, settle_ms: u64) -> bool {
+    is_settled_by(versions, now_ms, settle_ms, |(_, expires)| *expires)
+}
+
+/// `is_settled` for any value type, `expires_at_ms` telling when a value expires (0: never).
+pub fn is_settled_by<V: Clone + PartialEq>(
+    versions: &Versions<V>,
+    now_ms: u64,
+    settle_ms: u64,
+    expires_at_ms: impl Fn(&V) -> u64,
+) -> bool {
     let mut last_death = 0;
     for sibling in versions.siblings() {
         let died = match &sibling.value {
             None => sibling.timestamp_us / 1000,
-            Some((_, expires)) if *expires != 0 && *expires <= now_ms => *expires,
-            Some(_) => return false,
+            Some(value) => match expires_at_ms(value) {
+                expires if expires != 0 && expires <= now_ms => expires,
+                _ => return false,
+            },
         };
         last_death = last_death.max(died);
     }
     !versions.siblings().is_empty() && last_death.saturating_add(settle_ms) <= now_ms
+}
+
+/// What one comparison of a partition with another of its replicas found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Comparison {
+    /// The replica is down or did not answer.
+    Unreachable,
+    /// Some keys differed (and were repaired, or will be).
+    Differing,
+    /// Equal trees.
+    Equal,
+}
+
+/// Whether a replica may purge its settled keys of a partition after comparing it with
+/// every other replica of the partition: only when each of them answered and agreed. A
+/// replica not heard from may still hold an older value that the tombstone supersedes; once
+/// the tombstone is gone, that value would come back.
+pub fn may_purge(others: &[Comparison]) -> bool {
+    others.iter().all(|comparison| *comparison == Comparison::Equal)
 }
 
 fn key_hash_with(key: &[u8], digest: u64) -> u64 {

@@ -118,6 +118,17 @@ impl<V: Clone + PartialEq> Acceptor<V> {
     }
 }
 
+/// Whether an acceptor holding ring version `acceptor_ring` refuses a Paxos message from a
+/// proposer placed by ring version `proposer_ring` (0: not stated, from a node that predates
+/// the rule): it does when the proposer's ring is older. A change's barrier waits only for
+/// the members that are up, so a node that was down holds the older ring when it restarts;
+/// were it to gather promises from the old replicas alone after the transfers copied them,
+/// the new replicas would miss the value it chose (the CAS simulator found this once it
+/// agreed rings by Paxos). Refused, it learns the ring by gossip and the client retries.
+pub fn refuses_stale_proposer(proposer_ring: u64, acceptor_ring: u64) -> bool {
+    proposer_ring != 0 && proposer_ring < acceptor_ring
+}
+
 /// The next ballot of a proposer: after `floor` (the highest ballot it has seen) and its own
 /// clock.
 pub fn next_ballot(floor: Ballot, clock_us: u64, actor: u32, counter: u64) -> Ballot {

@@ -26,10 +26,14 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::hash::{Hash, Hasher};
 
 use crate::linearizability::{self, Event, Operation, Outcome};
-use crate::paxos::{backoff_us, next_ballot, Acceptor, Ballot, Failure, Proposer, Step};
+use crate::paxos::{
+    backoff_us, next_ballot, refuses_stale_proposer, Acceptor, Ballot, Failure, Proposer, Step,
+};
 use crate::ring::NodeId;
-use crate::ring_state::{RingState, Transfer};
+use crate::ring_change::DriverStep;
+use crate::ring_state::RingState;
 use crate::rng::Rng;
+use crate::sim_ring::{believed_up, RingMessage, SimRing};
 use crate::versions::Versions;
 
 const NODE_COUNT: u32 = 5;
@@ -47,8 +51,23 @@ type Record = (Acceptor<Value>, Versions<Value>);
 
 #[derive(Debug, Clone)]
 enum Message {
-    Request { op: u64, phase_id: u64, phase: Phase, key: u32, ballot: Ballot, proposal: Box<Versions<Value>> },
-    Answer { op: u64, phase_id: u64, phase: Phase, record: Box<(Acceptor<Value>, Versions<Value>)> },
+    Request {
+        op: u64,
+        phase_id: u64,
+        phase: Phase,
+        key: u32,
+        ballot: Ballot,
+        proposal: Box<Versions<Value>>,
+        /// The ring version that placed the proposer.
+        ring_version: u64,
+    },
+    Answer {
+        op: u64,
+        phase_id: u64,
+        phase: Phase,
+        record: Box<(Acceptor<Value>, Versions<Value>)>,
+    },
+    Ring(RingMessage),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -76,11 +95,12 @@ enum Timer {
     ClientNext {
         client: u32,
     },
-    /// A committed ring reaches a node.
-    View {
-        node: NodeId,
-        state: Box<RingState>,
+    /// A ring phase's answers are due, or an agreement's backoff ends.
+    Ring {
+        id: u64,
     },
+    /// Every node that is up asks a random peer which ring it holds.
+    Gossip,
     /// The pending change's transfers and completion make progress.
     ChangeStep,
     /// Nodes hand off the keys they no longer replicate.
@@ -95,7 +115,6 @@ struct Node {
     counter: u64,
     /// This node's clock runs this far ahead of true time (skew).
     clock_skew_us: u64,
-    view: Option<RingState>,
 }
 
 struct Running {
@@ -105,14 +124,14 @@ struct Running {
     operation: Operation<Value>,
     proposer: Proposer<Value, Outcome<Value>>,
     start_us: u64,
+    /// The ring version its node placed it by.
+    ring_version: u64,
 }
 
 struct Simulation {
     rng: Rng,
-    /// The latest committed ring; nodes learn it after a delay.
-    authority: RingState,
-    transfers: Vec<(Transfer, bool)>,
-    changes: u64,
+    /// Every node's ring acceptor, and the change being agreed or driven.
+    ring: SimRing,
     nodes: Vec<Node>,
     now_us: u64,
     timers: BinaryHeap<Reverse<(u64, u64)>>,
@@ -141,20 +160,14 @@ impl Simulation {
         let mut rng = Rng::new(seed);
         // Node 4 starts outside the ring: it joins during the run.
         let members: Vec<String> = (0..NODE_COUNT - 1).map(|i| format!("n{i}")).collect();
-        let authority = RingState::formed(members, REPLICAS, 4).expect("ring");
+        let formed = RingState::formed(members, REPLICAS, 4).expect("ring");
         let nodes = (0..NODE_COUNT)
-            .map(|_| Node {
-                up: true,
-                clock_skew_us: rng.below(5_000),
-                view: Some(authority.clone()),
-                ..Node::default()
-            })
+            .map(|_| Node { up: true, clock_skew_us: rng.below(5_000), ..Node::default() })
             .collect();
+        let names = (0..NODE_COUNT).map(|i| format!("n{i}")).collect();
         Simulation {
+            ring: SimRing::new(names, &formed, seed ^ 0x5eed),
             rng,
-            authority,
-            transfers: Vec::new(),
-            changes: 0,
             nodes,
             now_us: 0,
             timers: BinaryHeap::new(),
@@ -200,81 +213,85 @@ impl Simulation {
 
     /// The replicas of `key` and its pending replicas, as `node` sees the ring.
     fn replicas_seen_by(&self, node: NodeId, key: u32) -> (Vec<NodeId>, Vec<NodeId>) {
-        self.nodes[node as usize].view.as_ref().expect("view").replicas(&key.to_le_bytes())
+        self.ring.committed(node).replicas(&key.to_le_bytes())
     }
 
-    /// A ring version is chosen: every node learns it within 30 ms (the driver at once).
-    fn commit_ring(&mut self, state: RingState, driver: NodeId) {
-        self.authority = state.clone();
-        self.transfers = state.transfers().into_iter().map(|t| (t, false)).collect();
-        for node in 0..NODE_COUNT {
-            let delay = if node == driver { 0 } else { 1 + self.rng.below(30_000) };
-            self.at(self.now_us + delay, Timer::View { node, state: Box::new(state.clone()) });
+    /// Carries what the ring's machines sent and sets the timers they asked for.
+    fn flush_ring(&mut self) {
+        for (from, to, message) in std::mem::take(&mut self.ring.outbox) {
+            if self.nodes[from as usize].up {
+                self.send(from, to, Message::Ring(message));
+            }
+        }
+        for timer in std::mem::take(&mut self.ring.timers) {
+            self.at(self.now_us + timer.delay_us, Timer::Ring { id: timer.id });
         }
     }
 
-    /// Starts a change when it is due, runs the transfers the sources and targets are up for
-    /// (a partition's versions merged into the target at once), and completes the change when
-    /// they are all done.
+    /// Starts a change when it is due (node 4 joins, then node 1 is decommissioned, driven by
+    /// node 0), and runs the driver's steps: the barrier, the transfers (a partition's records
+    /// merged into the target at once, when every source is reachable from it), completion.
     fn change_step(&mut self) {
-        if self.authority.pending.is_none() {
-            let change = match self.now_us {
-                300_000.. if self.authority.id_of("n4").is_none() => {
-                    Some((self.authority.plan_join("n4"), 4))
-                }
-                600_000.. if self.authority.left.is_empty() => {
-                    Some((self.authority.plan_leave("n1", "n0"), 0))
-                }
-                _ => None,
-            };
-            if let Some((planned, driver)) = change {
-                self.commit_ring(planned.expect("the change plans"), driver);
-            }
-        } else if (0..NODE_COUNT).any(|n| {
-            let node = &self.nodes[n as usize];
-            node.up && node.view.as_ref().is_none_or(|view| view.version < self.authority.version)
-        }) {
-            // The barrier: no transfer and no completion before every node that is up holds
-            // the pending ring, so that no acceptor that transfers copy from still answers
-            // proposers placed by the older one.
-        } else if self.transfers.iter().all(|(_, done)| *done) {
-            let driver = self.authority.pending.as_ref().and_then(|p| self.authority.id_of(&p.driver));
-            let completed = self.authority.completed().expect("complete");
-            self.commit_ring(completed, driver.unwrap_or(0));
-            self.changes += 1;
-            self.at(self.now_us + 60_000, Timer::HandOff);
-        } else {
-            let ring = self.authority.ring().expect("ring");
-            for index in 0..self.transfers.len() {
-                let (transfer, done) = self.transfers[index].clone();
-                let target = transfer.target;
-                if done || !self.nodes[target as usize].up || self.rng.below(3) != 0 {
-                    continue;
-                }
-                // As the real driver chooses (`RingState::transfer_sources`).
-                let reachable = |s: NodeId| self.nodes[s as usize].up && self.connected(target, s);
-                let sources = self.authority.transfer_sources(&transfer, true, reachable);
-                if sources.is_empty() {
-                    continue;
-                }
-                for source in sources {
-                    let copied: Vec<(u32, Record)> = self.nodes[source as usize]
-                        .records
-                        .iter()
-                        .filter(|(&key, _)| ring.partition_of(&key.to_le_bytes()) == transfer.partition)
-                        .map(|(&key, record)| (key, record.clone()))
-                        .collect();
-                    for (key, (acceptor, versions)) in copied {
-                        let (mine, stored) = self.nodes[target as usize].records.entry(key).or_default();
-                        mine.absorb(&acceptor);
-                        stored.merge(&versions);
+        let up: Vec<bool> = self.nodes.iter().map(|node| node.up).collect();
+        self.ring.start_scripted_change(self.now_us >= 200_000, self.now_us >= 500_000, &up, self.now_us);
+        let partitioned = self.partitioned.clone();
+        let believed_up = believed_up(&up, &partitioned);
+        let changes = self.ring.changes;
+        for _ in 0..8 {
+            let Some((_, step)) = self.ring.driver_step(&believed_up, self.now_us) else { break };
+            match step {
+                DriverStep::Transfer { index, transfer, sources } => {
+                    let target = transfer.target;
+                    if !self.nodes[target as usize].up || self.rng.below(3) == 0 {
+                        break;
                     }
+                    if !sources.iter().all(|&s| self.nodes[s as usize].up && self.connected(target, s)) {
+                        self.ring.transfer_failed(index);
+                        break;
+                    }
+                    let ring = self.ring.driving().expect("driving").ring().expect("ring");
+                    for source in sources {
+                        let copied: Vec<(u32, Record)> = self.nodes[source as usize]
+                            .records
+                            .iter()
+                            .filter(|(&key, _)| ring.partition_of(&key.to_le_bytes()) == transfer.partition)
+                            .map(|(&key, record)| (key, record.clone()))
+                            .collect();
+                        for (key, (acceptor, versions)) in copied {
+                            let (mine, stored) = self.nodes[target as usize].records.entry(key).or_default();
+                            mine.absorb(&acceptor);
+                            stored.merge(&versions);
+                        }
+                    }
+                    self.ring.transferred(index);
                 }
-                self.transfers[index].1 = true;
+                DriverStep::NoSource { index } => {
+                    self.ring.transfer_failed(index);
+                    break;
+                }
+                DriverStep::Barrier(_) | DriverStep::Complete => break,
             }
         }
-        if self.now_us < LOAD_US {
+        self.flush_ring();
+        if self.ring.changes > changes {
+            self.at(self.now_us + 60_000, Timer::HandOff);
+        }
+        if self.now_us < LOAD_US + OPERATION_TIMEOUT_US {
             self.at(self.now_us + 10_000, Timer::ChangeStep);
+        }
+    }
+
+    /// Gossip: every node that is up asks a random peer for its ring.
+    fn gossip(&mut self) {
+        for node in 0..NODE_COUNT {
+            if self.nodes[node as usize].up {
+                let peer = self.rng.below(u64::from(NODE_COUNT)) as NodeId;
+                self.ring.gossip(node, peer);
+            }
+        }
+        self.flush_ring();
+        if self.now_us < LOAD_US + 2 * OPERATION_TIMEOUT_US {
+            self.at(self.now_us + 50_000, Timer::Gossip);
         }
     }
 
@@ -328,7 +345,9 @@ impl Simulation {
         let commit_wait = if self.rng.below(2) == 0 { 0 } else { 2 };
         let proposer = Proposer::new_with_pending(&replicas, &pending, commit_wait);
         let reading = operation == Operation::Read;
-        self.running.insert(op, Running { client, node, key, operation, proposer, start_us: self.now_us });
+        let ring_version = self.ring.committed(node).version;
+        let start_us = self.now_us;
+        self.running.insert(op, Running { client, node, key, operation, proposer, start_us, ring_version });
         let first = if reading {
             let live: Vec<bool> =
                 (0..NODE_COUNT).map(|n| self.nodes[n as usize].up && self.connected(node, n)).collect();
@@ -476,9 +495,17 @@ impl Simulation {
         proposal: Versions<Value>,
         to: &[NodeId],
     ) {
+        let ring_version = self.running.get(&op).map_or(0, |running| running.ring_version);
         for &node in to {
-            let message =
-                Message::Request { op, phase_id, phase, key, ballot, proposal: Box::new(proposal.clone()) };
+            let message = Message::Request {
+                op,
+                phase_id,
+                phase,
+                key,
+                ballot,
+                proposal: Box::new(proposal.clone()),
+                ring_version,
+            };
             self.send(from, node, message);
         }
         self.at(self.now_us + PHASE_TIMEOUT_US, Timer::PhaseTimeout { op, phase_id });
@@ -489,7 +516,16 @@ impl Simulation {
             return;
         }
         match message {
-            Message::Request { op, phase_id, phase, key, ballot, proposal } => {
+            Message::Ring(message) => {
+                (self.now_us, from, to, message.kind()).hash(&mut self.trace);
+                self.ring.deliver(from, to, message, self.now_us);
+                self.flush_ring();
+            }
+            Message::Request { op, phase_id, phase, key, ballot, proposal, ring_version } => {
+                if refuses_stale_proposer(ring_version, self.ring.committed(to).version) {
+                    (self.now_us, from, to, 2u8, phase).hash(&mut self.trace);
+                    return;
+                }
                 (self.now_us, from, to, 0u8, phase).hash(&mut self.trace);
                 let (acceptor, versions) = self.nodes[to as usize].records.entry(key).or_default();
                 match phase {
@@ -522,6 +558,7 @@ impl Simulation {
 
     fn crash(&mut self, node: NodeId) {
         self.nodes[node as usize].up = false;
+        self.ring.crash(node);
         let lost: Vec<u64> = self.running.iter().filter(|(_, r)| r.node == node).map(|(&op, _)| op).collect();
         for op in lost {
             self.finish(op, None);
@@ -546,12 +583,11 @@ impl Simulation {
                 }
                 Timer::Backoff { op } => self.drive(op, Step::Retry { attempt: 0 }),
                 Timer::ClientNext { client } => self.client_next(client),
-                Timer::View { node, state } => {
-                    let view = &mut self.nodes[node as usize].view;
-                    if view.as_ref().is_none_or(|v| v.version < state.version) {
-                        *view = Some(*state);
-                    }
+                Timer::Ring { id } => {
+                    self.ring.timeout(id, self.now_us);
+                    self.flush_ring();
                 }
+                Timer::Gossip => self.gossip(),
                 Timer::ChangeStep => self.change_step(),
                 Timer::HandOff => self.hand_off(),
             }
@@ -576,6 +612,7 @@ fn run(seed: u64) -> RunOutcome {
         sim.at(u64::from(client) * 100, Timer::ClientNext { client });
     }
     sim.at(10_000, Timer::ChangeStep);
+    sim.at(5_000, Timer::Gossip);
     let mut partition_until = 0;
     while sim.now_us < LOAD_US {
         let step_end = sim.now_us + 5_000;
@@ -616,7 +653,7 @@ fn run(seed: u64) -> RunOutcome {
         applied += history.iter().filter(|e| e.outcome == Outcome::CasApplied).count() as u64;
         unknown += history.iter().filter(|e| e.outcome == Outcome::Unknown).count() as u64;
     }
-    RunOutcome { operations, applied, unknown, changes: sim.changes, trace_hash: sim.trace.finish() }
+    RunOutcome { operations, applied, unknown, changes: sim.ring.changes, trace_hash: sim.trace.finish() }
 }
 
 fn env_u64(name: &str) -> Option<u64> {

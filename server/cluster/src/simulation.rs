@@ -32,11 +32,14 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::hash::{Hash, Hasher};
 
-use crate::coordinator::{Consistency, Outcome, WriteRound};
+use crate::coordinator::{route, Ack, Consistency, Outcome, ReadRound, Route, WriteCoordinator};
 use crate::hints::{HintLimits, Hints};
+use crate::merkle::{self, Comparison};
 use crate::ring::NodeId;
-use crate::ring_state::{RingState, Transfer};
+use crate::ring_change::DriverStep;
+use crate::ring_state::RingState;
 use crate::rng::Rng;
+use crate::sim_ring::{believed_up, RingMessage, SimRing};
 use crate::versions::{check_growth, Dot, SiblingLimits, VersionVector, Versions};
 
 const NODE_COUNT: u32 = 5;
@@ -44,6 +47,8 @@ const REPLICAS: usize = 3;
 const KEY_COUNT: u32 = 20;
 const TIMEOUT_US: u64 = 50_000;
 const STEP_COUNT: u64 = 400;
+/// A dead key settles this long after its last death (sim time), and hints live no longer.
+const SETTLE_US: u64 = 100_000;
 
 /// A value: its id and its size in bytes (what the coordinator's byte limit counts).
 type Value = (u64, u32);
@@ -79,16 +84,21 @@ enum Message {
         key: u32,
         versions: Versions<Value>,
     },
-    /// A committed ring version.
-    RingCommit {
-        state: Box<RingState>,
+    /// Ring agreement and gossip (`sim_ring`).
+    Ring(RingMessage),
+    /// A ring timer of the node it is addressed to (never lost).
+    RingTimer {
+        id: u64,
     },
-    /// A transfer's target asks its source for a partition.
+    /// Transfer `transfer` of the change pending in ring `version`: its target asks a source
+    /// for a partition.
     Pull {
+        version: u64,
         transfer: usize,
         partition: usize,
     },
     PullData {
+        version: u64,
         transfer: usize,
         items: Vec<(u32, Versions<Value>)>,
     },
@@ -101,6 +111,21 @@ enum Message {
         key: u32,
         versions: Versions<Value>,
     },
+    /// A coordinator's read of a replica, and the answer.
+    Read {
+        request: u64,
+        key: u32,
+    },
+    ReadReply {
+        request: u64,
+        versions: Versions<Value>,
+    },
+    /// Read repair: `versions` to merge; `read` is the context the client was given.
+    Repair {
+        key: u32,
+        versions: Versions<Value>,
+        read: VersionVector,
+    },
 }
 
 impl Message {
@@ -111,11 +136,15 @@ impl Message {
             Message::Hint { .. } => 2,
             Message::HintAck { .. } => 3,
             Message::Sync { .. } => 4,
-            Message::RingCommit { .. } => 5,
+            Message::Ring(message) => 40 + message.kind(),
+            Message::RingTimer { .. } => 5,
             Message::Pull { .. } => 6,
             Message::PullData { .. } => 7,
             Message::Handoff { .. } => 8,
             Message::HandoffAck { .. } => 9,
+            Message::Read { .. } => 10,
+            Message::ReadReply { .. } => 11,
+            Message::Repair { .. } => 12,
         }
     }
 }
@@ -127,8 +156,8 @@ struct Node {
     /// The persisted lease: counters never reused, across crashes.
     counter: u64,
     hints: Option<Hints<(u32, Versions<Value>)>>,
-    /// This node's ring, and the step it adopted it at.
-    view: Option<RingState>,
+    /// The ring version this node held at the last look, and the step it first did.
+    seen_version: u64,
     adopted_at: u64,
     /// Keys handed off: what was sent and which replicas acknowledged it.
     handing_off: BTreeMap<u32, (Versions<Value>, BTreeSet<NodeId>)>,
@@ -139,8 +168,23 @@ struct Node {
 type InFlight = Reverse<(u64, u64, NodeId, NodeId, usize)>;
 
 struct Pending {
-    round: WriteRound,
+    write_round: WriteCoordinator,
     write: usize,
+    deadline_us: u64,
+    /// The key and its versions as shipped, to hint the replicas that fail.
+    key: u32,
+    versions: Versions<Value>,
+}
+
+/// A QUORUM read at its coordinator.
+struct Reading {
+    round: ReadRound<Value>,
+    key: u32,
+    start_us: u64,
+    deadline_us: u64,
+    /// The ring version its coordinator placed it by.
+    ring_version: u64,
+    answered: bool,
 }
 
 /// One write issued by a client, acknowledged or not.
@@ -150,19 +194,29 @@ struct Issued {
     /// What the write superseded: the client's context, or (blind) the coordinator's clock.
     covers: VersionVector,
     blind: bool,
+    /// A delete: its tombstone may go once settled (anti-entropy's purge).
+    delete: bool,
     timestamp_us: u64,
     acknowledged: bool,
+    /// When its coordinator acknowledged it.
+    acknowledged_us: u64,
     /// The ring version its coordinator served from.
     ring_version: u64,
 }
 
+/// A transfer's pulls in flight: the sources asked, those that answered, and when.
+struct Pulls {
+    sources: Vec<NodeId>,
+    answered: BTreeSet<NodeId>,
+    sent_us: u64,
+}
+
 struct Simulation {
     rng: Rng,
-    /// The latest committed ring (what the agreement chose; nodes learn it by messages).
-    authority: RingState,
-    /// The pending change's transfers, and which are done.
-    transfers: Vec<(Transfer, bool)>,
-    changes_completed: u64,
+    /// Every node's ring acceptor, and the change being agreed or driven.
+    ring: SimRing,
+    /// The driven change's transfers being pulled, by index.
+    pulls: BTreeMap<usize, Pulls>,
     step: u64,
     seed: u64,
     nodes: Vec<Node>,
@@ -171,10 +225,18 @@ struct Simulation {
     messages: Vec<Option<Message>>,
     sequence: u64,
     pending: BTreeMap<(NodeId, u64), Pending>,
+    reads: BTreeMap<(NodeId, u64), Reading>,
+    /// Keys anti-entropy purged somewhere: reads of them are not checked.
+    purged_keys: BTreeSet<u32>,
     next_request: u64,
     issued: Vec<Issued>,
     /// Writes a coordinator refused for its sibling limits (nothing written).
     refused: u64,
+    /// Settled keys anti-entropy purged from a replica.
+    purged: u64,
+    /// QUORUM reads that got their R replies and were checked, and read repairs sent.
+    reads_checked: u64,
+    repairs: u64,
     loss_per_million: u32,
     duplicate_per_million: u32,
     /// Nodes cut off from the rest, while a partition lasts.
@@ -186,20 +248,22 @@ impl Simulation {
     fn new(seed: u64) -> Simulation {
         // Node 4 starts outside the ring: it joins during the run.
         let members: Vec<String> = (0..NODE_COUNT - 1).map(|i| format!("n{i}")).collect();
-        let authority = RingState::formed(members, REPLICAS, 4).expect("ring");
+        let formed = RingState::formed(members, REPLICAS, 4).expect("ring");
         let nodes = (0..NODE_COUNT)
             .map(|_| Node {
                 up: true,
-                hints: Some(Hints::new(HintLimits::default())),
-                view: Some(authority.clone()),
+                // As the runtime's: a hint never outlives the settle time (else a purged
+                // tombstone's key would take an older hinted write back).
+                hints: Some(Hints::new(HintLimits { age_max_us: SETTLE_US, ..HintLimits::default() })),
+                seen_version: formed.version,
                 ..Node::default()
             })
             .collect();
+        let names = (0..NODE_COUNT).map(|i| format!("n{i}")).collect();
         Simulation {
             rng: Rng::new(seed),
-            authority,
-            transfers: Vec::new(),
-            changes_completed: 0,
+            ring: SimRing::new(names, &formed, seed ^ 0x5eed),
+            pulls: BTreeMap::new(),
             step: 0,
             seed,
             nodes,
@@ -208,9 +272,14 @@ impl Simulation {
             messages: Vec::new(),
             sequence: 0,
             pending: BTreeMap::new(),
+            reads: BTreeMap::new(),
+            purged_keys: BTreeSet::new(),
             next_request: 1,
             issued: Vec::new(),
             refused: 0,
+            purged: 0,
+            reads_checked: 0,
+            repairs: 0,
             loss_per_million: 50_000,
             duplicate_per_million: 20_000,
             partitioned: BTreeSet::new(),
@@ -228,6 +297,12 @@ impl Simulation {
     }
 
     fn send(&mut self, from: NodeId, to: NodeId, message: Message) {
+        if from == to {
+            self.sequence += 1;
+            self.messages.push(Some(message));
+            self.queue.push(Reverse((self.now_us + 10, self.sequence, from, to, self.messages.len() - 1)));
+            return;
+        }
         if !self.connected(from, to) || self.rng.chance(self.loss_per_million) {
             return;
         }
@@ -240,81 +315,104 @@ impl Simulation {
         }
     }
 
-    /// The replicas of `key` in the final (authoritative) ring.
+    /// The replicas of `key` in the newest ring (the final one, once the run is over).
     fn replicas(&self, key: u32) -> Vec<NodeId> {
-        let ring = self.authority.ring().expect("ring");
+        let ring = self.ring.newest().ring().expect("ring");
         ring.preference_list(&key.to_le_bytes(), REPLICAS).to_vec()
     }
 
     /// The replicas of `key` and its pending replicas, as `node` sees the ring.
     fn replicas_seen_by(&self, node: NodeId, key: u32) -> (Vec<NodeId>, Vec<NodeId>) {
-        self.nodes[node as usize].view.as_ref().expect("view").replicas(&key.to_le_bytes())
+        self.ring.committed(node).replicas(&key.to_le_bytes())
     }
 
+    /// Partitions are the same in every ring version (the partition bits never change).
     fn partition_of(&self, key: u32) -> usize {
-        self.authority.ring().expect("ring").partition_of(&key.to_le_bytes())
+        self.ring.newest().ring().expect("ring").partition_of(&key.to_le_bytes())
     }
 
-    fn adopt(&mut self, node: NodeId, state: &RingState) {
+    /// Carries what the ring's machines sent and sets the timers they asked for; checks a
+    /// change that just completed.
+    fn flush_ring(&mut self, changes_before: u64) {
+        if self.ring.changes > changes_before {
+            let completed = self.ring.completed.last().cloned().expect("completed");
+            self.check_pending_writes(&completed);
+        }
+        for (from, to, message) in std::mem::take(&mut self.ring.outbox) {
+            if self.nodes[from as usize].up {
+                self.send(from, to, Message::Ring(message));
+            }
+        }
+        for timer in std::mem::take(&mut self.ring.timers) {
+            let proposer = self.ring.proposer().unwrap_or(0);
+            self.sequence += 1;
+            self.messages.push(Some(Message::RingTimer { id: timer.id }));
+            let at = self.now_us + timer.delay_us;
+            self.queue.push(Reverse((at, self.sequence, proposer, proposer, self.messages.len() - 1)));
+        }
         let step = self.step;
-        let node = &mut self.nodes[node as usize];
-        if node.view.as_ref().is_none_or(|view| view.version < state.version) {
-            node.view = Some(state.clone());
-            node.adopted_at = step;
+        for node in 0..NODE_COUNT {
+            let version = self.ring.committed(node).version;
+            let state = &mut self.nodes[node as usize];
+            if state.seen_version != version {
+                state.seen_version = version;
+                state.adopted_at = step;
+            }
         }
     }
 
-    /// A change is chosen (the agreement itself is `ring_state`'s, tested there): the driver
-    /// knows it and tells everyone, over the lossy network.
-    fn commit(&mut self, state: RingState, driver: NodeId) {
-        self.authority = state.clone();
-        self.adopt(driver, &state);
-        for to in (0..NODE_COUNT).filter(|&to| to != driver) {
-            self.send(driver, to, Message::RingCommit { state: Box::new(state.clone()) });
-        }
-        self.transfers = state.transfers().into_iter().map(|t| (t, false)).collect();
-    }
-
-    /// Gossip: every up node adopts the newest ring among the nodes it can reach.
+    /// Gossip: every up node asks a random peer which ring it holds.
     fn gossip_rings(&mut self) {
         for node in 0..NODE_COUNT {
-            if !self.nodes[node as usize].up {
-                continue;
-            }
-            let newest = (0..NODE_COUNT)
-                .filter(|&other| self.live_for(node, other))
-                .filter_map(|other| self.nodes[other as usize].view.clone())
-                .max_by_key(|view| view.version);
-            if let Some(newest) = newest {
-                self.adopt(node, &newest);
+            if self.nodes[node as usize].up {
+                let peer = self.rng.below(u64::from(NODE_COUNT)) as NodeId;
+                self.ring.gossip(node, peer);
             }
         }
+        self.flush_ring(self.ring.changes);
     }
 
-    /// Drives the pending change: asks the sources of unfinished transfers again (chosen by
-    /// `RingState::transfer_sources`, as the real driver chooses), and completes the change
-    /// once every transfer is done.
+    /// Starts a change when it is due (node 4 joins from step 40, then node 1 is
+    /// decommissioned from step 160, driven by node 0), and runs the driver's next step: one
+    /// transfer at a time, its target pulling the partition from the sources the production
+    /// driver chose; a pull unanswered for 20 ms counts as a failed transfer.
     fn drive_change(&mut self) {
-        let Some(pending) = self.authority.pending.clone() else { return };
-        if self.transfers.iter().all(|(_, done)| *done) {
-            let completed = self.authority.completed().expect("complete");
-            self.check_pending_writes(&completed);
-            let driver = self.authority.id_of(&pending.driver).expect("driver");
-            self.commit(completed, driver);
-            self.changes_completed += 1;
-            return;
-        }
-        for index in 0..self.transfers.len() {
-            let (transfer, done) = self.transfers[index].clone();
-            if done || !self.nodes[transfer.target as usize].up {
-                continue;
+        let changes = self.ring.changes;
+        let up: Vec<bool> = self.nodes.iter().map(|node| node.up).collect();
+        self.ring.start_scripted_change(self.step >= 40, self.step >= 160, &up, self.now_us);
+        let partitioned = self.partitioned.clone();
+        let believed_up = believed_up(&up, &partitioned);
+        match self.ring.driver_step(believed_up, self.now_us) {
+            Some((_, DriverStep::Transfer { index, transfer, sources })) => {
+                let version = self.ring.driving().map_or(0, |pending| pending.version);
+                let outstanding = self.pulls.get(&index);
+                if outstanding
+                    .is_some_and(|pulls| pulls.sources == sources && self.now_us < pulls.sent_us + 20_000)
+                {
+                    // Still waiting for the answers.
+                } else {
+                    if outstanding.is_some() {
+                        self.ring.transfer_failed(index);
+                    }
+                    let target = transfer.target;
+                    if self.nodes[target as usize].up {
+                        for &source in &sources {
+                            let pull =
+                                Message::Pull { version, transfer: index, partition: transfer.partition };
+                            self.send(target, source, pull);
+                        }
+                    }
+                    let pulls = Pulls { sources, answered: BTreeSet::new(), sent_us: self.now_us };
+                    self.pulls.insert(index, pulls);
+                }
             }
-            let target = transfer.target;
-            let sources = self.authority.transfer_sources(&transfer, true, |s| self.live_for(target, s));
-            for source in sources {
-                self.send(target, source, Message::Pull { transfer: index, partition: transfer.partition });
-            }
+            Some((_, DriverStep::NoSource { index })) => self.ring.transfer_failed(index),
+            Some((_, DriverStep::Barrier(_) | DriverStep::Complete)) | None => {}
         }
+        if self.ring.driving().is_none() {
+            self.pulls.clear();
+        }
+        self.flush_ring(changes);
     }
 
     /// When a change completes, every write acknowledged by a coordinator that knew of the
@@ -322,7 +420,7 @@ impl Simulation {
     /// change sees it, with no anti-entropy or hand-off needed. (A coordinator that had not
     /// heard of the change wrote to the old replicas only: the hand-off brings those later.)
     fn check_pending_writes(&self, completed: &RingState) {
-        let pending_version = self.authority.version;
+        let pending_version = completed.version - 1;
         let ring = completed.ring().expect("ring");
         for write in self.issued.iter().filter(|w| w.acknowledged && w.ring_version >= pending_version) {
             let replicas = ring.preference_list(&write.key.to_le_bytes(), REPLICAS);
@@ -349,7 +447,7 @@ impl Simulation {
     fn hand_off_moved_keys(&mut self) {
         for node in 0..NODE_COUNT {
             let state = &self.nodes[node as usize];
-            let settled = state.view.as_ref().is_some_and(|view| view.pending.is_none());
+            let settled = self.ring.committed(node).pending.is_none();
             if !state.up || !settled || self.step < state.adopted_at + 10 {
                 continue;
             }
@@ -376,30 +474,26 @@ impl Simulation {
 
     /// A client write through `via` (QUORUM). With `context` it supersedes what the context
     /// covers; without, it is blind.
-    fn client_write(&mut self, via: NodeId, key: u32, value: Value, context: Option<VersionVector>) {
+    fn client_write(&mut self, via: NodeId, key: u32, value: Option<Value>, context: Option<VersionVector>) {
         let (replicas, _) = self.replicas_seen_by(via, key);
         // A node that is not a replica hands the write to the first live replica.
-        let coordinator = if replicas.contains(&via) {
-            via
-        } else {
-            match replicas.iter().copied().find(|&r| self.live_for(via, r)) {
-                Some(replica) => replica,
-                None => return,
-            }
+        let coordinator = match route(&replicas, via, |r| self.live_for(via, r)) {
+            Some(Route::Coordinate) => via,
+            Some(Route::Forward(replica)) => replica,
+            None => return,
         };
         // The coordinator places the write by its own view, which may differ from `via`'s.
         let (replicas, pending) = self.replicas_seen_by(coordinator, key);
         if !replicas.contains(&coordinator) {
             return; // it would forward again: the client retries
         }
-        let replicas: super::ring::PreferenceList = replicas.into_iter().collect();
+        let replicas: crate::ring::PreferenceList = replicas.into_iter().collect();
         let live: Vec<bool> = (0..NODE_COUNT).map(|n| self.live_for(coordinator, n)).collect();
-        let Ok((mut round, plan)) = WriteRound::start_with_pending(
+        let Ok((mut write_round, plan)) = WriteCoordinator::start(
             &replicas,
             &pending,
             |node| live[node as usize],
             Consistency::Quorum,
-            self.now_us,
             TIMEOUT_US,
         ) else {
             return; // UNAVAILABLE: nothing was written
@@ -412,7 +506,7 @@ impl Simulation {
         // As `replication::coordinate_write`: the write is refused, nothing kept, if it would
         // grow the key past the limits.
         let before = versions.clone();
-        let dot = versions.write(coordinator, node.counter, context.as_ref(), Some(value), timestamp);
+        let dot = versions.write(coordinator, node.counter, context.as_ref(), value, timestamp);
         if check_growth(before.footprint(value_size), versions.footprint(value_size), LIMITS).is_err() {
             *versions = before;
             self.refused += 1;
@@ -430,17 +524,24 @@ impl Simulation {
             dot,
             covers,
             blind: context.is_none(),
+            delete: value.is_none(),
             timestamp_us: timestamp,
             acknowledged: false,
-            ring_version: self.nodes[coordinator as usize].view.as_ref().map_or(0, |view| view.version),
+            acknowledged_us: 0,
+            ring_version: self.ring.committed(coordinator).version,
         });
         // The coordinator's own copy is durable at once.
-        if round.on_ack(coordinator) == Outcome::Done {
-            self.issued[write].acknowledged = true;
+        if write_round.on_answer(coordinator, Ack::Durable).1 == Outcome::Done {
+            self.acknowledge(write);
         } else {
             let request = self.next_request;
             self.next_request += 1;
-            self.pending.insert((coordinator, request), Pending { round, write });
+            let deadline_us = self.now_us + TIMEOUT_US;
+            let shipped = versions.clone();
+            self.pending.insert(
+                (coordinator, request),
+                Pending { write_round, write, deadline_us, key, versions: shipped },
+            );
             for target in plan.send_to.into_iter().filter(|&t| t != coordinator) {
                 self.send(coordinator, target, Message::Write { request, key, versions: versions.clone() });
             }
@@ -469,9 +570,9 @@ impl Simulation {
             }
             Message::Ack { request } => {
                 if let Some(pending) = self.pending.get_mut(&(to, request)) {
-                    if pending.round.on_ack(from) == Outcome::Done {
+                    if pending.write_round.on_answer(from, Ack::Durable).1 == Outcome::Done {
                         let Pending { write, .. } = self.pending.remove(&(to, request)).expect("pending");
-                        self.issued[write].acknowledged = true;
+                        self.acknowledge(write);
                     }
                 }
             }
@@ -487,27 +588,63 @@ impl Simulation {
             Message::Sync { key, versions } => {
                 self.nodes[to as usize].data.entry(key).or_default().merge(&versions);
             }
-            Message::RingCommit { state } => self.adopt(to, &state),
-            Message::Pull { transfer, partition } => {
+            Message::Ring(message) => {
+                let changes = self.ring.changes;
+                self.ring.deliver(from, to, message, at);
+                self.flush_ring(changes);
+            }
+            Message::RingTimer { id } => {
+                let changes = self.ring.changes;
+                self.ring.timeout(id, at);
+                self.flush_ring(changes);
+            }
+            Message::Pull { version, transfer, partition } => {
                 let items: Vec<(u32, Versions<Value>)> = self.nodes[to as usize]
                     .data
                     .iter()
                     .filter(|(&key, _)| self.partition_of(key) == partition)
                     .map(|(&key, versions)| (key, versions.clone()))
                     .collect();
-                self.send(to, from, Message::PullData { transfer, items });
+                self.send(to, from, Message::PullData { version, transfer, items });
             }
-            Message::PullData { transfer, items } => {
+            Message::PullData { version, transfer, items } => {
                 for (key, versions) in items {
                     self.nodes[to as usize].data.entry(key).or_default().merge(&versions);
                 }
-                // A reply for a transfer of an earlier change (the index is reused) is harmless:
-                // it only merged data.
-                if let Some((planned, done)) = self.transfers.get_mut(transfer) {
-                    if planned.target == to {
-                        *done = true;
-                    }
+                // Only for the change being driven (a reply from an earlier one only merged).
+                if self.ring.driving().is_none_or(|pending| pending.version != version) {
+                    return;
                 }
+                let Some(pulls) = self.pulls.get_mut(&transfer) else { return };
+                if pulls.sources.contains(&from) {
+                    pulls.answered.insert(from);
+                }
+                if pulls.sources.iter().all(|source| pulls.answered.contains(source)) {
+                    self.pulls.remove(&transfer);
+                    self.ring.transferred(transfer);
+                }
+            }
+            Message::Read { request, key } => {
+                let versions = self.nodes[to as usize].data.get(&key).cloned().unwrap_or_default();
+                self.send(to, from, Message::ReadReply { request, versions });
+            }
+            Message::ReadReply { request, versions } => {
+                let Some(mut reading) = self.reads.remove(&(to, request)) else { return };
+                let done = reading.round.on_reply(from, versions) == Outcome::Done;
+                if done && !reading.answered {
+                    reading.answered = true;
+                    self.check_read(&reading);
+                }
+                self.reads.insert((to, request), reading);
+            }
+            Message::Repair { key, versions, read } => {
+                let mine = self.nodes[to as usize].data.entry(key).or_default();
+                mine.merge(&versions);
+                assert!(
+                    mine.context().descends(&read),
+                    "seed {}: read repair left replica {to} of key {key} behind what the read returned",
+                    self.seed
+                );
             }
             Message::Handoff { key, versions } => {
                 self.nodes[to as usize].data.entry(key).or_default().merge(&versions);
@@ -542,14 +679,135 @@ impl Simulation {
             }
         }
         self.now_us = until_us;
+        // Past their deadline, the replicas that did not answer failed: they get hints (kept
+        // by a coordinator that is up), and the write is decided.
         let now = self.now_us;
         let expired: Vec<(NodeId, u64)> = self
             .pending
-            .iter_mut()
-            .filter_map(|(id, pending)| (pending.round.on_time(now) != Outcome::Pending).then_some(*id))
+            .iter()
+            .filter(|(_, pending)| pending.deadline_us <= now)
+            .map(|(id, _)| *id)
             .collect();
-        for id in expired {
-            self.pending.remove(&id);
+        for (coordinator, request) in expired {
+            let mut pending = self.pending.remove(&(coordinator, request)).expect("pending");
+            let mut outcome = Outcome::Pending;
+            for node in pending.write_round.unanswered() {
+                let (hint, decided) = pending.write_round.on_answer(node, Ack::Failed);
+                outcome = decided;
+                if hint && self.nodes[coordinator as usize].up {
+                    if let Some(hints) = &mut self.nodes[coordinator as usize].hints {
+                        hints.add(node, (pending.key, pending.versions.clone()), 64, now);
+                    }
+                }
+            }
+            if outcome == Outcome::Pending {
+                outcome = pending.write_round.on_deadline();
+            }
+            if outcome == Outcome::Done {
+                self.acknowledge(pending.write);
+            }
+        }
+        let finished: Vec<(NodeId, u64)> =
+            self.reads.iter().filter(|(_, reading)| reading.deadline_us <= now).map(|(id, _)| *id).collect();
+        for (coordinator, request) in finished {
+            let reading = self.reads.remove(&(coordinator, request)).expect("reading");
+            if self.nodes[coordinator as usize].up {
+                self.finish_read(coordinator, reading);
+            }
+        }
+    }
+
+    /// A coordinator acknowledges write `write` to its client: at that moment W replicas of
+    /// the key hold it (a hint is not a copy).
+    fn acknowledge(&mut self, write: usize) {
+        let issued = &self.issued[write];
+        let holders = (0..NODE_COUNT)
+            .filter(|&n| {
+                self.nodes[n as usize].data.get(&issued.key).is_some_and(|v| v.context().covers(issued.dot))
+            })
+            .count();
+        assert!(
+            holders >= Consistency::Quorum.required(REPLICAS),
+            "seed {}: write {:?} of key {} acknowledged with {holders} copies",
+            self.seed,
+            issued.dot,
+            issued.key
+        );
+        self.issued[write].acknowledged = true;
+        self.issued[write].acknowledged_us = self.now_us;
+    }
+
+    /// A client's QUORUM read through `via`, which forwards it as a write would be.
+    fn client_read(&mut self, via: NodeId, key: u32) {
+        let (replicas, _) = self.replicas_seen_by(via, key);
+        let coordinator = match route(&replicas, via, |r| self.live_for(via, r)) {
+            Some(Route::Coordinate) => via,
+            Some(Route::Forward(replica)) => replica,
+            None => return,
+        };
+        let (replicas, _) = self.replicas_seen_by(coordinator, key);
+        if !replicas.contains(&coordinator) {
+            return;
+        }
+        let replicas: crate::ring::PreferenceList = replicas.into_iter().collect();
+        let live: Vec<bool> = (0..NODE_COUNT).map(|n| self.live_for(coordinator, n)).collect();
+        let Ok((mut round, plan)) = ReadRound::start(
+            &replicas,
+            |node| live[node as usize],
+            Consistency::Quorum,
+            self.now_us,
+            TIMEOUT_US,
+        ) else {
+            return;
+        };
+        let own = self.nodes[coordinator as usize].data.get(&key).cloned().unwrap_or_default();
+        round.on_reply(coordinator, own);
+        let request = self.next_request;
+        self.next_request += 1;
+        let reading = Reading {
+            round,
+            key,
+            start_us: self.now_us,
+            deadline_us: self.now_us + TIMEOUT_US,
+            ring_version: self.ring.committed(coordinator).version,
+            answered: false,
+        };
+        self.reads.insert((coordinator, request), reading);
+        for target in plan.send_to.into_iter().filter(|&t| t != coordinator) {
+            self.send(coordinator, target, Message::Read { request, key });
+        }
+    }
+
+    /// A read has its R replies: it must see every write acknowledged before it started by a
+    /// coordinator placed by the same ring (R + W > N), unless anti-entropy purged the key.
+    fn check_read(&mut self, reading: &Reading) {
+        if self.purged_keys.contains(&reading.key) {
+            return;
+        }
+        self.reads_checked += 1;
+        let merged = reading.round.merged();
+        for write in &self.issued {
+            let before = write.acknowledged && write.acknowledged_us < reading.start_us;
+            if write.key != reading.key || !before || write.ring_version != reading.ring_version {
+                continue;
+            }
+            assert!(
+                merged.context().covers(write.dot),
+                "seed {}: a QUORUM read of key {} missed the write {:?} acknowledged before it",
+                self.seed,
+                write.key,
+                write.dot
+            );
+        }
+    }
+
+    /// A read past its deadline repairs the replicas that answered stale (`ReadRound::repairs`).
+    fn finish_read(&mut self, coordinator: NodeId, reading: Reading) {
+        let read = reading.round.merged().context().clone();
+        for (node, versions) in reading.round.repairs() {
+            let read = read.clone();
+            self.repairs += 1;
+            self.send(coordinator, node, Message::Repair { key: reading.key, versions, read });
         }
     }
 
@@ -582,6 +840,57 @@ impl Simulation {
         self.nodes.iter().filter_map(|node| node.hints.as_ref()).map(Hints::pending_count).sum()
     }
 
+    /// The settle rule on the simulation's clock (timestamps are 16 per µs).
+    fn is_settled(&self, versions: &Versions<Value>) -> bool {
+        let now_ms = self.now_us * 16 / 1000;
+        merkle::is_settled_by(versions, now_ms, SETTLE_US * 16 / 1000, |_| 0)
+    }
+
+    /// One anti-entropy pass as the runtime's (`anti_entropy.rs`): every node compares each
+    /// key it replicates (by its own ring) with the other replicas it can reach, a settled key
+    /// counting as absent; keys that differ are exchanged, and when every other replica was
+    /// reached and agreed, its settled keys are purged (`merkle::may_purge`).
+    fn anti_entropy_pass(&mut self) {
+        for node in 0..NODE_COUNT {
+            if !self.nodes[node as usize].up {
+                continue;
+            }
+            for key in 0..KEY_COUNT {
+                let (replicas, _) = self.replicas_seen_by(node, key);
+                if !replicas.contains(&node) {
+                    continue;
+                }
+                let mine = self.nodes[node as usize].data.get(&key).cloned().unwrap_or_default();
+                let seen =
+                    |versions: &Versions<Value>| (!self.is_settled(versions)).then(|| versions.clone());
+                let mut comparisons = Vec::new();
+                let mut exchanges = Vec::new();
+                for &other in replicas.iter().filter(|&&other| other != node) {
+                    if !self.live_for(node, other) {
+                        comparisons.push(Comparison::Unreachable);
+                        continue;
+                    }
+                    let theirs = self.nodes[other as usize].data.get(&key).cloned().unwrap_or_default();
+                    if seen(&mine) == seen(&theirs) {
+                        comparisons.push(Comparison::Equal);
+                    } else {
+                        comparisons.push(Comparison::Differing);
+                        exchanges.push((other, theirs));
+                    }
+                }
+                for (other, theirs) in exchanges {
+                    self.send(node, other, Message::Sync { key, versions: mine.clone() });
+                    self.send(other, node, Message::Sync { key, versions: theirs });
+                }
+                if merkle::may_purge(&comparisons) && self.is_settled(&mine) {
+                    self.nodes[node as usize].data.remove(&key);
+                    self.purged += 1;
+                    self.purged_keys.insert(key);
+                }
+            }
+        }
+    }
+
     /// Anti-entropy: every replica of every key sends its versions to the others.
     fn exchange_replicas(&mut self) {
         for key in 0..KEY_COUNT {
@@ -603,6 +912,9 @@ struct RunOutcome {
     issued: u64,
     with_context: u64,
     refused: u64,
+    purged: u64,
+    reads: u64,
+    repairs: u64,
     siblings: u64,
     changes: u64,
     trace_hash: u64,
@@ -617,18 +929,8 @@ fn run(seed: u64) -> RunOutcome {
     for step in 0..STEP_COUNT {
         sim.step = step;
         // Membership: node 4 joins, then node 1 is decommissioned (driven by node 0).
-        if sim.authority.pending.is_none() {
-            let change = match step {
-                60.. if sim.authority.id_of("n4").is_none() => Some((sim.authority.plan_join("n4"), 4)),
-                220.. if sim.authority.left.is_empty() => Some((sim.authority.plan_leave("n1", "n0"), 0)),
-                _ => None,
-            };
-            if let Some((planned, driver)) = change {
-                sim.commit(planned.expect("the change plans"), driver);
-            }
-        }
+        sim.drive_change();
         if step % 10 == 0 {
-            sim.drive_change();
             sim.gossip_rings();
             sim.hand_off_moved_keys();
         }
@@ -636,6 +938,9 @@ fn run(seed: u64) -> RunOutcome {
         if sim.rng.below(40) == 0 {
             let node = sim.rng.below(u64::from(NODE_COUNT)) as usize;
             sim.nodes[node].up = !sim.nodes[node].up;
+            if !sim.nodes[node].up {
+                sim.ring.crash(node as NodeId);
+            }
         }
         // Cut one or two nodes off for a while, then heal.
         if sim.partitioned.is_empty() && sim.rng.below(60) == 0 {
@@ -664,10 +969,20 @@ fn run(seed: u64) -> RunOutcome {
                     remembered.insert(key, context);
                 }
             }
-            sim.client_write(via, key, (value, size), context);
+            // One write in six deletes.
+            let written = (sim.rng.below(6) != 0).then_some((value, size));
+            sim.client_write(via, key, written, context);
+        }
+        let reader = sim.rng.below(u64::from(NODE_COUNT)) as NodeId;
+        if sim.nodes[reader as usize].up && sim.rng.below(2) == 0 {
+            let key = sim.rng.below(u64::from(KEY_COUNT)) as u32;
+            sim.client_read(reader, key);
         }
         if step % 20 == 0 {
             sim.replay_hints();
+        }
+        if step % 25 == 0 {
+            sim.anti_entropy_pass();
         }
         sim.run_until(sim.now_us + 2_000);
     }
@@ -680,16 +995,26 @@ fn run(seed: u64) -> RunOutcome {
     sim.duplicate_per_million = 0;
     sim.run_until(sim.now_us + 100_000);
     // The change under way completes; everyone learns the final ring.
-    for _ in 0..100 {
-        if sim.authority.pending.is_none() {
+    for _ in 0..1_000 {
+        if !sim.ring.busy() {
             break;
         }
-        sim.step += 10;
+        sim.step += 1;
         sim.drive_change();
-        sim.run_until(sim.now_us + 100_000);
+        if sim.step.is_multiple_of(10) {
+            sim.gossip_rings();
+        }
+        sim.run_until(sim.now_us + 10_000);
     }
-    assert!(sim.authority.pending.is_none(), "seed {seed}: a ring change never completed");
-    sim.gossip_rings();
+    assert!(!sim.ring.busy(), "seed {seed}: a ring change never completed");
+    for _ in 0..1_000 {
+        let newest = sim.ring.newest().version;
+        if (0..NODE_COUNT).all(|node| sim.ring.committed(node).version == newest) {
+            break;
+        }
+        sim.gossip_rings();
+        sim.run_until(sim.now_us + 10_000);
+    }
     for _ in 0..100 {
         if sim.hints_pending() == 0 {
             break;
@@ -727,9 +1052,20 @@ fn run(seed: u64) -> RunOutcome {
                     && other.blind
                     && (other.timestamp_us, other.dot) > (write.timestamp_us, write.dot)
             });
+            let purged = write.delete && sim.purged_keys.contains(&key);
             assert!(
-                superseded || replaced_blind,
+                superseded || replaced_blind || purged,
                 "seed {seed}: acknowledged write {:?} of key {key} vanished with no later write covering it",
+                write.dot
+            );
+        }
+        // What an acknowledged write superseded stays superseded: no sibling comes back that
+        // its context covers (a tombstone purged too early lets an older value back).
+        for write in sim.issued.iter().filter(|w| w.key == key && w.acknowledged && !w.blind) {
+            let back = first.siblings().iter().find(|s| write.covers.covers(s.dot) && s.dot != write.dot);
+            assert!(
+                back.is_none(),
+                "seed {seed}: {back:?} of key {key} came back after the acknowledged write {:?} superseded it",
                 write.dot
             );
         }
@@ -748,8 +1084,11 @@ fn run(seed: u64) -> RunOutcome {
         issued: sim.issued.len() as u64,
         with_context: sim.issued.iter().filter(|w| !w.blind).count() as u64,
         refused: sim.refused,
+        purged: sim.purged,
+        reads: sim.reads_checked,
+        repairs: sim.repairs,
         siblings,
-        changes: sim.changes_completed,
+        changes: sim.ring.changes,
         trace_hash: sim.trace.finish(),
     }
 }
@@ -765,7 +1104,7 @@ fn no_acknowledged_write_is_lost_under_loss_duplication_partitions_and_crashes()
         None => (0..env_u64("SIM_SEEDS").unwrap_or(500)).collect(),
     };
     let (mut acknowledged, mut issued, mut with_context, mut siblings, mut changes) = (0, 0, 0, 0, 0);
-    let mut refused = 0;
+    let (mut refused, mut purged, mut reads, mut repairs) = (0, 0, 0, 0);
     let SiblingLimits { count_max, value_bytes_max } = LIMITS;
     for &seed in &seeds {
         let first = run(seed);
@@ -778,6 +1117,9 @@ fn no_acknowledged_write_is_lost_under_loss_duplication_partitions_and_crashes()
         issued += first.issued;
         with_context += first.with_context;
         refused += first.refused;
+        purged += first.purged;
+        reads += first.reads;
+        repairs += first.repairs;
         siblings += first.siblings;
         changes += first.changes;
     }
@@ -785,8 +1127,11 @@ fn no_acknowledged_write_is_lost_under_loss_duplication_partitions_and_crashes()
         "simulation: {} seeds, each run twice with equal trace hashes; 5 nodes, N=3 QUORUM, 5 % loss, 2 % \
          duplication, reordering, partitions, crashes, a join and a decommission ({changes} ring changes \
          completed): {issued} writes issued ({with_context} with a context), {acknowledged} acknowledged, \
-         none lost, no blind write undone; {refused} refused for sibling limits ({count_max} siblings, \
-         {value_bytes_max} bytes); {siblings} siblings left at the end",
+         none lost, none superseded came back, no blind write undone; {refused} refused for sibling limits \
+         ({count_max} siblings, {value_bytes_max} bytes); {purged} settled keys purged by anti-entropy; \
+         {reads} QUORUM reads saw every write acknowledged before them, {repairs} read repairs brought \
+         replicas up to what was read; \
+         {siblings} siblings left at the end",
         seeds.len()
     );
     assert!(acknowledged > seeds.len() as u64 * 100);
@@ -805,14 +1150,14 @@ fn a_blind_write_wins_over_an_older_write_its_coordinator_never_saw() {
         let replicas = sim.replicas(key);
         let (a, c) = (replicas[0], replicas[2]);
         sim.nodes[c as usize].up = false;
-        sim.client_write(a, key, (1, 10), Some(VersionVector::default()));
+        sim.client_write(a, key, Some((1, 10)), Some(VersionVector::default()));
         sim.run_until(sim.now_us + 50_000);
         assert!(sim.issued[0].acknowledged, "key {key}: the first write is acknowledged by A and B");
         sim.nodes[c as usize].up = true;
         sim.now_us += 1_000;
         let node_c = &sim.nodes[c as usize];
         assert!(node_c.data.get(&key).is_none_or(|v| v.siblings().is_empty()), "C has not seen it");
-        sim.client_write(c, key, (2, 10), None);
+        sim.client_write(c, key, Some((2, 10)), None);
         sim.run_until(sim.now_us + 50_000);
         assert!(sim.issued[1].acknowledged, "key {key}: the blind write is acknowledged");
         for _ in 0..10 {

@@ -24,7 +24,7 @@ use futures::StreamExt;
 use schema::peer::{encode_merkle, MerkleData, MERKLE_KEY_COUNT_MAX};
 use schema::{Op, Status};
 
-use super::merkle::{self, Tree};
+use super::merkle::{self, Comparison, Tree};
 use super::peer::PeerRequest;
 use super::record::{encode_versions, paxos_state_forgettable, Record};
 use super::replication::{absorb_record, decode_record, merge_local, remote_versions};
@@ -291,24 +291,25 @@ pub async fn compare_partition<S: Storage>(shard: &Shard<S>, view: &ClusterView,
     let Ok(mine) = scan(shard, partition, formed.partition_bits, None, settle_ms).await else {
         return report;
     };
-    let mut all_agree = true;
+    let mut comparisons = Vec::new();
     for &node in replicas.iter().filter(|&&node| node != me) {
         let Some((_, info)) = view.member(node).filter(|_| view.is_live(node)) else {
             report.unreachable += 1;
-            all_agree = false;
+            comparisons.push(Comparison::Unreachable);
             continue;
         };
         let Some((theirs, _)) = ask(shard, info, partition, formed.partition_bits, 0).await else {
             report.unreachable += 1;
-            all_agree = false;
+            comparisons.push(Comparison::Unreachable);
             continue;
         };
         report.comparisons += 1;
         let leaves = mine.tree.differing(&theirs);
         if leaves == 0 {
+            comparisons.push(Comparison::Equal);
             continue;
         }
-        all_agree = false;
+        comparisons.push(Comparison::Differing);
         report.differing += 1;
         let Some((_, their_keys)) = ask(shard, info, partition, formed.partition_bits, leaves).await else {
             report.unreachable += 1;
@@ -327,7 +328,7 @@ pub async fn compare_partition<S: Storage>(shard: &Shard<S>, view: &ClusterView,
         report.keys_repaired += outcomes.iter().filter(|&&o| o == Some(true)).count() as u64;
         report.keys_failed += outcomes.iter().filter(|o| o.is_none()).count() as u64;
     }
-    if all_agree && !mine.settled.is_empty() {
+    if merkle::may_purge(&comparisons) && !mine.settled.is_empty() {
         report.tombstones_purged = purge(shard, &mine.settled, settle_ms).await;
     }
     let stats = &cluster.stats.anti_entropy;

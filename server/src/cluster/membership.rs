@@ -32,14 +32,16 @@ use schema::{wire, Consistency, Op};
 use super::gossip::{Gossip, GossipConfig, Message, NodeState, NodeStatus};
 use super::peer::{PeerPool, PeerRequest};
 use super::ring::NodeId;
-use super::ring_state::{value_to_propose, RingAcceptor, RingAnswer, RingBallot, RingState};
+use super::ring_change::{
+    self, agree_backoff_ms, ChangeDriver, DriverStep, RingRound, RoundStep, AGREE_ATTEMPTS,
+};
+use super::ring_state::{RingAcceptor, RingAnswer, RingBallot, RingState};
+use super::rng::Rng;
 use super::view::{parse_address, ClusterView, Formed, NodeInfo};
 
 pub const CLUSTER_FILE: &str = "CLUSTER";
 /// How long one ring message may take.
 const RING_TIMEOUT: Duration = Duration::from_secs(5);
-/// Attempts at agreeing on one ring version before giving up.
-const AGREE_ATTEMPTS: usize = 20;
 
 /// What the operator chose, from flags.
 #[derive(Debug, Clone)]
@@ -262,6 +264,8 @@ pub struct Membership {
     /// A change driven by this node is under way (one at a time).
     driving: Cell<bool>,
     ballot_counter: Cell<u64>,
+    /// The backoffs' randomness, seeded from the node's actor and start time.
+    rng: RefCell<Rng>,
     /// When a refusal was last logged (a joining node retries quietly in between).
     refusal_logged: Cell<Option<Instant>>,
 }
@@ -306,6 +310,7 @@ impl Membership {
             announce(&mut state, &ring.committed);
         }
         let gossip = Gossip::new(me.clone(), state, Vec::new(), options.gossip, generation ^ 0x9e37_79b9);
+        let rng = Rng::new(generation ^ u64::from(super::replication::actor_of(&me)));
         Ok(Membership {
             me,
             options,
@@ -319,6 +324,7 @@ impl Membership {
             publish,
             driving: Cell::new(false),
             ballot_counter: Cell::new(0),
+            rng: RefCell::new(rng),
             refusal_logged: Cell::new(None),
         })
     }
@@ -578,12 +584,17 @@ impl Membership {
     }
 
     fn next_ballot(&self) -> RingBallot {
-        let now = std::time::SystemTime::now()
+        let now_us = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(1, |d| d.as_micros() as u64);
         let promised = self.ring.borrow().as_ref().map_or((0, 0, 0), |ring| ring.promised);
         self.ballot_counter.set(self.ballot_counter.get() + 1);
-        (now.max(promised.0 + 1), super::replication::actor_of(&self.me), self.ballot_counter.get())
+        ring_change::next_ballot(
+            now_us,
+            promised,
+            super::replication::actor_of(&self.me),
+            self.ballot_counter.get(),
+        )
     }
 
     fn address_of(&self, name: &str) -> Option<SocketAddr> {
@@ -613,15 +624,16 @@ impl Membership {
         futures::future::join_all(calls).await
     }
 
-    /// Agrees on the next ring version with `plan`'s change: Paxos among the nodes that own
-    /// partitions now. Refusals from `plan` (another change pending) come back as they are.
+    /// Agrees on the next ring version with `plan`'s change: the rounds of `RingRound` among
+    /// the nodes that own partitions now. Refusals from `plan` (another change pending) come
+    /// back as they are.
     async fn agree(
         &self,
         plan: &dyn Fn(&RingState) -> Result<RingState, String>,
     ) -> Result<RingState, String> {
         for attempt in 0..AGREE_ATTEMPTS {
             if attempt > 0 {
-                let backoff = fastrand_ms(attempt);
+                let backoff = agree_backoff_ms(attempt, &mut self.rng.borrow_mut());
                 glommio::timer::sleep(Duration::from_millis(backoff)).await;
             }
             let current = self.committed().ok_or("the ring is not known yet")?;
@@ -629,33 +641,22 @@ impl Membership {
             if proposal == current {
                 return Ok(current);
             }
-            let version = current.version + 1;
-            let voters: Vec<String> =
-                current.voters().iter().filter_map(|&id| current.members.get(id as usize).cloned()).collect();
-            let majority = voters.len() / 2 + 1;
-            let ballot = self.next_ballot();
+            let mut round = RingRound::start(&current, proposal, self.next_ballot());
+            let voters = round.voters().to_vec();
+            let (version, ballot) = (round.version(), round.ballot());
             let answers = self.ring_round(&voters, RingPhase::PREPARE, version, ballot, "").await;
-            if let Some(newer) = answers
-                .iter()
-                .flatten()
-                .map(|a| &a.committed)
-                .filter(|c| c.version > current.version)
-                .max_by_key(|c| c.version)
-            {
-                self.adopt(newer.clone())?;
-                continue;
-            }
-            let promises: Vec<RingAnswer> = answers.into_iter().flatten().filter(|a| a.ok).collect();
-            if promises.len() < majority {
-                continue;
-            }
-            let (value, ours) = value_to_propose(&promises, version, proposal);
+            let value = match round.prepared(&answers) {
+                RoundStep::Accept(value) => value,
+                RoundStep::Adopt(newer) => {
+                    self.adopt(newer)?;
+                    continue;
+                }
+                RoundStep::Retry | RoundStep::Chosen { .. } => continue,
+            };
             let json = serde_json::to_string(&value).map_err(|error| error.to_string())?;
-            let accepted = self.ring_round(&voters, RingPhase::ACCEPT, version, ballot, &json).await;
-            if accepted.iter().flatten().filter(|a| a.ok).count() < majority {
-                continue;
-            }
-            // Chosen. Every member hears it (gossip brings it to those that miss this).
+            let answers = self.ring_round(&voters, RingPhase::ACCEPT, version, ballot, &json).await;
+            let RoundStep::Chosen { value, ours } = round.accepted(&answers) else { continue };
+            // Every member hears it (gossip brings it to those that miss this).
             let everyone: Vec<String> = value.members.clone();
             self.ring_round(&everyone, RingPhase::COMMIT, version, ballot, &json).await;
             self.adopt(value.clone())?;
@@ -748,113 +749,94 @@ impl Membership {
         result
     }
 
-    /// One change from start to end: agree on it as pending, run its transfers, complete it.
-    /// Every step may be repeated after a crash (transfers merge, so copying twice is safe).
+    /// One change from start to end: agree on it as pending, then run `ChangeDriver`'s steps
+    /// (barrier, transfers, barrier) and agree on its completion. Every step may be repeated
+    /// after a crash (transfers merge, so copying twice is safe).
     async fn drive(&self, plan: &Plan) -> Result<ChangeReport, String> {
         let started = Instant::now();
         let me = self.me.clone();
         let pending = self.agree(&|state: &RingState| plan.apply(state, &me)).await?;
-        let change = pending.pending.clone().ok_or("the change is not pending")?;
-        self.barrier(&pending, &change).await?;
-        let transfers = pending.transfers();
-        let mut report = ChangeReport { transfers: transfers.len() as u64, ..ChangeReport::default() };
+        let mut driver = ChangeDriver::new(pending)?;
+        let mut report =
+            ChangeReport { transfers: driver.transfers().len() as u64, ..ChangeReport::default() };
         let mut progress =
-            StreamProgress { ranges_total: transfers.len() as u32, ..StreamProgress::default() };
+            StreamProgress { ranges_total: driver.transfers().len() as u32, ..StreamProgress::default() };
         self.gossip.borrow_mut().update_me(|state| state.stream = progress);
-        let name = |id: NodeId| pending.members.get(id as usize).cloned().unwrap_or_default();
-        for transfer in &transfers {
-            let target = name(transfer.target);
-            let mut failures = 0;
-            loop {
-                // The planned sources until one is down or they failed three times (empty, while
-                // the fallback cannot be used either: the transfer fails with "no live source").
-                let sources: Vec<String> = pending
-                    .transfer_sources(transfer, failures < 3, |id| self.is_up(&name(id)))
-                    .into_iter()
-                    .map(name)
-                    .collect();
-                match self.transfer(&target, transfer.partition, &sources).await {
-                    Ok((keys, bytes)) => {
-                        report.keys += keys;
-                        report.bytes += bytes;
-                        break;
+        let mut barrier_logged = Instant::now();
+        let mut failures_logged = 0;
+        loop {
+            if !self.committed().is_some_and(|committed| driver.still_pending(&committed)) {
+                return Err("the change is no longer pending".into());
+            }
+            let step = {
+                let gossip = self.gossip.borrow();
+                let now_us = self.now_us();
+                driver.next(
+                    &self.me,
+                    |name| gossip.is_up(name, now_us),
+                    |name| gossip.state(name).map(|state| state.ring_version),
+                )
+            };
+            let name = |id: NodeId| driver.pending().members.get(id as usize).cloned().unwrap_or_default();
+            match step {
+                DriverStep::Complete => break,
+                DriverStep::Barrier(behind) => {
+                    if barrier_logged.elapsed() > Duration::from_secs(10) {
+                        let version = driver.pending().version;
+                        tracing::warn!("waiting for {} to hold ring version {version}", behind.join(", "));
+                        barrier_logged = Instant::now();
                     }
-                    Err(error) => {
-                        failures += 1;
-                        if failures % 10 == 1 {
-                            tracing::warn!(
-                                "transfer of partition {} to {target}: {error}",
-                                transfer.partition
-                            );
+                    glommio::timer::sleep(self.options.gossip.interval).await;
+                }
+                DriverStep::NoSource { index } => {
+                    driver.failed(index);
+                    glommio::timer::sleep(Duration::from_millis(200)).await;
+                }
+                DriverStep::Transfer { index, transfer, sources } => {
+                    let target = name(transfer.target);
+                    let sources: Vec<String> = sources.into_iter().map(name).collect();
+                    match self.transfer(&target, transfer.partition, &sources).await {
+                        Ok((keys, bytes)) => {
+                            driver.transferred(index);
+                            report.keys += keys;
+                            report.bytes += bytes;
+                            failures_logged = 0;
                         }
-                        if self.committed().and_then(|s| s.pending).as_ref() != Some(&change) {
-                            return Err("the change is no longer pending".into());
+                        Err(error) => {
+                            driver.failed(index);
+                            failures_logged += 1;
+                            if failures_logged % 10 == 1 {
+                                tracing::warn!(
+                                    "transfer of partition {} to {target}: {error}",
+                                    transfer.partition
+                                );
+                            }
+                            glommio::timer::sleep(Duration::from_millis(200)).await;
+                            continue;
                         }
-                        glommio::timer::sleep(Duration::from_millis(200)).await;
                     }
+                    // The throttle: no faster than the rate, on average since the start.
+                    let due = Duration::from_secs_f64(
+                        report.bytes as f64 / self.options.stream_bytes_per_s.max(1) as f64,
+                    );
+                    if let Some(wait) = due.checked_sub(started.elapsed()) {
+                        glommio::timer::sleep(wait).await;
+                    }
+                    progress.ranges_done = driver.transfers_done() as u32;
+                    progress.bytes = report.bytes;
+                    progress.elapsed_ms = started.elapsed().as_millis() as u64;
+                    self.gossip.borrow_mut().update_me(|state| state.stream = progress);
                 }
             }
-            // The throttle: no faster than the rate, on average since the start.
-            let due =
-                Duration::from_secs_f64(report.bytes as f64 / self.options.stream_bytes_per_s.max(1) as f64);
-            if let Some(wait) = due.checked_sub(started.elapsed()) {
-                glommio::timer::sleep(wait).await;
-            }
-            progress.ranges_done += 1;
-            progress.bytes = report.bytes;
-            progress.elapsed_ms = started.elapsed().as_millis() as u64;
-            self.gossip.borrow_mut().update_me(|state| state.stream = progress);
         }
-        self.barrier(&pending, &change).await?;
+        let (change, pending_version) = (driver.change().clone(), driver.pending().version);
         let completed = self
-            .agree(&|state: &RingState| match &state.pending {
-                Some(now) if *now == change => state.completed(),
-                _ if state.version > pending.version && state.pending.is_none() => Ok(state.clone()),
-                _ => Err("the change is no longer pending".into()),
-            })
+            .agree(&|state: &RingState| ring_change::completion_of(state, &change, pending_version))
             .await?;
         report.ring_version = completed.version;
         report.elapsed_ms = started.elapsed().as_millis() as u64;
         self.gossip.borrow_mut().update_me(|state| state.stream = StreamProgress::default());
         Ok(report)
-    }
-
-    /// Waits until every member that is up announces the pending ring (or a later one), so
-    /// that no replica a transfer copies from still answers a Paxos proposer placed by the
-    /// older ring (the CAS simulator found a value chosen on the old replicas after the copy
-    /// was taken without this).
-    async fn barrier(&self, pending: &RingState, change: &super::ring_state::Pending) -> Result<(), String> {
-        let mut waited = Instant::now();
-        loop {
-            let behind: Vec<String> = {
-                let gossip = self.gossip.borrow();
-                let now_us = self.now_us();
-                pending
-                    .members
-                    .iter()
-                    .filter(|name| **name != self.me && gossip.is_up(name, now_us))
-                    .filter(|name| {
-                        gossip.state(name).is_none_or(|state| state.ring_version < pending.version)
-                    })
-                    .cloned()
-                    .collect()
-            };
-            if behind.is_empty() {
-                return Ok(());
-            }
-            if self.committed().and_then(|s| s.pending).as_ref() != Some(change) {
-                return Err("the change is no longer pending".into());
-            }
-            if waited.elapsed() > Duration::from_secs(10) {
-                tracing::warn!("waiting for {} to hold ring version {}", behind.join(", "), pending.version);
-                waited = Instant::now();
-            }
-            glommio::timer::sleep(self.options.gossip.interval).await;
-        }
-    }
-
-    fn is_up(&self, name: &str) -> bool {
-        self.gossip.borrow().is_up(name, self.now_us())
     }
 
     /// Asks `target` to copy `partition` from `sources`: (keys, bytes) copied.
@@ -940,12 +922,4 @@ fn announce(state: &mut NodeState, ring: &RingState) {
     state.replica_count = ring.replica_count as u8;
     state.partition_bits = ring.partition_bits as u8;
     state.ring_version = ring.version;
-}
-
-/// A randomized backoff for the `attempt`th try at agreeing: 10 ms doubling to 640 ms.
-fn fastrand_ms(attempt: usize) -> u64 {
-    let cap = 10u64 << attempt.min(6);
-    let nanos =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
-    cap / 2 + u64::from(nanos) % (cap / 2 + 1)
 }

@@ -12,5 +12,6 @@ pub mod replication;
 pub mod serial;
 
 pub use ::cluster::{
-    coordinator, failure_detector, gossip, hints, merkle, paxos, record, ring, ring_state, versions, view,
+    coordinator, failure_detector, gossip, hints, merkle, paxos, record, ring, ring_change, ring_state, rng,
+    versions, view,
 };

@@ -34,7 +34,9 @@ use schema::peer::decode_key_versions;
 use schema::{Op, ResponseView, Status};
 
 use super::anti_entropy::AntiEntropyOptions;
-use super::coordinator::{Consistency, Outcome, ReadRound, WriteRound};
+use super::coordinator::{
+    route, Ack, Consistency, Outcome, ReadRound, Route, WriteCoordinator, WriteVerdict,
+};
 use super::hint_log::{self, LoggedHint};
 use super::hints::{HintLimits, Hints};
 use super::lease::CounterLease;
@@ -51,15 +53,6 @@ use crate::clock::now_ms;
 use crate::command::{LocalReply, Reply, Version};
 use crate::shard::Shard;
 use crate::storage::Storage;
-
-/// What a replica said to a write.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Ack {
-    Durable,
-    Failed,
-    /// The replica, or this node's link to it, refused for load.
-    Overloaded,
-}
 
 /// How far ahead of this node's clock a peer's timestamp may move it.
 pub const CLOCK_SKEW_MAX_US: u64 = 5_000_000;
@@ -431,22 +424,19 @@ fn reply_from_peer(response: ResponseView, is_read: bool, metadata_only: bool) -
 }
 
 /// A request for a key this node holds no replica of: the first live replica coordinates.
+#[allow(clippy::too_many_arguments)]
 async fn forward<S: Storage>(
     cluster: &ClusterShard<S>,
     view: &ClusterView,
+    to: NodeId,
     key: &[u8],
     op: Op<'_>,
     consistency: Consistency,
     context: &[u8],
     timeout: Duration,
 ) -> LocalReply {
-    let Some(replicas) = view.preference_list(key) else {
-        return unavailable(cluster, view.forming_note.clone());
-    };
-    let Some(address) =
-        replicas.iter().filter(|&&n| view.is_live(n)).find_map(|&n| view.replica_address(n, key))
-    else {
-        return unavailable(cluster, "no replica of the key is up".into());
+    let Some(address) = view.replica_address(to, key) else {
+        return unavailable(cluster, format!("replica {to}'s address is unknown"));
     };
     cluster.stats.forwarded_count.set(cluster.stats.forwarded_count.get() + 1);
     let is_read = matches!(op, Op::Get { .. });
@@ -487,27 +477,25 @@ pub async fn coordinate_write<S: Storage>(
         Ok(placed) => placed,
         Err(reply) => return reply,
     };
-    if !replicas.contains(&me) {
-        let context_bytes = context.as_ref().map(VersionVector::encode).unwrap_or_default();
-        let op = match &value {
-            Some(value) => Op::Put { key: &key, value, ttl_ms },
-            None => Op::Delete { key: &key },
-        };
-        return forward(cluster, &view, &key, op, consistency, &context_bytes, timeout).await;
+    match route(&replicas, me, |n| view.is_live(n) && view.replica_address(n, &key).is_some()) {
+        Some(Route::Coordinate) => {}
+        Some(Route::Forward(to)) => {
+            let context_bytes = context.as_ref().map(VersionVector::encode).unwrap_or_default();
+            let op = match &value {
+                Some(value) => Op::Put { key: &key, value, ttl_ms },
+                None => Op::Delete { key: &key },
+            };
+            return forward(cluster, &view, to, &key, op, consistency, &context_bytes, timeout).await;
+        }
+        None => return unavailable(cluster, "no replica of the key is up".into()),
     }
     let timeout_us = timeout.as_micros() as u64;
     let pending = view.pending_replicas(&key);
-    let (mut round, plan) = match WriteRound::start_with_pending(
-        &replicas,
-        &pending,
-        |n| view.is_live(n),
-        consistency,
-        0,
-        timeout_us,
-    ) {
-        Ok(started) => started,
-        Err(too_few) => return too_few_replicas(cluster, replicas.len(), too_few),
-    };
+    let (mut write, plan) =
+        match WriteCoordinator::start(&replicas, &pending, |n| view.is_live(n), consistency, timeout_us) {
+            Ok(started) => started,
+            Err(too_few) => return too_few_replicas(cluster, replicas.len(), too_few),
+        };
     // A counter never used before, then the local read-modify-write with no await between.
     let floor = match cluster.lease.next().await {
         Ok(floor) => floor,
@@ -575,11 +563,6 @@ pub async fn coordinate_write<S: Storage>(
                 },
                 None => Ack::Failed,
             };
-            if ack != Ack::Durable {
-                if let Some(cluster) = &shard.cluster {
-                    cluster.add_hint(node, &key, &bytes);
-                }
-            }
             let _ = sender.unbounded_send((node, ack));
         })
         .detach();
@@ -590,43 +573,55 @@ pub async fn coordinate_write<S: Storage>(
     }
     let deadline = glommio::timer::sleep(timeout);
     futures::pin_mut!(deadline);
-    let mut overloaded = false;
-    let outcome = loop {
+    let verdict = loop {
         let next = futures_lite::future::or(async { acks.next().await.map(Some) }, async {
             (&mut deadline).await;
             None
         });
-        let outcome = match next.await {
-            Some(Some((node, Ack::Durable))) => round.on_ack(node),
+        match next.await {
             Some(Some((node, ack))) => {
-                overloaded |= ack == Ack::Overloaded;
-                round.on_error(node)
+                let (hint, _) = write.on_answer(node, ack);
+                if hint && node != me {
+                    cluster.add_hint(node, &key, &bytes);
+                }
             }
             // The deadline passed, or every reply is in and the round is still short.
-            Some(None) | None => round.on_time(u64::MAX),
-        };
-        if outcome != Outcome::Pending {
-            break outcome;
+            Some(None) | None => {
+                write.on_deadline();
+            }
+        }
+        if let Some(verdict) = write.verdict() {
+            break verdict;
         }
     };
-    match outcome {
-        Outcome::Done => Reply::Written(written_context),
-        Outcome::TimedOut { replies } | Outcome::Failed { replies } if overloaded => Reply::error(
+    // The answers still to come are hinted as they fail, in the background.
+    glommio::spawn_local({
+        let shard = shard.clone();
+        async move {
+            while let Some((node, ack)) = acks.next().await {
+                let (hint, _) = write.on_answer(node, ack);
+                if hint && node != me {
+                    if let Some(cluster) = &shard.cluster {
+                        cluster.add_hint(node, &key, &bytes);
+                    }
+                }
+            }
+        }
+    })
+    .detach();
+    match verdict {
+        WriteVerdict::Acknowledged => Reply::Written(written_context),
+        WriteVerdict::Overloaded { replies, required } => Reply::error(
             Status::OVERLOADED,
             format!(
-                "{replies} of {} required replicas acknowledged; replicas or the links to them are \
-                 overloaded (retry later; the write may have landed on some)",
-                consistency.required(replicas.len())
+                "{replies} of {required} required replicas acknowledged; replicas or the links to them are \
+                 overloaded (retry later; the write may have landed on some)"
             ),
         ),
-        Outcome::TimedOut { replies } | Outcome::Failed { replies } => Reply::error(
+        WriteVerdict::TimedOut { replies, required } => Reply::error(
             Status::TIMEOUT,
-            format!(
-                "{replies} of {} required replicas acknowledged in time; the write may or may not have landed",
-                consistency.required(replicas.len())
-            ),
+            format!("{replies} of {required} required replicas acknowledged in time; the write may or may not have landed"),
         ),
-        Outcome::Pending => Reply::error(Status::TIMEOUT, "no outcome"),
     }
 }
 
@@ -652,10 +647,15 @@ pub async fn coordinate_read<S: Storage>(
         Ok(placed) => placed,
         Err(reply) => return reply,
     };
-    if !replicas.contains(&me) {
-        let op = Op::Get { key: &key, metadata_only: page.metadata_only, sibling_skip: page.sibling_skip };
-        let shown_before = page.shown_before.as_ref().map(VersionVector::encode).unwrap_or_default();
-        return forward(cluster, &view, &key, op, consistency, &shown_before, timeout).await;
+    match route(&replicas, me, |n| view.is_live(n) && view.replica_address(n, &key).is_some()) {
+        Some(Route::Coordinate) => {}
+        Some(Route::Forward(to)) => {
+            let op =
+                Op::Get { key: &key, metadata_only: page.metadata_only, sibling_skip: page.sibling_skip };
+            let shown_before = page.shown_before.as_ref().map(VersionVector::encode).unwrap_or_default();
+            return forward(cluster, &view, to, &key, op, consistency, &shown_before, timeout).await;
+        }
+        None => return unavailable(cluster, "no replica of the key is up".into()),
     }
     let timeout_us = timeout.as_micros() as u64;
     let (round, plan) =
@@ -756,20 +756,19 @@ async fn finish_read<S: Storage>(
         }
     }
     // Read repair: every replica that answered without something the merge holds gets it.
-    let stale = round.stale_replicas();
-    if stale.is_empty() {
+    let repairs = round.repairs();
+    if repairs.is_empty() {
         return;
     }
     let Some(cluster) = shard.cluster.as_ref() else { return };
-    let merged = round.merged().clone();
-    let bytes: Rc<[u8]> = Rc::from(encode_versions(&merged));
     let view = cluster.view();
-    for node in stale {
+    for (node, versions) in repairs {
         cluster.stats.read_repair_count.set(cluster.stats.read_repair_count.get() + 1);
         if node == me {
-            let _ = merge_local(&shard, &key, &merged).await;
+            let _ = merge_local(&shard, &key, &versions).await;
             continue;
         }
+        let bytes: Rc<[u8]> = Rc::from(encode_versions(&versions));
         let Some(address) = view.replica_address(node, &key) else { continue };
         let op = Op::Replicate { key: &key, versions: &bytes };
         let request = PeerRequest { op, consistency: schema::Consistency::ONE, context: &[], timeout };

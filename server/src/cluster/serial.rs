@@ -17,13 +17,14 @@ use schema::wire::PaxosPhase;
 use schema::{Op, Status};
 
 use super::coordinator::Consistency;
-use super::paxos::{backoff_us, next_ballot, Ballot, Failure, Proposer, Step};
+use super::paxos::{backoff_us, next_ballot, refuses_stale_proposer, Ballot, Failure, Proposer, Step};
 use super::peer::PeerRequest;
 use super::record::{encode_versions, live_value, record_from_data, versions_from_data, Record, Value};
 use super::replication::{
     client_reply, decode_record, encode_bounded, place, too_few_replicas, ClusterShard, Page,
 };
 use super::ring::NodeId;
+use super::rng::Rng;
 use super::versions::Versions;
 use crate::clock::now_ms;
 use crate::command::{LocalReply, Reply, Version};
@@ -148,7 +149,7 @@ pub async fn coordinate<S: Storage>(
     let pending = view.pending_replicas(&key);
     let mut proposer = Proposer::<Value, LocalReply>::new_with_pending(&replicas, &pending, commit_wait);
     let (sender, mut answers) = mpsc::unbounded::<PhaseAnswer>();
-    let mut random = u64::from(cluster.actor) ^ shard.store.timestamp_us();
+    let mut rng = Rng::new(u64::from(cluster.actor) ^ shard.store.timestamp_us());
     let broadcast = |phase_id, phase, ballot, proposal: &Versions<Value>, to: &[NodeId]| {
         send(shard, &view, me, &key, phase_id, phase, ballot, proposal, to, &sender, deadline)
     };
@@ -160,8 +161,7 @@ pub async fn coordinate<S: Storage>(
         step = match step {
             Step::Retry { attempt } => {
                 if attempt > 0 {
-                    random = random.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                    let pause = Duration::from_micros(backoff_us(attempt, random >> 16));
+                    let pause = Duration::from_micros(backoff_us(attempt, rng.next_u64()));
                     if Instant::now() + pause >= deadline {
                         return timed_out(&proposer);
                     }
@@ -315,6 +315,8 @@ fn send<S: Storage>(
         PaxosPhase::PROPOSE | PaxosPhase::COMMIT => Rc::from(encode_versions(proposal)),
         _ => Rc::from(&[][..]),
     };
+    // The ring that placed this proposer: replicas holding a newer one refuse it.
+    let ring_version = view.formed.as_ref().map_or(0, |formed| formed.version);
     let timeout = deadline.saturating_duration_since(Instant::now()).min(PHASE_TIMEOUT);
     for &node in to {
         let shard = shard.clone();
@@ -324,12 +326,12 @@ fn send<S: Storage>(
         let address = view.replica_address(node, &key);
         glommio::spawn_local(async move {
             let record = if node == me {
-                match accept(&shard, &key, phase, ballot, &bytes).await {
+                match accept(&shard, &key, phase, ballot, &bytes, ring_version).await {
                     Reply::Versions(stored) => decode_answer(&stored),
                     _ => None,
                 }
             } else {
-                remote(&shard, address, &key, phase, ballot, &bytes, timeout).await
+                remote(&shard, address, &key, (phase, ballot, ring_version), &bytes, timeout).await
             };
             let _ = sender.unbounded_send((phase_id, phase, node, record));
         })
@@ -341,13 +343,12 @@ async fn remote<S: Storage>(
     shard: &Shard<S>,
     address: Option<std::net::SocketAddr>,
     key: &[u8],
-    phase: PaxosPhase,
-    ballot: Ballot,
+    (phase, ballot, ring_version): (PaxosPhase, Ballot, u64),
     proposal: &[u8],
     timeout: Duration,
 ) -> Option<Record> {
     let cluster = shard.cluster.as_ref()?;
-    let op = Op::Paxos { key, phase, ballot, proposal };
+    let op = Op::Paxos { key, phase, ballot, proposal, ring_version };
     let request = PeerRequest { op, consistency: schema::Consistency::ONE, context: &[], timeout };
     let response = cluster.peers.link(address?).call(request).await.ok()?;
     if response.status != Status::OK {
@@ -365,14 +366,26 @@ fn decode_answer(bytes: &[u8]) -> Option<Record> {
 }
 
 /// Acceptor side: handles one Paxos message for `key` and answers with the stored record
-/// after it, once durable.
+/// after it, once durable. A proposer placed by an older ring than this node's is refused
+/// (`paxos::refuses_stale_proposer`).
 pub async fn accept<S: Storage>(
     shard: &Shard<S>,
     key: &[u8],
     phase: PaxosPhase,
     ballot: Ballot,
     proposal: &[u8],
+    ring_version: u64,
 ) -> LocalReply {
+    let mine = shard.cluster.as_ref().and_then(|cluster| cluster.view().formed.as_ref().map(|f| f.version));
+    let mine = mine.unwrap_or(0);
+    if refuses_stale_proposer(ring_version, mine) {
+        return Reply::error(
+            Status::UNAVAILABLE,
+            format!(
+                "the proposer was placed by ring version {ring_version}; this replica holds version {mine}"
+            ),
+        );
+    }
     let proposal = match phase {
         PaxosPhase::PROPOSE | PaxosPhase::COMMIT => match decode_key_versions(proposal) {
             Ok(data) => versions_from_data(data),

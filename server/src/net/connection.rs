@@ -460,8 +460,8 @@ fn cluster_command<S: Storage>(
             commit: consistency,
             timeout_ms,
         },
-        Op::Paxos { key, phase, ballot, proposal } => {
-            Command::Paxos { key: key.to_vec(), phase, ballot, proposal: proposal.to_vec() }
+        Op::Paxos { key, phase, ballot, proposal, ring_version } => {
+            Command::Paxos { key: key.to_vec(), phase, ballot, proposal: proposal.to_vec(), ring_version }
         }
         Op::Replicate { key, versions } => {
             Command::Replicate { key: key.to_vec(), versions: versions.to_vec() }
