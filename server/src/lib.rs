@@ -22,8 +22,7 @@ pub mod shard;
 pub mod storage;
 pub mod store;
 pub mod table;
-pub mod update;
 pub mod wal;
 
 /// The protocol crate's checker and generator, for the tests and tools built on this one.
-pub use ::cluster::{linearizability, rng};
+pub use ::cluster::{linearizability, rng, update};

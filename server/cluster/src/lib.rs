@@ -10,7 +10,8 @@
 //! - data: `versions` (version vectors, dots, siblings), `record` (what a replica stores,
 //!   its codec and garbage-collection rules), `merkle` (anti-entropy digests);
 //! - rounds: `coordinator` (write and read quorums, hints, read repair), `paxos` (CAS and
-//!   ring agreement), `hints` (hinted hand-off queues);
+//!   ring agreement), `serial_op` and `update` (what a CAS, a SERIAL read or a Redis
+//!   conditional command decides), `hints` (hinted hand-off queues);
 //! - membership: `gossip`, `failure_detector`;
 //! - `rng`: the one seeded random-number generator.
 //!
@@ -31,6 +32,8 @@ pub mod ring;
 pub mod ring_change;
 pub mod ring_state;
 pub mod rng;
+pub mod serial_op;
+pub mod update;
 pub mod versions;
 pub mod view;
 

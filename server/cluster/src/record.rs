@@ -178,3 +178,14 @@ pub fn live_value(sibling: &Sibling<Value>, now_ms: u64) -> Option<(&[u8], u64)>
         expires => Some((bytes, (expires - now_ms).max(1))),
     }
 }
+
+/// Which part of a key's siblings a read's reply holds.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Page {
+    /// Timestamps and TTLs only: no value bytes.
+    pub metadata_only: bool,
+    /// Live siblings (in dot order) to leave out at the front.
+    pub sibling_skip: u32,
+    /// For a following page: the context the earlier pages gave (it covers what they showed).
+    pub shown_before: Option<VersionVector>,
+}

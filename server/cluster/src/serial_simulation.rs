@@ -29,10 +29,12 @@ use crate::linearizability::{self, Event, Operation, Outcome};
 use crate::paxos::{
     backoff_us, next_ballot, refuses_stale_proposer, Acceptor, Ballot, Failure, Proposer, Step,
 };
+use crate::record::Value as Stored;
 use crate::ring::NodeId;
 use crate::ring_change::DriverStep;
 use crate::ring_state::RingState;
 use crate::rng::Rng;
+use crate::serial_op::{decide, newest_live, Decision, SerialAnswer, SerialOp};
 use crate::sim_ring::{believed_up, RingMessage, SimRing};
 use crate::versions::Versions;
 
@@ -45,9 +47,20 @@ const OPERATION_TIMEOUT_US: u64 = 300_000;
 /// Clients start operations until then; faults stop then too.
 const LOAD_US: u64 = 1_000_000;
 
+/// A client's value (the histories hold these); stored as its 8 bytes, never expiring.
 type Value = u64;
 /// A key's acceptor state and versions, as a node stores them.
-type Record = (Acceptor<Value>, Versions<Value>);
+type Record = (Acceptor<Stored>, Versions<Stored>);
+
+fn stored_bytes(value: Value) -> Vec<u8> {
+    value.to_le_bytes().to_vec()
+}
+
+fn value_of(bytes: &[u8]) -> Value {
+    let mut le = [0; 8];
+    le.copy_from_slice(bytes);
+    u64::from_le_bytes(le)
+}
 
 #[derive(Debug, Clone)]
 enum Message {
@@ -57,7 +70,7 @@ enum Message {
         phase: Phase,
         key: u32,
         ballot: Ballot,
-        proposal: Box<Versions<Value>>,
+        proposal: Box<Versions<Stored>>,
         /// The ring version that placed the proposer.
         ring_version: u64,
     },
@@ -65,7 +78,7 @@ enum Message {
         op: u64,
         phase_id: u64,
         phase: Phase,
-        record: Box<(Acceptor<Value>, Versions<Value>)>,
+        record: Box<(Acceptor<Stored>, Versions<Stored>)>,
     },
     Ring(RingMessage),
 }
@@ -122,7 +135,7 @@ struct Running {
     node: NodeId,
     key: u32,
     operation: Operation<Value>,
-    proposer: Proposer<Value, Outcome<Value>>,
+    proposer: Proposer<Stored, Outcome<Value>>,
     start_us: u64,
     /// The ring version its node placed it by.
     ring_version: u64,
@@ -147,12 +160,6 @@ struct Simulation {
     loss_per_million: u32,
     duplicate_per_million: u32,
     trace: std::hash::DefaultHasher,
-}
-
-/// The newest live sibling's value, as the real system resolves it.
-/// As the real CAS path sees a key (`Versions::newest_where`); these values never expire.
-fn newest(versions: &Versions<Value>) -> Option<Value> {
-    versions.newest_where(|s| s.value.is_some()).and_then(|s| s.value)
 }
 
 impl Simulation {
@@ -393,7 +400,7 @@ impl Simulation {
         self.at(next, Timer::ClientNext { client: running.client });
     }
 
-    fn drive(&mut self, op: u64, mut step: Step<Value, Outcome<Value>>) {
+    fn drive(&mut self, op: u64, mut step: Step<Stored, Outcome<Value>>) {
         loop {
             let Some(running) = self.running.get_mut(&op) else { return };
             if self.now_us >= running.start_us + OPERATION_TIMEOUT_US {
@@ -457,26 +464,45 @@ impl Simulation {
                     self.running.get_mut(&op).expect("running").proposer.commits_sent()
                 }
                 Step::Decide { state } => {
-                    let current = newest(&state);
+                    // The runtime's decision (`serial_op::decide`), on the node's clock.
+                    let now_ms = (self.now_us + self.nodes[node as usize].clock_skew_us) / 1000;
                     let running = self.running.get_mut(&op).expect("running");
-                    match running.operation.clone() {
-                        Operation::Read => running.proposer.answer(Outcome::Read(current)),
-                        Operation::Cas { expected, .. } if expected != current => {
+                    let serial_op = match running.operation.clone() {
+                        Operation::Read => {
+                            SerialOp::Read { metadata_only: false, sibling_skip: 0, shown_before: None }
+                        }
+                        Operation::Cas { expected, new } => SerialOp::Cas {
+                            expected: expected.map(stored_bytes),
+                            new_value: stored_bytes(new),
+                            ttl_ms: 0,
+                            context: None,
+                        },
+                        Operation::Write(_) | Operation::Increment => {
+                            unreachable!("the simulated clients only read and CAS")
+                        }
+                    };
+                    match decide(&serial_op, &state, now_ms) {
+                        Decision { write: None, answer: SerialAnswer::Read(_) } => {
+                            let current = newest_live(&state, now_ms).map(|(bytes, _, _)| value_of(bytes));
+                            running.proposer.answer(Outcome::Read(current))
+                        }
+                        Decision { write: None, answer: SerialAnswer::CasFailed(seen) } => {
+                            let current = seen.map(|seen| value_of(&seen.value));
                             running.proposer.answer(Outcome::CasFailed(current))
                         }
-                        Operation::Cas { new, .. } => {
+                        Decision { write: Some((value, ttl_ms)), answer: SerialAnswer::Done } => {
                             let me = &mut self.nodes[node as usize];
                             me.counter += 1;
                             let timestamp = self.now_us + me.clock_skew_us;
                             let mut proposal = state.clone();
+                            let expires_at_ms = if ttl_ms == 0 { 0 } else { timestamp / 1000 + ttl_ms };
+                            let value = value.map(|bytes| (bytes, expires_at_ms));
                             let dot =
-                                proposal.write(node, me.counter, Some(state.context()), Some(new), timestamp);
+                                proposal.write(node, me.counter, Some(state.context()), value, timestamp);
                             let running = self.running.get_mut(&op).expect("running");
                             running.proposer.write(proposal, dot, Outcome::CasApplied)
                         }
-                        Operation::Write(_) | Operation::Increment => {
-                            unreachable!("the simulated clients only read and CAS")
-                        }
+                        other => unreachable!("a read or a CAS decided {other:?}"),
                     }
                 }
             };
@@ -492,7 +518,7 @@ impl Simulation {
         phase_id: u64,
         phase: Phase,
         ballot: Ballot,
-        proposal: Versions<Value>,
+        proposal: Versions<Stored>,
         to: &[NodeId],
     ) {
         let ring_version = self.running.get(&op).map_or(0, |running| running.ring_version);

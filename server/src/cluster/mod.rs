@@ -13,5 +13,5 @@ pub mod serial;
 
 pub use ::cluster::{
     coordinator, failure_detector, gossip, hints, merkle, paxos, record, ring, ring_change, ring_state, rng,
-    versions, view,
+    serial_op, versions, view,
 };

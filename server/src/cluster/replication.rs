@@ -42,6 +42,7 @@ use super::hints::{HintLimits, Hints};
 use super::lease::CounterLease;
 use super::paxos::Acceptor;
 use super::peer::{PeerError, PeerPool, PeerRequest};
+pub use super::record::Page;
 use super::record::{
     self, encode_versions, live_value, value_size, versions_from_data, Record, RecordTooLarge, Value,
     SIBLING_LIMITS,
@@ -237,17 +238,6 @@ pub fn decode_record(bytes: Option<&[u8]>) -> Result<Record, LocalReply> {
 
 fn decode_stored(bytes: Option<&[u8]>) -> Result<Versions<Value>, LocalReply> {
     decode_record(bytes).map(|record| record.versions)
-}
-
-/// Which part of a key's siblings a read's reply holds.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Page {
-    /// Timestamps and TTLs only: no value bytes.
-    pub metadata_only: bool,
-    /// Live siblings (in dot order) to leave out at the front.
-    pub sibling_skip: u32,
-    /// For a following page: the context the earlier pages gave (it covers what they showed).
-    pub shown_before: Option<VersionVector>,
 }
 
 /// The live siblings a client sees, in dot order: from `page.sibling_skip` on, as many as fit

@@ -19,93 +19,36 @@ use schema::{Op, Status};
 use super::coordinator::Consistency;
 use super::paxos::{backoff_us, next_ballot, refuses_stale_proposer, Ballot, Failure, Proposer, Step};
 use super::peer::PeerRequest;
-use super::record::{encode_versions, live_value, record_from_data, versions_from_data, Record, Value};
+use super::record::{encode_versions, record_from_data, versions_from_data, Record, Value};
 use super::replication::{
-    client_reply, decode_record, encode_bounded, place, too_few_replicas, ClusterShard, Page,
+    client_reply, decode_record, encode_bounded, place, too_few_replicas, ClusterShard,
 };
 use super::ring::NodeId;
 use super::rng::Rng;
+use super::serial_op::{decide, Decision, SerialAnswer};
 use super::versions::Versions;
 use crate::clock::now_ms;
 use crate::command::{LocalReply, Reply, Version};
 use crate::shard::Shard;
 use crate::storage::Storage;
-use crate::update::{self, Update};
 
-/// A linearizable operation on one key.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SerialOp {
-    /// `expected: None`: the key must be absent. With a `context` (from a read), the key's
-    /// version vector must also still be that: nothing was written since the read.
-    Cas {
-        expected: Option<Vec<u8>>,
-        new_value: Vec<u8>,
-        ttl_ms: u64,
-        context: Option<super::versions::VersionVector>,
-    },
-    /// A Redis conditional or counter command.
-    Update(Update),
-    /// A PUT (`value: None`: a DELETE) at SERIAL: unconditional, but in the key's one order
-    /// with its CAS operations.
-    Write { value: Option<Vec<u8>>, ttl_ms: u64 },
-    /// A SERIAL read: sees every operation of this kind that completed before it.
-    Read { metadata_only: bool, sibling_skip: u32, shown_before: Option<super::versions::VersionVector> },
-}
+pub use super::serial_op::SerialOp;
 
 /// The longest a single phase waits for a replica (the operation's deadline may be shorter).
 const PHASE_TIMEOUT: Duration = Duration::from_millis(1000);
 
-/// The key's value as a linearizable operation sees it: the newest live sibling (by
-/// timestamp, then dot), as a plain read's client would resolve it.
-fn newest_live(versions: &Versions<Value>, now_ms: u64) -> Option<(&[u8], u64, u64)> {
-    let newest = versions.newest_where(|s| live_value(s, now_ms).is_some())?;
-    let (bytes, ttl_left_ms) = live_value(newest, now_ms)?;
-    Some((bytes, ttl_left_ms, newest.timestamp_us))
-}
-
-/// What an operation does to the state it found: `Some(value)` writes (`None` inside
-/// deletes) with a TTL, and the answer once it is chosen; or nothing, with the answer.
-type Decision = (Option<(Option<Vec<u8>>, u64)>, LocalReply);
-
-/// Pure: the time comes in as `now_ms` (TTLs), so the decision depends on its inputs alone.
-fn decide(op: &SerialOp, state: &Versions<Value>, now_ms: u64) -> Decision {
-    let current = newest_live(state, now_ms);
-    match op {
-        SerialOp::Read { metadata_only, sibling_skip, shown_before } => {
-            let page = Page {
-                metadata_only: *metadata_only,
-                sibling_skip: *sibling_skip,
-                shown_before: shown_before.clone(),
-            };
-            (None, client_reply(state, page, now_ms))
-        }
-        SerialOp::Cas { expected, new_value, ttl_ms, context } => {
-            let value = current.map(|(value, _, _)| value);
-            let unchanged = context.as_ref().is_none_or(|context| context == state.context());
-            if value == expected.as_deref() && unchanged {
-                (Some((Some(new_value.clone()), *ttl_ms)), Reply::Done)
-            } else {
-                let version = current.map(|(value, ttl_left_ms, timestamp_us)| Version {
-                    value: Some(Rc::from(value)),
-                    timestamp_us,
-                    ttl_left_ms,
-                });
-                (None, Reply::CasFailed(version))
-            }
-        }
-        SerialOp::Write { value: Some(value), ttl_ms } => (Some((Some(value.clone()), *ttl_ms)), Reply::Done),
-        SerialOp::Write { value: None, .. } if current.is_none() => (None, Reply::NotFound),
-        SerialOp::Write { value: None, .. } => (Some((None, 0)), Reply::Done),
-        SerialOp::Update(update) => {
-            let current = current.map(|(value, ttl_left_ms, _)| update::Current { value, ttl_left_ms });
-            let (write, answer) = update::decide(update, current);
-            let answer = Reply::Updated(answer);
-            match write {
-                update::Write::Nothing => (None, answer),
-                update::Write::Put { value, ttl_ms } => (Some((Some(value), ttl_ms)), answer),
-                update::Write::Delete => (Some((None, 0)), answer),
-            }
-        }
+/// The client's reply to a decision's answer (a read's page is cut from `state`).
+fn reply_of(answer: SerialAnswer, state: &Versions<Value>, now_ms: u64) -> LocalReply {
+    match answer {
+        SerialAnswer::Read(page) => client_reply(state, page, now_ms),
+        SerialAnswer::Done => Reply::Done,
+        SerialAnswer::CasFailed(seen) => Reply::CasFailed(seen.map(|seen| Version {
+            value: Some(seen.value),
+            timestamp_us: seen.timestamp_us,
+            ttl_left_ms: seen.ttl_left_ms,
+        })),
+        SerialAnswer::NotFound => Reply::NotFound,
+        SerialAnswer::Updated(answer) => Reply::Updated(answer),
     }
 }
 
@@ -192,30 +135,39 @@ pub async fn coordinate<S: Storage>(
                 broadcast(phase, PaxosPhase::COMMIT, ballot, &proposal, &to);
                 proposer.commits_sent()
             }
-            Step::Decide { state } => match decide(&op, &state, now_ms()) {
-                (None, answer) => proposer.answer(answer),
-                (Some((value, ttl_ms)), answer) => {
-                    let counter = match cluster.lease.next().await {
-                        Ok(counter) => counter,
-                        Err(error) => {
-                            return Reply::error(Status::INTERNAL, format!("counter lease: {error}"))
-                        }
-                    };
-                    let timestamp_us = shard.store.timestamp_us();
-                    let expires_at_ms = if ttl_ms == 0 { 0 } else { timestamp_us / 1000 + ttl_ms };
-                    // The state after the write: one sibling, whose context covers all it read.
-                    let mut proposal = state.clone();
-                    let value = value.map(|v| (v, expires_at_ms));
-                    let dot =
-                        proposal.write(cluster.actor, counter, Some(state.context()), value, timestamp_us);
-                    // A write's answer carries the key's context after it.
-                    let answer = match answer {
-                        Reply::Done => Reply::Written(proposal.context().encode()),
-                        answer => answer,
-                    };
-                    proposer.write(proposal, dot, answer)
+            Step::Decide { state } => {
+                let now = now_ms();
+                match decide(&op, &state, now) {
+                    Decision { write: None, answer } => proposer.answer(reply_of(answer, &state, now)),
+                    Decision { write: Some((value, ttl_ms)), answer } => {
+                        let answer = reply_of(answer, &state, now);
+                        let counter = match cluster.lease.next().await {
+                            Ok(counter) => counter,
+                            Err(error) => {
+                                return Reply::error(Status::INTERNAL, format!("counter lease: {error}"))
+                            }
+                        };
+                        let timestamp_us = shard.store.timestamp_us();
+                        let expires_at_ms = if ttl_ms == 0 { 0 } else { timestamp_us / 1000 + ttl_ms };
+                        // The state after the write: one sibling, whose context covers all it read.
+                        let mut proposal = state.clone();
+                        let value = value.map(|v| (v, expires_at_ms));
+                        let dot = proposal.write(
+                            cluster.actor,
+                            counter,
+                            Some(state.context()),
+                            value,
+                            timestamp_us,
+                        );
+                        // A write's answer carries the key's context after it.
+                        let answer = match answer {
+                            Reply::Done => Reply::Written(proposal.context().encode()),
+                            answer => answer,
+                        };
+                        proposer.write(proposal, dot, answer)
+                    }
                 }
-            },
+            }
             Step::Done(Ok(reply)) => return reply,
             Step::Done(Err(Failure::Unavailable(too_few))) => {
                 return too_few_replicas(cluster, replicas.len(), too_few)
