@@ -14,6 +14,8 @@ use schema::peer::{
 use schema::wire::NodeStatus;
 use server::cluster::hint_log::{self, LoggedHint};
 use server::cluster::lease;
+use server::cluster::ring_file;
+use server::cluster::ring_state::{RingAcceptor, RingState};
 use server::engine::manifest::{self, Manifest};
 use server::meta::{self, NodeMeta};
 
@@ -107,6 +109,11 @@ fn main() -> std::io::Result<()> {
     write(&files, "manifest", &manifest::encode(&manifest))?;
     write(&files, "node", &meta::encode(&NodeMeta { node_id: "n0123456789abcdef".into(), shard_count: 2 }))?;
     write(&files, "lease", &lease::encode(3 << 20))?;
+    let ring = RingState::formed(vec!["n0".into(), "n1".into(), "n2".into()], 3, 4)
+        .map_err(std::io::Error::other)?;
+    let mut acceptor = RingAcceptor::new(ring.clone());
+    acceptor.accept((7, 1, 1), ring.plan_join("n3").map_err(std::io::Error::other)?);
+    write(&files, "cluster", &ring_file::encode(&acceptor))?;
     let hint =
         LoggedHint { id: 5, target: 1, key: b"key".to_vec(), versions: encode_key_versions(&versions()) };
     let mut log = hint_log::add_record(&hint);

@@ -464,6 +464,7 @@ pub async fn run(launch: ShardLaunch) {
                 }
             });
             let membership = Membership::open(
+                storage.clone(),
                 launch.node_name,
                 launch.gossip_address,
                 launch.shard_ports,
@@ -471,7 +472,8 @@ pub async fn run(launch: ShardLaunch) {
                 &data_dir,
                 peers.clone(),
                 publish,
-            );
+            )
+            .await;
             match membership {
                 Ok(membership) => {
                     let membership = Rc::new(membership);
@@ -517,7 +519,7 @@ fn engine_load_bytes(engine: &serde_json::Value) -> u64 {
 
 /// Shard 0: every `LOAD_INTERVAL`, the node's load (every shard's engine bytes, gathered over
 /// the mesh) goes into this node's gossip state, forever.
-async fn announce_load<S: Storage>(shard: Rc<Shard<S>>, membership: Rc<Membership>) {
+async fn announce_load<S: Storage>(shard: Rc<Shard<S>>, membership: Rc<Membership<S>>) {
     loop {
         let mut load_bytes = engine_load_bytes(&shard.stats_value()["engine"]);
         if let Some(mesh) = &shard.mesh {

@@ -17,14 +17,12 @@
 //! beside this file, "Elasticity"). `kvctl decommission` and `kvctl remove` make the node they reach drive one.
 
 use std::cell::{Cell, RefCell};
-use std::fs;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use schema::peer::{decode_gossip, encode_gossip, GossipData, GossipKind, GossipNode, StreamProgress};
 use schema::wire::RingPhase;
 use schema::{wire, Consistency, Op};
@@ -35,11 +33,13 @@ use super::ring::NodeId;
 use super::ring_change::{
     self, agree_backoff_ms, ChangeDriver, DriverStep, RingRound, RoundStep, AGREE_ATTEMPTS,
 };
+use super::ring_file::{self, RingFile};
 use super::ring_state::{RingAcceptor, RingAnswer, RingBallot, RingState};
 use super::rng::Rng;
 use super::view::{parse_address, ClusterView, Formed, NodeInfo};
+use crate::storage::Storage;
 
-pub const CLUSTER_FILE: &str = "CLUSTER";
+pub use super::ring_file::CLUSTER_FILE;
 /// How long one ring message may take.
 const RING_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -64,32 +64,6 @@ pub struct ClusterOptions {
     pub stream_bytes_per_s: u64,
 }
 
-/// The membership file of the first version (before rings changed).
-#[derive(Debug, Clone, serde::Deserialize)]
-struct FormedFile {
-    members: Vec<String>,
-    replica_count: usize,
-    partition_bits: u32,
-}
-
-fn load_ring(dir: &Path) -> anyhow::Result<Option<RingAcceptor>> {
-    let path = dir.join(CLUSTER_FILE);
-    let bytes = match fs::read(&path) {
-        Ok(bytes) => bytes,
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(error) => return Err(error).with_context(|| format!("reading {}", path.display())),
-    };
-    if let Ok(acceptor) = serde_json::from_slice::<RingAcceptor>(&bytes) {
-        acceptor.committed.ring().map_err(anyhow::Error::msg)?;
-        return Ok(Some(acceptor));
-    }
-    let file: FormedFile =
-        serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", path.display()))?;
-    let state = RingState::formed(file.members, file.replica_count, file.partition_bits)
-        .map_err(anyhow::Error::msg)?;
-    Ok(Some(RingAcceptor::new(state)))
-}
-
 fn check_members(state: &RingState) -> Result<(), String> {
     if state.replica_count == 0 || state.replica_count > state.members.len() {
         return Err(format!("replica count {} with {} members", state.replica_count, state.members.len()));
@@ -103,16 +77,6 @@ fn check_members(state: &RingState) -> Result<(), String> {
                 .into(),
         );
     }
-    Ok(())
-}
-
-fn save_ring(dir: &Path, acceptor: &RingAcceptor) -> anyhow::Result<()> {
-    let temporary = dir.join("CLUSTER.tmp");
-    let mut out = fs::File::create(&temporary)?;
-    std::io::Write::write_all(&mut out, &serde_json::to_vec_pretty(acceptor)?)?;
-    out.sync_all()?;
-    fs::rename(&temporary, dir.join(CLUSTER_FILE))?;
-    fs::File::open(dir)?.sync_all()?;
     Ok(())
 }
 
@@ -247,10 +211,11 @@ pub struct ChangeReport {
 }
 
 /// Shard 0's membership driver.
-pub struct Membership {
+pub struct Membership<S: Storage> {
     me: String,
     options: ClusterOptions,
-    data_dir: PathBuf,
+    /// `CLUSTER`, written through the node's storage.
+    ring_file: RingFile<S>,
     gossip: RefCell<Gossip>,
     /// The agreed ring and the acceptor state for the next version; `None` until formed (or,
     /// for a joining node, until it has read the ring from a seed).
@@ -270,9 +235,10 @@ pub struct Membership {
     refusal_logged: Cell<Option<Instant>>,
 }
 
-impl Membership {
+impl<S: Storage> Membership<S> {
     #[allow(clippy::too_many_arguments)]
-    pub fn open(
+    pub async fn open(
+        storage: S,
         me: String,
         my_address: SocketAddr,
         shard_ports: Vec<u16>,
@@ -280,8 +246,8 @@ impl Membership {
         data_dir: &Path,
         peers: Rc<PeerPool>,
         publish: Box<dyn Fn(Arc<ClusterView>)>,
-    ) -> anyhow::Result<Membership> {
-        let ring = load_ring(data_dir)?;
+    ) -> anyhow::Result<Membership<S>> {
+        let ring = ring_file::load(&storage, data_dir).await?;
         if let Some(ring) = &ring {
             let joining = options.join || options.replace.is_some();
             if ring.committed.id_of(&me).is_none() && !joining {
@@ -314,7 +280,7 @@ impl Membership {
         Ok(Membership {
             me,
             options,
-            data_dir: data_dir.to_path_buf(),
+            ring_file: RingFile::new(storage, data_dir),
             gossip: RefCell::new(gossip),
             ring: RefCell::new(ring),
             started: Instant::now(),
@@ -338,6 +304,14 @@ impl Membership {
         self.ring.borrow().as_ref().map(|ring| ring.committed.clone())
     }
 
+    /// Makes the ring acceptor as it is now durable (`CLUSTER`).
+    async fn persist(&self) -> Result<(), String> {
+        self.ring_file
+            .save(|| self.ring.borrow().clone())
+            .await
+            .map_err(|error| format!("saving {CLUSTER_FILE}: {error}"))
+    }
+
     /// The gossip loop: one round per interval, forever.
     pub async fn run(self: Rc<Self>) {
         self.refresh();
@@ -348,6 +322,12 @@ impl Membership {
             let outgoing = self.gossip.borrow_mut().tick(self.now_us());
             self.send(outgoing);
             self.catch_up().await;
+            if self.ring.borrow().is_none() {
+                if let Err(refusal) = self.try_form().await {
+                    tracing::error!("{refusal}");
+                    std::process::exit(2);
+                }
+            }
             self.refresh();
             self.maybe_drive();
             glommio::timer::sleep(self.options.gossip.interval).await;
@@ -403,14 +383,8 @@ impl Membership {
         self.gossip.borrow_mut().update_me(|state| state.load_bytes = load_bytes);
     }
 
-    /// Forms the cluster when it can, and publishes the view if it changed.
+    /// Publishes the view if it changed.
     fn refresh(&self) {
-        if self.ring.borrow().is_none() {
-            if let Err(refusal) = self.try_form() {
-                tracing::error!("{refusal}");
-                std::process::exit(2);
-            }
-        }
         let view = Arc::new(self.view());
         let changed = self.published.borrow().as_deref() != Some(&*view);
         if changed {
@@ -423,7 +397,9 @@ impl Membership {
         self.options.join || self.options.replace.is_some()
     }
 
-    fn try_form(&self) -> Result<(), String> {
+    /// The nodes to form the cluster with, as gossip knows them (`None`: a formed cluster's
+    /// ring is read from a peer instead), or a refusal to join a cluster without this node.
+    fn formable(&self) -> Result<Option<Vec<String>>, String> {
         let gossip = self.gossip.borrow();
         for (name, state) in gossip.members() {
             let formed = state.ring_version > 0 || !state.members.is_empty();
@@ -439,10 +415,15 @@ impl Membership {
         }
         // A formed cluster's ring is read from a peer (`catch_up`), not formed here.
         if self.joining() || gossip.members().any(|(_, state)| state.ring_version > 0) {
-            return Ok(());
+            return Ok(None);
         }
-        let known: Vec<String> = gossip.members().map(|(name, _)| name.clone()).collect();
-        drop(gossip);
+        Ok(Some(gossip.members().map(|(name, _)| name.clone()).collect()))
+    }
+
+    /// Forms the cluster once every node it was started with is known (the ring persisted
+    /// before it is published), or refuses to join a cluster that does not list this node.
+    async fn try_form(&self) -> Result<(), String> {
+        let Some(known) = self.formable()? else { return Ok(()) };
         if known.len() > self.options.cluster_size {
             return Err(format!(
                 "{} nodes found while forming a cluster of --cluster-size {}: {}",
@@ -457,7 +438,10 @@ impl Membership {
         let state = RingState::formed(known, self.options.replica_count, self.options.partition_bits)?;
         check_members(&state)?;
         let acceptor = RingAcceptor::new(state);
-        save_ring(&self.data_dir, &acceptor).map_err(|error| format!("saving {CLUSTER_FILE}: {error:#}"))?;
+        self.ring_file
+            .save(|| Some(acceptor.clone()))
+            .await
+            .map_err(|error| format!("saving {CLUSTER_FILE}: {error}"))?;
         tracing::info!(
             "cluster formed: {} nodes, {} replicas, {} partitions",
             acceptor.committed.members.len(),
@@ -469,23 +453,23 @@ impl Membership {
         Ok(())
     }
 
-    /// Adopts a newer committed ring (a commit, or one read from a peer): persisted first.
-    fn adopt(&self, state: RingState) -> Result<bool, String> {
+    /// Adopts a newer committed ring (a commit, or one read from a peer), durable before it
+    /// is announced or published.
+    async fn adopt(&self, state: RingState) -> Result<bool, String> {
         check_members(&state)?;
         state.ring()?;
-        let mut ring = self.ring.borrow_mut();
-        let adopted = match ring.as_mut() {
-            Some(acceptor) => {
-                if !acceptor.commit(state.clone()) {
-                    return Ok(false);
+        {
+            let mut ring = self.ring.borrow_mut();
+            match ring.as_mut() {
+                Some(acceptor) => {
+                    if !acceptor.commit(state.clone()) {
+                        return Ok(false);
+                    }
                 }
-                acceptor.clone()
+                None => *ring = Some(RingAcceptor::new(state.clone())),
             }
-            None => RingAcceptor::new(state.clone()),
-        };
-        save_ring(&self.data_dir, &adopted).map_err(|error| format!("saving {CLUSTER_FILE}: {error:#}"))?;
-        *ring = Some(adopted);
-        drop(ring);
+        }
+        self.persist().await?;
         tracing::info!(
             "ring version {} adopted{}",
             state.version,
@@ -520,7 +504,7 @@ impl Membership {
             if self.ring.borrow().is_none() && !belongs && !self.joining() {
                 return;
             }
-            if let Err(error) = self.adopt(answer.committed) {
+            if let Err(error) = self.adopt(answer.committed).await {
                 tracing::warn!("adopting the ring from {address}: {error}");
             }
         }
@@ -545,7 +529,7 @@ impl Membership {
     }
 
     /// A ring message from a peer: the answer (JSON), once any change is durable.
-    pub fn receive_ring(
+    pub async fn receive_ring(
         &self,
         phase: RingPhase,
         version: u64,
@@ -559,25 +543,27 @@ impl Membership {
         };
         if phase == RingPhase::COMMIT {
             let state = proposed.clone().ok_or("COMMIT without a ring")?;
-            self.adopt(state)?;
+            self.adopt(state).await?;
         }
-        let mut ring = self.ring.borrow_mut();
-        let acceptor = ring.as_mut().ok_or("this node has no ring yet")?;
-        let (changed, answer) = match phase {
-            RingPhase::PREPARE => acceptor.prepare(version, ballot),
-            RingPhase::ACCEPT => acceptor.accept(ballot, proposed.ok_or("ACCEPT without a ring")?),
-            _ => (
-                false,
-                RingAnswer {
-                    ok: true,
-                    committed: acceptor.committed.clone(),
-                    accepted: acceptor.accepted.clone(),
-                },
-            ),
+        let (changed, answer) = {
+            let mut ring = self.ring.borrow_mut();
+            let acceptor = ring.as_mut().ok_or("this node has no ring yet")?;
+            match phase {
+                RingPhase::PREPARE => acceptor.prepare(version, ballot),
+                RingPhase::ACCEPT => acceptor.accept(ballot, proposed.ok_or("ACCEPT without a ring")?),
+                _ => (
+                    false,
+                    RingAnswer {
+                        ok: true,
+                        committed: acceptor.committed.clone(),
+                        accepted: acceptor.accepted.clone(),
+                    },
+                ),
+            }
         };
+        // A promise or an acceptance is durable before it is answered.
         if changed {
-            save_ring(&self.data_dir, acceptor)
-                .map_err(|error| format!("saving {CLUSTER_FILE}: {error:#}"))?;
+            self.persist().await?;
         }
         tracing::debug!("ring {} v{version}: {}", phase_name(phase), answer.ok);
         serde_json::to_string(&answer).map_err(|error| error.to_string())
@@ -615,6 +601,7 @@ impl Membership {
             if *name == self.me {
                 return self
                     .receive_ring(phase, version, ballot, state)
+                    .await
                     .ok()
                     .and_then(|a| serde_json::from_str(&a).ok());
             }
@@ -648,7 +635,7 @@ impl Membership {
             let value = match round.prepared(&answers) {
                 RoundStep::Accept(value) => value,
                 RoundStep::Adopt(newer) => {
-                    self.adopt(newer)?;
+                    self.adopt(newer).await?;
                     continue;
                 }
                 RoundStep::Retry | RoundStep::Chosen { .. } => continue,
@@ -659,7 +646,7 @@ impl Membership {
             // Every member hears it (gossip brings it to those that miss this).
             let everyone: Vec<String> = value.members.clone();
             self.ring_round(&everyone, RingPhase::COMMIT, version, ballot, &json).await;
-            self.adopt(value.clone())?;
+            self.adopt(value.clone()).await?;
             if ours {
                 return Ok(value);
             }

@@ -9,6 +9,7 @@ pub mod lease;
 pub mod membership;
 pub mod peer;
 pub mod replication;
+pub mod ring_file;
 pub mod serial;
 
 pub use ::cluster::{

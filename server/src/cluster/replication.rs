@@ -91,7 +91,7 @@ pub struct ClusterShard<S: Storage> {
     hint_log_path: std::path::PathBuf,
     pub stats: ReplicationStats,
     /// Shard 0 only: the gossip driver.
-    pub membership: RefCell<Option<Rc<super::membership::Membership>>>,
+    pub membership: RefCell<Option<Rc<super::membership::Membership<S>>>>,
     /// One Paxos proposal at a time per key from this shard (see `serial.rs`).
     pub(crate) serial_turns: RefCell<std::collections::HashMap<Vec<u8>, Rc<glommio::sync::Semaphore>>>,
     pub anti_entropy: AntiEntropyOptions,

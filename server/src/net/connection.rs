@@ -239,6 +239,24 @@ fn dispatch<S: Storage>(payload: &[u8], permit: StaticPermit, outbox: &Rc<Outbox
                 }
             }))
         }
+        Op::RingChange { phase, version, ballot, state } => {
+            let membership = shard.cluster.as_ref().and_then(|c| c.membership.borrow().clone());
+            let state = state.to_string();
+            Some(Box::pin(async move {
+                let Some(membership) = membership else {
+                    return Body::Status(
+                        Status::BAD_REQUEST,
+                        "ring messages go to shard 0's own port".into(),
+                    );
+                };
+                // Answered once any change it made to the acceptor is durable.
+                let ballot = (ballot.time_us, ballot.actor, ballot.counter);
+                match membership.receive_ring(phase, version, ballot, &state).await {
+                    Ok(answer) => Body::Ring(answer),
+                    Err(error) => Body::Status(Status::UNAVAILABLE, error),
+                }
+            }))
+        }
         Op::ChangeMembership { action, node } => {
             let membership = shard.cluster.as_ref().and_then(|c| c.membership.borrow().clone());
             let node = node.to_string();
@@ -371,24 +389,8 @@ fn cluster_command<S: Storage>(
         }
         Op::Hello { .. } => return Err(Body::Hello),
         Op::Stats => return Err(Body::Stats(shard.stats_json())),
-        Op::RingChange { phase, version, ballot, state } => {
-            let body = match cluster.membership.borrow().as_ref() {
-                Some(membership) => {
-                    match membership.receive_ring(
-                        phase,
-                        version,
-                        (ballot.time_us, ballot.actor, ballot.counter),
-                        state,
-                    ) {
-                        Ok(answer) => Body::Ring(answer),
-                        Err(error) => Body::Status(Status::UNAVAILABLE, error),
-                    }
-                }
-                None => Body::Status(Status::BAD_REQUEST, "ring messages go to shard 0's own port".into()),
-            };
-            return Err(body);
-        }
         Op::Snapshot { .. }
+        | Op::RingChange { .. }
         | Op::Repair
         | Op::AntiEntropy { .. }
         | Op::Transfer { .. }
