@@ -357,7 +357,16 @@ pub async fn run(launch: ShardLaunch) {
                     Arc::new(ClusterView::forming(launch.node_name.clone(), "the cluster is forming".into()));
                 let anti_entropy = launch.options.anti_entropy;
                 let actor = actor_of(&launch.node_name);
-                match ClusterShard::open(actor, view, peers.clone(), lease, &shard_dir, anti_entropy) {
+                let opened = ClusterShard::open(
+                    storage.clone(),
+                    actor,
+                    view,
+                    peers.clone(),
+                    lease,
+                    &shard_dir,
+                    anti_entropy,
+                );
+                match opened.await {
                     Ok(cluster) => Some(cluster),
                     Err(error) => {
                         let _ = ready.send(Err(format!("shard {index}: opening the hint log: {error}")));

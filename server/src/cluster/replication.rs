@@ -37,7 +37,7 @@ use super::anti_entropy::AntiEntropyOptions;
 use super::coordinator::{
     route, Ack, Consistency, Outcome, ReadRound, Route, WriteCoordinator, WriteVerdict,
 };
-use super::hint_log::{self, LoggedHint};
+use super::hint_log::{self, HintLog, LoggedHint};
 use super::hints::{HintLimits, Hints};
 use super::lease::CounterLease;
 use super::paxos::Acceptor;
@@ -86,9 +86,10 @@ pub struct ClusterShard<S: Storage> {
     pub peers: Rc<PeerPool>,
     pub(crate) lease: CounterLease<S>,
     hints: RefCell<Hints<HintedWrite>>,
-    /// Hint log records not yet appended to `hint_log_path`.
+    /// Hint log records not yet appended to the log.
     hint_log_pending: RefCell<Vec<u8>>,
-    hint_log_path: std::path::PathBuf,
+    /// The log's writer, until the flush task takes it.
+    hint_log: RefCell<Option<HintLog<S>>>,
     pub stats: ReplicationStats,
     /// Shard 0 only: the gossip driver.
     pub membership: RefCell<Option<Rc<super::membership::Membership<S>>>>,
@@ -105,7 +106,9 @@ pub fn actor_of(node_name: &str) -> u32 {
 
 impl<S: Storage> ClusterShard<S> {
     /// Opens the shard's replication state in `shard_dir`, with the hints a previous run left.
-    pub fn open(
+    #[allow(clippy::too_many_arguments)]
+    pub async fn open(
+        storage: S,
         actor: u32,
         view: Arc<ClusterView>,
         peers: Rc<PeerPool>,
@@ -119,14 +122,14 @@ impl<S: Storage> ClusterShard<S> {
         let age_max_us = defaults.age_max_us.min(anti_entropy.settle_ms.saturating_mul(1000));
         let mut hints = Hints::new(HintLimits { age_max_us, ..defaults });
         let mut kept = Vec::new();
-        for logged in hint_log::load(shard_dir)? {
+        for logged in hint_log::load(&storage, shard_dir).await? {
             let versions: Rc<[u8]> = Rc::from(logged.versions.as_slice());
             let size = logged.key.len() + versions.len();
             let id = hints.add(logged.target, (logged.key.clone(), versions), size, monotonic_us());
             kept.push(LoggedHint { id, ..logged });
         }
         // Under the ids this run uses, and without the history of the last.
-        hint_log::rewrite(shard_dir, &kept)?;
+        hint_log::rewrite(&storage, shard_dir, &kept).await?;
         Ok(ClusterShard {
             actor,
             view: RefCell::new(view),
@@ -134,7 +137,7 @@ impl<S: Storage> ClusterShard<S> {
             lease,
             hints: RefCell::new(hints),
             hint_log_pending: RefCell::new(Vec::new()),
-            hint_log_path: shard_dir.join(hint_log::HINT_LOG_FILE),
+            hint_log: RefCell::new(Some(HintLog::new(storage, shard_dir))),
             stats: ReplicationStats::default(),
             membership: RefCell::new(None),
             serial_turns: RefCell::new(std::collections::HashMap::new()),
@@ -768,27 +771,31 @@ async fn finish_read<S: Storage>(
     }
 }
 
-/// Appends the hint log's new records every `FLUSH_INTERVAL`, forever; once nothing is
-/// pending and the log has grown, starts it afresh.
+/// Appends the hint log's new records every `FLUSH_INTERVAL`, forever (records whose append
+/// failed are tried again with the next); once nothing is pending and the log has grown,
+/// starts it afresh.
 pub async fn flush_hint_log<S: Storage>(shard: Rc<Shard<S>>) {
+    let Some(cluster) = shard.cluster.as_ref() else { return };
+    let Some(mut log) = cluster.hint_log.borrow_mut().take() else { return };
     let mut appended = 0usize;
     loop {
         glommio::timer::sleep(hint_log::FLUSH_INTERVAL).await;
-        let Some(cluster) = shard.cluster.as_ref() else { return };
         let bytes = std::mem::take(&mut *cluster.hint_log_pending.borrow_mut());
         if !bytes.is_empty() {
-            appended += bytes.len();
-            let path = cluster.hint_log_path.clone();
-            if let Err(error) =
-                glommio::executor().spawn_blocking(move || hint_log::append(path, bytes)).await
-            {
-                tracing::error!(shard = shard.index, "appending to the hint log: {error}");
+            match log.append(&bytes).await {
+                Ok(()) => appended += bytes.len(),
+                Err(error) => {
+                    tracing::error!(shard = shard.index, "appending to the hint log: {error}");
+                    let mut pending = cluster.hint_log_pending.borrow_mut();
+                    let newer = std::mem::replace(&mut *pending, bytes);
+                    pending.extend(newer);
+                }
             }
         }
         if appended > (1 << 20) && cluster.hints.borrow().pending_count() == 0 {
-            let dir = cluster.hint_log_path.parent().map(std::path::Path::to_path_buf).unwrap_or_default();
-            if glommio::executor().spawn_blocking(move || hint_log::rewrite(&dir, &[])).await.is_ok() {
-                appended = 0;
+            match log.clear().await {
+                Ok(()) => appended = 0,
+                Err(error) => tracing::error!(shard = shard.index, "starting the hint log afresh: {error}"),
             }
         }
     }
