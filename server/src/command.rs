@@ -5,8 +5,8 @@ use std::rc::Rc;
 
 use schema::{Op, Status};
 
-use crate::cluster::coordinator::Consistency;
-use crate::cluster::versions::VersionVector;
+use ::cluster::coordinator::Consistency;
+use ::cluster::versions::VersionVector;
 
 /// An operation on one key, owned so that it can outlive the frame it came in and cross to
 /// another shard.
@@ -33,7 +33,7 @@ pub enum Command {
     /// An atomic read-modify-write of one key (RESP's conditional and counter commands).
     Update {
         key: Vec<u8>,
-        update: crate::update::Update,
+        update: ::cluster::update::Update,
     },
     /// Cluster: coordinate a write to the key's replicas; `value: None` deletes (a tombstone).
     /// `context: None` is a blind (last-writer-wins) write.
@@ -61,7 +61,7 @@ pub enum Command {
     /// SERIAL read); `commit` is how many replicas must hold a write before the answer.
     Serial {
         key: Vec<u8>,
-        op: crate::cluster::serial::SerialOp,
+        op: ::cluster::serial_op::SerialOp,
         commit: Consistency,
         timeout_ms: u64,
     },
@@ -69,7 +69,7 @@ pub enum Command {
     Paxos {
         key: Vec<u8>,
         phase: schema::wire::PaxosPhase,
-        ballot: crate::cluster::paxos::Ballot,
+        ballot: ::cluster::paxos::Ballot,
         proposal: Vec<u8>,
         /// The ring version that placed the proposer (0: not stated).
         ring_version: u64,
@@ -194,7 +194,7 @@ pub enum Reply<V> {
     /// Node to node: a replica's encoded versions (empty: it holds none).
     Versions(Vec<u8>),
     /// The outcome of an `Update`.
-    Updated(crate::update::Answer<V>),
+    Updated(::cluster::update::Answer<V>),
     /// A shard's stats object, as JSON text.
     Stats(String),
 }

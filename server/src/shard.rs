@@ -163,11 +163,12 @@ impl<S: Storage> Shard<S> {
         if !dir.is_absolute() {
             return Err(format!("snapshot directory {} must be an absolute path", dir.display()));
         }
-        if dir.exists() {
+        let storage = self.store.storage();
+        if storage.list_dir(dir).await.is_ok() {
             return Err(format!("snapshot directory {} exists already", dir.display()));
         }
         let data_dir = self.data_dir.clone();
-        std::fs::create_dir_all(dir).map_err(|error| format!("creating {}: {error}", dir.display()))?;
+        storage.create_dir_all(dir).await.map_err(|error| format!("creating {}: {error}", dir.display()))?;
         for target in 0..self.count {
             let shard_dir = dir.join(format!("shard-{target}"));
             let reply = if target == self.index {
@@ -196,12 +197,17 @@ impl<S: Storage> Shard<S> {
             }
         }
         for name in [crate::meta::NODE_FILE, "MODE", crate::cluster::membership::CLUSTER_FILE] {
-            let source = data_dir.join(name);
-            if source.exists() {
-                std::fs::copy(&source, dir.join(name)).map_err(|error| format!("copying {name}: {error}"))?;
+            match crate::storage::copy_file(storage, &data_dir.join(name), &dir.join(name)).await {
+                Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(format!("copying {name}: {error}"))
+                }
+                _ => {}
             }
         }
-        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|error| error.to_string())?;
+        storage.sync_dir(dir).await.map_err(|error| error.to_string())?;
+        if let Some(parent) = dir.parent() {
+            storage.sync_dir(parent).await.map_err(|error| error.to_string())?;
+        }
         Ok(())
     }
 

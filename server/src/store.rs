@@ -65,6 +65,11 @@ pub struct Store<S: Storage> {
 }
 
 impl<S: Storage> Store<S> {
+    /// The file system the shard's files live on.
+    pub fn storage(&self) -> &S {
+        self.engine.storage()
+    }
+
     /// Recovers the shard in `dir`: its tables, then the log records they do not hold.
     pub async fn open(
         storage: S,

@@ -452,20 +452,28 @@ impl<S: Storage> Engine<S> {
             |error: std::io::Error| WalError::Io { path: dest.to_path_buf(), message: error.to_string() };
         let _permit = self.inner.manifest_lock.acquire_permit(1).await;
         let manifest = self.inner.manifest.borrow().clone();
-        std::fs::create_dir_all(dest).map_err(io_error)?;
+        let storage = &self.inner.storage;
+        storage.create_dir_all(dest).await.map_err(io_error)?;
         for &id in &manifest.table_ids {
             let name = manifest::table_file_name(id);
-            std::fs::hard_link(self.inner.dir.join(&name), dest.join(&name)).map_err(io_error)?;
+            storage.hard_link(&self.inner.dir.join(&name), &dest.join(&name)).await.map_err(io_error)?;
         }
-        let lease = self.inner.dir.join(crate::cluster::lease::LEASE_FILE);
-        if lease.exists() {
-            std::fs::copy(&lease, dest.join(crate::cluster::lease::LEASE_FILE)).map_err(io_error)?;
+        let lease_name = crate::cluster::lease::LEASE_FILE;
+        match crate::storage::copy_file(storage, &self.inner.dir.join(lease_name), &dest.join(lease_name))
+            .await
+        {
+            Err(error) if error.kind() != std::io::ErrorKind::NotFound => return Err(io_error(error)),
+            _ => {}
         }
-        let mut file = std::fs::File::create(dest.join(manifest::MANIFEST_FILE)).map_err(io_error)?;
-        std::io::Write::write_all(&mut file, &manifest::encode(&manifest)).map_err(io_error)?;
-        file.sync_all().map_err(io_error)?;
-        std::fs::File::open(dest).and_then(|dir| dir.sync_all()).map_err(io_error)?;
+        crate::storage::replace_file(storage, dest, manifest::MANIFEST_FILE, &manifest::encode(&manifest))
+            .await
+            .map_err(io_error)?;
         Ok(manifest.flushed_seq)
+    }
+
+    /// The file system the engine's files live on.
+    pub fn storage(&self) -> &S {
+        &self.inner.storage
     }
 
     /// Flushes everything in the memtables to tables, and waits until it is installed.

@@ -79,6 +79,11 @@ impl Storage for DmaStorage {
     async fn remove(&self, path: &Path) -> io::Result<()> {
         glommio::io::remove(path).await.map_err(io::Error::from)
     }
+
+    async fn hard_link(&self, from: &Path, to: &Path) -> io::Result<()> {
+        // glommio has no asynchronous link; a link is one metadata update (snapshots only).
+        std::fs::hard_link(from, to)
+    }
 }
 
 impl StorageFile for DmaStorageFile {

@@ -66,6 +66,32 @@ pub trait Storage: Clone + 'static {
     async fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
     /// Removes a file's name; open handles keep working.
     async fn remove(&self, path: &Path) -> io::Result<()>;
+    /// Gives the file `from` a second name `to` (same file system); durable after
+    /// [`Storage::sync_dir`] on `to`'s directory.
+    async fn hard_link(&self, from: &Path, to: &Path) -> io::Result<()>;
+}
+
+/// Copies the file `from` to the new file `to`, synced (the caller syncs `to`'s directory).
+pub async fn copy_file<S: Storage>(storage: &S, from: &Path, to: &Path) -> io::Result<()> {
+    let source = storage.open(from).await?;
+    let read = async {
+        let size = source.size().await?;
+        source.read_at(0, size as usize).await
+    }
+    .await;
+    let _ = source.close().await;
+    let mut bytes = read?;
+    let size = bytes.len() as u64;
+    bytes.resize(block_align_up(size) as usize, 0);
+    let target = storage.create(to).await?;
+    let written = async {
+        target.write_at(0, &bytes).await?;
+        target.truncate(size).await?;
+        target.sync_data().await
+    }
+    .await;
+    let _ = target.close().await;
+    written
 }
 
 /// One open file. Writes are whole blocks at block-aligned offsets.

@@ -316,6 +316,17 @@ impl Storage for SimStorage {
         state.names.remove(path).ok_or_else(|| not_found(path))?;
         Ok(())
     }
+
+    async fn hard_link(&self, from: &Path, to: &Path) -> io::Result<()> {
+        self.check_alive()?;
+        let mut state = self.state.borrow_mut();
+        let inode = *state.names.get(from).ok_or_else(|| not_found(from))?;
+        if state.names.contains_key(to) {
+            return Err(io::Error::new(io::ErrorKind::AlreadyExists, to.display().to_string()));
+        }
+        state.names.insert(to.to_path_buf(), inode);
+        Ok(())
+    }
 }
 
 /// An open simulated file.
