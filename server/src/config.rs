@@ -11,7 +11,7 @@ use std::path::Path;
 use anyhow::{bail, Context};
 use clap::CommandFactory;
 
-use crate::node::Args;
+use crate::args::Args;
 
 /// Flags that make no sense in a file.
 const NOT_IN_FILE: [&str; 3] = ["config", "help", "version"];

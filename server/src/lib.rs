@@ -4,16 +4,19 @@
 //! each runs `shard`, which owns a `store` (index + `wal`) and serves `net` connections;
 //! `mesh` carries requests between shards; every disk access goes through `storage`.
 
+pub mod args;
 pub mod clock;
 pub mod cluster;
 pub mod command;
 pub mod config;
 pub mod engine;
 pub mod event;
+pub mod launch;
 pub mod le;
 pub mod mesh;
 pub mod meta;
 pub mod metrics;
+pub mod metrics_server;
 pub mod net;
 pub mod node;
 pub mod preflight;

@@ -1,7 +1,6 @@
 //! Metrics: each shard counts its own requests (plain cells on its thread, no atomics on the
-//! data path), and `--metrics-listen` serves `GET /metrics` (Prometheus text format 0.0.4)
-//! and `GET /health` from shard 0, which gathers every shard's figures over the mesh per
-//! scrape.
+//! data path), and `render` writes every shard's figures in the Prometheus text format 0.0.4
+//! (`metrics_server.rs` serves them).
 //!
 //! The exposition is written here rather than with a registry crate: the figures live in
 //! per-shard cells gathered as snapshots, which a registry of shared atomic metrics does not
@@ -10,16 +9,12 @@
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::rc::Rc;
 use std::time::Duration;
 
-use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use schema::Status;
 use serde_json::{json, Value};
 
 use crate::command::{Command, LocalReply, Reply};
-use crate::shard::Shard;
-use crate::storage::Storage;
 
 /// Upper bounds of the latency buckets, in microseconds.
 pub const BUCKETS_US: [u64; 14] = [
@@ -53,10 +48,10 @@ pub fn op_name(command: &Command) -> &'static str {
         Command::Write { value: None, .. } => "delete",
         Command::Cas { .. } => "cas",
         Command::Update { .. } => "update",
-        Command::Serial { op: crate::cluster::serial::SerialOp::Read { .. }, .. } => "get",
-        Command::Serial { op: crate::cluster::serial::SerialOp::Cas { .. }, .. } => "cas",
-        Command::Serial { op: crate::cluster::serial::SerialOp::Write { value: Some(_), .. }, .. } => "put",
-        Command::Serial { op: crate::cluster::serial::SerialOp::Write { value: None, .. }, .. } => "delete",
+        Command::Serial { op: ::cluster::serial_op::SerialOp::Read { .. }, .. } => "get",
+        Command::Serial { op: ::cluster::serial_op::SerialOp::Cas { .. }, .. } => "cas",
+        Command::Serial { op: ::cluster::serial_op::SerialOp::Write { value: Some(_), .. }, .. } => "put",
+        Command::Serial { op: ::cluster::serial_op::SerialOp::Write { value: None, .. }, .. } => "delete",
         Command::Serial { .. } => "update",
         Command::Paxos { .. } => "paxos",
         Command::Replicate { .. } => "replicate",
@@ -222,81 +217,4 @@ pub fn render(node: &str, shards: &[Value]) -> String {
         }
     }
     out
-}
-
-/// Every shard's stats object: this one's, and the others' over the mesh.
-pub async fn gather<S: Storage>(shard: &Rc<Shard<S>>) -> Vec<Value> {
-    let mut shards = vec![shard.stats_value()];
-    if let Some(mesh) = &shard.mesh {
-        for target in (0..shard.count).filter(|&t| t != shard.index) {
-            if let Reply::Stats(text) = mesh.forward(target, Command::ShardStats).await {
-                shards.push(serde_json::from_str(&text).unwrap_or(Value::Null));
-            }
-        }
-    }
-    shards
-}
-
-/// Whether the node serves, and if not why (for `/health`).
-fn health<S: Storage>(shard: &Shard<S>) -> Result<(), String> {
-    if let Some(error) = shard.store.wal().failure() {
-        return Err(format!("the write path stopped: {error}"));
-    }
-    if let Some(cluster) = &shard.cluster {
-        let view = cluster.view();
-        if view.formed.is_none() {
-            return Err(view.forming_note.clone());
-        }
-    }
-    Ok(())
-}
-
-/// Serves `/metrics` and `/health` on `listener` (shard 0), one request per connection.
-pub async fn serve<S: Storage>(listener: glommio::net::TcpListener, shard: Rc<Shard<S>>) {
-    loop {
-        let Ok(mut stream) = listener.accept().await else {
-            glommio::timer::sleep(Duration::from_millis(50)).await;
-            continue;
-        };
-        let shard = shard.clone();
-        glommio::spawn_local(async move {
-            let mut request = Vec::new();
-            let mut buffer = [0u8; 1024];
-            let read = async {
-                while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 8192 {
-                    match stream.read(&mut buffer).await {
-                        Ok(0) | Err(_) => return false,
-                        Ok(count) => request.extend_from_slice(&buffer[..count]),
-                    }
-                }
-                true
-            };
-            let deadline = async {
-                glommio::timer::sleep(Duration::from_secs(10)).await;
-                false
-            };
-            if !futures_lite::future::or(read, deadline).await {
-                return;
-            }
-            let line = String::from_utf8_lossy(&request);
-            let target = line.split_whitespace().nth(1).unwrap_or("");
-            let (status, body) = match (line.starts_with("GET "), target) {
-                (true, "/metrics") => ("200 OK", render(&shard.hello.node_id, &gather(&shard).await)),
-                (true, "/health") => match health(&shard) {
-                    Ok(()) => ("200 OK", "ok\n".to_string()),
-                    Err(reason) => ("503 Service Unavailable", format!("{reason}\n")),
-                },
-                (true, _) => ("404 Not Found", "GET /metrics or /health\n".to_string()),
-                (false, _) => ("405 Method Not Allowed", "GET only\n".to_string()),
-            };
-            let response = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n\
-                 Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = stream.write_all(response.as_bytes()).await;
-            let _ = stream.close().await;
-        })
-        .detach();
-    }
 }

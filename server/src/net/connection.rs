@@ -39,18 +39,6 @@ const LARGE_FRAME_SIZE: usize = 64 << 10;
 /// Read buffer of an idle; it grows to hold one frame and shrinks back.
 const READ_BUFFER_SIZE_MIN: usize = 8 << 10;
 
-/// Per-connection limits, set by flags.
-#[derive(Debug, Clone, Copy)]
-pub struct ConnectionLimits {
-    pub inflight_max: usize,
-    pub idle_timeout: Duration,
-    /// Time a frame may take to arrive once its first bytes have.
-    pub frame_timeout: Duration,
-    pub write_timeout: Duration,
-    pub request_timeout_default: Duration,
-    pub request_timeout_max: Duration,
-}
-
 enum Body {
     Reply(LocalReply),
     Hello,
