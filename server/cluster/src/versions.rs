@@ -27,6 +27,12 @@ use schema::peer::{Ballot, CHOSEN_WRITE_COUNT_MAX};
 /// A writer's identity in version vectors: the node id.
 pub type Actor = u32;
 
+/// The actor of a node: its id hashed to 32 bits (members are checked for collisions when
+/// the cluster forms).
+pub fn actor_of(node_name: &str) -> Actor {
+    (schema::key_hash(node_name.as_bytes()) >> 32) as u32
+}
+
 /// What a coordinator lets a key grow to: a write with a context that would take the key's
 /// siblings past either bound is refused (`SIBLINGS_FULL`), so its writer is told. Merges are
 /// never bounded by these: they keep every sibling.

@@ -25,6 +25,7 @@ use schema::peer::{encode_merkle, MerkleData, MERKLE_KEY_COUNT_MAX};
 use schema::{Op, Status};
 
 use super::merkle::{self, Comparison, Tree};
+pub use super::options::{AntiEntropyOptions, AntiEntropyStats};
 use super::peer::PeerRequest;
 use super::record::{encode_versions, paxos_state_forgettable, Record};
 use super::replication::{absorb_record, decode_record, merge_local, remote_versions};
@@ -40,37 +41,6 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const REPAIR_CONCURRENCY: usize = 16;
 /// The shortest pause between two partitions of a pass.
 const PAUSE_MIN: Duration = Duration::from_millis(1);
-
-#[derive(Debug, Clone, Copy)]
-pub struct AntiEntropyOptions {
-    /// One pass over the shard's partitions takes this long; zero turns the background
-    /// passes off (`kvctl repair` still runs one).
-    pub interval: Duration,
-    /// A key dead (tombstones and expired values only) for this long is settled: it no longer
-    /// takes part in comparisons, and may be purged once every replica agrees.
-    pub settle_ms: u64,
-}
-
-impl Default for AntiEntropyOptions {
-    fn default() -> Self {
-        AntiEntropyOptions { interval: Duration::from_secs(60), settle_ms: 3_600_000 }
-    }
-}
-
-#[derive(Debug, Default)]
-pub struct AntiEntropyStats {
-    pub passes: Cell<u64>,
-    pub partitions_compared: Cell<u64>,
-    pub partitions_differing: Cell<u64>,
-    pub keys_repaired: Cell<u64>,
-    pub tombstones_purged: Cell<u64>,
-    pub last_pass_ms: Cell<u64>,
-    /// Copied onto this shard by ring-change transfers.
-    pub streamed_bytes: Cell<u64>,
-    pub streamed_keys: Cell<u64>,
-    /// Dropped after a ring change moved their ranges elsewhere.
-    pub moved_keys_dropped: Cell<u64>,
-}
 
 fn bump(cell: &Cell<u64>, by: u64) {
     cell.set(cell.get() + by);

@@ -27,7 +27,8 @@ use schema::peer::{decode_gossip, encode_gossip, GossipData, GossipKind, GossipN
 use schema::wire::RingPhase;
 use schema::{wire, Consistency, Op};
 
-use super::gossip::{Gossip, GossipConfig, Message, NodeState, NodeStatus};
+use super::gossip::{Gossip, Message, NodeState, NodeStatus};
+pub use super::options::ClusterOptions;
 use super::peer::{PeerPool, PeerRequest};
 use super::ring::NodeId;
 use super::ring_change::{
@@ -36,6 +37,7 @@ use super::ring_change::{
 use super::ring_file::{self, RingFile};
 use super::ring_state::{RingAcceptor, RingAnswer, RingBallot, RingState};
 use super::rng::Rng;
+use super::versions::actor_of;
 use super::view::{parse_address, ClusterView, Formed, NodeInfo};
 use crate::storage::Storage;
 
@@ -43,33 +45,12 @@ pub use super::ring_file::CLUSTER_FILE;
 /// How long one ring message may take.
 const RING_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// What the operator chose, from flags.
-#[derive(Debug, Clone)]
-pub struct ClusterOptions {
-    /// Nodes the cluster forms with.
-    pub cluster_size: usize,
-    pub replica_count: usize,
-    pub partition_bits: u32,
-    /// Other nodes' client addresses.
-    pub seeds: Vec<SocketAddr>,
-    /// This node's client port (--listen), announced in gossip for `kvctl status`.
-    pub client_port: u16,
-    pub gossip: GossipConfig,
-    pub anti_entropy: super::anti_entropy::AntiEntropyOptions,
-    /// Join the running cluster the seeds belong to.
-    pub join: bool,
-    /// Join in place of this dead member.
-    pub replace: Option<String>,
-    /// Transfers a change driven by this node copy at most this many bytes a second.
-    pub stream_bytes_per_s: u64,
-}
-
 fn check_members(state: &RingState) -> Result<(), String> {
     if state.replica_count == 0 || state.replica_count > state.members.len() {
         return Err(format!("replica count {} with {} members", state.replica_count, state.members.len()));
     }
     // Version vectors name nodes by a 32-bit hash of their id: two members must differ.
-    let mut actors: Vec<u32> = state.members.iter().map(|name| super::replication::actor_of(name)).collect();
+    let mut actors: Vec<u32> = state.members.iter().map(|name| actor_of(name)).collect();
     actors.sort_unstable();
     if actors.windows(2).any(|pair| pair[0] == pair[1]) {
         return Err(
@@ -276,7 +257,7 @@ impl<S: Storage> Membership<S> {
             announce(&mut state, &ring.committed);
         }
         let gossip = Gossip::new(me.clone(), state, Vec::new(), options.gossip, generation ^ 0x9e37_79b9);
-        let rng = Rng::new(generation ^ u64::from(super::replication::actor_of(&me)));
+        let rng = Rng::new(generation ^ u64::from(actor_of(&me)));
         Ok(Membership {
             me,
             options,
@@ -575,12 +556,7 @@ impl<S: Storage> Membership<S> {
             .map_or(1, |d| d.as_micros() as u64);
         let promised = self.ring.borrow().as_ref().map_or((0, 0, 0), |ring| ring.promised);
         self.ballot_counter.set(self.ballot_counter.get() + 1);
-        ring_change::next_ballot(
-            now_us,
-            promised,
-            super::replication::actor_of(&self.me),
-            self.ballot_counter.get(),
-        )
+        ring_change::next_ballot(now_us, promised, actor_of(&self.me), self.ballot_counter.get())
     }
 
     fn address_of(&self, name: &str) -> Option<SocketAddr> {

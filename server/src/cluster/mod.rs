@@ -7,6 +7,7 @@ pub mod anti_entropy;
 pub mod hint_log;
 pub mod lease;
 pub mod membership;
+pub mod options;
 pub mod peer;
 pub mod replication;
 pub mod ring_file;

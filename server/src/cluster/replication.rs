@@ -33,13 +33,13 @@ use futures::StreamExt;
 use schema::peer::decode_key_versions;
 use schema::{Op, ResponseView, Status};
 
-use super::anti_entropy::AntiEntropyOptions;
 use super::coordinator::{
     route, Ack, Consistency, Outcome, ReadRound, Route, WriteCoordinator, WriteVerdict,
 };
 use super::hint_log::{self, HintLog, LoggedHint};
 use super::hints::{HintLimits, Hints};
 use super::lease::CounterLease;
+use super::options::{AntiEntropyOptions, AntiEntropyStats};
 use super::paxos::Acceptor;
 use super::peer::{PeerError, PeerPool, PeerRequest};
 pub use super::record::Page;
@@ -48,6 +48,7 @@ use super::record::{
     SIBLING_LIMITS,
 };
 use super::ring::NodeId;
+pub use super::versions::actor_of;
 use super::versions::{check_growth, Dot, Sibling, VersionVector, Versions};
 use super::view::ClusterView;
 use crate::clock::now_ms;
@@ -72,7 +73,7 @@ pub struct ReplicationStats {
     /// Merges refused because the key's versions would not fit in a stored value (nothing
     /// dropped: the sender keeps them).
     pub oversized_merge_count: std::cell::Cell<u64>,
-    pub anti_entropy: super::anti_entropy::AntiEntropyStats,
+    pub anti_entropy: AntiEntropyStats,
 }
 
 /// A write kept for a replica that missed it: the key and its encoded versions.
@@ -96,12 +97,6 @@ pub struct ClusterShard<S: Storage> {
     /// One Paxos proposal at a time per key from this shard (see `serial.rs`).
     pub(crate) serial_turns: RefCell<std::collections::HashMap<Vec<u8>, Rc<glommio::sync::Semaphore>>>,
     pub anti_entropy: AntiEntropyOptions,
-}
-
-/// The actor of a node: its id hashed to 32 bits (members are checked for collisions when
-/// the cluster forms).
-pub fn actor_of(node_name: &str) -> u32 {
-    (schema::key_hash(node_name.as_bytes()) >> 32) as u32
 }
 
 impl<S: Storage> ClusterShard<S> {
