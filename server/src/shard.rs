@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use schema::{shard_of, HelloInfo, Status};
 
+use crate::cluster::host::Host;
 use crate::cluster::replication::{self, ClusterShard};
 use crate::command::{Command, LocalReply, Reply};
 use crate::mesh::Mesh;
@@ -52,6 +53,24 @@ pub struct Shard<S: Storage> {
     pub cluster: Option<ClusterShard<S>>,
     /// The node's data directory.
     pub data_dir: PathBuf,
+}
+
+impl<S: Storage> Host<S> for Shard<S> {
+    fn store(&self) -> &Store<S> {
+        &self.store
+    }
+
+    fn cluster(&self) -> Option<&ClusterShard<S>> {
+        self.cluster.as_ref()
+    }
+
+    fn index(&self) -> usize {
+        self.index
+    }
+
+    fn count(&self) -> usize {
+        self.count
+    }
 }
 
 impl<S: Storage> Shard<S> {

@@ -24,6 +24,7 @@ use futures::StreamExt;
 use schema::peer::{encode_merkle, MerkleData, MERKLE_KEY_COUNT_MAX};
 use schema::{Op, Status};
 
+use super::host::Host;
 use super::merkle::{self, Comparison, Tree};
 pub use super::options::{AntiEntropyOptions, AntiEntropyStats};
 use super::peer::PeerRequest;
@@ -32,7 +33,6 @@ use super::replication::{absorb_record, decode_record, merge_local, remote_versi
 use super::ring::NodeId;
 use super::view::{ClusterView, NodeInfo};
 use crate::clock::now_ms;
-use crate::shard::Shard;
 use crate::storage::Storage;
 
 /// How long one anti-entropy request may take.
@@ -87,15 +87,15 @@ struct Scanned {
 
 /// Scans this shard's keys of `partition`, only those shard `index` of `count` would own
 /// when `filter` is given.
-async fn scan<S: Storage>(
-    shard: &Shard<S>,
+async fn scan<S: Storage, H: Host<S>>(
+    shard: &H,
     partition: usize,
     partition_bits: u32,
     filter: Option<(usize, usize)>,
     settle_ms: u64,
 ) -> Result<Scanned, String> {
     let (first, last) = merkle::token_range(partition, partition_bits);
-    let entries = shard.store.engine().scan_tokens(first, last).await.map_err(|error| error.to_string())?;
+    let entries = shard.store().engine().scan_tokens(first, last).await.map_err(|error| error.to_string())?;
     let now = now_ms();
     let mut scanned = Scanned::default();
     for (key, entry) in entries {
@@ -120,15 +120,15 @@ async fn scan<S: Storage>(
 }
 
 /// Replica side of `AntiEntropy`: the encoded `MerkleReply`.
-pub async fn serve<S: Storage>(
-    shard: &Shard<S>,
+pub async fn serve<S: Storage, H: Host<S>>(
+    shard: &H,
     partition: u32,
     partition_bits: u8,
     shard_count: u16,
     shard_index: u16,
     leaves: u64,
 ) -> Result<Vec<u8>, String> {
-    let settle_ms = shard.cluster.as_ref().map_or(0, |cluster| cluster.anti_entropy.settle_ms);
+    let settle_ms = shard.cluster().map_or(0, |cluster| cluster.anti_entropy.settle_ms);
     let filter = Some((usize::from(shard_count), usize::from(shard_index)));
     let bits = u32::from(partition_bits);
     let scanned = scan(shard, partition as usize, bits, filter, settle_ms).await?;
@@ -149,14 +149,14 @@ pub async fn serve<S: Storage>(
 
 /// Asks every shard of `node` for its part of the partition's tree (`leaves == 0`) or keys,
 /// as seen from this shard; `None` if any shard does not answer.
-async fn ask<S: Storage>(
-    shard: &Shard<S>,
+async fn ask<S: Storage, H: Host<S>>(
+    shard: &H,
     info: &NodeInfo,
     partition: usize,
     partition_bits: u32,
     leaves: u64,
 ) -> Option<(Tree, Vec<(Vec<u8>, u64)>)> {
-    let cluster = shard.cluster.as_ref()?;
+    let cluster = shard.cluster()?;
     let mut tree = Tree::default();
     let mut keys = Vec::new();
     for &port in &info.shard_ports {
@@ -164,8 +164,8 @@ async fn ask<S: Storage>(
         let op = Op::AntiEntropy {
             partition: partition as u32,
             partition_bits: partition_bits as u8,
-            shard_count: shard.count as u16,
-            shard_index: shard.index as u16,
+            shard_count: shard.count() as u16,
+            shard_index: shard.index() as u16,
             leaves,
         };
         let request =
@@ -186,16 +186,16 @@ async fn ask<S: Storage>(
 
 /// Brings `key` to the same versions here and on `node`: `Some(true)` if either side
 /// changed, `None` if the replica did not answer.
-async fn repair_key<S: Storage>(
-    shard: &Shard<S>,
+async fn repair_key<S: Storage, H: Host<S>>(
+    shard: &H,
     view: &ClusterView,
     node: NodeId,
     key: &[u8],
 ) -> Option<bool> {
-    let cluster = shard.cluster.as_ref()?;
+    let cluster = shard.cluster()?;
     let address = view.replica_address(node, key);
     let theirs = remote_versions(shard, address, key, REQUEST_TIMEOUT).await?;
-    let mine = match shard.store.read_raw(key).await {
+    let mine = match shard.store().read_raw(key).await {
         Ok(bytes) => decode_record(bytes.as_deref()).ok()?.versions,
         Err(_) => return None,
     };
@@ -223,11 +223,11 @@ async fn repair_key<S: Storage>(
 
 /// Purges the settled keys of a partition every replica agreed on; re-checks each one in the
 /// same step as its removal, so a write that arrived since the scan keeps it.
-async fn purge<S: Storage>(shard: &Shard<S>, keys: &[Vec<u8>], settle_ms: u64) -> u64 {
+async fn purge<S: Storage, H: Host<S>>(shard: &H, keys: &[Vec<u8>], settle_ms: u64) -> u64 {
     let mut purged = 0;
     for key in keys {
         let removed = shard
-            .store
+            .store()
             .remove_raw_if(key, |bytes| {
                 let record: Record = match decode_record(Some(bytes)) {
                     Ok(record) => record,
@@ -245,10 +245,13 @@ async fn purge<S: Storage>(shard: &Shard<S>, keys: &[Vec<u8>], settle_ms: u64) -
 }
 
 /// Compares one partition with its other replicas and repairs what differs.
-pub async fn compare_partition<S: Storage>(shard: &Shard<S>, view: &ClusterView, partition: usize) -> Report {
+pub async fn compare_partition<S: Storage, H: Host<S>>(
+    shard: &H,
+    view: &ClusterView,
+    partition: usize,
+) -> Report {
     let mut report = Report::default();
-    let (Some(cluster), Some(formed), Some(me)) =
-        (shard.cluster.as_ref(), view.formed.as_ref(), view.my_id())
+    let (Some(cluster), Some(formed), Some(me)) = (shard.cluster(), view.formed.as_ref(), view.my_id())
     else {
         return report;
     };
@@ -318,9 +321,9 @@ fn my_partitions(view: &ClusterView) -> Vec<usize> {
 }
 
 /// One pass over every partition this node replicates, at once (`kvctl repair`).
-pub async fn repair_now<S: Storage>(shard: &Shard<S>) -> Report {
+pub async fn repair_now<S: Storage, H: Host<S>>(shard: &H) -> Report {
     let mut report = Report::default();
-    let Some(cluster) = shard.cluster.as_ref() else { return report };
+    let Some(cluster) = shard.cluster() else { return report };
     let view = cluster.view();
     for partition in my_partitions(&view) {
         report.add(&compare_partition(shard, &view, partition).await);
@@ -329,8 +332,8 @@ pub async fn repair_now<S: Storage>(shard: &Shard<S>) -> Report {
 }
 
 /// The background passes, forever (run in a task queue with few shares).
-pub async fn run<S: Storage>(shard: Rc<Shard<S>>) {
-    let Some(cluster) = shard.cluster.as_ref() else { return };
+pub async fn run<S: Storage, H: Host<S>>(shard: Rc<H>) {
+    let Some(cluster) = shard.cluster() else { return };
     let interval = cluster.anti_entropy.interval;
     if interval.is_zero() {
         return;
@@ -358,12 +361,12 @@ pub async fn run<S: Storage>(shard: Rc<Shard<S>>) {
 /// Copies `partition` onto this shard from `sources` (node names): every key they hold that
 /// this shard would own, merged into ours (a ring change's transfer; safe to repeat). Returns
 /// (keys that changed here, bytes received).
-pub async fn pull_partition<S: Storage>(
-    shard: &Shard<S>,
+pub async fn pull_partition<S: Storage, H: Host<S>>(
+    shard: &H,
     partition: usize,
     sources: &[String],
 ) -> Result<(u64, u64), String> {
-    let cluster = shard.cluster.as_ref().ok_or("not a cluster node")?;
+    let cluster = shard.cluster().ok_or("not a cluster node")?;
     let view = cluster.view();
     let formed = view.formed.as_ref().ok_or("the cluster is not formed")?;
     let bits = formed.partition_bits;
@@ -394,12 +397,12 @@ pub async fn pull_partition<S: Storage>(
 }
 
 /// Reads one key's versions from a source and merges them here: (changed, bytes received).
-async fn pull_key<S: Storage>(
-    shard: &Shard<S>,
+async fn pull_key<S: Storage, H: Host<S>>(
+    shard: &H,
     source: &NodeInfo,
     key: &[u8],
 ) -> Result<(bool, u64), String> {
-    let cluster = shard.cluster.as_ref().ok_or("not a cluster node")?;
+    let cluster = shard.cluster().ok_or("not a cluster node")?;
     let address = source.shard_address(key).ok_or("no address for the source's shard")?;
     let op = Op::ReadReplica { key };
     let request =
@@ -429,8 +432,8 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Hands `key`'s versions (stored as `bytes`) to its current replicas: whether every one of
 /// them acknowledged.
-async fn hand_off<S: Storage>(shard: &Shard<S>, view: &ClusterView, key: &[u8], bytes: &[u8]) -> bool {
-    let Some(cluster) = shard.cluster.as_ref() else { return false };
+async fn hand_off<S: Storage, H: Host<S>>(shard: &H, view: &ClusterView, key: &[u8], bytes: &[u8]) -> bool {
+    let Some(cluster) = shard.cluster() else { return false };
     let Ok(record) = decode_record(Some(bytes)) else { return false };
     let versions = encode_versions(&record.versions);
     let Some(replicas) = view.preference_list(key) else { return false };
@@ -451,8 +454,8 @@ async fn hand_off<S: Storage>(shard: &Shard<S>, view: &ClusterView, key: &[u8], 
 /// completed (and been in force for `DROP_DELAY`), at start, and every `SWEEP_INTERVAL`. Each
 /// key is first handed to its current replicas (a write that a coordinator with a stale ring
 /// sent here is not lost) and removed only once they all acknowledged it, unchanged since.
-pub async fn drop_moved_ranges<S: Storage>(shard: Rc<Shard<S>>) {
-    let Some(cluster) = shard.cluster.as_ref() else { return };
+pub async fn drop_moved_ranges<S: Storage, H: Host<S>>(shard: Rc<H>) {
+    let Some(cluster) = shard.cluster() else { return };
     let mut swept: Option<(u64, Instant)> = None;
     let mut stable_since: Option<(u64, Instant)> = None;
     loop {
@@ -479,7 +482,7 @@ pub async fn drop_moved_ranges<S: Storage>(shard: Rc<Shard<S>>) {
                 continue;
             }
             let (first, last) = merkle::token_range(partition, formed.partition_bits);
-            let Ok(entries) = shard.store.engine().scan_tokens(first, last).await else { continue };
+            let Ok(entries) = shard.store().engine().scan_tokens(first, last).await else { continue };
             let now = now_ms();
             for (key, entry) in entries.iter().filter(|(_, entry)| entry.is_live(now)) {
                 let Some(bytes) = entry.value.as_deref() else { continue };
@@ -487,14 +490,14 @@ pub async fn drop_moved_ranges<S: Storage>(shard: Rc<Shard<S>>) {
                     kept += 1;
                     continue;
                 }
-                if shard.store.remove_raw_if(key, |current| current == bytes).await == Ok(true) {
+                if shard.store().remove_raw_if(key, |current| current == bytes).await == Ok(true) {
                     dropped += 1;
                 }
             }
         }
         if dropped + kept > 0 {
             tracing::info!(
-                shard = shard.index,
+                shard = shard.index(),
                 "ranges this node no longer replicates: {dropped} keys handed off and dropped, {kept} kept for now"
             );
         }

@@ -5,6 +5,7 @@
 
 pub mod anti_entropy;
 pub mod hint_log;
+pub mod host;
 pub mod lease;
 pub mod membership;
 pub mod options;
@@ -12,6 +13,7 @@ pub mod peer;
 pub mod replication;
 pub mod ring_file;
 pub mod serial;
+pub mod state;
 
 pub use ::cluster::{
     coordinator, failure_detector, gossip, hints, merkle, paxos, record, ring, ring_change, ring_state, rng,

@@ -23,10 +23,9 @@
 //! answered or the deadline passes, and then sends the merged versions to the replicas that
 //! lacked something (read repair).
 
-use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::channel::{mpsc, oneshot};
 use futures::StreamExt;
@@ -36,176 +35,29 @@ use schema::{Op, ResponseView, Status};
 use super::coordinator::{
     route, Ack, Consistency, Outcome, ReadRound, Route, WriteCoordinator, WriteVerdict,
 };
-use super::hint_log::{self, HintLog, LoggedHint};
-use super::hints::{HintLimits, Hints};
-use super::lease::CounterLease;
-use super::options::{AntiEntropyOptions, AntiEntropyStats};
+use super::hint_log::{self};
+use super::host::Host;
 use super::paxos::Acceptor;
-use super::peer::{PeerError, PeerPool, PeerRequest};
+use super::peer::{PeerError, PeerRequest};
 pub use super::record::Page;
 use super::record::{
     self, encode_versions, live_value, value_size, versions_from_data, Record, RecordTooLarge, Value,
     SIBLING_LIMITS,
 };
 use super::ring::NodeId;
+use super::state::monotonic_us;
+pub use super::state::{ClusterShard, HintedWrite, ReplicationStats};
 pub use super::versions::actor_of;
 use super::versions::{check_growth, Dot, Sibling, VersionVector, Versions};
 use super::view::ClusterView;
 use crate::clock::now_ms;
 use crate::command::{LocalReply, Reply, Version};
-use crate::shard::Shard;
 use crate::storage::Storage;
 
 /// How far ahead of this node's clock a peer's timestamp may move it.
 pub const CLOCK_SKEW_MAX_US: u64 = 5_000_000;
 /// How often a shard looks for hints to replay.
 const HINT_REPLAY_INTERVAL: Duration = Duration::from_millis(200);
-
-#[derive(Debug, Default)]
-pub struct ReplicationStats {
-    pub read_repair_count: std::cell::Cell<u64>,
-    pub hint_count: std::cell::Cell<u64>,
-    pub hint_replayed_count: std::cell::Cell<u64>,
-    pub forwarded_count: std::cell::Cell<u64>,
-    pub unavailable_count: std::cell::Cell<u64>,
-    /// Writes refused with `SIBLINGS_FULL`.
-    pub siblings_full_count: std::cell::Cell<u64>,
-    /// Merges refused because the key's versions would not fit in a stored value (nothing
-    /// dropped: the sender keeps them).
-    pub oversized_merge_count: std::cell::Cell<u64>,
-    pub anti_entropy: AntiEntropyStats,
-}
-
-/// A write kept for a replica that missed it: the key and its encoded versions.
-pub type HintedWrite = (Vec<u8>, Rc<[u8]>);
-
-/// One shard's replication state.
-pub struct ClusterShard<S: Storage> {
-    /// This node's actor in version vectors.
-    pub actor: u32,
-    view: RefCell<Arc<ClusterView>>,
-    pub peers: Rc<PeerPool>,
-    pub(crate) lease: CounterLease<S>,
-    hints: RefCell<Hints<HintedWrite>>,
-    /// Hint log records not yet appended to the log.
-    hint_log_pending: RefCell<Vec<u8>>,
-    /// The log's writer, until the flush task takes it.
-    hint_log: RefCell<Option<HintLog<S>>>,
-    pub stats: ReplicationStats,
-    /// Shard 0 only: the gossip driver.
-    pub membership: RefCell<Option<Rc<super::membership::Membership<S>>>>,
-    /// One Paxos proposal at a time per key from this shard (see `serial.rs`).
-    pub(crate) serial_turns: RefCell<std::collections::HashMap<Vec<u8>, Rc<glommio::sync::Semaphore>>>,
-    pub anti_entropy: AntiEntropyOptions,
-}
-
-impl<S: Storage> ClusterShard<S> {
-    /// Opens the shard's replication state in `shard_dir`, with the hints a previous run left.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn open(
-        storage: S,
-        actor: u32,
-        view: Arc<ClusterView>,
-        peers: Rc<PeerPool>,
-        lease: CounterLease<S>,
-        shard_dir: &std::path::Path,
-        anti_entropy: AntiEntropyOptions,
-    ) -> std::io::Result<ClusterShard<S>> {
-        // A hint must never outlive the settle time: a purged tombstone's key would take the
-        // hinted older write back (see `anti_entropy`).
-        let defaults = HintLimits::default();
-        let age_max_us = defaults.age_max_us.min(anti_entropy.settle_ms.saturating_mul(1000));
-        let mut hints = Hints::new(HintLimits { age_max_us, ..defaults });
-        let mut kept = Vec::new();
-        for logged in hint_log::load(&storage, shard_dir).await? {
-            let versions: Rc<[u8]> = Rc::from(logged.versions.as_slice());
-            let size = logged.key.len() + versions.len();
-            let id = hints.add(logged.target, (logged.key.clone(), versions), size, monotonic_us());
-            kept.push(LoggedHint { id, ..logged });
-        }
-        // Under the ids this run uses, and without the history of the last.
-        hint_log::rewrite(&storage, shard_dir, &kept).await?;
-        Ok(ClusterShard {
-            actor,
-            view: RefCell::new(view),
-            peers,
-            lease,
-            hints: RefCell::new(hints),
-            hint_log_pending: RefCell::new(Vec::new()),
-            hint_log: RefCell::new(Some(HintLog::new(storage, shard_dir))),
-            stats: ReplicationStats::default(),
-            membership: RefCell::new(None),
-            serial_turns: RefCell::new(std::collections::HashMap::new()),
-            anti_entropy,
-        })
-    }
-
-    pub fn view(&self) -> Arc<ClusterView> {
-        self.view.borrow().clone()
-    }
-
-    pub fn set_view(&self, view: Arc<ClusterView>) {
-        *self.view.borrow_mut() = view;
-    }
-
-    pub fn hints_pending(&self) -> (usize, usize, u64) {
-        let hints = self.hints.borrow();
-        (hints.pending_count(), hints.pending_bytes(), hints.dropped_count)
-    }
-
-    pub fn stats_json(&self) -> serde_json::Value {
-        let (hints_pending, hint_bytes, hints_dropped) = self.hints_pending();
-        let view = self.view();
-        let stats = &self.stats;
-        serde_json::json!({
-            "formed": view.formed.is_some(),
-            "nodes_known": view.nodes.len(),
-            "nodes_up": view.nodes.values().filter(|n| n.up).count(),
-            "hints_pending": hints_pending,
-            "hint_bytes_pending": hint_bytes,
-            "hints_dropped": hints_dropped,
-            "hints_written": stats.hint_count.get(),
-            "hints_replayed": stats.hint_replayed_count.get(),
-            "read_repairs": stats.read_repair_count.get(),
-            "forwarded": stats.forwarded_count.get(),
-            "unavailable": stats.unavailable_count.get(),
-            "siblings_full": stats.siblings_full_count.get(),
-            "oversized_merges": stats.oversized_merge_count.get(),
-            "anti_entropy": {
-                "passes": stats.anti_entropy.passes.get(),
-                "last_pass_ms": stats.anti_entropy.last_pass_ms.get(),
-                "partitions_compared": stats.anti_entropy.partitions_compared.get(),
-                "partitions_differing": stats.anti_entropy.partitions_differing.get(),
-                "keys_repaired": stats.anti_entropy.keys_repaired.get(),
-                "tombstones_purged": stats.anti_entropy.tombstones_purged.get(),
-            },
-            "streamed_bytes": stats.anti_entropy.streamed_bytes.get(),
-            "streamed_keys": stats.anti_entropy.streamed_keys.get(),
-            "moved_keys_dropped": stats.anti_entropy.moved_keys_dropped.get(),
-        })
-    }
-
-    fn add_hint(&self, target: NodeId, key: &[u8], versions: &Rc<[u8]>) {
-        let size = key.len() + versions.len();
-        let id = self.hints.borrow_mut().add(target, (key.to_vec(), versions.clone()), size, monotonic_us());
-        let logged = LoggedHint { id, target, key: key.to_vec(), versions: versions.to_vec() };
-        self.hint_log_pending.borrow_mut().extend(hint_log::add_record(&logged));
-        self.stats.hint_count.set(self.stats.hint_count.get() + 1);
-    }
-
-    fn hint_acknowledged(&self, target: NodeId, id: u64) {
-        self.hints.borrow_mut().acknowledged(target, id);
-        self.hint_log_pending.borrow_mut().extend(hint_log::acknowledged_record(target, id));
-        self.stats.hint_replayed_count.set(self.stats.hint_replayed_count.get() + 1);
-    }
-}
-
-fn monotonic_us() -> u64 {
-    thread_local! {
-        static START: Instant = Instant::now();
-    }
-    START.with(|start| start.elapsed().as_micros() as u64)
-}
 
 /// Encodes `record` for the engine. A record that does not fit in a stored value is refused
 /// (`VALUE_TOO_LARGE`, counted and logged), never cut: no sibling is ever dropped to fit.
@@ -289,18 +141,18 @@ pub(crate) fn client_reply(versions: &Versions<Value>, page: Page, now: u64) -> 
     }
 }
 
-fn cluster_of<S: Storage>(shard: &Shard<S>) -> Result<&ClusterShard<S>, LocalReply> {
-    shard.cluster.as_ref().ok_or_else(|| Reply::error(Status::UNSUPPORTED, "this node is not in a cluster"))
+fn cluster_of<S: Storage, H: Host<S>>(shard: &H) -> Result<&ClusterShard<S>, LocalReply> {
+    shard.cluster().ok_or_else(|| Reply::error(Status::UNSUPPORTED, "this node is not in a cluster"))
 }
 
 /// Replica side: merges `bytes` (verified versions) into what this replica holds of `key`.
-pub async fn replicate<S: Storage>(shard: &Shard<S>, key: &[u8], bytes: &[u8]) -> LocalReply {
+pub async fn replicate<S: Storage, H: Host<S>>(shard: &H, key: &[u8], bytes: &[u8]) -> LocalReply {
     let incoming = match decode_key_versions(bytes) {
         Ok(data) => versions_from_data(data),
         Err(error) => return Reply::error(Status::BAD_REQUEST, error),
     };
     for sibling in incoming.siblings() {
-        shard.store.observe_peer_timestamp(sibling.timestamp_us, CLOCK_SKEW_MAX_US);
+        shard.store().observe_peer_timestamp(sibling.timestamp_us, CLOCK_SKEW_MAX_US);
     }
     match merge_local(shard, key, &incoming).await {
         Ok(()) => Reply::Done,
@@ -308,15 +160,15 @@ pub async fn replicate<S: Storage>(shard: &Shard<S>, key: &[u8], bytes: &[u8]) -
     }
 }
 
-pub(crate) async fn merge_local<S: Storage>(
-    shard: &Shard<S>,
+pub(crate) async fn merge_local<S: Storage, H: Host<S>>(
+    shard: &H,
     key: &[u8],
     incoming: &Versions<Value>,
 ) -> Result<(), LocalReply> {
     let size: usize =
         incoming.siblings().iter().map(|s| s.value.as_ref().map_or(0, |v| v.0.len()) + 48).sum();
     let (_, seq) = shard
-        .store
+        .store()
         .update_raw(key, size, |current| {
             let mut mine = decode_record(current)?;
             let before = mine.versions.clone();
@@ -324,24 +176,24 @@ pub(crate) async fn merge_local<S: Storage>(
             if mine.versions == before {
                 return Ok(None);
             }
-            encode_bounded(shard.cluster.as_ref(), &mine).map(Some)
+            encode_bounded(shard.cluster(), &mine).map(Some)
         })
         .await?;
-    shard.store.wait_acked(seq).await
+    shard.store().wait_acked(seq).await
 }
 
 /// Takes on another replica's whole record of `key`: its versions merged, its Paxos acceptor
 /// state absorbed (a ring change's transfer: the new replica stands in for the one it
 /// displaces). Whether anything changed here.
-pub(crate) async fn absorb_record<S: Storage>(
-    shard: &Shard<S>,
+pub(crate) async fn absorb_record<S: Storage, H: Host<S>>(
+    shard: &H,
     key: &[u8],
     theirs: &Record,
 ) -> Result<bool, LocalReply> {
     let size: usize =
         theirs.versions.siblings().iter().map(|s| s.value.as_ref().map_or(0, |v| v.0.len()) + 48).sum();
     let (changed, seq) = shard
-        .store
+        .store()
         .update_raw(key, size, |current| {
             let mut mine = decode_record(current)?;
             let before = mine.clone();
@@ -350,16 +202,16 @@ pub(crate) async fn absorb_record<S: Storage>(
             if mine == before {
                 return Ok(None);
             }
-            encode_bounded(shard.cluster.as_ref(), &mine).map(Some)
+            encode_bounded(shard.cluster(), &mine).map(Some)
         })
         .await?;
-    shard.store.wait_acked(seq).await?;
+    shard.store().wait_acked(seq).await?;
     Ok(changed.is_some())
 }
 
 /// Replica side: the versions this replica holds of `key`, encoded (empty: none).
-pub async fn read_replica<S: Storage>(shard: &Shard<S>, key: &[u8]) -> LocalReply {
-    match shard.store.read_raw(key).await {
+pub async fn read_replica<S: Storage, H: Host<S>>(shard: &H, key: &[u8]) -> LocalReply {
+    match shard.store().read_raw(key).await {
         Ok(Some(bytes)) => Reply::Versions(bytes.to_vec()),
         Ok(None) => Reply::Versions(Vec::new()),
         Err(reply) => reply,
@@ -441,7 +293,10 @@ pub(crate) type Placement<'a, S> =
     (&'a ClusterShard<S>, Arc<ClusterView>, super::ring::PreferenceList, NodeId);
 
 /// Where `key` lives as this shard sees the cluster; `UNAVAILABLE` while the cluster forms.
-pub(crate) fn place<'a, S: Storage>(shard: &'a Shard<S>, key: &[u8]) -> Result<Placement<'a, S>, LocalReply> {
+pub(crate) fn place<'a, S: Storage, H: Host<S>>(
+    shard: &'a H,
+    key: &[u8],
+) -> Result<Placement<'a, S>, LocalReply> {
     let cluster = cluster_of(shard)?;
     let view = cluster.view();
     match (view.preference_list(key), view.my_id()) {
@@ -452,8 +307,8 @@ pub(crate) fn place<'a, S: Storage>(shard: &'a Shard<S>, key: &[u8]) -> Result<P
 
 /// Coordinates a write (`value: None` deletes) of a key this shard owns.
 #[allow(clippy::too_many_arguments)]
-pub async fn coordinate_write<S: Storage>(
-    shard: &Rc<Shard<S>>,
+pub async fn coordinate_write<S: Storage, H: Host<S>>(
+    shard: &Rc<H>,
     key: Vec<u8>,
     value: Option<Vec<u8>>,
     ttl_ms: u64,
@@ -489,7 +344,7 @@ pub async fn coordinate_write<S: Storage>(
         Ok(floor) => floor,
         Err(error) => return Reply::error(Status::INTERNAL, format!("counter lease: {error}")),
     };
-    let timestamp_us = shard.store.timestamp_us();
+    let timestamp_us = shard.store().timestamp_us();
     let expires_at_ms = if ttl_ms == 0 { 0 } else { timestamp_us / 1000 + ttl_ms };
     let size = value.as_ref().map_or(0, Vec::len) + 64;
     let actor = cluster.actor;
@@ -497,7 +352,7 @@ pub async fn coordinate_write<S: Storage>(
     let mut shipped = None;
     let mut written_context = Vec::new();
     let updated = shard
-        .store
+        .store()
         .update_raw(&key, size, |current| {
             let mut record = decode_record(current)?;
             let value = value.map(|v| (v, expires_at_ms));
@@ -528,7 +383,7 @@ pub async fn coordinate_write<S: Storage>(
         let shard = shard.clone();
         let sender = sender.clone();
         glommio::spawn_local(async move {
-            let ack = if shard.store.wait_acked(seq).await.is_ok() { Ack::Durable } else { Ack::Failed };
+            let ack = if shard.store().wait_acked(seq).await.is_ok() { Ack::Durable } else { Ack::Failed };
             let _ = sender.unbounded_send((me, ack));
         })
         .detach();
@@ -542,7 +397,7 @@ pub async fn coordinate_write<S: Storage>(
         glommio::spawn_local(async move {
             let op = Op::Replicate { key: &key, versions: &bytes };
             let request = PeerRequest { op, consistency: schema::Consistency::ONE, context: &[], timeout };
-            let ack = match shard.cluster.as_ref() {
+            let ack = match shard.cluster() {
                 Some(cluster) => match cluster.peers.link(address).call(request).await {
                     Ok(response) if response.status == Status::OK => Ack::Durable,
                     Ok(response) if response.status == Status::OVERLOADED => Ack::Overloaded,
@@ -589,7 +444,7 @@ pub async fn coordinate_write<S: Storage>(
             while let Some((node, ack)) = acks.next().await {
                 let (hint, _) = write.on_answer(node, ack);
                 if hint && node != me {
-                    if let Some(cluster) = &shard.cluster {
+                    if let Some(cluster) = shard.cluster() {
                         cluster.add_hint(node, &key, &bytes);
                     }
                 }
@@ -614,18 +469,18 @@ pub async fn coordinate_write<S: Storage>(
 }
 
 /// Sends one request to a peer; the status it answered, or `None` if it did not.
-async fn cluster_link_call<S: Storage>(
-    shard: &Shard<S>,
+async fn cluster_link_call<S: Storage, H: Host<S>>(
+    shard: &H,
     address: std::net::SocketAddr,
     request: PeerRequest<'_>,
 ) -> Option<Status> {
-    let cluster = shard.cluster.as_ref()?;
+    let cluster = shard.cluster()?;
     cluster.peers.link(address).call(request).await.ok().map(|response| response.status)
 }
 
 /// Coordinates a read of a key this shard owns.
-pub async fn coordinate_read<S: Storage>(
-    shard: &Rc<Shard<S>>,
+pub async fn coordinate_read<S: Storage, H: Host<S>>(
+    shard: &Rc<H>,
     key: Vec<u8>,
     page: Page,
     consistency: Consistency,
@@ -659,7 +514,7 @@ pub async fn coordinate_read<S: Storage>(
         let address = view.replica_address(node, &key);
         glommio::spawn_local(async move {
             let versions = if node == me {
-                match shard.store.read_raw(&key).await {
+                match shard.store().read_raw(&key).await {
                     Ok(bytes) => decode_stored(bytes.as_deref()).ok(),
                     Err(_) => None,
                 }
@@ -678,13 +533,13 @@ pub async fn coordinate_read<S: Storage>(
     answered.await.unwrap_or_else(|_| Reply::error(Status::INTERNAL, "read round ended without an answer"))
 }
 
-pub(crate) async fn remote_versions<S: Storage>(
-    shard: &Shard<S>,
+pub(crate) async fn remote_versions<S: Storage, H: Host<S>>(
+    shard: &H,
     address: Option<std::net::SocketAddr>,
     key: &[u8],
     timeout: Duration,
 ) -> Option<Versions<Value>> {
-    let cluster = shard.cluster.as_ref()?;
+    let cluster = shard.cluster()?;
     let op = Op::ReadReplica { key };
     let request = PeerRequest { op, consistency: schema::Consistency::ONE, context: &[], timeout };
     let response = cluster.peers.link(address?).call(request).await.ok()?;
@@ -700,8 +555,8 @@ pub(crate) async fn remote_versions<S: Storage>(
 /// Collects a read's replies: answers the client once the round settles, then keeps
 /// listening for the rest and repairs the replicas that were stale.
 #[allow(clippy::too_many_arguments)]
-async fn finish_read<S: Storage>(
-    shard: Rc<Shard<S>>,
+async fn finish_read<S: Storage, H: Host<S>>(
+    shard: Rc<H>,
     key: Vec<u8>,
     me: NodeId,
     mut round: ReadRound<Value>,
@@ -748,7 +603,7 @@ async fn finish_read<S: Storage>(
     if repairs.is_empty() {
         return;
     }
-    let Some(cluster) = shard.cluster.as_ref() else { return };
+    let Some(cluster) = shard.cluster() else { return };
     let view = cluster.view();
     for (node, versions) in repairs {
         cluster.stats.read_repair_count.set(cluster.stats.read_repair_count.get() + 1);
@@ -769,8 +624,8 @@ async fn finish_read<S: Storage>(
 /// Appends the hint log's new records every `FLUSH_INTERVAL`, forever (records whose append
 /// failed are tried again with the next); once nothing is pending and the log has grown,
 /// starts it afresh.
-pub async fn flush_hint_log<S: Storage>(shard: Rc<Shard<S>>) {
-    let Some(cluster) = shard.cluster.as_ref() else { return };
+pub async fn flush_hint_log<S: Storage, H: Host<S>>(shard: Rc<H>) {
+    let Some(cluster) = shard.cluster() else { return };
     let Some(mut log) = cluster.hint_log.borrow_mut().take() else { return };
     let mut appended = 0usize;
     loop {
@@ -780,7 +635,7 @@ pub async fn flush_hint_log<S: Storage>(shard: Rc<Shard<S>>) {
             match log.append(&bytes).await {
                 Ok(()) => appended += bytes.len(),
                 Err(error) => {
-                    tracing::error!(shard = shard.index, "appending to the hint log: {error}");
+                    tracing::error!(shard = shard.index(), "appending to the hint log: {error}");
                     let mut pending = cluster.hint_log_pending.borrow_mut();
                     let newer = std::mem::replace(&mut *pending, bytes);
                     pending.extend(newer);
@@ -790,17 +645,17 @@ pub async fn flush_hint_log<S: Storage>(shard: Rc<Shard<S>>) {
         if appended > (1 << 20) && cluster.hints.borrow().pending_count() == 0 {
             match log.clear().await {
                 Ok(()) => appended = 0,
-                Err(error) => tracing::error!(shard = shard.index, "starting the hint log afresh: {error}"),
+                Err(error) => tracing::error!(shard = shard.index(), "starting the hint log afresh: {error}"),
             }
         }
     }
 }
 
 /// Replays hints to replicas that are up again, forever; drops those past their age.
-pub async fn replay_hints<S: Storage>(shard: Rc<Shard<S>>) {
+pub async fn replay_hints<S: Storage, H: Host<S>>(shard: Rc<H>) {
     loop {
         glommio::timer::sleep(HINT_REPLAY_INTERVAL).await;
-        let Some(cluster) = shard.cluster.as_ref() else { return };
+        let Some(cluster) = shard.cluster() else { return };
         cluster.hints.borrow_mut().expire(monotonic_us());
         let view = cluster.view();
         let targets = cluster.hints.borrow().targets();

@@ -17,6 +17,7 @@ use schema::wire::PaxosPhase;
 use schema::{Op, Status};
 
 use super::coordinator::Consistency;
+use super::host::Host;
 use super::paxos::{backoff_us, next_ballot, refuses_stale_proposer, Ballot, Failure, Proposer, Step};
 use super::peer::PeerRequest;
 use super::record::{encode_versions, record_from_data, versions_from_data, Record, Value};
@@ -29,7 +30,6 @@ use super::serial_op::{decide, Decision, SerialAnswer};
 use super::versions::Versions;
 use crate::clock::now_ms;
 use crate::command::{LocalReply, Reply, Version};
-use crate::shard::Shard;
 use crate::storage::Storage;
 
 pub use super::serial_op::SerialOp;
@@ -56,8 +56,8 @@ fn reply_of(answer: SerialAnswer, state: &Versions<Value>, now_ms: u64) -> Local
 type PhaseAnswer = (u64, PaxosPhase, NodeId, Option<Record>);
 
 /// Runs `op` on `key` through its Paxos, proposing from this shard.
-pub async fn coordinate<S: Storage>(
-    shard: &Rc<Shard<S>>,
+pub async fn coordinate<S: Storage, H: Host<S>>(
+    shard: &Rc<H>,
     key: Vec<u8>,
     op: SerialOp,
     commit: Consistency,
@@ -92,7 +92,7 @@ pub async fn coordinate<S: Storage>(
     let pending = view.pending_replicas(&key);
     let mut proposer = Proposer::<Value, LocalReply>::new_with_pending(&replicas, &pending, commit_wait);
     let (sender, mut answers) = mpsc::unbounded::<PhaseAnswer>();
-    let mut rng = Rng::new(u64::from(cluster.actor) ^ shard.store.timestamp_us());
+    let mut rng = Rng::new(u64::from(cluster.actor) ^ shard.store().timestamp_us());
     let broadcast = |phase_id, phase, ballot, proposal: &Versions<Value>, to: &[NodeId]| {
         send(shard, &view, me, &key, phase_id, phase, ballot, proposal, to, &sender, deadline)
     };
@@ -115,7 +115,7 @@ pub async fn coordinate<S: Storage>(
                     Err(error) => return Reply::error(Status::INTERNAL, format!("counter lease: {error}")),
                 };
                 let ballot =
-                    next_ballot(proposer.floor(), shard.store.timestamp_us(), cluster.actor, counter);
+                    next_ballot(proposer.floor(), shard.store().timestamp_us(), cluster.actor, counter);
                 let view = cluster.view();
                 proposer.start(ballot, |node| view.is_live(node))
             }
@@ -147,7 +147,7 @@ pub async fn coordinate<S: Storage>(
                                 return Reply::error(Status::INTERNAL, format!("counter lease: {error}"))
                             }
                         };
-                        let timestamp_us = shard.store.timestamp_us();
+                        let timestamp_us = shard.store().timestamp_us();
                         let expires_at_ms = if ttl_ms == 0 { 0 } else { timestamp_us / 1000 + ttl_ms };
                         // The state after the write: one sibling, whose context covers all it read.
                         let mut proposal = state.clone();
@@ -250,8 +250,8 @@ fn timed_out(proposer: &Proposer<Value, LocalReply>) -> LocalReply {
 
 /// Sends one phase's message to each of `to`; the answers arrive on `sender`.
 #[allow(clippy::too_many_arguments)]
-fn send<S: Storage>(
-    shard: &Rc<Shard<S>>,
+fn send<S: Storage, H: Host<S>>(
+    shard: &Rc<H>,
     view: &super::view::ClusterView,
     me: NodeId,
     key: &[u8],
@@ -291,15 +291,15 @@ fn send<S: Storage>(
     }
 }
 
-async fn remote<S: Storage>(
-    shard: &Shard<S>,
+async fn remote<S: Storage, H: Host<S>>(
+    shard: &H,
     address: Option<std::net::SocketAddr>,
     key: &[u8],
     (phase, ballot, ring_version): (PaxosPhase, Ballot, u64),
     proposal: &[u8],
     timeout: Duration,
 ) -> Option<Record> {
-    let cluster = shard.cluster.as_ref()?;
+    let cluster = shard.cluster()?;
     let op = Op::Paxos { key, phase, ballot, proposal, ring_version };
     let request = PeerRequest { op, consistency: schema::Consistency::ONE, context: &[], timeout };
     let response = cluster.peers.link(address?).call(request).await.ok()?;
@@ -320,15 +320,15 @@ fn decode_answer(bytes: &[u8]) -> Option<Record> {
 /// Acceptor side: handles one Paxos message for `key` and answers with the stored record
 /// after it, once durable. A proposer placed by an older ring than this node's is refused
 /// (`paxos::refuses_stale_proposer`).
-pub async fn accept<S: Storage>(
-    shard: &Shard<S>,
+pub async fn accept<S: Storage, H: Host<S>>(
+    shard: &H,
     key: &[u8],
     phase: PaxosPhase,
     ballot: Ballot,
     proposal: &[u8],
     ring_version: u64,
 ) -> LocalReply {
-    let mine = shard.cluster.as_ref().and_then(|cluster| cluster.view().formed.as_ref().map(|f| f.version));
+    let mine = shard.cluster().and_then(|cluster| cluster.view().formed.as_ref().map(|f| f.version));
     let mine = mine.unwrap_or(0);
     if refuses_stale_proposer(ring_version, mine) {
         return Reply::error(
@@ -344,20 +344,20 @@ pub async fn accept<S: Storage>(
             Err(error) => return Reply::error(Status::BAD_REQUEST, error),
         },
         PaxosPhase::READ => {
-            return match shard.store.read_raw(key).await {
+            return match shard.store().read_raw(key).await {
                 Ok(bytes) => Reply::Versions(bytes.map(|b| b.to_vec()).unwrap_or_default()),
                 Err(reply) => reply,
             }
         }
         _ => Versions::default(),
     };
-    shard.store.observe_peer_timestamp(ballot.time_us, super::replication::CLOCK_SKEW_MAX_US);
+    shard.store().observe_peer_timestamp(ballot.time_us, super::replication::CLOCK_SKEW_MAX_US);
     let size =
         proposal.siblings().iter().map(|s| s.value.as_ref().map_or(0, |v| v.0.len()) + 48).sum::<usize>()
             + 256;
     let mut answer = None;
     let updated = shard
-        .store
+        .store()
         .update_raw(key, size, |current| {
             let mut record = decode_record(current)?;
             let changed = match phase {
@@ -370,11 +370,11 @@ pub async fn accept<S: Storage>(
                 answer = Some(current.map(<[u8]>::to_vec).unwrap_or_default());
                 return Ok(None);
             }
-            encode_bounded(shard.cluster.as_ref(), &record).map(Some)
+            encode_bounded(shard.cluster(), &record).map(Some)
         })
         .await;
     match updated {
-        Ok((stored, seq)) => match shard.store.wait_acked(seq).await {
+        Ok((stored, seq)) => match shard.store().wait_acked(seq).await {
             Ok(()) => Reply::Versions(stored.or(answer).unwrap_or_default()),
             Err(reply) => reply,
         },
