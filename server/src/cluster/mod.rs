@@ -4,6 +4,7 @@
 //! hint log and counter lease.
 
 pub mod anti_entropy;
+pub mod gossip_wire;
 pub mod hint_log;
 pub mod host;
 pub mod lease;
