@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Fails when the server's modules import each other in a cycle (issue 17): every module's
 `crate::` and `super::` references (test modules left out) form a graph whose strongly
-connected components must all be single modules. Prints each cycle found."""
+connected components must all be single modules. A module's own submodules (`mod x;`, a
+type's impl split across files) are part of it: only `crate::` and `super::` paths count.
+Prints each cycle found."""
 import re, os, collections, sys
 os.chdir(os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'server', 'src'))
 edges=collections.defaultdict(set)
