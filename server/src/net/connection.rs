@@ -17,18 +17,17 @@ use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 use glommio::sync::{Semaphore, StaticPermit};
 use schema::{
-    encode_response, parse_request, split_peer_frame, Op, RequestView, ResponseOut, SiblingOut, Status,
-    FRAME_HEADER_SIZE, PEER_FRAME_SIZE_MAX, PROTOCOL_VERSION,
+    parse_request, split_peer_frame, Op, RequestView, Status, FRAME_HEADER_SIZE, PEER_FRAME_SIZE_MAX,
+    PROTOCOL_VERSION,
 };
 
-use schema::peer::encode_topology;
-
-use crate::cluster::coordinator::Consistency;
-use crate::cluster::replication::ClusterShard;
-use crate::cluster::serial::SerialOp;
-use crate::cluster::versions::VersionVector;
-use crate::command::{Command, LocalReply, Reply, Version};
+use crate::command::{Command, Reply};
 use crate::event::Event;
+
+pub use super::body::encode_reply;
+use super::body::{encode, Body};
+use super::commands::cluster_command;
+use super::node_ops;
 use crate::shard::Shard;
 use crate::storage::Storage;
 
@@ -38,16 +37,6 @@ pub const OUTPUT_FLUSH_SIZE: usize = 256 << 10;
 const LARGE_FRAME_SIZE: usize = 64 << 10;
 /// Read buffer of an idle; it grows to hold one frame and shrinks back.
 const READ_BUFFER_SIZE_MIN: usize = 8 << 10;
-
-enum Body {
-    Reply(LocalReply),
-    Hello,
-    Stats(String),
-    Status(Status, String),
-    Topology(Vec<u8>),
-    Merkle(Vec<u8>),
-    Ring(String),
-}
 
 struct Outgoing {
     id: u64,
@@ -194,95 +183,7 @@ fn dispatch<S: Storage>(payload: &[u8], permit: StaticPermit, outbox: &Rc<Outbox
         ms => Duration::from_millis(u64::from(ms)).min(shard.limits.request_timeout_max),
     };
     // Whole-node and whole-partition operations: answered by this shard, however long.
-    let node_work: Option<std::pin::Pin<Box<dyn std::future::Future<Output = Body>>>> = match op {
-        Op::Snapshot { dir } => {
-            let dir = std::path::PathBuf::from(dir);
-            let shard = shard.clone();
-            Some(Box::pin(async move {
-                match shard.snapshot_node(&dir).await {
-                    Ok(()) => Body::Status(Status::OK, String::new()),
-                    Err(message) => Body::Status(Status::INTERNAL, message),
-                }
-            }))
-        }
-        Op::Repair => {
-            let shard = shard.clone();
-            Some(Box::pin(async move {
-                match shard.repair_node().await {
-                    Ok(report) => Body::Stats(serde_json::to_string(&report).unwrap_or_default()),
-                    Err(message) => Body::Status(Status::UNSUPPORTED, message),
-                }
-            }))
-        }
-        Op::Transfer { partition, sources } => {
-            let shard = shard.clone();
-            let sources: Vec<String> =
-                sources.split(',').filter(|s| !s.is_empty()).map(str::to_string).collect();
-            Some(Box::pin(async move {
-                match shard.transfer_node(partition as usize, sources).await {
-                    Ok((keys, bytes)) => {
-                        Body::Stats(serde_json::json!({"keys": keys, "bytes": bytes}).to_string())
-                    }
-                    Err(message) => Body::Status(Status::UNAVAILABLE, message),
-                }
-            }))
-        }
-        Op::RingChange { phase, version, ballot, state } => {
-            let membership = shard.cluster.as_ref().and_then(|c| c.membership.borrow().clone());
-            let state = state.to_string();
-            Some(Box::pin(async move {
-                let Some(membership) = membership else {
-                    return Body::Status(
-                        Status::BAD_REQUEST,
-                        "ring messages go to shard 0's own port".into(),
-                    );
-                };
-                // Answered once any change it made to the acceptor is durable.
-                let ballot = (ballot.time_us, ballot.actor, ballot.counter);
-                match membership.receive_ring(phase, version, ballot, &state).await {
-                    Ok(answer) => Body::Ring(answer),
-                    Err(error) => Body::Status(Status::UNAVAILABLE, error),
-                }
-            }))
-        }
-        Op::ChangeMembership { action, node } => {
-            let membership = shard.cluster.as_ref().and_then(|c| c.membership.borrow().clone());
-            let node = node.to_string();
-            Some(Box::pin(async move {
-                let Some(membership) = membership else {
-                    return Body::Status(
-                        Status::UNSUPPORTED,
-                        "membership changes go to shard 0's port of a cluster node".into(),
-                    );
-                };
-                match membership.change(action, &node).await {
-                    Ok(report) => Body::Stats(serde_json::to_string(&report).unwrap_or_default()),
-                    Err(message) => Body::Status(Status::UNAVAILABLE, message),
-                }
-            }))
-        }
-        Op::AntiEntropy { partition, partition_bits, shard_count, shard_index, leaves } => {
-            let shard = shard.clone();
-            Some(Box::pin(async move {
-                if shard.cluster.is_none() {
-                    return Body::Status(Status::UNSUPPORTED, "this node is not part of a cluster".into());
-                }
-                let served = crate::cluster::anti_entropy::serve(
-                    &shard,
-                    partition,
-                    partition_bits,
-                    shard_count,
-                    shard_index,
-                    leaves,
-                );
-                match served.await {
-                    Ok(bytes) => Body::Merkle(bytes),
-                    Err(message) => Body::Status(Status::INTERNAL, message),
-                }
-            }))
-        }
-        _ => None,
-    };
+    let node_work = node_ops::node_operation(shard, op);
     if let Some(work) = node_work {
         let outbox = outbox.clone();
         outbox.running_count.set(outbox.running_count.get() + 1);
@@ -342,216 +243,6 @@ fn dispatch<S: Storage>(payload: &[u8], permit: StaticPermit, outbox: &Rc<Outbox
     .detach();
 }
 
-/// A cluster node's command for a request, or the reply when there is nothing to run.
-fn cluster_command<S: Storage>(
-    shard: &Shard<S>,
-    cluster: &ClusterShard<S>,
-    request: &RequestView<'_>,
-    timeout: Duration,
-) -> Result<Command, Body> {
-    let serial = request.consistency == schema::Consistency::SERIAL;
-    let consistency = match request.consistency {
-        schema::Consistency::ONE => Consistency::One,
-        schema::Consistency::ALL => Consistency::All,
-        // SERIAL writes wait for a quorum of commits, as QUORUM does.
-        _ => Consistency::Quorum,
-    };
-
-    let context = match request.context {
-        [] => None,
-        bytes => Some(
-            VersionVector::decode(bytes)
-                .ok_or_else(|| Body::Status(Status::BAD_REQUEST, "malformed causal context".into()))?,
-        ),
-    };
-    // The coordinator gives up a little before the connection's own timer, so that the
-    // client hears the coordinator's account (how many replicas answered) rather than a bare
-    // timeout.
-    let timeout_ms = (timeout.as_millis() as u64 * 9 / 10).max(1);
-    Ok(match request.op {
-        Op::Hello { protocol_version: 0, .. } => {
-            return Err(Body::Status(
-                Status::UNSUPPORTED_VERSION,
-                format!("protocol version 0; this node speaks {PROTOCOL_VERSION}"),
-            ))
-        }
-        Op::Hello { .. } => return Err(Body::Hello),
-        Op::Stats => return Err(Body::Stats(shard.stats_json())),
-        Op::Snapshot { .. }
-        | Op::RingChange { .. }
-        | Op::Repair
-        | Op::AntiEntropy { .. }
-        | Op::Transfer { .. }
-        | Op::ChangeMembership { .. } => {
-            return Err(Body::Status(Status::INTERNAL, "node operations are handled before".into()))
-        }
-        Op::Topology => {
-            let view = match cluster.membership.borrow().as_ref() {
-                Some(membership) => membership.view_with_load(),
-                None => (*cluster.view()).clone(),
-            };
-            return Err(Body::Topology(encode_topology(&view.topology())));
-        }
-        Op::Gossip { message } => {
-            let body = match cluster.membership.borrow().as_ref() {
-                Some(membership) => match membership.receive(message) {
-                    Ok(()) => Body::Status(Status::OK, String::new()),
-                    Err(error) => Body::Status(Status::BAD_REQUEST, error),
-                },
-                None => Body::Status(Status::BAD_REQUEST, "gossip goes to shard 0's own port".into()),
-            };
-            return Err(body);
-        }
-        Op::Put { key, value, ttl_ms } if serial => Command::Serial {
-            key: key.to_vec(),
-            op: SerialOp::Write { value: Some(value.to_vec()), ttl_ms },
-            commit: consistency,
-            timeout_ms,
-        },
-        Op::Delete { key } if serial => Command::Serial {
-            key: key.to_vec(),
-            op: SerialOp::Write { value: None, ttl_ms: 0 },
-            commit: consistency,
-            timeout_ms,
-        },
-        Op::Put { key, value, ttl_ms } => Command::Write {
-            key: key.to_vec(),
-            value: Some(value.to_vec()),
-            ttl_ms,
-            context,
-            consistency,
-            timeout_ms,
-        },
-        Op::Delete { key } => {
-            Command::Write { key: key.to_vec(), value: None, ttl_ms: 0, context, consistency, timeout_ms }
-        }
-        Op::Get { key, metadata_only, sibling_skip } if serial => Command::Serial {
-            key: key.to_vec(),
-            op: SerialOp::Read { metadata_only, sibling_skip, shown_before: context },
-            commit: consistency,
-            timeout_ms,
-        },
-        Op::Get { key, metadata_only, sibling_skip } => Command::Read {
-            key: key.to_vec(),
-            metadata_only,
-            sibling_skip,
-            shown_before: context,
-            consistency,
-            timeout_ms,
-        },
-        Op::Cas { key, expected, new_value, ttl_ms } => Command::Serial {
-            key: key.to_vec(),
-            op: SerialOp::Cas {
-                expected: expected.map(<[u8]>::to_vec),
-                new_value: new_value.to_vec(),
-                ttl_ms,
-                context: context.clone(),
-            },
-            commit: consistency,
-            timeout_ms,
-        },
-        Op::Paxos { key, phase, ballot, proposal, ring_version } => {
-            Command::Paxos { key: key.to_vec(), phase, ballot, proposal: proposal.to_vec(), ring_version }
-        }
-        Op::Replicate { key, versions } => {
-            Command::Replicate { key: key.to_vec(), versions: versions.to_vec() }
-        }
-        Op::ReadReplica { key } => Command::ReadReplica { key: key.to_vec() },
-    })
-}
-
-fn encode(
-    builder: &mut FlatBufferBuilder<'_>,
-    out: &mut Vec<u8>,
-    outgoing: &Outgoing,
-    hello: &schema::HelloInfo,
-) {
-    let id = outgoing.id;
-    match &outgoing.body {
-        Body::Hello => {
-            let response = ResponseOut { hello: Some(hello), ..ResponseOut::status(id, Status::OK, "") };
-            encode_response(builder, out, &response);
-        }
-        Body::Stats(json) => {
-            let response = ResponseOut { stats_json: Some(json), ..ResponseOut::status(id, Status::OK, "") };
-            encode_response(builder, out, &response);
-        }
-        Body::Status(status, message) => {
-            encode_response(builder, out, &ResponseOut::status(id, *status, message))
-        }
-        Body::Reply(reply) => encode_reply(builder, out, id, reply),
-        Body::Topology(bytes) => {
-            let response = ResponseOut { topology: bytes, ..ResponseOut::status(id, Status::OK, "") };
-            encode_response(builder, out, &response);
-        }
-        Body::Ring(json) => {
-            let response = ResponseOut { ring: Some(json), ..ResponseOut::status(id, Status::OK, "") };
-            encode_response(builder, out, &response);
-        }
-        Body::Merkle(bytes) => {
-            let response = ResponseOut { merkle: bytes, ..ResponseOut::status(id, Status::OK, "") };
-            encode_response(builder, out, &response);
-        }
-    }
-}
-
-/// Appends the response frame of `reply` to request `id`.
-pub fn encode_reply(builder: &mut FlatBufferBuilder<'_>, out: &mut Vec<u8>, id: u64, reply: &LocalReply) {
-    match reply {
-        Reply::Done => encode_response(builder, out, &ResponseOut::status(id, Status::OK, "")),
-        Reply::Written(context) => {
-            let response = ResponseOut { context, ..ResponseOut::status(id, Status::OK, "") };
-            encode_response(builder, out, &response);
-        }
-        Reply::NotFound => encode_response(builder, out, &ResponseOut::status(id, Status::NOT_FOUND, "")),
-        Reply::Found(version) => {
-            let siblings = [sibling_of(version)];
-            let response = ResponseOut { siblings: &siblings, ..ResponseOut::status(id, Status::OK, "") };
-            encode_response(builder, out, &response);
-        }
-        Reply::CasFailed(current) => {
-            let siblings: Vec<SiblingOut<'_>> = current.iter().map(sibling_of).collect();
-            let response =
-                ResponseOut { siblings: &siblings, ..ResponseOut::status(id, Status::CAS_FAILED, "") };
-            encode_response(builder, out, &response);
-        }
-        Reply::Error { status, message } => {
-            encode_response(builder, out, &ResponseOut::status(id, *status, message));
-        }
-        Reply::Siblings { versions, context, omitted } => {
-            let siblings: Vec<SiblingOut<'_>> = versions.iter().map(sibling_of).collect();
-            let status = if siblings.is_empty() && *omitted == 0 { Status::NOT_FOUND } else { Status::OK };
-            let response = ResponseOut {
-                siblings: &siblings,
-                context,
-                siblings_omitted: *omitted,
-                ..ResponseOut::status(id, status, "")
-            };
-            encode_response(builder, out, &response);
-        }
-        Reply::Versions(bytes) => {
-            let response = ResponseOut { versions: bytes, ..ResponseOut::status(id, Status::OK, "") };
-            encode_response(builder, out, &response);
-        }
-        // Updates and shard stats never answer a native request.
-        Reply::Updated(_) | Reply::Stats(_) => {
-            encode_response(
-                builder,
-                out,
-                &ResponseOut::status(id, Status::INTERNAL, "unexpected update reply"),
-            );
-        }
-    }
-}
-
-fn sibling_of(version: &Version<Rc<[u8]>>) -> SiblingOut<'_> {
-    SiblingOut {
-        value: version.value.as_deref(),
-        timestamp_us: version.timestamp_us,
-        ttl_left_ms: version.ttl_left_ms,
-    }
-}
-
 async fn write_replies<S: Storage>(
     mut writer: futures_lite::io::WriteHalf<TcpStream>,
     outbox: Rc<Outbox>,
@@ -565,7 +256,7 @@ async fn write_replies<S: Storage>(
         while out.len() < OUTPUT_FLUSH_SIZE {
             let Some(outgoing) = outbox.queue.borrow_mut().pop_front() else { break };
             let size_before = out.len();
-            encode(&mut builder, &mut out, &outgoing, &shard.hello);
+            encode(&mut builder, &mut out, outgoing.id, &outgoing.body, &shard.hello);
             if out.len() - size_before > LARGE_FRAME_SIZE {
                 // The builder keeps its largest allocation; do not let an idle connection
                 // hold a megabyte because it once read a large value.

@@ -1,6 +1,9 @@
 //! The client-facing network shell of a shard: accept loops and connections.
 
+mod body;
+mod commands;
 pub mod connection;
+mod node_ops;
 
 use std::rc::Rc;
 use std::time::Duration;
