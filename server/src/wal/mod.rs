@@ -12,6 +12,7 @@
 //! retrying it could report success for data that is gone.
 
 pub mod format;
+mod recovery;
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -24,9 +25,8 @@ use futures::channel::oneshot;
 
 use crate::event::Event;
 use crate::storage::{block_align_up, Storage, StorageFile, BLOCK_SIZE};
-use format::{
-    BatchError, Record, SegmentHeader, BATCH_HEADER_SIZE, BATCH_PAYLOAD_SIZE_MAX, BATCH_PAYLOAD_SIZE_TARGET,
-};
+use format::{Record, SegmentHeader, BATCH_HEADER_SIZE, BATCH_PAYLOAD_SIZE_MAX, BATCH_PAYLOAD_SIZE_TARGET};
+use recovery::{recover, Recovered};
 
 /// Size a segment is preallocated to; a new segment starts when a batch would not fit.
 pub const SEGMENT_SIZE: u64 = 64 << 20;
@@ -225,48 +225,14 @@ impl<S: Storage> Wal<S> {
             path: path.to_path_buf(),
             message: error.to_string(),
         };
-        storage.create_dir_all(dir).await.map_err(|e| io_error(dir, e))?;
-        let mut segment_indexes: Vec<u64> = storage
-            .list_dir(dir)
-            .await
-            .map_err(|e| io_error(dir, e))?
-            .iter()
-            .filter_map(|name| parse_segment_name(name))
-            .collect();
-        segment_indexes.sort_unstable();
-
-        let mut report = RecoveryReport { next_seq: 1, ..RecoveryReport::default() };
-        let segment_total = segment_indexes.len();
-        let mut previous_lossy = false;
-        let mut headerless = None;
-        let mut segments = VecDeque::new();
-        let mut apply_unflushed = |record: &Record<'_>| {
-            if record.seq > flushed_seq {
-                apply(record);
-            }
-        };
-        for (position, &segment_index) in segment_indexes.iter().enumerate() {
-            let is_last = position + 1 == segment_total;
-            let path = dir.join(segment_name(segment_index));
-            let replay = Replay { segment_index, identity, is_last, allow_gap: previous_lossy, flushed_seq };
-            match replay_segment(&storage, &path, replay, &mut report, &mut apply_unflushed).await? {
-                Replayed::Records { lossy, first_seq } => {
-                    previous_lossy = lossy;
-                    segments.push_back((segment_index, first_seq));
-                }
-                Replayed::Headerless => headerless = Some(segment_index),
-            }
-        }
-        report.segment_count = segment_total;
-        // Under `never`, a power loss may take records the tables already hold: never
-        // number a new record at or below what the tables have.
-        report.next_seq = report.next_seq.max(flushed_seq + 1);
+        let Recovered { report, mut segments, headerless, last_index } =
+            recover(&storage, dir, identity, flushed_seq, &mut apply).await?;
 
         // New records go to a new segment, or to a prepared one that never got a header.
         let (segment_index, file) = match headerless {
             Some(index) => (index, reopen_prepared(&storage, &dir.join(segment_name(index))).await),
             None => {
-                let index = segment_indexes.last().map_or(1, |last| last + 1);
+                let index = last_index.map_or(1, |last| last + 1);
                 (index, prepare_segment(&storage, dir, index).await)
             }
         };
@@ -625,148 +591,6 @@ async fn start_segment<F: StorageFile>(
     file.write_at(0, &format::encode_segment_header(&header)).await?;
     file.sync_data().await?;
     Ok(Segment { file, path, segment_index, write_offset: BLOCK_SIZE as u64, synced: true })
-}
-
-/// Where a segment stands in the log being recovered.
-struct Replay {
-    segment_index: u64,
-    identity: ShardIdentity,
-    is_last: bool,
-    /// The previous segment lost records (acknowledged before sync), so this one may start
-    /// past the next expected sequence number.
-    allow_gap: bool,
-    /// Records up to here are in sorted tables; segments that held only those may be gone.
-    flushed_seq: u64,
-}
-
-enum Replayed {
-    /// `lossy`: records were dropped (damage in a segment acknowledged before sync).
-    Records { lossy: bool, first_seq: u64 },
-    /// The newest segment was prepared but never started: all zeros, no header.
-    Headerless,
-}
-
-/// Replays one segment.
-async fn replay_segment<S: Storage>(
-    storage: &S,
-    path: &Path,
-    replay: Replay,
-    report: &mut RecoveryReport,
-    apply: &mut impl FnMut(&Record<'_>),
-) -> Result<Replayed, WalError> {
-    let Replay { segment_index, identity, is_last, allow_gap, flushed_seq } = replay;
-    let io_error =
-        |error: std::io::Error| WalError::Io { path: path.to_path_buf(), message: error.to_string() };
-    let corrupt =
-        |offset: u64, detail: String| WalError::Corrupt { path: path.to_path_buf(), offset, detail };
-    let file = storage.open(path).await.map_err(io_error)?;
-    let size = file.size().await.map_err(io_error)?;
-    let data = file.read_at(0, size as usize).await.map_err(io_error)?;
-    if (data.len() as u64) < size {
-        return Err(corrupt(data.len() as u64, "short read".into()));
-    }
-    let header = format::decode_segment_header(&data)
-        .map_err(|error| corrupt(0, format!("bad segment header: {error:?}")));
-    let header = match header {
-        Ok(header) => header,
-        // The newest segment may have been prepared (zero-filled) but never started, or cut
-        // short by a crash before its header was synced: nothing in it was acknowledged.
-        Err(_) if is_last && data.iter().all(|&b| b == 0) => {
-            file.close().await.map_err(io_error)?;
-            return Ok(Replayed::Headerless);
-        }
-        Err(error) => return Err(error),
-    };
-    let expected = (identity.shard_index, identity.shard_count, segment_index);
-    let found = (header.shard_index, header.shard_count, header.segment_index);
-    if expected != found {
-        return Err(corrupt(
-            0,
-            format!("segment belongs to (shard, shard count, segment) {found:?}, expected {expected:?}"),
-        ));
-    }
-    let gap_allowed =
-        (allow_gap || header.first_seq <= flushed_seq + 1) && header.first_seq > report.next_seq;
-    if header.first_seq != report.next_seq && report.record_count > 0 && !gap_allowed {
-        return Err(corrupt(
-            0,
-            format!("segment starts at seq {}, expected {}", header.first_seq, report.next_seq),
-        ));
-    }
-    report.next_seq = header.first_seq;
-
-    let mut offset = BLOCK_SIZE;
-    let tail_error = loop {
-        match format::decode_batch(data.get(offset..).unwrap_or(&[])) {
-            Ok(batch) => {
-                if batch.first_seq != report.next_seq {
-                    let detail =
-                        format!("batch starts at seq {}, expected {}", batch.first_seq, report.next_seq);
-                    return Err(corrupt(offset as u64, detail));
-                }
-                for record in &batch.records {
-                    apply(record);
-                }
-                report.record_count += batch.records.len() as u64;
-                report.next_seq += batch.records.len() as u64;
-                offset += batch.size_on_disk;
-            }
-            Err(error) => break error,
-        }
-    };
-
-    let bad_offset = match tail_error {
-        BatchError::BadRecord { offset: relative } => offset + relative,
-        _ => offset,
-    };
-    let damaged = tail_error != BatchError::End;
-    // Is there a valid batch after the damage (or after the clean-looking end)?
-    let mut later_valid = None;
-    let mut probe = offset + BLOCK_SIZE;
-    while probe < data.len() && later_valid.is_none() {
-        if format::decode_batch(&data[probe..]).is_ok_and(|batch| batch.first_seq >= report.next_seq) {
-            later_valid = Some(probe);
-        }
-        probe += BLOCK_SIZE;
-    }
-    let lossy = if header.flags & format::SEGMENT_FLAG_ACK_BEFORE_SYNC == 0 {
-        // Written under `always`: only the newest segment may end in a torn batch, and a
-        // damaged batch with valid ones after it is corruption, never a crash artefact.
-        if let Some(valid) = later_valid {
-            let detail = format!("damaged batch followed by a valid batch at offset {valid}");
-            return Err(corrupt(bad_offset as u64, detail));
-        }
-        if damaged && !is_last {
-            let detail = "damaged batch at the end of a segment that is not the newest".to_string();
-            return Err(corrupt(offset as u64, detail));
-        }
-        false
-    } else if damaged && !is_last || later_valid.is_some() {
-        // Written under `interval` or `never`: a power loss may lose or reorder unsynced
-        // writes, which those policies allow. Keep the valid prefix, drop the rest, say so.
-        tracing::warn!(
-            "{}: damaged at offset {bad_offset} in a segment whose writes were acknowledged \
-             before fdatasync; records from there to the end of the segment are dropped",
-            path.display()
-        );
-        report.lossy.push((path.to_path_buf(), bad_offset as u64));
-        true
-    } else {
-        false
-    };
-    let torn = damaged || later_valid.is_some();
-    if is_last && size > offset as u64 {
-        // Cut off the torn tail (or the unused preallocation) so that the next start sees
-        // a clean end; new records go to a new segment.
-        file.truncate(offset as u64).await.map_err(io_error)?;
-        file.sync_data().await.map_err(io_error)?;
-        if torn {
-            tracing::info!("{}: torn tail truncated at offset {offset}", path.display());
-            report.truncated = Some((path.to_path_buf(), offset as u64));
-        }
-    }
-    file.close().await.map_err(io_error)?;
-    Ok(Replayed::Records { lossy, first_seq: header.first_seq })
 }
 
 async fn flusher<S: Storage>(shared: Rc<Shared<S>>, mut segment: Segment<S::File>) {
