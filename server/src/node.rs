@@ -202,23 +202,159 @@ fn init_logging(args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn run(mut args: Args) -> anyhow::Result<()> {
-    init_logging(&args)?;
-    match &args.command {
-        Some(Command::Config { action: ConfigAction::Check { file } }) => {
+/// `kvd config check FILE` and `kvd config print`.
+fn config_command(args: &Args, action: &ConfigAction) -> anyhow::Result<()> {
+    match action {
+        ConfigAction::Check { file } => {
             let settings = crate::config::file_args(file)?;
             let mut all = vec!["kvd".to_string()];
             all.extend(settings);
             <Args as Parser>::try_parse_from(all)
                 .map_err(|error| anyhow::anyhow!("{}: {error}", file.display()))?;
             println!("{}: ok", file.display());
-            return Ok(());
         }
-        Some(Command::Config { action: ConfigAction::Print }) => {
-            print!("{}", crate::config::print(&args));
-            return Ok(());
+        ConfigAction::Print => print!("{}", crate::config::print(args)),
+    }
+    Ok(())
+}
+
+/// Every listener of the node, bound before any shard starts so that the ports are known.
+struct Listeners {
+    /// One `SO_REUSEPORT` client listener per shard, on one address.
+    client: Vec<TcpListener>,
+    client_address: SocketAddr,
+    /// Each shard's own port (node-to-node traffic and shard-aware clients).
+    shards: Vec<TcpListener>,
+    shard_addresses: Vec<SocketAddr>,
+    /// RESP: one `SO_REUSEPORT` listener per shard, when `--resp-listen` is given.
+    resp: Vec<Option<TcpListener>>,
+    resp_address: Option<SocketAddr>,
+    metrics: Option<TcpListener>,
+    metrics_address: Option<SocketAddr>,
+}
+
+fn bind_listeners(args: &Args, shard_count: usize) -> anyhow::Result<Listeners> {
+    let first = reuse_port_listener(args.listen)?;
+    let client_address = first.local_addr()?;
+    let mut client_listeners = vec![first];
+    for _ in 1..shard_count {
+        client_listeners.push(reuse_port_listener(client_address)?);
+    }
+    let shard_port_base = match (args.shard_port_base, client_address.port(), args.listen.port()) {
+        (Some(0), _, _) => None,
+        (Some(base), _, _) => Some(base),
+        (None, _, 0) => None,
+        (None, port, _) => Some(port + 1),
+    };
+    let mut shard_listeners = Vec::with_capacity(shard_count);
+    for index in 0..shard_count {
+        let port = match shard_port_base {
+            Some(base) => base.checked_add(index as u16).context("shard port beyond 65535")?,
+            None => 0,
+        };
+        let listener = TcpListener::bind(SocketAddr::new(client_address.ip(), port))
+            .with_context(|| format!("binding shard {index} to port {port}"))?;
+        shard_listeners.push(listener);
+    }
+    let shard_addresses: Vec<SocketAddr> =
+        shard_listeners.iter().map(TcpListener::local_addr).collect::<Result<_, _>>()?;
+    // RESP: one SO_REUSEPORT listener per shard on the same address, as for the client port.
+    let mut resp_listeners: Vec<Option<TcpListener>> = (0..shard_count).map(|_| None).collect();
+    let mut resp_address = None;
+    if let Some(address) = args.resp_listen {
+        let first = reuse_port_listener(address)?;
+        let bound = first.local_addr()?;
+        resp_listeners[0] = Some(first);
+        for slot in resp_listeners.iter_mut().skip(1) {
+            *slot = Some(reuse_port_listener(bound)?);
         }
-        _ => {}
+        resp_address = Some(bound);
+    }
+    let metrics_listener = match args.metrics_listen {
+        Some(address) => {
+            Some(TcpListener::bind(address).with_context(|| format!("binding metrics to {address}"))?)
+        }
+        None => None,
+    };
+    let metrics_address = metrics_listener.as_ref().map(TcpListener::local_addr).transpose()?;
+    Ok(Listeners {
+        client: client_listeners,
+        client_address,
+        shards: shard_listeners,
+        shard_addresses,
+        resp: resp_listeners,
+        resp_address,
+        metrics: metrics_listener,
+        metrics_address,
+    })
+}
+
+/// The cluster settings from the flags (`None` for a standalone node), checked.
+fn cluster_options(
+    args: &Args,
+    clustered: bool,
+    client_address: SocketAddr,
+) -> anyhow::Result<Option<ClusterOptions>> {
+    // The same seed list on every node, this one's own address included, is the usual
+    // convention: a seed that is this node is no other node.
+    let seeds: Vec<SocketAddr> =
+        args.seeds.iter().copied().filter(|&seed| !is_own_address(seed, client_address)).collect();
+    let options = clustered.then(|| ClusterOptions {
+        cluster_size: args.cluster_size.unwrap_or(seeds.len() + 1),
+        replica_count: args.replicas,
+        partition_bits: args.partition_bits,
+        seeds: seeds.clone(),
+        client_port: client_address.port(),
+        gossip: GossipConfig {
+            interval: Duration::from_millis(args.gossip_interval_ms.max(1)),
+            phi_threshold: args.phi_threshold,
+            ..GossipConfig::default()
+        },
+        anti_entropy: crate::cluster::anti_entropy::AntiEntropyOptions {
+            interval: Duration::from_millis(args.anti_entropy_interval_ms),
+            settle_ms: args.tombstone_grace_s.saturating_mul(1000),
+        },
+        join: args.join,
+        replace: args.replace.clone(),
+        stream_bytes_per_s: args.stream_kib_per_s.saturating_mul(1024),
+    });
+    // A joining node takes the running cluster's replica count and partitions.
+    if let Some(options) = options.as_ref().filter(|o| !o.join && o.replace.is_none()) {
+        if options.replica_count == 0 || options.replica_count > options.cluster_size {
+            bail!(
+                "--replicas must be 1..=cluster size ({}), got {}",
+                options.cluster_size,
+                options.replica_count
+            );
+        }
+        if options.partition_bits == 0 || options.partition_bits > crate::cluster::ring::PARTITION_BITS_MAX {
+            bail!("--partition-bits must be 1..={}", crate::cluster::ring::PARTITION_BITS_MAX);
+        }
+        if 1usize << options.partition_bits < options.cluster_size {
+            bail!("--partition-bits {} gives fewer partitions than nodes", options.partition_bits);
+        }
+    }
+    Ok(options)
+}
+
+/// Waits for SIGTERM or SIGINT (blocked in every thread). A shard cannot die silently
+/// meanwhile: panics abort the process (see the workspace profiles), and the log stays
+/// durable through that.
+fn wait_for_termination(signals: &libc::sigset_t) {
+    loop {
+        let mut signal = 0;
+        // SAFETY: sigwait reads the set and writes the signal number into memory we own.
+        let result = unsafe { libc::sigwait(signals, &mut signal) };
+        if result == 0 && (signal == libc::SIGTERM || signal == libc::SIGINT) {
+            return;
+        }
+    }
+}
+
+pub fn run(mut args: Args) -> anyhow::Result<()> {
+    init_logging(&args)?;
+    if let Some(Command::Config { action }) = &args.command {
+        return config_command(&args, action);
     }
     let demo = matches!(args.command, Some(Command::Demo { .. }));
     if let Some(Command::Demo { nodes }) = args.command {
@@ -272,49 +408,16 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
     args.shards = Some(shard_count);
 
     // Bind everything before any shard starts, so that the ports are known up front.
-    let first = reuse_port_listener(args.listen)?;
-    let client_address = first.local_addr()?;
-    let mut client_listeners = vec![first];
-    for _ in 1..shard_count {
-        client_listeners.push(reuse_port_listener(client_address)?);
-    }
-    let shard_port_base = match (args.shard_port_base, client_address.port(), args.listen.port()) {
-        (Some(0), _, _) => None,
-        (Some(base), _, _) => Some(base),
-        (None, _, 0) => None,
-        (None, port, _) => Some(port + 1),
-    };
-    let mut shard_listeners = Vec::with_capacity(shard_count);
-    for index in 0..shard_count {
-        let port = match shard_port_base {
-            Some(base) => base.checked_add(index as u16).context("shard port beyond 65535")?,
-            None => 0,
-        };
-        let listener = TcpListener::bind(SocketAddr::new(client_address.ip(), port))
-            .with_context(|| format!("binding shard {index} to port {port}"))?;
-        shard_listeners.push(listener);
-    }
-    let shard_addresses: Vec<SocketAddr> =
-        shard_listeners.iter().map(TcpListener::local_addr).collect::<Result<_, _>>()?;
-    // RESP: one SO_REUSEPORT listener per shard on the same address, as for the client port.
-    let mut resp_listeners: Vec<Option<TcpListener>> = (0..shard_count).map(|_| None).collect();
-    let mut resp_address = None;
-    if let Some(address) = args.resp_listen {
-        let first = reuse_port_listener(address)?;
-        let bound = first.local_addr()?;
-        resp_listeners[0] = Some(first);
-        for slot in resp_listeners.iter_mut().skip(1) {
-            *slot = Some(reuse_port_listener(bound)?);
-        }
-        resp_address = Some(bound);
-    }
-    let mut metrics_listener = match args.metrics_listen {
-        Some(address) => {
-            Some(TcpListener::bind(address).with_context(|| format!("binding metrics to {address}"))?)
-        }
-        None => None,
-    };
-    let metrics_address = metrics_listener.as_ref().map(TcpListener::local_addr).transpose()?;
+    let Listeners {
+        client: client_listeners,
+        client_address,
+        shards: shard_listeners,
+        shard_addresses,
+        resp: resp_listeners,
+        resp_address,
+        metrics: mut metrics_listener,
+        metrics_address,
+    } = bind_listeners(&args, shard_count)?;
     let resp_settings = resp_address.map(|address| crate::launch::RespLaunch {
         password: args.requirepass.clone(),
         consistency: args.resp_consistency,
@@ -344,45 +447,7 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
     // SAFETY: changes this thread's mask, inherited by the shard threads spawned below.
     unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &signals, std::ptr::null_mut()) };
 
-    // The same seed list on every node, this one's own address included, is the usual
-    // convention: a seed that is this node is no other node.
-    let seeds: Vec<SocketAddr> =
-        args.seeds.iter().copied().filter(|&seed| !is_own_address(seed, client_address)).collect();
-    let cluster_options = clustered.then(|| ClusterOptions {
-        cluster_size: args.cluster_size.unwrap_or(seeds.len() + 1),
-        replica_count: args.replicas,
-        partition_bits: args.partition_bits,
-        seeds: seeds.clone(),
-        client_port: client_address.port(),
-        gossip: GossipConfig {
-            interval: Duration::from_millis(args.gossip_interval_ms.max(1)),
-            phi_threshold: args.phi_threshold,
-            ..GossipConfig::default()
-        },
-        anti_entropy: crate::cluster::anti_entropy::AntiEntropyOptions {
-            interval: Duration::from_millis(args.anti_entropy_interval_ms),
-            settle_ms: args.tombstone_grace_s.saturating_mul(1000),
-        },
-        join: args.join,
-        replace: args.replace.clone(),
-        stream_bytes_per_s: args.stream_kib_per_s.saturating_mul(1024),
-    });
-    // A joining node takes the running cluster's replica count and partitions.
-    if let Some(options) = cluster_options.as_ref().filter(|o| !o.join && o.replace.is_none()) {
-        if options.replica_count == 0 || options.replica_count > options.cluster_size {
-            bail!(
-                "--replicas must be 1..=cluster size ({}), got {}",
-                options.cluster_size,
-                options.replica_count
-            );
-        }
-        if options.partition_bits == 0 || options.partition_bits > crate::cluster::ring::PARTITION_BITS_MAX {
-            bail!("--partition-bits must be 1..={}", crate::cluster::ring::PARTITION_BITS_MAX);
-        }
-        if 1usize << options.partition_bits < options.cluster_size {
-            bail!("--partition-bits {} gives fewer partitions than nodes", options.partition_bits);
-        }
-    }
+    let cluster_options = cluster_options(&args, clustered, client_address)?;
     let gossip_address = shard_addresses[0];
     let mesh = (shard_count > 1).then(|| crate::mesh::builder(shard_count));
     let (ready_sender, ready) = std::sync::mpsc::channel();
@@ -476,17 +541,8 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
         );
     }
 
-    // Wait for SIGTERM or SIGINT. A shard cannot die silently meanwhile: panics abort the
-    // process (see the workspace profiles), and the log stays durable through that.
-    loop {
-        let mut signal = 0;
-        // SAFETY: sigwait reads the set and writes the signal number into memory we own.
-        let result = unsafe { libc::sigwait(&signals, &mut signal) };
-        if result == 0 && (signal == libc::SIGTERM || signal == libc::SIGINT) {
-            tracing::info!("shutting down");
-            break;
-        }
-    }
+    wait_for_termination(&signals);
+    tracing::info!("shutting down");
     drop(shutdown_senders);
     for handle in handles {
         if handle.join().is_err() {
