@@ -212,68 +212,18 @@ pub async fn run(launch: ShardLaunch) {
             settings,
         )));
     }
-    let mut cluster_tasks = Vec::new();
-    if let (Some(launch), Some(cluster_shard)) = (cluster, &shard.cluster) {
-        cluster_tasks.push(glommio::spawn_local(replication::replay_hints(shard.clone())));
-        cluster_tasks.push(glommio::spawn_local(replication::flush_hint_log(shard.clone())));
-        // Few shares: request handling comes first (flush has 250, compaction 50).
-        let background = glommio::executor().create_task_queue(
-            glommio::Shares::Static(50),
-            glommio::Latency::NotImportant,
-            "anti-entropy",
-        );
-        let tasks = [
-            glommio::spawn_local_into(crate::cluster::anti_entropy::run(shard.clone()), background),
-            glommio::spawn_local_into(
-                crate::cluster::anti_entropy::drop_moved_ranges(shard.clone()),
-                background,
-            ),
-        ];
-        for task in tasks {
-            match task {
-                Ok(task) => cluster_tasks.push(task),
+    let cluster_tasks = match cluster {
+        Some(launch) => {
+            match start_cluster_tasks(&shard, launch, storage.clone(), &data_dir, peers.clone()).await {
+                Ok(tasks) => tasks,
                 Err(error) => {
-                    let _ = ready.send(Err(format!("shard {index}: starting anti-entropy: {error}")));
+                    let _ = ready.send(Err(format!("shard {index}: {error}")));
                     return;
                 }
             }
         }
-        if index == 0 {
-            let weak = Rc::downgrade(&shard);
-            let publish = Box::new(move |view: Arc<ClusterView>| {
-                let Some(shard) = weak.upgrade() else { return };
-                if let Some(mesh) = &shard.mesh {
-                    mesh.broadcast_view(view.clone());
-                }
-                if let Some(cluster) = &shard.cluster {
-                    cluster.set_view(view);
-                }
-            });
-            let membership = Membership::open(
-                storage.clone(),
-                launch.node_name,
-                launch.gossip_address,
-                launch.shard_ports,
-                launch.options,
-                &data_dir,
-                peers.clone(),
-                publish,
-            )
-            .await;
-            match membership {
-                Ok(membership) => {
-                    let membership = Rc::new(membership);
-                    *cluster_shard.membership.borrow_mut() = Some(membership.clone());
-                    cluster_tasks.push(glommio::spawn_local(membership.clone().run()));
-                    cluster_tasks.push(glommio::spawn_local(announce_load(shard.clone(), membership)));
-                }
-                Err(error) => {
-                    let _ = ready.send(Err(format!("cluster membership: {error:#}")));
-                    return;
-                }
-            }
-        }
-    }
+        None => Vec::new(),
+    };
     let _ = ready.send(Ok(report));
 
     // SAFETY: as above, ownership of the descriptor moves to the glommio stream.
@@ -290,6 +240,64 @@ pub async fn run(launch: ShardLaunch) {
         mesh.close();
     }
     drop(mesh_task);
+}
+
+/// The cluster's background tasks of a shard: hint replay and logging, anti-entropy and the
+/// dropping of moved ranges (in a low-share queue), and on shard 0 the membership driver and
+/// the load announcements. Dropping the tasks cancels them (at shutdown).
+async fn start_cluster_tasks<S: Storage>(
+    shard: &Rc<Shard<S>>,
+    launch: ClusterLaunch,
+    storage: S,
+    data_dir: &std::path::Path,
+    peers: Rc<PeerPool>,
+) -> Result<Vec<glommio::Task<()>>, String> {
+    let Some(cluster_shard) = &shard.cluster else { return Ok(Vec::new()) };
+    let mut cluster_tasks = vec![
+        glommio::spawn_local(replication::replay_hints(shard.clone())),
+        glommio::spawn_local(replication::flush_hint_log(shard.clone())),
+    ];
+    // Few shares: request handling comes first (flush has 250, compaction 50).
+    let background = glommio::executor().create_task_queue(
+        glommio::Shares::Static(50),
+        glommio::Latency::NotImportant,
+        "anti-entropy",
+    );
+    for task in [
+        glommio::spawn_local_into(crate::cluster::anti_entropy::run(shard.clone()), background),
+        glommio::spawn_local_into(crate::cluster::anti_entropy::drop_moved_ranges(shard.clone()), background),
+    ] {
+        cluster_tasks.push(task.map_err(|error| format!("starting anti-entropy: {error}"))?);
+    }
+    if shard.index == 0 {
+        let weak = Rc::downgrade(shard);
+        let publish = Box::new(move |view: Arc<ClusterView>| {
+            let Some(shard) = weak.upgrade() else { return };
+            if let Some(mesh) = &shard.mesh {
+                mesh.broadcast_view(view.clone());
+            }
+            if let Some(cluster) = &shard.cluster {
+                cluster.set_view(view);
+            }
+        });
+        let membership = Membership::open(
+            storage,
+            launch.node_name,
+            launch.gossip_address,
+            launch.shard_ports,
+            launch.options,
+            data_dir,
+            peers,
+            publish,
+        )
+        .await
+        .map_err(|error| format!("cluster membership: {error:#}"))?;
+        let membership = Rc::new(membership);
+        *cluster_shard.membership.borrow_mut() = Some(membership.clone());
+        cluster_tasks.push(glommio::spawn_local(membership.clone().run()));
+        cluster_tasks.push(glommio::spawn_local(announce_load(shard.clone(), membership)));
+    }
+    Ok(cluster_tasks)
 }
 
 /// How often shard 0 sums the node's stored bytes for gossip (`kvctl status` LOAD_BYTES).
