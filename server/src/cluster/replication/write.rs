@@ -153,20 +153,22 @@ pub async fn coordinate_write<S: Storage, H: Host<S>>(
         }
     };
     // The answers still to come are hinted as they fail, in the background.
-    glommio::spawn_local({
-        let shard = shard.clone();
-        async move {
-            while let Some((node, ack)) = acks.next().await {
-                let (hint, _) = write.on_answer(node, ack);
-                if hint && node != me {
-                    if let Some(cluster) = shard.cluster() {
-                        cluster.add_hint(node, &key, &bytes);
+    if !write.unanswered().is_empty() {
+        glommio::spawn_local({
+            let shard = shard.clone();
+            async move {
+                while let Some((node, ack)) = acks.next().await {
+                    let (hint, _) = write.on_answer(node, ack);
+                    if hint && node != me {
+                        if let Some(cluster) = shard.cluster() {
+                            cluster.add_hint(node, &key, &bytes);
+                        }
                     }
                 }
             }
-        }
-    })
-    .detach();
+        })
+        .detach();
+    }
     match verdict {
         WriteVerdict::Acknowledged => Reply::Written(written_context),
         WriteVerdict::Overloaded { replies, required } => Reply::error(
