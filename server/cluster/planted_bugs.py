@@ -5,6 +5,7 @@ restores the file. Usage: server/cluster/planted_bugs.py [NAME ...] (default: al
 Not part of CI: it edits sources while it runs; run it from a clean tree."""
 import os, subprocess, sys, re, shutil, tempfile
 MUTS = {
+ 'early_drop': ('server/cluster/src/hand_off.rs', '&& replicas.iter().all(|replica| self.acknowledged.contains(replica))', '&& replicas.iter().any(|replica| self.acknowledged.contains(replica))', 'simulation::no_acknowledged'),
  'repair_older': ('server/cluster/src/coordinator.rs', 'self.stale_replicas().into_iter().map(|node| (node, self.merged.clone())).collect()', 'self.stale_replicas().into_iter().map(|node| (node, self.replies[&node].clone())).collect()', 'simulation::no_acknowledged'),
  'early_purge': ('server/cluster/src/merkle.rs', 'others.iter().all(|comparison| *comparison == Comparison::Equal)', 'others.iter().all(|comparison| *comparison != Comparison::Differing)', 'simulation::no_acknowledged'),
  'hint_counts': ('server/cluster/src/coordinator.rs', '''            Ack::Failed | Ack::Overloaded => {

@@ -12,7 +12,7 @@
 //! - rounds: `coordinator` (write and read quorums, hints, read repair), `paxos` (CAS and
 //!   ring agreement), `serial_op` and `update` (what a CAS, a SERIAL read or a Redis
 //!   conditional command decides), `hints` (hinted hand-off queues);
-//! - membership: `gossip`, `failure_detector`;
+//! - membership: `gossip`, `failure_detector`; `hand_off` (dropping moved ranges);
 //! - `rng`: the one seeded random-number generator.
 //!
 //! The simulators (`simulation`, `serial_simulation`) and the linearizability checker are
@@ -23,6 +23,7 @@
 pub mod coordinator;
 pub mod failure_detector;
 pub mod gossip;
+pub mod hand_off;
 pub mod hints;
 pub mod linearizability;
 pub mod merkle;

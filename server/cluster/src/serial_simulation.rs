@@ -25,6 +25,7 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::hash::{Hash, Hasher};
 
+use crate::hand_off::KeyHandOff;
 use crate::linearizability::{self, Event, Operation, Outcome};
 use crate::paxos::{
     backoff_us, next_ballot, refuses_stale_proposer, Acceptor, Ballot, Failure, Proposer, Step,
@@ -318,11 +319,16 @@ impl Simulation {
                 if !replicas.iter().all(|&r| self.nodes[r as usize].up && self.connected(node, r)) {
                     continue;
                 }
+                // Delivered at once: every replica acknowledges what was sent.
                 let versions = self.nodes[node as usize].records[&key].1.clone();
-                for replica in replicas {
+                let mut handing = KeyHandOff::new(versions.clone());
+                for &replica in &replicas {
                     self.nodes[replica as usize].records.entry(key).or_default().1.merge(&versions);
+                    handing.acknowledged(replica, &versions);
                 }
-                self.nodes[node as usize].records.remove(&key);
+                if handing.may_drop(node, &replicas, &versions) {
+                    self.nodes[node as usize].records.remove(&key);
+                }
             }
         }
     }

@@ -33,6 +33,7 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::hash::{Hash, Hasher};
 
 use crate::coordinator::{route, Ack, Consistency, Outcome, ReadRound, Route, WriteCoordinator};
+use crate::hand_off::KeyHandOff;
 use crate::hints::{HintLimits, Hints};
 use crate::merkle::{self, Comparison};
 use crate::ring::NodeId;
@@ -160,7 +161,7 @@ struct Node {
     seen_version: u64,
     adopted_at: u64,
     /// Keys handed off: what was sent and which replicas acknowledged it.
-    handing_off: BTreeMap<u32, (Versions<Value>, BTreeSet<NodeId>)>,
+    handing_off: BTreeMap<u32, KeyHandOff<Value>>,
 }
 
 /// A message in flight: (arrival time, sending order, from, to, index into `messages`),
@@ -461,9 +462,9 @@ impl Simulation {
                 let entry = self.nodes[node as usize]
                     .handing_off
                     .entry(key)
-                    .or_insert((versions.clone(), BTreeSet::new()));
-                if entry.0 != versions {
-                    *entry = (versions.clone(), BTreeSet::new());
+                    .or_insert(KeyHandOff::new(versions.clone()));
+                if *entry.sent() != versions {
+                    *entry = KeyHandOff::new(versions.clone());
                 }
                 for replica in replicas {
                     self.send(node, replica, Message::Handoff { key, versions: versions.clone() });
@@ -653,13 +654,10 @@ impl Simulation {
             Message::HandoffAck { key, versions } => {
                 let (replicas, _) = self.replicas_seen_by(to, key);
                 let node = &mut self.nodes[to as usize];
-                let Some((sent, acked)) = node.handing_off.get_mut(&key) else { return };
-                if *sent != versions {
-                    return;
-                }
-                acked.insert(from);
-                let unchanged = node.data.get(&key) == Some(&versions);
-                if replicas.iter().all(|r| acked.contains(r)) && unchanged && !replicas.contains(&to) {
+                let Some(handing) = node.handing_off.get_mut(&key) else { return };
+                handing.acknowledged(from, &versions);
+                let current = node.data.get(&key).cloned().unwrap_or_default();
+                if handing.may_drop(to, &replicas, &current) {
                     node.data.remove(&key);
                     node.handing_off.remove(&key);
                 }

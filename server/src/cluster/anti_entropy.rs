@@ -24,6 +24,7 @@ use futures::StreamExt;
 use schema::peer::{encode_merkle, MerkleData, MERKLE_KEY_COUNT_MAX};
 use schema::{Op, Status};
 
+use super::hand_off::{KeyHandOff, SweepSchedule};
 use super::host::Host;
 use super::merkle::{self, Comparison, Tree};
 pub use super::options::{AntiEntropyOptions, AntiEntropyStats};
@@ -433,21 +434,23 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 /// Hands `key`'s versions (stored as `bytes`) to its current replicas: whether every one of
 /// them acknowledged.
 async fn hand_off<S: Storage, H: Host<S>>(shard: &H, view: &ClusterView, key: &[u8], bytes: &[u8]) -> bool {
-    let Some(cluster) = shard.cluster() else { return false };
+    let (Some(cluster), Some(me)) = (shard.cluster(), view.my_id()) else { return false };
     let Ok(record) = decode_record(Some(bytes)) else { return false };
     let versions = encode_versions(&record.versions);
     let Some(replicas) = view.preference_list(key) else { return false };
-    for node in replicas {
+    let mut handing = KeyHandOff::new(record.versions.clone());
+    for &node in &replicas {
         let Some(address) = view.replica_address(node, key) else { return false };
         let op = Op::Replicate { key, versions: &versions };
         let request =
             PeerRequest { op, consistency: schema::Consistency::ONE, context: &[], timeout: REQUEST_TIMEOUT };
         match cluster.peers.link(address).call(request).await {
-            Ok(response) if response.status == Status::OK => {}
+            Ok(response) if response.status == Status::OK => handing.acknowledged(node, &record.versions),
             _ => return false,
         }
     }
-    true
+    // The store removes it only if it is still these bytes (`remove_raw_if`).
+    handing.may_drop(me, &replicas, &record.versions)
 }
 
 /// Drops the keys of ranges this node no longer replicates, forever: after a ring change has
@@ -456,24 +459,17 @@ async fn hand_off<S: Storage, H: Host<S>>(shard: &H, view: &ClusterView, key: &[
 /// sent here is not lost) and removed only once they all acknowledged it, unchanged since.
 pub async fn drop_moved_ranges<S: Storage, H: Host<S>>(shard: Rc<H>) {
     let Some(cluster) = shard.cluster() else { return };
-    let mut swept: Option<(u64, Instant)> = None;
-    let mut stable_since: Option<(u64, Instant)> = None;
+    let started = Instant::now();
+    let mut schedule = SweepSchedule::new(
+        DROP_DELAY.as_millis() as u64,
+        SWEEP_INTERVAL.as_millis() as u64,
+        DROP_DELAY.as_millis() as u64,
+    );
     loop {
         glommio::timer::sleep(Duration::from_secs(1)).await;
         let view = cluster.view();
         let (Some(formed), Some(me)) = (view.formed.as_ref(), view.my_id()) else { continue };
-        if formed.pending.is_some() {
-            continue;
-        }
-        match stable_since {
-            Some((version, since)) if version == formed.version && since.elapsed() >= DROP_DELAY => {}
-            Some((version, _)) if version == formed.version => continue,
-            _ => {
-                stable_since = Some((formed.version, Instant::now()));
-                continue;
-            }
-        }
-        if swept.is_some_and(|(version, at)| version == formed.version && at.elapsed() < SWEEP_INTERVAL) {
+        if !schedule.due(started.elapsed().as_millis() as u64, formed.version, formed.pending.is_some()) {
             continue;
         }
         let (mut dropped, mut kept) = (0u64, 0u64);
@@ -503,10 +499,6 @@ pub async fn drop_moved_ranges<S: Storage, H: Host<S>>(shard: Rc<H>) {
         }
         bump(&cluster.stats.anti_entropy.moved_keys_dropped, dropped);
         // Keys kept (a replica did not answer) are tried again after the delay.
-        let at = match kept {
-            0 => Instant::now(),
-            _ => Instant::now().checked_sub(SWEEP_INTERVAL - DROP_DELAY).unwrap_or_else(Instant::now),
-        };
-        swept = Some((formed.version, at));
+        schedule.swept(started.elapsed().as_millis() as u64, formed.version, kept);
     }
 }

@@ -17,6 +17,6 @@ pub mod serial;
 pub mod state;
 
 pub use ::cluster::{
-    coordinator, failure_detector, gossip, hints, merkle, paxos, record, ring, ring_change, ring_state, rng,
-    serial_op, versions, view,
+    coordinator, failure_detector, gossip, hand_off, hints, merkle, paxos, record, ring, ring_change,
+    ring_state, rng, serial_op, versions, view,
 };
