@@ -18,7 +18,7 @@ use crate::cluster::replication::{self, actor_of, ClusterShard};
 use crate::cluster::view::ClusterView;
 use crate::command::{Command, Reply};
 use crate::mesh::{Mesh, Message};
-use crate::shard::{ConnectionLimits, Shard, ShardStats};
+use crate::shard::{ConnectionLimits, Shard, ShardParts};
 use crate::storage::dma::DmaStorage;
 use crate::storage::Storage;
 use crate::store::Store;
@@ -156,7 +156,7 @@ pub async fn run(launch: ShardLaunch) {
         },
         None => None,
     };
-    let shard = Rc::new(Shard {
+    let shard = Rc::new(Shard::new(ShardParts {
         index,
         count,
         store,
@@ -165,10 +165,9 @@ pub async fn run(launch: ShardLaunch) {
         limits,
         connections_max,
         large_buffer_budget: Rc::new(glommio::sync::Semaphore::new(large_buffers_size_max as u64)),
-        stats: ShardStats::default(),
         cluster: cluster_shard,
         data_dir: data_dir.clone(),
-    });
+    }));
     let mesh_task = match (mesh, receivers) {
         (Some(mesh), Some(receivers)) => {
             let served = shard.clone();
@@ -178,7 +177,7 @@ pub async fn run(launch: ShardLaunch) {
             };
             let viewer = Rc::downgrade(&shard);
             let on_view = move |view| {
-                if let Some(cluster) = viewer.upgrade().as_ref().and_then(|s| s.cluster.as_ref()) {
+                if let Some(cluster) = viewer.upgrade().as_ref().and_then(|s| s.cluster()) {
                     cluster.set_view(view);
                 }
             };
@@ -233,10 +232,10 @@ pub async fn run(launch: ShardLaunch) {
 
     drop(accept_tasks);
     drop(cluster_tasks);
-    if let Err(error) = shard.store.close().await {
+    if let Err(error) = shard.store().close().await {
         tracing::error!(shard = index, "closing the log: {error}");
     }
-    if let Some(mesh) = &shard.mesh {
+    if let Some(mesh) = shard.mesh() {
         mesh.close();
     }
     drop(mesh_task);
@@ -252,7 +251,7 @@ async fn start_cluster_tasks<S: Storage>(
     data_dir: &std::path::Path,
     peers: Rc<PeerPool>,
 ) -> Result<Vec<glommio::Task<()>>, String> {
-    let Some(cluster_shard) = &shard.cluster else { return Ok(Vec::new()) };
+    let Some(cluster_shard) = shard.cluster() else { return Ok(Vec::new()) };
     let mut cluster_tasks = vec![
         glommio::spawn_local(replication::replay_hints(shard.clone())),
         glommio::spawn_local(replication::flush_hint_log(shard.clone())),
@@ -269,14 +268,14 @@ async fn start_cluster_tasks<S: Storage>(
     ] {
         cluster_tasks.push(task.map_err(|error| format!("starting anti-entropy: {error}"))?);
     }
-    if shard.index == 0 {
+    if shard.index() == 0 {
         let weak = Rc::downgrade(shard);
         let publish = Box::new(move |view: Arc<ClusterView>| {
             let Some(shard) = weak.upgrade() else { return };
-            if let Some(mesh) = &shard.mesh {
+            if let Some(mesh) = shard.mesh() {
                 mesh.broadcast_view(view.clone());
             }
-            if let Some(cluster) = &shard.cluster {
+            if let Some(cluster) = shard.cluster() {
                 cluster.set_view(view);
             }
         });
@@ -316,8 +315,8 @@ fn engine_load_bytes(engine: &serde_json::Value) -> u64 {
 async fn announce_load<S: Storage>(shard: Rc<Shard<S>>, membership: Rc<Membership<S>>) {
     loop {
         let mut load_bytes = engine_load_bytes(&shard.stats_value()["engine"]);
-        if let Some(mesh) = &shard.mesh {
-            for target in (0..shard.count).filter(|&t| t != shard.index) {
+        if let Some(mesh) = shard.mesh() {
+            for target in (0..shard.count()).filter(|&t| t != shard.index()) {
                 if let Reply::Stats(text) = mesh.forward(target, Command::ShardStats).await {
                     if let Ok(stats) = serde_json::from_str::<serde_json::Value>(&text) {
                         load_bytes += engine_load_bytes(&stats["engine"]);

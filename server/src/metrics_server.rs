@@ -16,8 +16,8 @@ use crate::storage::Storage;
 /// Every shard's stats object: this one's, and the others' over the mesh.
 pub async fn gather<S: Storage>(shard: &Rc<Shard<S>>) -> Vec<Value> {
     let mut shards = vec![shard.stats_value()];
-    if let Some(mesh) = &shard.mesh {
-        for target in (0..shard.count).filter(|&t| t != shard.index) {
+    if let Some(mesh) = shard.mesh() {
+        for target in (0..shard.count()).filter(|&t| t != shard.index()) {
             if let Reply::Stats(text) = mesh.forward(target, Command::ShardStats).await {
                 shards.push(serde_json::from_str(&text).unwrap_or(Value::Null));
             }
@@ -28,10 +28,10 @@ pub async fn gather<S: Storage>(shard: &Rc<Shard<S>>) -> Vec<Value> {
 
 /// Whether the node serves, and if not why (for `/health`).
 fn health<S: Storage>(shard: &Shard<S>) -> Result<(), String> {
-    if let Some(error) = shard.store.wal().failure() {
+    if let Some(error) = shard.store().wal().failure() {
         return Err(format!("the write path stopped: {error}"));
     }
-    if let Some(cluster) = &shard.cluster {
+    if let Some(cluster) = shard.cluster() {
         let view = cluster.view();
         if view.formed.is_none() {
             return Err(view.forming_note.clone());
@@ -70,7 +70,7 @@ pub async fn serve<S: Storage>(listener: glommio::net::TcpListener, shard: Rc<Sh
             let line = String::from_utf8_lossy(&request);
             let target = line.split_whitespace().nth(1).unwrap_or("");
             let (status, body) = match (line.starts_with("GET "), target) {
-                (true, "/metrics") => ("200 OK", render(&shard.hello.node_id, &gather(&shard).await)),
+                (true, "/metrics") => ("200 OK", render(&shard.hello().node_id, &gather(&shard).await)),
                 (true, "/health") => match health(&shard) {
                     Ok(()) => ("200 OK", "ok\n".to_string()),
                     Err(reason) => ("503 Service Unavailable", format!("{reason}\n")),

@@ -38,7 +38,8 @@ pub struct ShardStats {
     pub requests: crate::metrics::RequestMetrics,
 }
 
-pub struct Shard<S: Storage> {
+/// What a shard is made of, as `launch.rs` puts it together.
+pub struct ShardParts<S: Storage> {
     pub index: usize,
     pub count: usize,
     pub store: Store<S>,
@@ -48,28 +49,119 @@ pub struct Shard<S: Storage> {
     pub connections_max: usize,
     /// Shared by the shard's connections for frames larger than their minimum read buffer.
     pub large_buffer_budget: Rc<glommio::sync::Semaphore>,
-    pub stats: ShardStats,
     /// Present when the node is part of a cluster.
     pub cluster: Option<ClusterShard<S>>,
     /// The node's data directory.
     pub data_dir: PathBuf,
 }
 
-impl<S: Storage> Host<S> for Shard<S> {
-    fn store(&self) -> &Store<S> {
-        &self.store
+/// One shard. Its parts are reached through narrow accessors; only its own methods route
+/// commands.
+pub struct Shard<S: Storage> {
+    index: usize,
+    count: usize,
+    store: Store<S>,
+    mesh: Option<Rc<Mesh>>,
+    hello: HelloInfo,
+    limits: ConnectionLimits,
+    connections_max: usize,
+    large_buffer_budget: Rc<glommio::sync::Semaphore>,
+    stats: ShardStats,
+    cluster: Option<ClusterShard<S>>,
+    data_dir: PathBuf,
+}
+
+impl<S: Storage> Shard<S> {
+    pub fn new(parts: ShardParts<S>) -> Shard<S> {
+        let ShardParts {
+            index,
+            count,
+            store,
+            mesh,
+            hello,
+            limits,
+            connections_max,
+            large_buffer_budget,
+            cluster,
+            data_dir,
+        } = parts;
+        Shard {
+            index,
+            count,
+            store,
+            mesh,
+            hello,
+            limits,
+            connections_max,
+            large_buffer_budget,
+            stats: ShardStats::default(),
+            cluster,
+            data_dir,
+        }
     }
 
-    fn cluster(&self) -> Option<&ClusterShard<S>> {
-        self.cluster.as_ref()
-    }
-
-    fn index(&self) -> usize {
+    pub fn index(&self) -> usize {
         self.index
     }
 
-    fn count(&self) -> usize {
+    pub fn count(&self) -> usize {
         self.count
+    }
+
+    pub fn store(&self) -> &Store<S> {
+        &self.store
+    }
+
+    /// The channel mesh to the node's other shards (none with one shard).
+    pub fn mesh(&self) -> Option<&Rc<Mesh>> {
+        self.mesh.as_ref()
+    }
+
+    pub fn hello(&self) -> &HelloInfo {
+        &self.hello
+    }
+
+    pub fn limits(&self) -> &ConnectionLimits {
+        &self.limits
+    }
+
+    pub fn connections_max(&self) -> usize {
+        self.connections_max
+    }
+
+    pub fn large_buffer_budget(&self) -> &Rc<glommio::sync::Semaphore> {
+        &self.large_buffer_budget
+    }
+
+    pub fn stats(&self) -> &ShardStats {
+        &self.stats
+    }
+
+    /// This shard's replication state, on a cluster node.
+    pub fn cluster(&self) -> Option<&ClusterShard<S>> {
+        self.cluster.as_ref()
+    }
+
+    pub fn data_dir(&self) -> &std::path::Path {
+        &self.data_dir
+    }
+}
+
+impl<S: Storage> Host<S> for Shard<S> {
+    fn store(&self) -> &Store<S> {
+        Shard::store(self)
+    }
+
+    fn cluster(&self) -> Option<&ClusterShard<S>> {
+        Shard::cluster(self)
+    }
+
+    fn index(&self) -> usize {
+        Shard::index(self)
+    }
+
+    fn count(&self) -> usize {
+        Shard::count(self)
     }
 }
 

@@ -61,7 +61,7 @@ impl Outbox {
 }
 
 pub async fn serve<S: Storage>(stream: TcpStream, shard: Rc<Shard<S>>) {
-    let limits = shard.limits;
+    let limits = shard.limits();
     let _ = stream.set_nodelay(true);
     let _ = stream.set_write_timeout(Some(limits.write_timeout));
     let (reader, writer) = futures_lite::io::split(stream);
@@ -140,7 +140,7 @@ async fn read_requests<S: Storage>(
             // connection waits (reading nothing) until others finish their frames.
             _large_buffer_permit = None;
             let extra = (size - READ_BUFFER_SIZE_MIN) as u64;
-            match shard.large_buffer_budget.clone().acquire_static_permit(extra).await {
+            match shard.large_buffer_budget().clone().acquire_static_permit(extra).await {
                 Ok(permit) => _large_buffer_permit = Some(permit),
                 Err(_) => return,
             }
@@ -149,8 +149,8 @@ async fn read_requests<S: Storage>(
         // A frame that has started must finish within the frame timeout, so a client that
         // trickles a large frame cannot hold its buffer for long.
         let deadline = match partial_since {
-            Some(since) => shard.limits.frame_timeout.saturating_sub(since.elapsed()),
-            None => shard.limits.idle_timeout,
+            Some(since) => shard.limits().frame_timeout.saturating_sub(since.elapsed()),
+            None => shard.limits().idle_timeout,
         };
         let read = async { Some(reader.read(&mut buffer[end..]).await) };
         let expired = async {
@@ -161,7 +161,7 @@ async fn read_requests<S: Storage>(
             Some(Ok(0)) | Some(Err(_)) | None => return, // closed, reset, idle or frame timeout
             Some(Ok(count)) => {
                 end += count;
-                let requests = &shard.stats.requests;
+                let requests = &shard.stats().requests;
                 requests.bytes_in.set(requests.bytes_in.get() + count as u64);
             }
         }
@@ -169,7 +169,7 @@ async fn read_requests<S: Storage>(
 }
 
 fn dispatch<S: Storage>(payload: &[u8], permit: StaticPermit, outbox: &Rc<Outbox>, shard: &Rc<Shard<S>>) {
-    shard.stats.request_count.set(shard.stats.request_count.get() + 1);
+    shard.stats().request_count.set(shard.stats().request_count.get() + 1);
     let request = match parse_request(payload) {
         Ok(request) => request,
         Err(error) => {
@@ -179,8 +179,8 @@ fn dispatch<S: Storage>(payload: &[u8], permit: StaticPermit, outbox: &Rc<Outbox
     };
     let RequestView { id, timeout_ms, op, .. } = request;
     let timeout = match timeout_ms {
-        0 => shard.limits.request_timeout_default,
-        ms => Duration::from_millis(u64::from(ms)).min(shard.limits.request_timeout_max),
+        0 => shard.limits().request_timeout_default,
+        ms => Duration::from_millis(u64::from(ms)).min(shard.limits().request_timeout_max),
     };
     // Whole-node and whole-partition operations: answered by this shard, however long.
     let node_work = node_ops::node_operation(shard, op);
@@ -195,7 +195,7 @@ fn dispatch<S: Storage>(payload: &[u8], permit: StaticPermit, outbox: &Rc<Outbox
         .detach();
         return;
     }
-    let command = match shard.cluster.as_ref() {
+    let command = match shard.cluster() {
         Some(cluster) => cluster_command(shard, cluster, &request, timeout),
         None => Command::from_op(&op).ok_or_else(|| match op {
             Op::Hello { protocol_version: 0, .. } => Body::Status(
@@ -217,8 +217,8 @@ fn dispatch<S: Storage>(payload: &[u8], permit: StaticPermit, outbox: &Rc<Outbox
     // without a task or a timer.
     if let Command::Get { key, metadata_only } = &command {
         if shard.owns(key) {
-            if let Some(reply) = shard.store.try_get(key, *metadata_only) {
-                shard.stats.requests.record(op, crate::metrics::status_name(&reply), started.elapsed());
+            if let Some(reply) = shard.store().try_get(key, *metadata_only) {
+                shard.stats().requests.record(op, crate::metrics::status_name(&reply), started.elapsed());
                 return outbox.push(Outgoing { id, body: Body::Reply(reply), _permit: Some(permit) });
             }
         }
@@ -233,10 +233,10 @@ fn dispatch<S: Storage>(payload: &[u8], permit: StaticPermit, outbox: &Rc<Outbox
             None
         };
         let reply = futures_lite::future::or(work, expired).await.unwrap_or_else(|| {
-            shard.stats.timeout_count.set(shard.stats.timeout_count.get() + 1);
+            shard.stats().timeout_count.set(shard.stats().timeout_count.get() + 1);
             Reply::error(Status::TIMEOUT, format!("no reply within {} ms", timeout.as_millis()))
         });
-        shard.stats.requests.record(op, crate::metrics::status_name(&reply), started.elapsed());
+        shard.stats().requests.record(op, crate::metrics::status_name(&reply), started.elapsed());
         outbox.running_count.set(outbox.running_count.get() - 1);
         outbox.push(Outgoing { id, body: Body::Reply(reply), _permit: Some(permit) });
     })
@@ -256,7 +256,7 @@ async fn write_replies<S: Storage>(
         while out.len() < OUTPUT_FLUSH_SIZE {
             let Some(outgoing) = outbox.queue.borrow_mut().pop_front() else { break };
             let size_before = out.len();
-            encode(&mut builder, &mut out, outgoing.id, &outgoing.body, &shard.hello);
+            encode(&mut builder, &mut out, outgoing.id, &outgoing.body, shard.hello());
             if out.len() - size_before > LARGE_FRAME_SIZE {
                 // The builder keeps its largest allocation; do not let an idle connection
                 // hold a megabyte because it once read a large value.
@@ -272,7 +272,7 @@ async fn write_replies<S: Storage>(
             listener.await;
             continue;
         }
-        let requests = &shard.stats.requests;
+        let requests = &shard.stats().requests;
         requests.bytes_out.set(requests.bytes_out.get() + out.len() as u64);
         if writer.write_all(&out).await.is_err() {
             // The client stopped reading (write timeout) or went away: stop admitting its

@@ -19,9 +19,12 @@ pub async fn accept_loop<S: Storage>(listener: TcpListener, shard: Rc<Shard<S>>)
     loop {
         match listener.accept().await {
             Ok(stream) => {
-                let open = &shard.stats.connection_count;
-                if open.get() >= shard.connections_max {
-                    shard.stats.refused_connection_count.set(shard.stats.refused_connection_count.get() + 1);
+                let open = &shard.stats().connection_count;
+                if open.get() >= shard.connections_max() {
+                    shard
+                        .stats()
+                        .refused_connection_count
+                        .set(shard.stats().refused_connection_count.get() + 1);
                     drop(stream);
                     continue;
                 }
@@ -29,13 +32,13 @@ pub async fn accept_loop<S: Storage>(listener: TcpListener, shard: Rc<Shard<S>>)
                 let shard = shard.clone();
                 glommio::spawn_local(async move {
                     connection::serve(stream, shard.clone()).await;
-                    shard.stats.connection_count.set(shard.stats.connection_count.get() - 1);
+                    shard.stats().connection_count.set(shard.stats().connection_count.get() - 1);
                 })
                 .detach();
             }
             Err(error) => {
                 // Typically EMFILE: back off instead of spinning on a full descriptor table.
-                tracing::warn!(shard = shard.index, "accept: {error}");
+                tracing::warn!(shard = shard.index(), "accept: {error}");
                 glommio::timer::sleep(Duration::from_millis(50)).await;
             }
         }

@@ -51,7 +51,7 @@ pub(super) fn node_operation<S: Storage>(
             }))
         }
         Op::RingChange { phase, version, ballot, state } => {
-            let membership = shard.cluster.as_ref().and_then(|c| c.membership.borrow().clone());
+            let membership = shard.cluster().and_then(|c| c.membership.borrow().clone());
             let state = state.to_string();
             Some(Box::pin(async move {
                 let Some(membership) = membership else {
@@ -69,7 +69,7 @@ pub(super) fn node_operation<S: Storage>(
             }))
         }
         Op::ChangeMembership { action, node } => {
-            let membership = shard.cluster.as_ref().and_then(|c| c.membership.borrow().clone());
+            let membership = shard.cluster().and_then(|c| c.membership.borrow().clone());
             let node = node.to_string();
             Some(Box::pin(async move {
                 let Some(membership) = membership else {
@@ -87,7 +87,7 @@ pub(super) fn node_operation<S: Storage>(
         Op::AntiEntropy { partition, partition_bits, shard_count, shard_index, leaves } => {
             let shard = shard.clone();
             Some(Box::pin(async move {
-                if shard.cluster.is_none() {
+                if shard.cluster().is_none() {
                     return Body::Status(Status::UNSUPPORTED, "this node is not part of a cluster".into());
                 }
                 let served = crate::cluster::anti_entropy::serve(

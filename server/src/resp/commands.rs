@@ -367,18 +367,18 @@ fn info<S: Storage>(
     if wanted("clients") {
         out.push_str(&format!(
             "# Clients\r\nconnected_clients:{}\r\n\r\n",
-            shard.stats.connection_count.get()
+            shard.stats().connection_count.get()
         ));
     }
     if wanted("stats") {
         out.push_str(&format!(
             "# Stats\r\ntotal_commands_processed:{}\r\nrejected_connections:{}\r\n\r\n",
-            shard.stats.request_count.get(),
-            shard.stats.refused_connection_count.get()
+            shard.stats().request_count.get(),
+            shard.stats().refused_connection_count.get()
         ));
     }
     if wanted("keyspace") {
-        let keys = shard.store.engine().entry_count_estimate();
+        let keys = shard.store().engine().entry_count_estimate();
         out.push_str("# Keyspace\r\n");
         if keys > 0 {
             out.push_str(&format!("db0:keys={keys},expires=0,avg_ttl=0\r\n"));

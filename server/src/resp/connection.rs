@@ -76,17 +76,17 @@ async fn run_batch(batch: Vec<Slot>, ordered: bool) -> Vec<(Value, u8)> {
 
 pub async fn serve<S: Storage>(mut stream: TcpStream, shard: Rc<Shard<S>>, settings: Rc<RespSettings>) {
     let _ = stream.set_nodelay(true);
-    let _ = stream.set_write_timeout(Some(shard.limits.write_timeout));
+    let _ = stream.set_write_timeout(Some(shard.limits().write_timeout));
     // Client ids are unique per node: the shard index in the low bits.
     let id = NEXT_CLIENT_ID.with(|next| {
         let id = next.get();
         next.set(id + 1);
-        id * 256 + shard.index as u64
+        id * 256 + shard.index() as u64
     });
     let mut session = Session::new(id, &settings);
     let mut buffer: Vec<u8> = Vec::with_capacity(READ_SIZE);
     let mut out = Vec::new();
-    let idle = shard.limits.idle_timeout;
+    let idle = shard.limits().idle_timeout;
     loop {
         // Parse every whole command buffered (up to the batch bound).
         let mut batch = Vec::new();
@@ -121,7 +121,7 @@ pub async fn serve<S: Storage>(mut stream: TcpStream, shard: Rc<Shard<S>>, setti
         }
         buffer.drain(..consumed);
         if !batch.is_empty() {
-            let values = run_batch(batch, shard.cluster.is_some()).await;
+            let values = run_batch(batch, shard.cluster().is_some()).await;
             for (value, protocol) in &values {
                 encode(value, *protocol, &mut out);
             }
@@ -173,16 +173,16 @@ pub async fn accept_loop<S: Storage>(
             continue;
         };
         // RESP clients count against the same cap as native ones.
-        if shard.stats.connection_count.get() >= shard.connections_max {
-            shard.stats.refused_connection_count.set(shard.stats.refused_connection_count.get() + 1);
+        if shard.stats().connection_count.get() >= shard.connections_max() {
+            shard.stats().refused_connection_count.set(shard.stats().refused_connection_count.get() + 1);
             continue;
         }
-        shard.stats.connection_count.set(shard.stats.connection_count.get() + 1);
+        shard.stats().connection_count.set(shard.stats().connection_count.get() + 1);
         let shard = shard.clone();
         let settings = settings.clone();
         glommio::spawn_local(async move {
             serve(stream, shard.clone(), settings).await;
-            shard.stats.connection_count.set(shard.stats.connection_count.get() - 1);
+            shard.stats().connection_count.set(shard.stats().connection_count.get() - 1);
         })
         .detach();
     }

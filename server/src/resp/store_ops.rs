@@ -136,7 +136,7 @@ pub async fn get<S: Storage>(
     key: &[u8],
 ) -> Result<Option<Current>, Value> {
     check_key(key)?;
-    if shard.cluster.is_some() {
+    if shard.cluster().is_some() {
         return newest_sibling(shard, access, key).await;
     }
     match shard.execute(Command::Get { key: key.to_vec(), metadata_only: false }).await {
@@ -200,9 +200,9 @@ pub async fn put<S: Storage>(
 ) -> Result<(), Value> {
     check_key(key)?;
     check_value(value)?;
-    let command = if shard.cluster.is_some() && access.consistency.serial() {
+    let command = if shard.cluster().is_some() && access.consistency.serial() {
         serial_command(key, SerialOp::Write { value: Some(value.to_vec()), ttl_ms }, access)
-    } else if shard.cluster.is_some() {
+    } else if shard.cluster().is_some() {
         Command::Write {
             key: key.to_vec(),
             value: Some(value.to_vec()),
@@ -224,7 +224,7 @@ pub async fn put<S: Storage>(
 /// (blind) deletion.
 pub async fn delete<S: Storage>(shard: &Rc<Shard<S>>, access: Access, key: &[u8]) -> Result<bool, Value> {
     check_key(key)?;
-    if shard.cluster.is_none() {
+    if shard.cluster().is_none() {
         return match shard.execute(Command::Delete { key: key.to_vec() }).await {
             Reply::Done => Ok(true),
             Reply::NotFound => Ok(false),
@@ -271,7 +271,7 @@ pub async fn update<S: Storage>(
     if let crate::update::Update::Set { value, .. } = &update {
         check_value(value)?;
     }
-    let command = if shard.cluster.is_some() {
+    let command = if shard.cluster().is_some() {
         serial_command(key, SerialOp::Update(update), access)
     } else {
         Command::Update { key: key.to_vec(), update }
