@@ -35,19 +35,25 @@ impl Storage for DmaStorage {
     type File = DmaStorageFile;
 
     async fn create_dir_all(&self, path: &Path) -> io::Result<()> {
-        // glommio has no asynchronous mkdir; this runs only while a shard starts, before it serves.
-        std::fs::create_dir_all(path)
+        // glommio has no asynchronous mkdir: the blocking pool runs it, off the executor.
+        let path = path.to_path_buf();
+        glommio::executor().spawn_blocking(move || std::fs::create_dir_all(path)).await
     }
 
     async fn list_dir(&self, path: &Path) -> io::Result<Vec<String>> {
-        // As above: only at start-up, before the shard serves.
-        let mut names = Vec::new();
-        for entry in std::fs::read_dir(path)? {
-            if let Some(name) = entry?.file_name().to_str() {
-                names.push(name.to_string());
-            }
-        }
-        Ok(names)
+        // As above: no asynchronous readdir.
+        let path = path.to_path_buf();
+        glommio::executor()
+            .spawn_blocking(move || {
+                let mut names = Vec::new();
+                for entry in std::fs::read_dir(path)? {
+                    if let Some(name) = entry?.file_name().to_str() {
+                        names.push(name.to_string());
+                    }
+                }
+                Ok(names)
+            })
+            .await
     }
 
     async fn open(&self, path: &Path) -> io::Result<DmaStorageFile> {
@@ -81,8 +87,9 @@ impl Storage for DmaStorage {
     }
 
     async fn hard_link(&self, from: &Path, to: &Path) -> io::Result<()> {
-        // glommio has no asynchronous link; a link is one metadata update (snapshots only).
-        std::fs::hard_link(from, to)
+        // glommio has no asynchronous link: the blocking pool runs it, off the executor.
+        let (from, to) = (from.to_path_buf(), to.to_path_buf());
+        glommio::executor().spawn_blocking(move || std::fs::hard_link(from, to)).await
     }
 }
 
