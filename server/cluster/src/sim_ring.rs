@@ -106,7 +106,7 @@ pub struct SimRing {
     pub timers: Vec<RingTimer>,
     /// Changes completed.
     pub changes: u64,
-    /// Rings versions that completed a change, as their proposer learned them.
+    /// Ring versions that completed a change, as their proposer learned them.
     pub completed: Vec<RingState>,
 }
 

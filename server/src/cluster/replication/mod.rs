@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use schema::{Op, ResponseView, Status};
 
-use super::coordinator::Consistency;
+use super::coordinator::{route, Consistency, Route};
 use super::host::Host;
 use super::peer::PeerRequest;
 pub use super::record::Page;
@@ -161,6 +161,22 @@ async fn forward<S: Storage>(
     match cluster.peers.link(address).call(request).await {
         Ok(response) => reply_from_peer(response, is_read, metadata_only),
         Err(error) => Reply::error(Status::TIMEOUT, format!("forwarding to replica {address}: {error}")),
+    }
+}
+
+/// Where a request for `key` placed by `place` runs: here (`None`), or at the first live
+/// replica with a known address (`Some`); `UNAVAILABLE` when no replica is up.
+fn route_request<S: Storage>(
+    cluster: &ClusterShard<S>,
+    view: &ClusterView,
+    replicas: &[NodeId],
+    me: NodeId,
+    key: &[u8],
+) -> Result<Option<NodeId>, LocalReply> {
+    match route(replicas, me, |n| view.is_live(n) && view.replica_address(n, key).is_some()) {
+        Some(Route::Coordinate) => Ok(None),
+        Some(Route::Forward(to)) => Ok(Some(to)),
+        None => Err(unavailable(cluster, "no replica of the key is up".into())),
     }
 }
 

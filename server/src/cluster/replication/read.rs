@@ -9,9 +9,9 @@ use futures::StreamExt;
 use schema::peer::decode_key_versions;
 use schema::{Op, Status};
 
-use super::{cluster_link_call, decode_stored, forward, merge_local, place, too_few_replicas, unavailable};
+use super::{cluster_link_call, decode_stored, forward, merge_local, place, route_request, too_few_replicas};
 use crate::clock::now_ms;
-use crate::cluster::coordinator::{route, Consistency, Outcome, ReadRound, Route};
+use crate::cluster::coordinator::{Consistency, Outcome, ReadRound};
 use crate::cluster::host::Host;
 use crate::cluster::peer::PeerRequest;
 use crate::cluster::record::Page;
@@ -84,15 +84,15 @@ pub async fn coordinate_read<S: Storage, H: Host<S>>(
         Ok(placed) => placed,
         Err(reply) => return reply,
     };
-    match route(&replicas, me, |n| view.is_live(n) && view.replica_address(n, &key).is_some()) {
-        Some(Route::Coordinate) => {}
-        Some(Route::Forward(to)) => {
+    match route_request(cluster, &view, &replicas, me, &key) {
+        Ok(None) => {}
+        Ok(Some(to)) => {
             let op =
                 Op::Get { key: &key, metadata_only: page.metadata_only, sibling_skip: page.sibling_skip };
             let shown_before = page.shown_before.as_ref().map(VersionVector::encode).unwrap_or_default();
             return forward(cluster, &view, to, &key, op, consistency, &shown_before, timeout).await;
         }
-        None => return unavailable(cluster, "no replica of the key is up".into()),
+        Err(reply) => return reply,
     }
     let timeout_us = timeout.as_micros() as u64;
     let (round, plan) =

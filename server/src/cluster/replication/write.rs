@@ -9,8 +9,8 @@ use futures::channel::mpsc;
 use futures::StreamExt;
 use schema::{Op, Status};
 
-use super::{decode_record, encode_bounded, forward, place, too_few_replicas, unavailable};
-use crate::cluster::coordinator::{route, Ack, Consistency, Route, WriteCoordinator, WriteVerdict};
+use super::{decode_record, encode_bounded, forward, place, route_request, too_few_replicas};
+use crate::cluster::coordinator::{Ack, Consistency, WriteCoordinator, WriteVerdict};
 use crate::cluster::host::Host;
 use crate::cluster::paxos::Acceptor;
 use crate::cluster::peer::{PeerError, PeerRequest};
@@ -35,9 +35,9 @@ pub async fn coordinate_write<S: Storage, H: Host<S>>(
         Ok(placed) => placed,
         Err(reply) => return reply,
     };
-    match route(&replicas, me, |n| view.is_live(n) && view.replica_address(n, &key).is_some()) {
-        Some(Route::Coordinate) => {}
-        Some(Route::Forward(to)) => {
+    match route_request(cluster, &view, &replicas, me, &key) {
+        Ok(None) => {}
+        Ok(Some(to)) => {
             let context_bytes = context.as_ref().map(VersionVector::encode).unwrap_or_default();
             let op = match &value {
                 Some(value) => Op::Put { key: &key, value, ttl_ms },
@@ -45,7 +45,7 @@ pub async fn coordinate_write<S: Storage, H: Host<S>>(
             };
             return forward(cluster, &view, to, &key, op, consistency, &context_bytes, timeout).await;
         }
-        None => return unavailable(cluster, "no replica of the key is up".into()),
+        Err(reply) => return reply,
     }
     let timeout_us = timeout.as_micros() as u64;
     let pending = view.pending_replicas(&key);
