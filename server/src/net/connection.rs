@@ -13,8 +13,7 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use flatbuffers::FlatBufferBuilder;
-use futures_lite::{AsyncReadExt, AsyncWriteExt};
-use glommio::net::TcpStream;
+use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use glommio::sync::{Semaphore, StaticPermit};
 use schema::{
     parse_request, split_peer_frame, Op, RequestView, Status, FRAME_HEADER_SIZE, PEER_FRAME_SIZE_MAX,
@@ -60,10 +59,10 @@ impl Outbox {
     }
 }
 
-pub async fn serve<S: Storage>(stream: TcpStream, shard: Rc<Shard<S>>) {
+/// Serves one client on `stream` (a TCP connection with its options set by the accept loop;
+/// the benchmarks pass an in-memory stream) until it closes.
+pub async fn serve<S: Storage, T: AsyncRead + AsyncWrite + Unpin + 'static>(stream: T, shard: Rc<Shard<S>>) {
     let limits = shard.limits();
-    let _ = stream.set_nodelay(true);
-    let _ = stream.set_write_timeout(Some(limits.write_timeout));
     let (reader, writer) = futures_lite::io::split(stream);
     let outbox = Rc::new(Outbox::default());
     let inflight = Rc::new(Semaphore::new(limits.inflight_max as u64));
@@ -75,8 +74,8 @@ pub async fn serve<S: Storage>(stream: TcpStream, shard: Rc<Shard<S>>) {
     writer_task.await;
 }
 
-async fn read_requests<S: Storage>(
-    mut reader: futures_lite::io::ReadHalf<TcpStream>,
+async fn read_requests<S: Storage, T: AsyncRead + Unpin>(
+    mut reader: futures_lite::io::ReadHalf<T>,
     outbox: &Rc<Outbox>,
     inflight: &Rc<Semaphore>,
     shard: &Rc<Shard<S>>,
@@ -243,8 +242,8 @@ fn dispatch<S: Storage>(payload: &[u8], permit: StaticPermit, outbox: &Rc<Outbox
     .detach();
 }
 
-async fn write_replies<S: Storage>(
-    mut writer: futures_lite::io::WriteHalf<TcpStream>,
+async fn write_replies<S: Storage, T: AsyncWrite + Unpin>(
+    mut writer: futures_lite::io::WriteHalf<T>,
     outbox: Rc<Outbox>,
     inflight: Rc<Semaphore>,
     shard: Rc<Shard<S>>,

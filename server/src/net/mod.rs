@@ -29,6 +29,8 @@ pub async fn accept_loop<S: Storage>(listener: TcpListener, shard: Rc<Shard<S>>)
                     continue;
                 }
                 open.set(open.get() + 1);
+                let _ = stream.set_nodelay(true);
+                let _ = stream.set_write_timeout(Some(shard.limits().write_timeout));
                 let shard = shard.clone();
                 glommio::spawn_local(async move {
                     connection::serve(stream, shard.clone()).await;

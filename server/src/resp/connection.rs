@@ -11,8 +11,7 @@ use std::cell::Cell;
 use std::rc::Rc;
 use std::time::Duration;
 
-use futures_lite::{AsyncReadExt, AsyncWriteExt};
-use glommio::net::TcpStream;
+use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::commands::{dispatch, RespSettings, Session, Step};
 use super::parser::{parse, ARG_SIZE_MAX};
@@ -74,9 +73,13 @@ async fn run_batch(batch: Vec<Slot>, ordered: bool) -> Vec<(Value, u8)> {
     replies.into_iter().map(|reply| reply.unwrap_or((Value::Null, 2))).collect()
 }
 
-pub async fn serve<S: Storage>(mut stream: TcpStream, shard: Rc<Shard<S>>, settings: Rc<RespSettings>) {
-    let _ = stream.set_nodelay(true);
-    let _ = stream.set_write_timeout(Some(shard.limits().write_timeout));
+/// Serves one client on `stream` (a TCP connection with its options set by the accept loop;
+/// the benchmarks pass an in-memory stream) until it closes.
+pub async fn serve<S: Storage, T: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: T,
+    shard: Rc<Shard<S>>,
+    settings: Rc<RespSettings>,
+) {
     // Client ids are unique per node: the shard index in the low bits.
     let id = NEXT_CLIENT_ID.with(|next| {
         let id = next.get();
@@ -178,6 +181,8 @@ pub async fn accept_loop<S: Storage>(
             continue;
         }
         shard.stats().connection_count.set(shard.stats().connection_count.get() + 1);
+        let _ = stream.set_nodelay(true);
+        let _ = stream.set_write_timeout(Some(shard.limits().write_timeout));
         let shard = shard.clone();
         let settings = settings.clone();
         glommio::spawn_local(async move {
