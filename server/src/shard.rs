@@ -55,6 +55,34 @@ pub struct ShardParts<S: Storage> {
     pub data_dir: PathBuf,
 }
 
+impl<S: Storage> ShardParts<S> {
+    /// The lone shard of a standalone node, with no port and no data directory of its own:
+    /// what benchmarks and tests serve from when they drive a connection over an in-memory
+    /// stream.
+    pub fn alone(store: Store<S>, limits: ConnectionLimits) -> ShardParts<S> {
+        ShardParts {
+            index: 0,
+            count: 1,
+            store,
+            mesh: None,
+            hello: HelloInfo {
+                protocol_version: schema::PROTOCOL_VERSION,
+                node_id: "alone".into(),
+                shard_count: 1,
+                shard_function: schema::ShardFunction::XXH3_64_MULSHIFT,
+                shard_hash_seed: schema::SHARD_HASH_SEED,
+                client_port: 0,
+                shard_ports: Vec::new(),
+            },
+            limits,
+            connections_max: 1,
+            large_buffer_budget: Rc::new(glommio::sync::Semaphore::new(64 << 20)),
+            cluster: None,
+            data_dir: PathBuf::new(),
+        }
+    }
+}
+
 /// One shard. Its parts are reached through narrow accessors; only its own methods route
 /// commands.
 pub struct Shard<S: Storage> {

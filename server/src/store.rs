@@ -10,6 +10,7 @@
 use std::path::Path;
 use std::rc::Rc;
 
+use futures::FutureExt;
 use schema::Status;
 
 use crate::clock::{now_ms, Hlc};
@@ -128,14 +129,25 @@ impl<S: Storage> Store<S> {
     /// The reply to a GET if memory answers it and nothing needs to wait (the newest entry
     /// is acknowledged, or the key is absent and no table exists). `None`: use [`Store::get`].
     pub fn try_get(&self, key: &[u8], metadata_only: bool) -> Option<LocalReply> {
-        let Some(entry) = self.engine.lookup_memtables(key) else {
-            // Absent from memory and no table to look in: absent, with no task or disk read.
-            return (!self.engine.has_tables()).then_some(Reply::NotFound);
+        let entry = match self.engine.try_read(key)? {
+            Ok(Some(entry)) => entry,
+            Ok(None) => return Some(Reply::NotFound),
+            Err(error) => return Some(read_failed(error)),
         };
         if entry.seq > self.engine.wal().acked_seq() {
             return None;
         }
         Some(read_reply(&entry, now_ms(), metadata_only))
+    }
+
+    /// A PUT that can be accepted without waiting (the log and the memtables have room):
+    /// logged and applied now. Returns its sequence number; the reply must wait for
+    /// [`Store::wait_acked`] of it. `None`: there is no room now; use [`Store::put`].
+    pub fn try_put(&self, key: &[u8], value: &[u8], ttl_ms: u64) -> Option<Result<u64, LocalReply>> {
+        if let Err(error) = self.engine.reserve(key.len() + value.len()).now_or_never()? {
+            return Some(Err(internal(error)));
+        }
+        Some(self.write(key, Some(value), ttl_ms).map_err(internal))
     }
 
     pub async fn get(&self, key: &[u8], metadata_only: bool) -> LocalReply {

@@ -13,7 +13,7 @@
 #![forbid(unsafe_code)]
 
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll};
@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use flatbuffers::FlatBufferBuilder;
 use futures_lite::{AsyncRead, AsyncWrite};
 use glommio::{LocalExecutorBuilder, Placement};
-use schema::{encode_request, Consistency, HelloInfo, Op, RequestView, ShardFunction};
+use schema::{encode_request, Consistency, Op, RequestView};
 use server::resp::commands::RespSettings;
 use server::resp::store_ops::{Access, RespConsistency};
 use server::rng::Rng;
@@ -163,12 +163,11 @@ impl AsyncWrite for ScriptedClient {
 }
 
 async fn open_shard() -> Rc<Shard<SimStorage>> {
-    let storage = SimStorage::new(1);
+    let storage = SimStorage::without_crashes(1);
     let identity = ShardIdentity { shard_index: 0, shard_count: 1 };
-    let dir = PathBuf::from("/ops/shard-0");
     let (store, _) = Store::open(
         storage,
-        Path::new(&dir),
+        Path::new("/ops/shard-0"),
         identity,
         SyncPolicy::Always,
         server::engine::EngineOptions::default(),
@@ -187,26 +186,7 @@ async fn open_shard() -> Rc<Shard<SimStorage>> {
         request_timeout_default: Duration::from_secs(600),
         request_timeout_max: Duration::from_secs(600),
     };
-    Rc::new(Shard::new(ShardParts {
-        index: 0,
-        count: 1,
-        store,
-        mesh: None,
-        hello: HelloInfo {
-            protocol_version: schema::PROTOCOL_VERSION,
-            node_id: "kvops".into(),
-            shard_count: 1,
-            shard_function: ShardFunction::XXH3_64_MULSHIFT,
-            shard_hash_seed: schema::SHARD_HASH_SEED,
-            client_port: 0,
-            shard_ports: Vec::new(),
-        },
-        limits,
-        connections_max: 1,
-        large_buffer_budget: Rc::new(glommio::sync::Semaphore::new(64 << 20)),
-        cluster: None,
-        data_dir: dir,
-    }))
+    Rc::new(Shard::new(ShardParts::alone(store, limits)))
 }
 
 fn main() {

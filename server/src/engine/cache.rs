@@ -58,6 +58,16 @@ impl BlockCache {
         Some(slot.bytes.clone())
     }
 
+    /// A block if the cache holds it, counting only hits (a miss here is retried by a read
+    /// that goes to the disk, which counts it).
+    pub fn get_cached(&mut self, id: BlockId) -> Option<Rc<[u8]>> {
+        let &position = self.positions.get(&id)?;
+        let slot = self.slots[position].as_mut().expect("positions point at occupied slots");
+        slot.referenced = true;
+        self.hit_count += 1;
+        Some(slot.bytes.clone())
+    }
+
     pub fn insert(&mut self, id: BlockId, bytes: Rc<[u8]>) {
         if bytes.len() > self.capacity / 8 || self.positions.contains_key(&id) {
             return; // A huge block would flush everything else out.

@@ -300,6 +300,15 @@ impl<S: Storage> Engine<S> {
         self.inner.immutable.borrow().as_ref().and_then(|memtable| memtable.get(key).cloned())
     }
 
+    /// The newest version of `key` when memory (memtables and block cache) holds all it
+    /// takes to know it; `None`: use [`Engine::read`].
+    pub fn try_read(&self, key: &[u8]) -> Option<Result<Option<Entry>, TableError>> {
+        if let Some(entry) = self.lookup_memtables(key) {
+            return Some(Ok(Some(entry)));
+        }
+        self.inner.read_cached_tables(key)
+    }
+
     /// The newest version of `key`: in memory, or in the tables.
     pub async fn read(&self, key: &[u8]) -> Result<Option<Entry>, TableError> {
         if let Some(entry) = self.lookup_memtables(key) {
@@ -647,6 +656,40 @@ impl<S: Storage> Inner<S> {
         }
     }
 
+    /// [`Inner::read_tables`] when every block it needs is in the block cache: no task, no
+    /// await. `None`: a block must come from the disk.
+    fn read_cached_tables(&self, key: &[u8]) -> Option<Result<Option<Entry>, TableError>> {
+        let token = schema::key_hash(key);
+        let tables = self.tables.borrow();
+        let mut cache = self.cache.borrow_mut();
+        for table in tables.iter() {
+            if !table.reader.may_contain(token) {
+                continue;
+            }
+            let blocks = table.reader.blocks();
+            for block in &blocks[table.reader.first_block_for(token)..] {
+                let bytes = cache.get_cached((table.id, block.offset))?;
+                match table.reader.find_in_block(block, &bytes, key, false) {
+                    Ok(Some(entry)) => {
+                        let lookups = &self.counters.table_lookup_count;
+                        lookups.set(lookups.get() + 1);
+                        return Some(Ok(Some(Entry::from_table(&entry))));
+                    }
+                    Ok(None) => {}
+                    Err(error) => {
+                        self.count_corruption(&error);
+                        return Some(Err(error));
+                    }
+                }
+                if block.last_token > token {
+                    break;
+                }
+            }
+        }
+        self.counters.table_lookup_count.set(self.counters.table_lookup_count.get() + 1);
+        Some(Ok(None))
+    }
+
     async fn read_tables(&self, tables: &[Rc<Table<S>>], key: &[u8]) -> Result<Option<Entry>, TableError> {
         self.counters.table_lookup_count.set(self.counters.table_lookup_count.get() + 1);
         let token = schema::key_hash(key);
@@ -680,7 +723,12 @@ impl<S: Storage> Inner<S> {
         let id = (table.id, block.offset);
         let cached = self.cache.borrow_mut().get(id);
         if let Some(bytes) = cached {
-            return Ok(table.reader.find_in_block(block, &bytes, key)?.as_ref().map(Entry::from_table));
+            // Verified when it was read from the disk.
+            return Ok(table
+                .reader
+                .find_in_block(block, &bytes, key, false)?
+                .as_ref()
+                .map(Entry::from_table));
         }
         let bytes = table
             .file
@@ -689,7 +737,7 @@ impl<S: Storage> Inner<S> {
             .map_err(|error| TableError::io(table.reader.path(), &error))?;
         self.counters.block_read_count.set(self.counters.block_read_count.get() + 1);
         self.counters.block_bytes_read.set(self.counters.block_bytes_read.get() + bytes.len() as u64);
-        let found = table.reader.find_in_block(block, &bytes, key)?.as_ref().map(Entry::from_table);
+        let found = table.reader.find_in_block(block, &bytes, key, true)?.as_ref().map(Entry::from_table);
         // Only verified blocks are cached.
         self.cache.borrow_mut().insert(id, Rc::from(bytes));
         Ok(found)

@@ -5,6 +5,8 @@
 
 use std::fmt;
 
+use smallvec::SmallVec;
+
 /// Arguments one command may have.
 pub const ARG_COUNT_MAX: usize = 65_536;
 /// Bytes of one argument: a maximal value plus room (SET's options travel separately).
@@ -42,16 +44,43 @@ fn protocol(detail: impl Into<String>) -> ParseError {
 
 /// The line at the start of `buf` (without its CRLF) and the bytes it takes with it.
 fn line(buf: &[u8], limit: usize) -> Result<Option<(&[u8], usize)>, ParseError> {
-    match buf.windows(2).position(|w| w == b"\r\n") {
-        Some(end) if end > limit => Err(protocol("too big line")),
-        Some(end) => Ok(Some((&buf[..end], end + 2))),
-        None if buf.len() > limit + 1 => Err(protocol("too big line")),
-        None => Ok(None),
+    let mut from = 0;
+    loop {
+        match buf[from..].iter().position(|&b| b == b'\r') {
+            Some(at) => {
+                let end = from + at;
+                if end > limit {
+                    return Err(protocol("too big line"));
+                }
+                match buf.get(end + 1) {
+                    Some(b'\n') => return Ok(Some((&buf[..end], end + 2))),
+                    Some(_) => from = end + 1,
+                    None => return Ok(None),
+                }
+            }
+            None if buf.len() > limit + 1 => return Err(protocol("too big line")),
+            None => return Ok(None),
+        }
     }
 }
 
+/// A decimal number with an optional minus sign, as RESP headers carry.
 fn number(text: &[u8]) -> Option<i64> {
-    std::str::from_utf8(text).ok()?.parse().ok()
+    let (negative, digits) = match text.split_first() {
+        Some((b'-', rest)) => (true, rest),
+        _ => (false, text),
+    };
+    if digits.is_empty() || digits.len() > 18 {
+        return None;
+    }
+    let mut value: i64 = 0;
+    for &digit in digits {
+        if !digit.is_ascii_digit() {
+            return None;
+        }
+        value = value * 10 + i64::from(digit - b'0');
+    }
+    Some(if negative { -value } else { value })
 }
 
 /// Parses the first command in `buf`. `Ok(None)`: more bytes are needed. A command that is
@@ -59,21 +88,29 @@ fn number(text: &[u8]) -> Option<i64> {
 pub fn parse(buf: &[u8]) -> Result<Option<Parsed>, ParseError> {
     match buf.first() {
         None => Ok(None),
-        Some(b'*') => parse_array(buf),
+        Some(b'*') => Ok(parse_array(buf)?.map(|(args, consumed)| Parsed {
+            args: args.iter().map(|arg| arg.to_vec()).collect(),
+            consumed,
+        })),
         Some(_) => parse_inline(buf),
     }
 }
 
-fn parse_array(buf: &[u8]) -> Result<Option<Parsed>, ParseError> {
+/// The arguments of one array command, borrowed from the buffer they arrived in.
+pub type Args<'a> = SmallVec<[&'a [u8]; 4]>;
+
+/// Parses the array command at the start of `buf` (which begins with `*`) without copying
+/// its arguments: them and the bytes the command takes. `Ok(None)`: more bytes are needed.
+pub fn parse_array(buf: &[u8]) -> Result<Option<(Args<'_>, usize)>, ParseError> {
     let Some((header, mut at)) = line(buf, 32)? else { return Ok(None) };
     let count = number(&header[1..]).ok_or_else(|| protocol("invalid multibulk length"))?;
     if count <= 0 {
-        return Ok(Some(Parsed { args: Vec::new(), consumed: at }));
+        return Ok(Some((Args::new(), at)));
     }
     if count as usize > ARG_COUNT_MAX {
         return Err(protocol("invalid multibulk length"));
     }
-    let mut args = Vec::with_capacity((count as usize).min(1024));
+    let mut args = Args::with_capacity((count as usize).min(1024));
     let mut total = 0usize;
     for _ in 0..count {
         let rest = &buf[at..];
@@ -98,10 +135,10 @@ fn parse_array(buf: &[u8]) -> Result<Option<Parsed>, ParseError> {
         if &body[size..] != b"\r\n" {
             return Err(protocol("bulk string not terminated by CRLF"));
         }
-        args.push(body[..size].to_vec());
+        args.push(&body[..size]);
         at += header_size + size + 2;
     }
-    Ok(Some(Parsed { args, consumed: at }))
+    Ok(Some((args, at)))
 }
 
 /// An inline command: words separated by spaces, with "double" and 'single' quotes and the
@@ -218,5 +255,8 @@ mod tests {
         assert!(parse(b"*1\r\n$-5\r\n").is_err());
         assert!(parse(&vec![b'a'; INLINE_SIZE_MAX + 2]).is_err());
         assert!(parse(b"*1\r\n$3\r\nabcXY").is_err(), "bulk without CRLF");
+        assert!(parse(b"*1\r\n$+3\r\nabc\r\n").is_err(), "a sign where a digit belongs");
+        assert!(parse(b"*1\r\n$3x\r\nabc\r\n").is_err());
+        assert!(parse(&[b"*1\r".as_slice(), &[b'1'; 40]].concat()).is_err(), "a header line too long");
     }
 }

@@ -37,7 +37,29 @@ impl Value {
 
 fn header(out: &mut Vec<u8>, kind: u8, length: usize) {
     out.push(kind);
-    out.extend_from_slice(length.to_string().as_bytes());
+    decimal(out, length as u64);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Appends `number` in decimal, without the allocation `to_string` makes.
+fn decimal(out: &mut Vec<u8>, mut number: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (number % 10) as u8;
+        number /= 10;
+        if number == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
+}
+
+/// Appends a bulk string (the same in both protocol versions).
+pub fn encode_bulk(bytes: &[u8], out: &mut Vec<u8>) {
+    header(out, b'$', bytes.len());
+    out.extend_from_slice(bytes);
     out.extend_from_slice(b"\r\n");
 }
 
@@ -59,11 +81,7 @@ pub fn encode(value: &Value, protocol: u8, out: &mut Vec<u8>) {
             out.extend_from_slice(number.to_string().as_bytes());
             out.extend_from_slice(b"\r\n");
         }
-        Value::Bulk(bytes) => {
-            header(out, b'$', bytes.len());
-            out.extend_from_slice(bytes);
-            out.extend_from_slice(b"\r\n");
-        }
+        Value::Bulk(bytes) => encode_bulk(bytes, out),
         Value::Null if protocol >= 3 => out.extend_from_slice(b"_\r\n"),
         Value::Null => out.extend_from_slice(b"$-1\r\n"),
         Value::Array(items) => {

@@ -411,11 +411,16 @@ impl EntryRef<'_> {
     }
 }
 
-/// Parses and verifies a data block, borrowing its entries (no copy of keys or values).
-pub fn parse_data_block(block: &[u8], offset: u64) -> Result<Vec<EntryRef<'_>>, TableCorrupt> {
+/// Walks a data block's entries in order, handing each to `visit` until it returns `true`;
+/// returns where the walk stopped (the end of the block's content when it saw every entry).
+/// Checks every entry's bounds, not the block's checksum.
+fn walk_data_block<'b>(
+    block: &'b [u8],
+    offset: u64,
+    mut visit: impl FnMut(EntryRef<'b>) -> bool,
+) -> Result<usize, TableCorrupt> {
     let bad = |detail: &str| corrupt(offset, format!("data block: {detail}"));
     let count = u32_at(block, 0).ok_or_else(|| bad("cut short"))? as usize;
-    let mut entries = Vec::with_capacity(count.min(block.len() / ENTRY_HEADER_SIZE));
     let mut at = 4;
     for _ in 0..count {
         let header = block.get(at..at + ENTRY_HEADER_SIZE).ok_or_else(|| bad("cut short"))?;
@@ -433,7 +438,8 @@ pub fn parse_data_block(block: &[u8], offset: u64) -> Result<Vec<EntryRef<'_>>, 
         let key = block.get(body..body + key_size).ok_or_else(|| bad("cut short"))?;
         let value =
             block.get(body + key_size..body + key_size + value_size).ok_or_else(|| bad("cut short"))?;
-        entries.push(EntryRef {
+        at = body + key_size + value_size;
+        let entry = EntryRef {
             token: u64_at(header, 0).ok_or_else(|| bad("cut short"))?,
             seq: u64_at(header, 8).ok_or_else(|| bad("cut short"))?,
             timestamp_us: u64_at(header, 16).ok_or_else(|| bad("cut short"))?,
@@ -441,11 +447,46 @@ pub fn parse_data_block(block: &[u8], offset: u64) -> Result<Vec<EntryRef<'_>>, 
             kind,
             key,
             value,
-        });
-        at = body + key_size + value_size;
+        };
+        if visit(entry) {
+            break;
+        }
     }
-    verified(block, at, offset, "data block")?;
+    Ok(at)
+}
+
+/// Parses and verifies a data block, borrowing its entries (no copy of keys or values).
+pub fn parse_data_block(block: &[u8], offset: u64) -> Result<Vec<EntryRef<'_>>, TableCorrupt> {
+    let mut entries = Vec::with_capacity(u32_at(block, 0).unwrap_or(0).min(1024) as usize);
+    let end = walk_data_block(block, offset, |entry| {
+        entries.push(entry);
+        false
+    })?;
+    verified(block, end, offset, "data block")?;
     Ok(entries)
+}
+
+/// The entry of `key` in a data block, borrowed. A block fresh from the disk is verified
+/// whole (`verify`); one the block cache holds was verified when it was read, so a hit stops
+/// at the key.
+pub fn find_in_data_block<'b>(
+    block: &'b [u8],
+    offset: u64,
+    key: &[u8],
+    verify: bool,
+) -> Result<Option<EntryRef<'b>>, TableCorrupt> {
+    let mut found = None;
+    let end = walk_data_block(block, offset, |entry| {
+        if found.is_none() && entry.key == key {
+            found = Some(entry);
+            return !verify;
+        }
+        false
+    })?;
+    if verify {
+        verified(block, end, offset, "data block")?;
+    }
+    Ok(found)
 }
 
 /// Parses a data block and returns its entries, owned.

@@ -95,16 +95,17 @@ impl TableReader {
         self.index.partition_point(|block| block.last_token < token)
     }
 
-    /// Looks `key` up in a block's bytes (read from `block.offset`), verifying the block.
+    /// Looks `key` up in a block's bytes (read from `block.offset`), verifying the whole
+    /// block when `verify` (it comes from the disk, not from the block cache).
     pub fn find_in_block<'b>(
         &self,
         block: &IndexEntry,
         bytes: &'b [u8],
         key: &[u8],
+        verify: bool,
     ) -> Result<Option<EntryRef<'b>>, TableError> {
-        let entries = format::parse_data_block(bytes, block.offset)
-            .map_err(|error| TableError::corrupt(&self.path, error))?;
-        Ok(entries.into_iter().find(|entry| entry.key == key))
+        format::find_in_data_block(bytes, block.offset, key, verify)
+            .map_err(|error| TableError::corrupt(&self.path, error))
     }
 
     /// The entry of `key`, if this table holds one, reading blocks straight from `file`
@@ -119,7 +120,7 @@ impl TableReader {
                 .read_at(block.offset, block.size as usize)
                 .await
                 .map_err(|error| TableError::io(&self.path, &error))?;
-            if let Some(entry) = self.find_in_block(block, &bytes, key)? {
+            if let Some(entry) = self.find_in_block(block, &bytes, key, true)? {
                 return Ok(Some(entry.to_entry()));
             }
             if block.last_token > token {

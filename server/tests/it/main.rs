@@ -19,6 +19,7 @@ mod node;
 mod power_loss;
 mod resp;
 mod resp_linearizable;
+mod resp_pipeline;
 mod serial;
 mod snapshot;
 mod table;
