@@ -61,8 +61,15 @@ impl Memtable {
         debug_assert!(entry.seq > self.max_seq, "sequence numbers only grow");
         self.max_seq = entry.seq;
         self.size += accounted(key, &entry);
-        if let Some(old) = self.map.insert(Box::from(key), entry) {
-            self.size -= accounted(key, &old);
+        // An overwrite keeps the key's allocation.
+        match self.map.get_mut(key) {
+            Some(slot) => {
+                let old = std::mem::replace(slot, entry);
+                self.size -= accounted(key, &old);
+            }
+            None => {
+                self.map.insert(Box::from(key), entry);
+            }
         }
     }
 

@@ -221,7 +221,10 @@ impl TableBuilder {
     /// Takes the sealed bytes (whole blocks) for writing at offset [`TableBuilder::taken`]
     /// before the call.
     pub fn take_sealed(&mut self) -> Vec<u8> {
-        let bytes = std::mem::take(&mut self.sealed);
+        // The next chunk grows into an allocation of the same size, not by doubling from
+        // nothing (each doubling copies what the chunk holds so far).
+        let capacity = self.sealed.capacity();
+        let bytes = std::mem::replace(&mut self.sealed, Vec::with_capacity(capacity));
         self.taken += bytes.len() as u64;
         bytes
     }

@@ -156,22 +156,30 @@ pub fn encode_record(payload: &mut Vec<u8>, record: &Record<'_>) {
 
 /// Frames a batch payload: header, payload, zero padding to a whole number of blocks.
 pub fn encode_batch(first_seq: u64, record_count: u32, payload: &[u8]) -> Vec<u8> {
-    assert!(record_count > 0);
-    assert!(payload.len() <= BATCH_PAYLOAD_SIZE_MAX);
-    let size = block_align_up((BATCH_HEADER_SIZE + payload.len()) as u64) as usize;
-    let mut batch = Vec::with_capacity(size);
-    batch.extend_from_slice(&BATCH_MAGIC.to_le_bytes());
-    batch.extend_from_slice(&record_count.to_le_bytes());
-    batch.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    batch.extend_from_slice(&0u32.to_le_bytes());
-    batch.extend_from_slice(&first_seq.to_le_bytes());
-    batch.extend_from_slice(&0u32.to_le_bytes());
-    let crc = crc32c::crc32c(&batch);
-    batch.extend_from_slice(&crc.to_le_bytes());
-    debug_assert_eq!(batch.len(), BATCH_HEADER_SIZE);
+    let mut batch = Vec::with_capacity(block_align_up((BATCH_HEADER_SIZE + payload.len()) as u64) as usize);
+    batch.resize(BATCH_HEADER_SIZE, 0);
     batch.extend_from_slice(payload);
-    batch.resize(size, 0);
+    seal_batch(&mut batch, first_seq, record_count);
     batch
+}
+
+/// Frames a batch built in place: `batch` holds room for the header (any bytes), then the
+/// records' payload; fills in the header and pads to a whole number of blocks.
+pub fn seal_batch(batch: &mut Vec<u8>, first_seq: u64, record_count: u32) {
+    assert!(record_count > 0);
+    let payload_size = batch.len() - BATCH_HEADER_SIZE;
+    assert!(payload_size <= BATCH_PAYLOAD_SIZE_MAX);
+    let mut header = [0u8; BATCH_HEADER_SIZE];
+    header[0..4].copy_from_slice(&BATCH_MAGIC.to_le_bytes());
+    header[4..8].copy_from_slice(&record_count.to_le_bytes());
+    header[8..12].copy_from_slice(&(payload_size as u32).to_le_bytes());
+    // 12..16 reserved, zero
+    header[16..24].copy_from_slice(&first_seq.to_le_bytes());
+    // 24..28 reserved, zero
+    let crc = crc32c::crc32c(&header[..BATCH_HEADER_SIZE - 4]);
+    header[BATCH_HEADER_SIZE - 4..].copy_from_slice(&crc.to_le_bytes());
+    batch[..BATCH_HEADER_SIZE].copy_from_slice(&header);
+    batch.resize(block_align_up(batch.len() as u64) as usize, 0);
 }
 
 /// Why the bytes at a batch position are not a valid batch.

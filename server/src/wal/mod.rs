@@ -147,11 +147,53 @@ fn parse_segment_name(name: &str) -> Option<u64> {
     name.strip_prefix("wal-")?.strip_suffix(".log")?.parse().ok()
 }
 
+/// Records appended but not yet taken by the flusher, built in place as the next batch:
+/// room for the batch header, then the records, so that taking a batch copies nothing.
 struct Pending {
-    payload: Vec<u8>,
-    /// End offset in `payload` of each record, so a batch can be cut at a record boundary.
+    batch: Vec<u8>,
+    /// End offset in the payload (after the header) of each record, so a batch can be cut
+    /// at a record boundary.
     record_ends: VecDeque<usize>,
     first_seq: u64,
+    /// A written batch's buffer, kept to build the next one in (no allocation per batch).
+    spare: Option<Vec<u8>>,
+}
+
+impl Pending {
+    fn new(first_seq: u64) -> Pending {
+        Pending { batch: vec![0; BATCH_HEADER_SIZE], record_ends: VecDeque::new(), first_seq, spare: None }
+    }
+
+    /// Gives back a batch's buffer once it is written.
+    fn recycle(&mut self, mut buffer: Vec<u8>) {
+        // A buffer grown by a burst is not kept beyond a few batches' worth.
+        if buffer.capacity() <= 2 * BATCH_PAYLOAD_SIZE_TARGET {
+            buffer.clear();
+            self.spare = Some(buffer);
+        }
+    }
+
+    fn payload_size(&self) -> usize {
+        self.batch.len() - BATCH_HEADER_SIZE
+    }
+
+    fn clear(&mut self) {
+        self.batch.truncate(BATCH_HEADER_SIZE);
+        self.record_ends.clear();
+    }
+
+    /// Takes the first `cut` payload bytes (whole records: `record_count` of them) as a
+    /// sealed batch; the records after them stay pending.
+    fn take(&mut self, cut: usize, record_count: u64) -> Vec<u8> {
+        let mut rest = self.spare.take().unwrap_or_default();
+        rest.resize(BATCH_HEADER_SIZE, 0);
+        rest.extend_from_slice(&self.batch[BATCH_HEADER_SIZE + cut..]);
+        let mut batch = std::mem::replace(&mut self.batch, rest);
+        batch.truncate(BATCH_HEADER_SIZE + cut);
+        format::seal_batch(&mut batch, self.first_seq, record_count as u32);
+        self.first_seq += record_count;
+        batch
+    }
 }
 
 struct State {
@@ -250,11 +292,7 @@ impl<S: Storage> Wal<S> {
             policy,
             state: RefCell::new(State {
                 next_seq: report.next_seq,
-                pending: Pending {
-                    payload: Vec::new(),
-                    record_ends: VecDeque::new(),
-                    first_seq: report.next_seq,
-                },
+                pending: Pending::new(report.next_seq),
                 waiters: VecDeque::new(),
                 failed: None,
                 closing: false,
@@ -370,7 +408,7 @@ impl<S: Storage> Wal<S> {
                 if self.shared.no_space.get() {
                     return Err(WalError::NoSpace);
                 }
-                let pending_size = state.pending.payload.len();
+                let pending_size = state.pending.payload_size();
                 if pending_size == 0 || pending_size + size <= PENDING_SIZE_MAX {
                     return Ok(());
                 }
@@ -395,8 +433,8 @@ impl<S: Storage> Wal<S> {
         if pending.record_ends.is_empty() {
             pending.first_seq = seq;
         }
-        format::encode_record(&mut pending.payload, &Record { seq, ..*record });
-        let end = pending.payload.len();
+        format::encode_record(&mut pending.batch, &Record { seq, ..*record });
+        let end = pending.payload_size();
         pending.record_ends.push_back(end);
         debug_assert_eq!(pending.first_seq + pending.record_ends.len() as u64, state.next_seq);
         drop(state);
@@ -459,8 +497,7 @@ impl<S: Storage> Shared<S> {
         tracing::error!(shard = self.identity.shard_index, "{error}; refusing writes until restart");
         let mut state = self.state.borrow_mut();
         state.failed = Some(error.clone());
-        state.pending.payload.clear();
-        state.pending.record_ends.clear();
+        state.pending.clear();
         for (_, sender) in state.waiters.drain(..) {
             let _ = sender.send(Err(error.clone()));
         }
@@ -489,9 +526,7 @@ impl<S: Storage> Shared<S> {
             *end -= cut;
         }
         let first_seq = pending.first_seq;
-        pending.first_seq += record_count;
-        let batch = format::encode_batch(first_seq, record_count as u32, &pending.payload[..cut]);
-        pending.payload.drain(..cut);
+        let batch = pending.take(cut, record_count);
         Some((first_seq, first_seq + record_count - 1, batch))
     }
 }
@@ -633,6 +668,7 @@ async fn flusher<S: Storage>(shared: Rc<Shared<S>>, mut segment: Segment<S::File
         if let Err(error) = write_batch(&shared, &mut segment, &mut next_segment, first_seq, &batch).await {
             return shared.fail(error);
         }
+        shared.state.borrow_mut().pending.recycle(batch);
 
         shared.batch_count.set(shared.batch_count.get() + 1);
         let sync_now = match shared.policy {
