@@ -167,7 +167,7 @@ pub fn encode_batch(first_seq: u64, record_count: u32, payload: &[u8]) -> Vec<u8
 /// records' payload; fills in the header and pads to a whole number of blocks.
 pub fn seal_batch(batch: &mut Vec<u8>, first_seq: u64, record_count: u32) {
     assert!(record_count > 0);
-    let payload_size = batch.len() - BATCH_HEADER_SIZE;
+    let payload_size = batch.len().checked_sub(BATCH_HEADER_SIZE).expect("room for the batch header");
     assert!(payload_size <= BATCH_PAYLOAD_SIZE_MAX);
     let mut header = [0u8; BATCH_HEADER_SIZE];
     header[0..4].copy_from_slice(&BATCH_MAGIC.to_le_bytes());
@@ -178,7 +178,9 @@ pub fn seal_batch(batch: &mut Vec<u8>, first_seq: u64, record_count: u32) {
     // 24..28 reserved, zero
     let crc = crc32c::crc32c(&header[..BATCH_HEADER_SIZE - 4]);
     header[BATCH_HEADER_SIZE - 4..].copy_from_slice(&crc.to_le_bytes());
-    batch[..BATCH_HEADER_SIZE].copy_from_slice(&header);
+    if let Some(slot) = batch.get_mut(..BATCH_HEADER_SIZE) {
+        slot.copy_from_slice(&header);
+    }
     batch.resize(block_align_up(batch.len() as u64) as usize, 0);
 }
 
