@@ -20,7 +20,7 @@ use schema::{
     PROTOCOL_VERSION,
 };
 
-use crate::command::{Command, Reply};
+use crate::command::{Command, LocalReply, Reply};
 use crate::event::Event;
 
 pub use super::body::encode_reply;
@@ -41,6 +41,22 @@ struct Outgoing {
     id: u64,
     body: Body,
     _permit: Option<StaticPermit>,
+    /// A write answered before the log acknowledged it: the writer waits for this sequence
+    /// number before it sends the reply, then records the request's metrics.
+    after_log: Option<LogWait>,
+}
+
+struct LogWait {
+    seq: u64,
+    op: &'static str,
+    started: Instant,
+    timeout: Duration,
+}
+
+impl Outgoing {
+    fn new(id: u64, body: Body, permit: Option<StaticPermit>) -> Outgoing {
+        Outgoing { id, body, _permit: permit, after_log: None }
+    }
 }
 
 #[derive(Default)]
@@ -97,7 +113,7 @@ async fn read_requests<S: Storage, T: AsyncRead + Unpin>(
                 Err(error) => {
                     // The stream cannot be delimited any more: answer once and hang up.
                     let body = Body::Status(Status::FRAME_TOO_LARGE, error.to_string());
-                    outbox.push(Outgoing { id: 0, body, _permit: None });
+                    outbox.push(Outgoing::new(0, body, None));
                     return;
                 }
             };
@@ -173,7 +189,7 @@ fn dispatch<S: Storage>(payload: &[u8], permit: StaticPermit, outbox: &Rc<Outbox
         Ok(request) => request,
         Err(error) => {
             let body = Body::Status(error.status, error.message);
-            return outbox.push(Outgoing { id: error.id, body, _permit: Some(permit) });
+            return outbox.push(Outgoing::new(error.id, body, Some(permit)));
         }
     };
     let RequestView { id, timeout_ms, op, .. } = request;
@@ -189,10 +205,23 @@ fn dispatch<S: Storage>(payload: &[u8], permit: StaticPermit, outbox: &Rc<Outbox
         glommio::spawn_local(async move {
             let body = work.await;
             outbox.running_count.set(outbox.running_count.get() - 1);
-            outbox.push(Outgoing { id, body, _permit: Some(permit) });
+            outbox.push(Outgoing::new(id, body, Some(permit)));
         })
         .detach();
         return;
+    }
+    if shard.cluster().is_none() {
+        let started = Instant::now();
+        if let Some((reply, seq)) = try_fast(shard, &op) {
+            let op = if seq > 0 { "put" } else { "get" };
+            let mut outgoing = Outgoing::new(id, Body::Reply(reply), Some(permit));
+            if seq > 0 {
+                outgoing.after_log = Some(LogWait { seq, op, started, timeout });
+            } else if let Body::Reply(reply) = &outgoing.body {
+                shard.stats().requests.record(op, crate::metrics::status_name(reply), started.elapsed());
+            }
+            return outbox.push(outgoing);
+        }
     }
     let command = match shard.cluster() {
         Some(cluster) => cluster_command(shard, cluster, &request, timeout),
@@ -208,20 +237,10 @@ fn dispatch<S: Storage>(payload: &[u8], permit: StaticPermit, outbox: &Rc<Outbox
     };
     let command = match command {
         Ok(command) => command,
-        Err(body) => return outbox.push(Outgoing { id, body, _permit: Some(permit) }),
+        Err(body) => return outbox.push(Outgoing::new(id, body, Some(permit))),
     };
     let started = Instant::now();
     let op = crate::metrics::op_name(&command);
-    // Fast path: a read of this shard's keys that needs no waiting is answered right here,
-    // without a task or a timer.
-    if let Command::Get { key, metadata_only } = &command {
-        if shard.owns(key) {
-            if let Some(reply) = shard.store().try_get(key, *metadata_only) {
-                shard.stats().requests.record(op, crate::metrics::status_name(&reply), started.elapsed());
-                return outbox.push(Outgoing { id, body: Body::Reply(reply), _permit: Some(permit) });
-            }
-        }
-    }
     outbox.running_count.set(outbox.running_count.get() + 1);
     let outbox = outbox.clone();
     let shard = shard.clone();
@@ -237,9 +256,51 @@ fn dispatch<S: Storage>(payload: &[u8], permit: StaticPermit, outbox: &Rc<Outbox
         });
         shard.stats().requests.record(op, crate::metrics::status_name(&reply), started.elapsed());
         outbox.running_count.set(outbox.running_count.get() - 1);
-        outbox.push(Outgoing { id, body: Body::Reply(reply), _permit: Some(permit) });
+        outbox.push(Outgoing::new(id, Body::Reply(reply), Some(permit)));
     })
     .detach();
+}
+
+/// On a standalone node, a GET of this shard's keys that memory answers, or a PUT that the
+/// log has room for, runs here from the request's own bytes, without a task, a timer or a
+/// copy into a command. Returns the reply and, for a PUT, the sequence number its reply must
+/// wait for. `None`: the general path runs it.
+fn try_fast<S: Storage>(shard: &Shard<S>, op: &Op<'_>) -> Option<(LocalReply, u64)> {
+    match *op {
+        Op::Get { key, metadata_only, .. } if shard.owns(key) => {
+            shard.store().try_get(key, metadata_only).map(|reply| (reply, 0))
+        }
+        Op::Put { key, value, ttl_ms } if shard.owns(key) => {
+            match shard.store().try_put(key, value, ttl_ms)? {
+                Ok(seq) => Some((Reply::Done, seq)),
+                Err(reply) => Some((reply, 0)),
+            }
+        }
+        _ => None,
+    }
+}
+
+/// Waits until the log holds a fast-path write, within its request's deadline: `None` once
+/// it does, else the error or timeout to answer. (One timer per wait, not per request: the
+/// log acknowledges whole batches, so the writes queued behind this one are held by then.)
+async fn wait_for_log<S: Storage>(shard: &Shard<S>, wait: &LogWait) -> Option<LocalReply> {
+    let store = shard.store();
+    if wait.seq <= store.wal().acked_seq() {
+        return None;
+    }
+    let acked = async { Some(store.wait_acked(wait.seq).await) };
+    let expired = async {
+        glommio::timer::sleep(wait.timeout.saturating_sub(wait.started.elapsed())).await;
+        None
+    };
+    match futures_lite::future::or(acked, expired).await {
+        Some(Ok(())) => None,
+        Some(Err(reply)) => Some(reply),
+        None => {
+            shard.stats().timeout_count.set(shard.stats().timeout_count.get() + 1);
+            Some(Reply::error(Status::TIMEOUT, format!("no reply within {} ms", wait.timeout.as_millis())))
+        }
+    }
 }
 
 async fn write_replies<S: Storage, T: AsyncWrite + Unpin>(
@@ -253,7 +314,23 @@ async fn write_replies<S: Storage, T: AsyncWrite + Unpin>(
     loop {
         let listener = outbox.changed.listen();
         while out.len() < OUTPUT_FLUSH_SIZE {
-            let Some(outgoing) = outbox.queue.borrow_mut().pop_front() else { break };
+            let Some(mut outgoing) = outbox.queue.borrow_mut().pop_front() else { break };
+            let unlogged =
+                outgoing.after_log.as_ref().is_some_and(|wait| wait.seq > shard.store().wal().acked_seq());
+            if unlogged && !out.is_empty() {
+                // Send what is ready before waiting for the log.
+                outbox.queue.borrow_mut().push_front(outgoing);
+                break;
+            }
+            if let Some(wait) = outgoing.after_log.take() {
+                if let Some(reply) = wait_for_log(&shard, &wait).await {
+                    outgoing.body = Body::Reply(reply);
+                }
+                if let Body::Reply(reply) = &outgoing.body {
+                    let status = crate::metrics::status_name(reply);
+                    shard.stats().requests.record(wait.op, status, wait.started.elapsed());
+                }
+            }
             let size_before = out.len();
             encode(&mut builder, &mut out, outgoing.id, &outgoing.body, shard.hello());
             if out.len() - size_before > LARGE_FRAME_SIZE {
