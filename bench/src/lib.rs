@@ -8,6 +8,7 @@
 //! scheduled time, so a stalled server is charged for every request it delayed.
 
 pub mod args;
+mod batch;
 pub mod report;
 pub mod sweep;
 pub mod target;
@@ -30,12 +31,40 @@ const PHASE_WARMUP: u8 = 0;
 const PHASE_MEASURE: u8 = 1;
 const PHASE_STOP: u8 = 2;
 
-struct Shared {
+pub(crate) struct Shared {
     phase: AtomicU8,
     completed: AtomicU64,
     errors: AtomicU64,
     /// Closed loop: the expected interval between a slot's requests, for the correction.
     expected_interval_us: AtomicU64,
+}
+
+/// Counts one measured request in `stats`. In the closed loop (`closed_loop`) a latency
+/// beyond the expected interval (`expected_us`, 0: not known yet) also records the samples
+/// the stall hid.
+fn record(
+    stats: &mut Stats,
+    kind: OpKind,
+    outcome: Outcome,
+    latency_us: u64,
+    expected_us: u64,
+    closed_loop: bool,
+) {
+    stats.op_count[kind.index()] += 1;
+    let histogram = &mut stats.latency_us[kind.index()];
+    let _ = if closed_loop && expected_us > 0 {
+        histogram.record_correct(latency_us, expected_us)
+    } else {
+        histogram.record(latency_us)
+    };
+    match outcome {
+        Outcome::Hit => stats.hit_count += 1,
+        Outcome::Miss => stats.miss_count += 1,
+        Outcome::CasFailed => stats.cas_failed_count += 1,
+        Outcome::Error => stats.error_count += 1,
+        Outcome::Timeout => stats.timeout_count += 1,
+        Outcome::Written => {}
+    }
 }
 
 /// Seconds of CPU used by this process.
@@ -144,12 +173,34 @@ pub async fn run_once(args: &Args, rate: u64, preloaded: bool) -> anyhow::Result
         errors: AtomicU64::new(0),
         expected_interval_us: AtomicU64::new(0),
     });
-    let slot_count = targets.len() * args.pipeline.max(1);
+    // RESP in a closed loop: one batch driver per connection (see batch.rs).
+    let batched = args.protocol == args::Protocol::Resp && rate == 0;
+    let slot_count = if batched { targets.len() } else { targets.len() * args.pipeline.max(1) };
     let slot_stats: Vec<Arc<Mutex<Stats>>> = (0..slot_count).map(|_| Arc::default()).collect();
     let warmup_latency = Arc::new(Mutex::new(report::new_histogram()));
     let start = Instant::now() + Duration::from_millis(10);
     let mut slots = Vec::with_capacity(slot_count);
     for (index, stats) in slot_stats.iter().enumerate() {
+        if batched {
+            let addresses: Vec<&str> = args.addr.split(',').collect();
+            let address = addresses[index % addresses.len()].to_string();
+            let rng = SmallRng::seed_from_u64(args.seed.wrapping_mul(1_000_003).wrapping_add(index as u64));
+            let drive = batch::drive_connection(
+                address,
+                workload.clone(),
+                args.pipeline,
+                shared.clone(),
+                stats.clone(),
+                warmup_latency.clone(),
+                rng,
+            );
+            slots.push(tokio::spawn(async move {
+                if let Err(error) = drive.await {
+                    eprintln!("connection failed: {error:#}");
+                }
+            }));
+            continue;
+        }
         let target = targets[index % targets.len()].clone();
         let (workload, shared, stats, warmup_latency) =
             (workload.clone(), shared.clone(), stats.clone(), warmup_latency.clone());
@@ -198,22 +249,8 @@ pub async fn run_once(args: &Args, rate: u64, preloaded: bool) -> anyhow::Result
                     }
                     _ => {
                         let Ok(mut stats) = stats.lock() else { return };
-                        stats.op_count[op.kind.index()] += 1;
-                        let histogram = &mut stats.latency_us[op.kind.index()];
                         let expected = shared.expected_interval_us.load(Ordering::Relaxed);
-                        let _ = if interval.is_none() && expected > 0 {
-                            histogram.record_correct(latency_us, expected)
-                        } else {
-                            histogram.record(latency_us)
-                        };
-                        match outcome {
-                            Outcome::Hit => stats.hit_count += 1,
-                            Outcome::Miss => stats.miss_count += 1,
-                            Outcome::CasFailed => stats.cas_failed_count += 1,
-                            Outcome::Error => stats.error_count += 1,
-                            Outcome::Timeout => stats.timeout_count += 1,
-                            Outcome::Written => {}
-                        }
+                        record(&mut stats, op.kind, outcome, latency_us, expected, interval.is_none());
                     }
                 }
             }

@@ -98,20 +98,8 @@ impl Target {
                 }
             }
             Target::Resp(connection) => {
-                let command = match op.kind {
-                    OpKind::Get => resp_command(&[b"GET", &op.key]),
-                    OpKind::Put => match op.ttl {
-                        Some(ttl) => {
-                            let ms = ttl.as_millis().to_string();
-                            resp_command(&[b"SET", &op.key, value, b"PX", ms.as_bytes()])
-                        }
-                        None => resp_command(&[b"SET", &op.key, value]),
-                    },
-                    OpKind::Cas => {
-                        let standard = workload.standard_value();
-                        resp_command(&[b"EVAL", CAS_SCRIPT.as_bytes(), b"1", &op.key, standard, standard])
-                    }
-                };
+                let mut command = Vec::new();
+                resp_command_into(op, workload, &mut command);
                 match tokio::time::timeout(timeout, connection.call(command)).await {
                     Err(_) => Outcome::Timeout,
                     Ok(Err(_)) | Ok(Ok(RespReply::Error)) => Outcome::Error,
@@ -238,14 +226,33 @@ impl EtcdConnection {
 const CAS_SCRIPT: &str =
     "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('SET', KEYS[1], ARGV[2]) else return 0 end";
 
-fn resp_command(parts: &[&[u8]]) -> Vec<u8> {
-    let mut out = format!("*{}\r\n", parts.len()).into_bytes();
+/// Appends the RESP command that performs `op`.
+pub fn resp_command_into(op: &Op, workload: &Workload, out: &mut Vec<u8>) {
+    let value = workload.value(op.value_size);
+    match op.kind {
+        OpKind::Get => resp_command(&[b"GET", &op.key], out),
+        OpKind::Put => match op.ttl {
+            Some(ttl) => {
+                let ms = ttl.as_millis().to_string();
+                resp_command(&[b"SET", &op.key, value, b"PX", ms.as_bytes()], out)
+            }
+            None => resp_command(&[b"SET", &op.key, value], out),
+        },
+        OpKind::Cas => {
+            let standard = workload.standard_value();
+            resp_command(&[b"EVAL", CAS_SCRIPT.as_bytes(), b"1", &op.key, standard, standard], out)
+        }
+    }
+}
+
+fn resp_command(parts: &[&[u8]], out: &mut Vec<u8>) {
+    use std::io::Write;
+    let _ = write!(out, "*{}\r\n", parts.len());
     for part in parts {
-        out.extend_from_slice(format!("${}\r\n", part.len()).as_bytes());
+        let _ = write!(out, "${}\r\n", part.len());
         out.extend_from_slice(part);
         out.extend_from_slice(b"\r\n");
     }
-    out
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
