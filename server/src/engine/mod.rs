@@ -14,6 +14,7 @@ pub mod cache;
 pub mod compaction;
 pub mod manifest;
 pub mod memtable;
+pub mod rows;
 pub mod tables;
 
 use std::cell::{Cell, RefCell};
@@ -31,6 +32,7 @@ use cache::BlockCache;
 use manifest::Manifest;
 pub use memtable::Entry;
 use memtable::Memtable;
+use rows::RowCache;
 use tables::{Table, TableWriter};
 
 /// How often a flush that ran out of space tries again.
@@ -91,6 +93,11 @@ pub struct EngineStats {
     pub cache_bytes: usize,
     pub cache_capacity: usize,
     pub cache_hit_ratio: f64,
+    pub row_cache_bytes: usize,
+    pub row_cache_capacity: usize,
+    pub row_cache_rows: usize,
+    /// Of the reads answered from the tables, the share the row cache answered.
+    pub row_cache_hit_ratio: f64,
     pub compaction_debt_bytes: u64,
     pub flush_count: u64,
     pub compaction_count: u64,
@@ -128,6 +135,7 @@ struct Inner<S: Storage> {
     /// One compaction at a time (the background one, or one asked for).
     compaction_lock: glommio::sync::Semaphore,
     cache: RefCell<BlockCache>,
+    rows: RefCell<RowCache>,
     /// An immutable memtable awaits its flush, or the engine is closing.
     flush_wanted: Event,
     /// A flush or compaction installed tables.
@@ -253,6 +261,7 @@ impl<S: Storage> Engine<S> {
             manifest_lock: glommio::sync::Semaphore::new(1),
             compaction_lock: glommio::sync::Semaphore::new(1),
             cache: RefCell::new(BlockCache::new(0)),
+            rows: RefCell::new(RowCache::default()),
             flush_wanted: Event::default(),
             installed: Event::default(),
             no_space: Cell::new(false),
@@ -439,6 +448,7 @@ impl<S: Storage> Engine<S> {
         let seq = self.inner.wal.append(&record)?;
         let entry = Entry { value: value.map(Rc::from), timestamp_us, expires_at_ms, seq };
         self.inner.active.borrow_mut().insert(key, entry);
+        self.inner.rows.borrow_mut().remove(key);
         let counters = &self.inner.counters;
         counters
             .user_bytes_written
@@ -551,6 +561,7 @@ impl<S: Storage> Engine<S> {
         let sizes: Vec<u64> = tables.iter().map(|table| table.size()).collect();
         let counters = &inner.counters;
         let cache = inner.cache.borrow();
+        let rows = inner.rows.borrow();
         let lookups = cache.hit_count + cache.miss_count;
         let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
         let log_bytes = inner.wal.bytes_written();
@@ -567,6 +578,10 @@ impl<S: Storage> Engine<S> {
             cache_bytes: cache.size(),
             cache_capacity: cache.capacity(),
             cache_hit_ratio: ratio(cache.hit_count as f64, lookups as f64),
+            row_cache_bytes: rows.size(),
+            row_cache_capacity: rows.capacity(),
+            row_cache_rows: rows.len(),
+            row_cache_hit_ratio: ratio(rows.hit_count as f64, (rows.hit_count + rows.miss_count) as f64),
             compaction_debt_bytes: compaction::debt(&sizes, inner.options.memtable_size_max() as u64),
             flush_count: counters.flush_count.get(),
             compaction_count: counters.compaction_count.get(),
@@ -646,7 +661,24 @@ impl<S: Storage> Inner<S> {
     fn resize_cache(&self) {
         let unaccounted = self.options.memory_bytes / 8;
         let reserved = 2 * self.options.memtable_size_max() + self.table_memory() + unaccounted;
-        self.cache.borrow_mut().set_capacity(self.options.memory_bytes.saturating_sub(reserved));
+        let caches = self.options.memory_bytes.saturating_sub(reserved);
+        // Rows are denser than blocks for point reads (see rows.rs): most of it goes to them.
+        let rows = caches / 4 * 3;
+        self.rows.borrow_mut().set_capacity(rows);
+        self.cache.borrow_mut().set_capacity(caches - rows);
+    }
+
+    /// Keeps a version just read from the tables in the row cache, unless a newer one came
+    /// while the read awaited the disk: it is in a memtable, or was flushed into a table
+    /// installed since the read began (`generation`).
+    fn remember_row(&self, key: &[u8], entry: &Entry, generation: u64) {
+        let in_memtables = self.active.borrow().get(key).is_some()
+            || self.immutable.borrow().as_ref().is_some_and(|memtable| memtable.get(key).is_some());
+        let mut rows = self.rows.borrow_mut();
+        rows.miss_count += 1;
+        if !in_memtables && generation == self.tables_generation.get() {
+            rows.insert_row(key, entry.clone());
+        }
     }
 
     fn count_corruption(&self, error: &TableError) {
@@ -659,6 +691,9 @@ impl<S: Storage> Inner<S> {
     /// [`Inner::read_tables`] when every block it needs is in the block cache: no task, no
     /// await. `None`: a block must come from the disk.
     fn read_cached_tables(&self, key: &[u8]) -> Option<Result<Option<Entry>, TableError>> {
+        if let Some(entry) = self.rows.borrow_mut().get(key) {
+            return Some(Ok(Some(entry)));
+        }
         let token = schema::key_hash(key);
         let tables = self.tables.borrow();
         let mut cache = self.cache.borrow_mut();
@@ -668,12 +703,17 @@ impl<S: Storage> Inner<S> {
             }
             let blocks = table.reader.blocks();
             for block in &blocks[table.reader.first_block_for(token)..] {
-                let bytes = cache.get_cached((table.id, block.offset))?;
+                let bytes = cache.get(&(table.id, block.offset))?;
                 match table.reader.find_in_block(block, &bytes, key, false) {
                     Ok(Some(entry)) => {
                         let lookups = &self.counters.table_lookup_count;
                         lookups.set(lookups.get() + 1);
-                        return Some(Ok(Some(Entry::from_table(&entry))));
+                        let entry = Entry::from_table(&entry);
+                        drop(cache);
+                        let mut rows = self.rows.borrow_mut();
+                        rows.miss_count += 1;
+                        rows.insert_row(key, entry.clone());
+                        return Some(Ok(Some(entry)));
                     }
                     Ok(None) => {}
                     Err(error) => {
@@ -691,7 +731,11 @@ impl<S: Storage> Inner<S> {
     }
 
     async fn read_tables(&self, tables: &[Rc<Table<S>>], key: &[u8]) -> Result<Option<Entry>, TableError> {
+        if let Some(entry) = self.rows.borrow_mut().get(key) {
+            return Ok(Some(entry));
+        }
         self.counters.table_lookup_count.set(self.counters.table_lookup_count.get() + 1);
+        let generation = self.tables_generation.get();
         let token = schema::key_hash(key);
         for table in tables {
             if !table.reader.may_contain(token) {
@@ -704,6 +748,7 @@ impl<S: Storage> Inner<S> {
                     self.count_corruption(error);
                 }
                 if let Some(entry) = found? {
+                    self.remember_row(key, &entry, generation);
                     return Ok(Some(entry));
                 }
                 if block.last_token > token {
@@ -721,7 +766,12 @@ impl<S: Storage> Inner<S> {
         key: &[u8],
     ) -> Result<Option<Entry>, TableError> {
         let id = (table.id, block.offset);
-        let cached = self.cache.borrow_mut().get(id);
+        let cached = {
+            let mut cache = self.cache.borrow_mut();
+            let cached = cache.get(&id);
+            cache.miss_count += u64::from(cached.is_none());
+            cached
+        };
         if let Some(bytes) = cached {
             // Verified when it was read from the disk.
             return Ok(table
@@ -739,7 +789,7 @@ impl<S: Storage> Inner<S> {
         self.counters.block_bytes_read.set(self.counters.block_bytes_read.get() + bytes.len() as u64);
         let found = table.reader.find_in_block(block, &bytes, key, true)?.as_ref().map(Entry::from_table);
         // Only verified blocks are cached.
-        self.cache.borrow_mut().insert(id, Rc::from(bytes));
+        self.cache.borrow_mut().insert_block(id, Rc::from(bytes));
         Ok(found)
     }
 

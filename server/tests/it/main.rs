@@ -20,6 +20,7 @@ mod power_loss;
 mod resp;
 mod resp_linearizable;
 mod resp_pipeline;
+mod row_cache;
 mod serial;
 mod snapshot;
 mod table;
