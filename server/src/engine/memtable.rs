@@ -53,6 +53,13 @@ fn accounted(key: &[u8], entry: &Entry) -> usize {
 }
 
 impl Memtable {
+    pub fn with_capacity(key_count: usize) -> Memtable {
+        Memtable {
+            map: HashMap::with_capacity_and_hasher(key_count, ahash::RandomState::new()),
+            ..Memtable::default()
+        }
+    }
+
     pub fn get(&self, key: &[u8]) -> Option<&Entry> {
         self.map.get(key)
     }

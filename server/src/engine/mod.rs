@@ -646,7 +646,12 @@ impl<S: Storage> Inner<S> {
 
     fn seal_memtable(&self) {
         debug_assert!(self.immutable.borrow().is_none());
-        let sealed = std::mem::take(&mut *self.active.borrow_mut());
+        // The next memtable will likely hold as many keys: sized for them at once, it does
+        // not rehash its way up while writers wait.
+        let mut active = self.active.borrow_mut();
+        let capacity = active.len();
+        let sealed = std::mem::replace(&mut *active, Memtable::with_capacity(capacity));
+        drop(active);
         *self.immutable.borrow_mut() = Some(Rc::new(sealed));
         self.flush_wanted.notify_all();
     }

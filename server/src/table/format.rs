@@ -109,11 +109,13 @@ fn seal(bytes: &mut Vec<u8>, start: usize) {
 /// grow, so a table of any size is written with a bounded buffer.
 #[derive(Debug)]
 pub struct TableBuilder {
-    /// Sealed, block-aligned bytes not yet taken by the writer.
+    /// Sealed, block-aligned bytes not yet taken by the writer, then the open data block
+    /// (built in place: entries are copied once, into the bytes that will be written).
     sealed: Vec<u8>,
     /// Bytes taken so far: the file offset of `sealed[0]`.
     taken: u64,
-    block: Vec<u8>,
+    /// Where the open data block starts in `sealed` (its entry count, then its entries).
+    block_start: Option<usize>,
     block_entry_count: u32,
     last: Option<(u64, Vec<u8>)>,
     index: Vec<IndexEntry>,
@@ -130,7 +132,7 @@ impl TableBuilder {
         TableBuilder {
             sealed: Vec::new(),
             taken: 0,
-            block: Vec::new(),
+            block_start: None,
             block_entry_count: 0,
             last: None,
             index: Vec::new(),
@@ -178,18 +180,24 @@ impl TableBuilder {
         // Blocks are one page where they can be: an entry that would spill the block over
         // a page boundary starts the next block (a lone large entry gets whole pages).
         let entry_size = ENTRY_HEADER_SIZE + key.len() + value.len();
-        if self.block_entry_count > 0 && self.block.len() + entry_size > DATA_BLOCK_CONTENT_TARGET {
+        if self.block_entry_count > 0 && self.block_content_size() + entry_size > DATA_BLOCK_CONTENT_TARGET {
             self.close_block();
         }
-        self.block.extend_from_slice(&token.to_le_bytes());
-        self.block.extend_from_slice(&seq.to_le_bytes());
-        self.block.extend_from_slice(&timestamp_us.to_le_bytes());
-        self.block.extend_from_slice(&expires_at_ms.to_le_bytes());
-        self.block.push(kind as u8);
-        self.block.extend_from_slice(&(key.len() as u16).to_le_bytes());
-        self.block.extend_from_slice(&(value.len() as u32).to_le_bytes());
-        self.block.extend_from_slice(key);
-        self.block.extend_from_slice(value);
+        if self.block_start.is_none() {
+            self.block_start = Some(self.sealed.len());
+            self.sealed.extend_from_slice(&0u32.to_le_bytes()); // the entry count, at close
+        }
+        let out = &mut self.sealed;
+        out.reserve(entry_size);
+        out.extend_from_slice(&token.to_le_bytes());
+        out.extend_from_slice(&seq.to_le_bytes());
+        out.extend_from_slice(&timestamp_us.to_le_bytes());
+        out.extend_from_slice(&expires_at_ms.to_le_bytes());
+        out.push(kind as u8);
+        out.extend_from_slice(&(key.len() as u16).to_le_bytes());
+        out.extend_from_slice(&(value.len() as u32).to_le_bytes());
+        out.extend_from_slice(key);
+        out.extend_from_slice(value);
         self.block_entry_count += 1;
         match &mut self.last {
             Some((last_token, last_key)) => {
@@ -204,7 +212,7 @@ impl TableBuilder {
         self.min_seq = self.min_seq.min(seq);
         self.max_seq = self.max_seq.max(seq);
         self.payload_bytes += (key.len() + value.len()) as u64;
-        if self.block.len() + ENTRY_HEADER_SIZE >= DATA_BLOCK_CONTENT_TARGET {
+        if self.block_content_size() + ENTRY_HEADER_SIZE >= DATA_BLOCK_CONTENT_TARGET {
             self.close_block();
         }
     }
@@ -213,20 +221,30 @@ impl TableBuilder {
         self.entry_count
     }
 
-    /// Bytes of sealed output not yet taken.
+    /// Bytes of sealed output not yet taken (whole blocks; not the open one).
     pub fn sealed_size(&self) -> usize {
-        self.sealed.len()
+        self.block_start.unwrap_or(self.sealed.len())
     }
 
     /// Takes the sealed bytes (whole blocks) for writing at offset [`TableBuilder::taken`]
     /// before the call.
     pub fn take_sealed(&mut self) -> Vec<u8> {
+        let sealed_size = self.sealed_size();
         // The next chunk grows into an allocation of the same size, not by doubling from
         // nothing (each doubling copies what the chunk holds so far).
-        let capacity = self.sealed.capacity();
-        let bytes = std::mem::replace(&mut self.sealed, Vec::with_capacity(capacity));
-        self.taken += bytes.len() as u64;
+        let mut rest = Vec::with_capacity(self.sealed.capacity());
+        rest.extend_from_slice(self.sealed.get(sealed_size..).unwrap_or_default());
+        let mut bytes = std::mem::replace(&mut self.sealed, rest);
+        bytes.truncate(sealed_size);
+        self.taken += sealed_size as u64;
+        if let Some(start) = &mut self.block_start {
+            *start -= sealed_size;
+        }
         bytes
+    }
+
+    fn block_content_size(&self) -> usize {
+        self.block_start.map_or(0, |start| self.sealed.len() - start - 4)
     }
 
     /// The file offset the next taken bytes go to.
@@ -239,19 +257,16 @@ impl TableBuilder {
     }
 
     fn close_block(&mut self) {
-        if self.block_entry_count == 0 {
-            return;
-        }
-        let offset = self.offset();
+        let Some(start) = self.block_start.take() else { return };
+        let offset = self.taken + start as u64;
         debug_assert_eq!(offset % BLOCK_SIZE as u64, 0);
-        let start = self.sealed.len();
-        self.sealed.extend_from_slice(&self.block_entry_count.to_le_bytes());
-        self.sealed.extend_from_slice(&self.block);
+        if let Some(count) = self.sealed.get_mut(start..start + 4) {
+            count.copy_from_slice(&self.block_entry_count.to_le_bytes());
+        }
         seal(&mut self.sealed, start);
         let (last_token, _) = self.last.as_ref().expect("a block with entries has a last entry");
         let size = (self.sealed.len() - start) as u32;
         self.index.push(IndexEntry { offset, size, last_token: *last_token });
-        self.block.clear();
         self.block_entry_count = 0;
     }
 
