@@ -9,8 +9,9 @@ use std::rc::Rc;
 
 use super::tables::{Table, TableScan, TableWriter};
 use crate::storage::Storage;
-use crate::table::format::{Entry, EntryKind};
+use crate::table::format::{EntryKind, EntryRef};
 use crate::table::reader::TableError;
+use schema::KEY_SIZE_MAX;
 
 /// How many tables of one tier are merged at once.
 pub const MERGE_WIDTH: usize = 4;
@@ -71,7 +72,7 @@ pub struct Purge {
 }
 
 impl Purge {
-    fn drops(&self, entry: &Entry) -> bool {
+    fn drops(&self, entry: &EntryRef<'_>) -> bool {
         if !self.includes_oldest {
             return false;
         }
@@ -99,44 +100,40 @@ pub async fn merge<S: Storage>(
     purge: Purge,
     cancel: &std::cell::Cell<bool>,
 ) -> Result<MergeReport, TableError> {
-    let mut scans: Vec<TableScan<S>> = inputs.iter().map(|table| TableScan::new(table.clone())).collect();
-    let mut heads = Vec::with_capacity(scans.len());
-    for scan in &mut scans {
-        heads.push(scan.next().await?);
+    let mut scans = Vec::with_capacity(inputs.len());
+    for table in inputs {
+        scans.push(TableScan::open(table.clone()).await?);
     }
     let mut report = MergeReport::default();
+    let mut key = Vec::with_capacity(KEY_SIZE_MAX);
     loop {
         // The smallest (token, key) among the heads, and of its versions the newest.
-        let mut chosen: Option<usize> = None;
-        for (i, head) in heads.iter().enumerate() {
-            let Some(head) = head else { continue };
-            chosen = match chosen.and_then(|c| heads[c].as_ref().map(|best| (c, best))) {
-                Some((c, best)) => {
-                    let order = head.sort_key().cmp(&best.sort_key());
-                    if order.is_lt() || (order.is_eq() && head.seq > best.seq) {
-                        Some(i)
-                    } else {
-                        Some(c)
-                    }
+        let mut chosen: Option<EntryRef<'_>> = None;
+        for head in scans.iter().filter_map(TableScan::peek) {
+            chosen = match chosen {
+                Some(best) => {
+                    let order = (head.token, head.key).cmp(&(best.token, best.key));
+                    Some(if order.is_lt() || (order.is_eq() && head.seq > best.seq) { head } else { best })
                 }
-                None => Some(i),
+                None => Some(head),
             };
         }
-        let Some(chosen) = chosen else { break };
-        let newest = heads[chosen].take().expect("chosen head is present");
-        heads[chosen] = scans[chosen].next().await?;
-        report.entries_in += 1;
-        // Older versions of the same key are dropped.
-        for i in 0..heads.len() {
-            while heads[i].as_ref().is_some_and(|head| head.sort_key() == newest.sort_key()) {
-                debug_assert!(heads[i].as_ref().is_some_and(|head| head.seq < newest.seq));
-                heads[i] = scans[i].next().await?;
-                report.entries_in += 1;
-            }
-        }
+        let Some(newest) = chosen else { break };
         if !purge.drops(&newest) {
             output.add_entry(&newest).await?;
             report.entries_out += 1;
+        }
+        let token = newest.token;
+        key.clear();
+        key.extend_from_slice(newest.key);
+        let seq = newest.seq;
+        // The newest version and the older ones of the same key are passed.
+        for scan in &mut scans {
+            while let Some(head) = scan.peek().filter(|head| head.token == token && head.key == key) {
+                debug_assert!(head.seq <= seq);
+                scan.advance().await?;
+                report.entries_in += 1;
+            }
         }
         glommio::yield_if_needed().await;
         if cancel.get() {

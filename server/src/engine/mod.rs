@@ -543,9 +543,11 @@ impl<S: Storage> Engine<S> {
         let tables = self.inner.tables.borrow().clone();
         let mut entry_count = 0;
         for table in tables.iter() {
-            let mut scan = tables::TableScan::new(table.clone());
-            while scan.next().await.inspect_err(|error| self.inner.count_corruption(error))?.is_some() {
+            let count_corruption = |error: &TableError| self.inner.count_corruption(error);
+            let mut scan = tables::TableScan::open(table.clone()).await.inspect_err(count_corruption)?;
+            while scan.peek().is_some() {
                 entry_count += 1;
+                scan.advance().await.inspect_err(count_corruption)?;
             }
         }
         Ok(entry_count)

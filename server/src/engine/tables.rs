@@ -1,12 +1,11 @@
 //! Live sorted tables: writing one (from a flush or a compaction), and reading one back
 //! sequentially (for a compaction).
 
-use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
 use crate::storage::{Storage, StorageFile};
-use crate::table::format::{self, Entry, EntryKind, TableBuilder};
+use crate::table::format::{self, EntryKind, EntryRef, EntrySpan, TableBuilder};
 use crate::table::reader::{TableError, TableReader};
 
 /// Sealed bytes are written once this many accumulate, so a table of any size needs a
@@ -68,8 +67,16 @@ impl<S: Storage> TableWriter<S> {
         self.write_sealed(false).await
     }
 
-    pub async fn add_entry(&mut self, entry: &Entry) -> Result<(), TableError> {
-        self.builder.add(entry);
+    pub async fn add_entry(&mut self, entry: &EntryRef<'_>) -> Result<(), TableError> {
+        self.builder.add_parts(
+            entry.token,
+            entry.key,
+            entry.seq,
+            entry.timestamp_us,
+            entry.expires_at_ms,
+            entry.kind,
+            entry.value,
+        );
         self.write_sealed(false).await
     }
 
@@ -115,54 +122,80 @@ impl<S: Storage> TableWriter<S> {
     }
 }
 
-/// Reads a table's entries in order, a chunk of blocks at a time.
+/// Reads a table's entries in order, a chunk of blocks at a time, each block verified.
+/// Entries are lent out of the chunk (`peek`), so a compaction copies a value once: into
+/// its output.
 pub struct TableScan<S: Storage> {
     table: Rc<Table<S>>,
     next_block: usize,
-    entries: VecDeque<Entry>,
+    chunk: Vec<u8>,
+    spans: Vec<EntrySpan>,
+    /// The position in `spans` of the entry `peek` lends.
+    at: usize,
     pub bytes_read: u64,
 }
 
 impl<S: Storage> TableScan<S> {
-    pub fn new(table: Rc<Table<S>>) -> TableScan<S> {
-        TableScan { table, next_block: 0, entries: VecDeque::new(), bytes_read: 0 }
+    /// A scan positioned at the table's first entry.
+    pub async fn open(table: Rc<Table<S>>) -> Result<TableScan<S>, TableError> {
+        let mut scan =
+            TableScan { table, next_block: 0, chunk: Vec::new(), spans: Vec::new(), at: 0, bytes_read: 0 };
+        scan.fill().await?;
+        Ok(scan)
     }
 
-    pub async fn next(&mut self) -> Result<Option<Entry>, TableError> {
-        if self.entries.is_empty() {
+    /// The entry at the scan's position; `None` once the table is exhausted.
+    pub fn peek(&self) -> Option<EntryRef<'_>> {
+        self.spans.get(self.at).map(|span| span.entry(&self.chunk))
+    }
+
+    /// Moves to the next entry.
+    pub async fn advance(&mut self) -> Result<(), TableError> {
+        self.at += 1;
+        if self.at >= self.spans.len() {
             self.fill().await?;
         }
-        Ok(self.entries.pop_front())
+        Ok(())
     }
 
+    /// Reads the next chunk of blocks (on past blocks without entries: none are written, but
+    /// a scan must not end early at one).
     async fn fill(&mut self) -> Result<(), TableError> {
+        self.spans.clear();
+        self.at = 0;
         let blocks = self.table.reader.blocks();
-        let Some(first) = blocks.get(self.next_block) else { return Ok(()) };
-        let mut end = self.next_block;
-        let mut size = 0usize;
-        while let Some(block) = blocks.get(end) {
-            if size > 0 && size + block.size as usize > SCAN_CHUNK_SIZE {
-                break;
-            }
-            size += block.size as usize;
-            end += 1;
-        }
         let path = self.table.reader.path();
-        let bytes = self
-            .table
-            .file
-            .read_at(first.offset, size)
-            .await
-            .map_err(|error| TableError::io(path, &error))?;
-        self.bytes_read += bytes.len() as u64;
-        for block in &blocks[self.next_block..end] {
-            let start = (block.offset - first.offset) as usize;
-            let block_bytes = bytes.get(start..start + block.size as usize).unwrap_or(&[]);
-            let entries = format::decode_data_block(block_bytes, block.offset)
+        while self.spans.is_empty() {
+            let Some(first) = blocks.get(self.next_block) else { return Ok(()) };
+            let mut end = self.next_block;
+            let mut size = 0usize;
+            while let Some(block) = blocks.get(end) {
+                if size > 0 && size + block.size as usize > SCAN_CHUNK_SIZE {
+                    break;
+                }
+                size += block.size as usize;
+                end += 1;
+            }
+            self.chunk = self
+                .table
+                .file
+                .read_at(first.offset, size)
+                .await
+                .map_err(|error| TableError::io(path, &error))?;
+            self.bytes_read += self.chunk.len() as u64;
+            for block in &blocks[self.next_block..end] {
+                let start = (block.offset - first.offset) as usize;
+                format::span_data_block(
+                    &self.chunk,
+                    start,
+                    block.size as usize,
+                    block.offset,
+                    &mut self.spans,
+                )
                 .map_err(|error| TableError::corrupt(path, error))?;
-            self.entries.extend(entries);
+            }
+            self.next_block = end;
         }
-        self.next_block = end;
         Ok(())
     }
 }

@@ -484,6 +484,68 @@ pub fn parse_data_block(block: &[u8], offset: u64) -> Result<Vec<EntryRef<'_>>, 
     Ok(entries)
 }
 
+/// Where an entry of a verified data block lies in a buffer holding the block: its header
+/// fields, and the ranges of its key and value. A sequential scan keeps these for a whole
+/// chunk of blocks and lends each entry out of the chunk, so nothing is copied per entry.
+#[derive(Debug, Clone, Copy)]
+pub struct EntrySpan {
+    token: u64,
+    seq: u64,
+    timestamp_us: u64,
+    expires_at_ms: u64,
+    kind: EntryKind,
+    key_start: u32,
+    key_size: u16,
+    value_size: u32,
+}
+
+impl EntrySpan {
+    /// The entry, borrowed from `buffer` (the one whose spans these are).
+    pub fn entry<'a>(&self, buffer: &'a [u8]) -> EntryRef<'a> {
+        let key_start = self.key_start as usize;
+        let value_start = key_start + usize::from(self.key_size);
+        EntryRef {
+            token: self.token,
+            seq: self.seq,
+            timestamp_us: self.timestamp_us,
+            expires_at_ms: self.expires_at_ms,
+            kind: self.kind,
+            key: buffer.get(key_start..value_start).unwrap_or_default(),
+            value: buffer.get(value_start..value_start + self.value_size as usize).unwrap_or_default(),
+        }
+    }
+}
+
+/// Verifies the data block at `block_start` of `buffer` (its file offset `offset`) and
+/// appends where each of its entries lies in `buffer` to `spans`.
+pub fn span_data_block(
+    buffer: &[u8],
+    block_start: usize,
+    block_size: usize,
+    offset: u64,
+    spans: &mut Vec<EntrySpan>,
+) -> Result<(), TableCorrupt> {
+    let block = buffer
+        .get(block_start..block_start + block_size)
+        .ok_or_else(|| corrupt(offset, "data block: cut short"))?;
+    let base = buffer.as_ptr() as usize;
+    let end = walk_data_block(block, offset, |entry| {
+        spans.push(EntrySpan {
+            token: entry.token,
+            seq: entry.seq,
+            timestamp_us: entry.timestamp_us,
+            expires_at_ms: entry.expires_at_ms,
+            kind: entry.kind,
+            // The key lies inside `buffer` (walk_data_block borrows it from `block`).
+            key_start: (entry.key.as_ptr() as usize - base) as u32,
+            key_size: entry.key.len() as u16,
+            value_size: entry.value.len() as u32,
+        });
+        false
+    })?;
+    verified(block, end, offset, "data block")
+}
+
 /// The entry of `key` in a data block, borrowed. A block fresh from the disk is verified
 /// whole (`verify`); one the block cache holds was verified when it was read, so a hit stops
 /// at the key.
