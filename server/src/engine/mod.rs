@@ -78,6 +78,10 @@ pub struct EngineCounters {
     pub block_read_count: Cell<u64>,
     pub block_bytes_read: Cell<u64>,
     pub corruption_count: Cell<u64>,
+    /// Wall time during which writers waited for a flush (both memtables full), and since
+    /// when they have been waiting, if they are.
+    pub write_stall_us: Cell<u64>,
+    pub write_stall_since: Cell<Option<std::time::Instant>>,
 }
 
 /// A snapshot of the engine's state and counters, for `kvctl stats` and benchmarks.
@@ -113,6 +117,8 @@ pub struct EngineStats {
     /// bound; `bench/engine` measures the whole against the live data.
     pub space_amplification: f64,
     pub corruption_count: u64,
+    /// Milliseconds writers spent waiting for a flush to make room in the memtables.
+    pub write_stall_ms: u64,
     pub no_space: bool,
 }
 
@@ -419,10 +425,19 @@ impl<S: Storage> Engine<S> {
             }
             let memtables_full = self.inner.active.borrow().size() >= self.inner.options.memtable_size_max()
                 && self.inner.immutable.borrow().is_some();
+            let counters = &self.inner.counters;
             if !memtables_full {
+                if let Some(since) = counters.write_stall_since.take() {
+                    counters
+                        .write_stall_us
+                        .set(counters.write_stall_us.get() + since.elapsed().as_micros() as u64);
+                }
                 break;
             }
             // The flush is behind: writers wait for it rather than grow memory unbounded.
+            if counters.write_stall_since.get().is_none() {
+                counters.write_stall_since.set(Some(std::time::Instant::now()));
+            }
             listener.await;
         }
         self.inner.wal.reserve(size).await
@@ -600,6 +615,9 @@ impl<S: Storage> Engine<S> {
             ),
             space_amplification: ratio(sizes.iter().sum::<u64>() as f64, payload_bytes as f64),
             corruption_count: counters.corruption_count.get(),
+            write_stall_ms: (counters.write_stall_us.get()
+                + counters.write_stall_since.get().map_or(0, |since| since.elapsed().as_micros() as u64))
+                / 1000,
             no_space: inner.no_space.get() || inner.wal.no_space(),
         }
     }
