@@ -1,12 +1,13 @@
-//! The closed loop over RESP the way redis-benchmark drives a server: each connection sends
-//! its whole pipeline in one write, then reads that many replies in order, and every request
-//! of the batch counts its latency from that write. One task per connection, its statistics
-//! kept by the task (one lock per batch, not per request) and no channel or timer per
-//! request: the load generator costs little per request, so its ratios measure servers.
+//! The closed loop the way redis-benchmark drives a server: each connection sends its whole
+//! pipeline in one write, then reads that many replies, and every request of the batch counts
+//! its latency from that write. One task per connection, its statistics kept by the task (one
+//! lock per batch, not per request). Over RESP no channel or timer per request either, so the
+//! load generator costs little per request and its ratios measure servers; over the native
+//! protocol the requests go through the `client` crate, as an application's would.
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use rand::rngs::SmallRng;
@@ -14,7 +15,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::report::Stats;
-use crate::target::{resp_command_into, Outcome};
+use futures::future::join_all;
+
+use crate::target::{resp_command_into, Outcome, Target};
 use crate::workload::{OpKind, Workload};
 use crate::{record, Shared, PHASE_STOP, PHASE_WARMUP};
 
@@ -139,20 +142,67 @@ pub async fn drive_connection(
             let (first, number) = input.reply(&mut stream).await?;
             outcomes.push(outcome(kind, first, number));
         }
-        let latency_us = (sent.elapsed().as_micros() as u64).max(1);
-        shared.completed.fetch_add(kinds.len() as u64, Ordering::Relaxed);
-        let errors = outcomes.iter().filter(|o| matches!(o, Outcome::Error | Outcome::Timeout)).count();
-        shared.errors.fetch_add(errors as u64, Ordering::Relaxed);
-        if phase == PHASE_WARMUP {
-            if let Ok(mut histogram) = warmup_latency.lock() {
-                let _ = histogram.record_n(latency_us, kinds.len() as u64);
-            }
-            continue;
+        count_batch(phase, sent, &kinds, &outcomes, &shared, &stats, &warmup_latency);
+    }
+}
+
+/// The same closed loop over the native protocol through the `client` crate: the
+/// connection's whole pipeline is issued at once (the client gathers the queued frames into
+/// one write), and the batch is done when every reply is in.
+#[allow(clippy::too_many_arguments)]
+pub async fn drive_native(
+    target: Target,
+    workload: Arc<Workload>,
+    pipeline: usize,
+    timeout: Duration,
+    shared: Arc<Shared>,
+    stats: Arc<Mutex<Stats>>,
+    warmup_latency: Arc<Mutex<hdrhistogram::Histogram<u64>>>,
+    mut rng: SmallRng,
+) {
+    let mut ops = Vec::with_capacity(pipeline);
+    let mut kinds = Vec::with_capacity(pipeline);
+    loop {
+        let phase = shared.phase.load(Ordering::Relaxed);
+        if phase == PHASE_STOP {
+            return;
         }
-        let expected = shared.expected_interval_us.load(Ordering::Relaxed);
-        let Ok(mut stats) = stats.lock() else { return Ok(()) };
-        for (&kind, &outcome) in kinds.iter().zip(&outcomes) {
-            record(&mut stats, kind, outcome, latency_us, expected, true);
+        ops.clear();
+        for _ in 0..pipeline.max(1) {
+            ops.push(workload.next_op(&mut rng));
         }
+        kinds.clear();
+        kinds.extend(ops.iter().map(|op| op.kind));
+        let sent = Instant::now();
+        let outcomes = join_all(ops.iter().map(|op| target.execute(op, &workload, timeout))).await;
+        count_batch(phase, sent, &kinds, &outcomes, &shared, &stats, &warmup_latency);
+    }
+}
+
+/// Counts a batch sent at `sent` whose replies are all in: every request's latency is the
+/// batch's.
+fn count_batch(
+    phase: u8,
+    sent: Instant,
+    kinds: &[OpKind],
+    outcomes: &[Outcome],
+    shared: &Shared,
+    stats: &Mutex<Stats>,
+    warmup_latency: &Mutex<hdrhistogram::Histogram<u64>>,
+) {
+    let latency_us = (sent.elapsed().as_micros() as u64).max(1);
+    shared.completed.fetch_add(kinds.len() as u64, Ordering::Relaxed);
+    let errors = outcomes.iter().filter(|o| matches!(o, Outcome::Error | Outcome::Timeout)).count();
+    shared.errors.fetch_add(errors as u64, Ordering::Relaxed);
+    if phase == PHASE_WARMUP {
+        if let Ok(mut histogram) = warmup_latency.lock() {
+            let _ = histogram.record_n(latency_us, kinds.len() as u64);
+        }
+        return;
+    }
+    let expected = shared.expected_interval_us.load(Ordering::Relaxed);
+    let Ok(mut stats) = stats.lock() else { return };
+    for (&kind, &outcome) in kinds.iter().zip(outcomes) {
+        record(&mut stats, kind, outcome, latency_us, expected, true);
     }
 }

@@ -173,14 +173,29 @@ pub async fn run_once(args: &Args, rate: u64, preloaded: bool) -> anyhow::Result
         errors: AtomicU64::new(0),
         expected_interval_us: AtomicU64::new(0),
     });
-    // RESP in a closed loop: one batch driver per connection (see batch.rs).
-    let batched = args.protocol == args::Protocol::Resp && rate == 0;
+    // RESP and the native protocol in a closed loop: one batch driver per connection (see
+    // batch.rs).
+    let batched = matches!(args.protocol, args::Protocol::Resp | args::Protocol::Native) && rate == 0;
     let slot_count = if batched { targets.len() } else { targets.len() * args.pipeline.max(1) };
     let slot_stats: Vec<Arc<Mutex<Stats>>> = (0..slot_count).map(|_| Arc::default()).collect();
     let warmup_latency = Arc::new(Mutex::new(report::new_histogram()));
     let start = Instant::now() + Duration::from_millis(10);
     let mut slots = Vec::with_capacity(slot_count);
     for (index, stats) in slot_stats.iter().enumerate() {
+        if batched && args.protocol == args::Protocol::Native {
+            let rng = SmallRng::seed_from_u64(args.seed.wrapping_mul(1_000_003).wrapping_add(index as u64));
+            slots.push(tokio::spawn(batch::drive_native(
+                targets[index].clone(),
+                workload.clone(),
+                args.pipeline,
+                args.timeout,
+                shared.clone(),
+                stats.clone(),
+                warmup_latency.clone(),
+                rng,
+            )));
+            continue;
+        }
         if batched {
             let addresses: Vec<&str> = args.addr.split(',').collect();
             let address = addresses[index % addresses.len()].to_string();
