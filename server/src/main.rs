@@ -4,11 +4,6 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-// Values of every size up to 1 MiB are allocated per write and a flush frees a memtable's
-// worth at once: glibc's malloc spent a tenth of a shard's time on that (ARCHITECTURE.md).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     // `--config FILE` becomes flags in front of the real ones (which win).
     let command_line = match server::config::command_line(std::env::args().collect()) {
