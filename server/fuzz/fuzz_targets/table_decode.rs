@@ -14,9 +14,21 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(entry.key, b"key");
         }
     }
-    if let Ok(entries) = format::decode_data_block(data, 0) {
+    let decoded = format::decode_data_block(data, 0);
+    if let Ok(entries) = &decoded {
         for entry in entries {
             assert!(!entry.key.is_empty() && entry.key.len() <= schema::KEY_SIZE_MAX);
+        }
+    }
+    // A compaction's scan (spans lent out of its read buffer) accepts exactly the blocks the
+    // decoder accepts, and lends the same entries.
+    let mut spans = Vec::new();
+    let spanned = format::span_data_block(data, 0, data.len(), 0, &mut spans);
+    assert_eq!(spanned.is_ok(), decoded.is_ok());
+    if let Ok(entries) = decoded {
+        assert_eq!(spans.len(), entries.len());
+        for (span, entry) in spans.iter().zip(&entries) {
+            assert_eq!(span.entry(data).to_entry(), *entry);
         }
     }
 });
