@@ -155,12 +155,11 @@ async fn read_frames(mut reader: OwnedReadHalf, waiters: Waiters, closed: Arc<At
         if buffer.capacity() - buffer.len() < 16 << 10 {
             buffer.reserve(64 << 10);
         }
-        let spare = buffer.capacity() - buffer.len();
-        let start = buffer.len();
-        buffer.resize(start + spare, 0);
-        match reader.read(&mut buffer[start..]).await {
+        // Into the spare capacity, not zeroed first (zeroing 64 KiB per read showed in
+        // profiles).
+        match reader.read_buf(&mut buffer).await {
             Ok(0) => break Error::ConnectionClosed,
-            Ok(count) => buffer.truncate(start + count),
+            Ok(_) => {}
             Err(error) => break Error::Io(error.to_string()),
         }
     };

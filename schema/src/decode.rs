@@ -198,7 +198,7 @@ pub struct RequestView<'a> {
     pub op: Op<'a>,
 }
 
-fn verifier_options() -> flatbuffers::VerifierOptions {
+pub(crate) fn verifier_options() -> flatbuffers::VerifierOptions {
     flatbuffers::VerifierOptions {
         max_depth: 8,
         max_tables: 4 * SIBLING_COUNT_MAX + 64,
@@ -209,6 +209,16 @@ fn verifier_options() -> flatbuffers::VerifierOptions {
 
 /// Verifies a request payload and checks every limit.
 pub fn parse_request(payload: &[u8]) -> Result<RequestView<'_>, ParseError> {
+    match crate::fast::parse_request(payload) {
+        Some(request) => Ok(request),
+        None => parse_request_general(payload),
+    }
+}
+
+/// [`parse_request`] through the FlatBuffers verifier alone, for every shape (public for
+/// the fuzz target that holds the fast path to it).
+#[doc(hidden)]
+pub fn parse_request_general(payload: &[u8]) -> Result<RequestView<'_>, ParseError> {
     let request = flatbuffers::root_with_opts::<wire::Request>(&verifier_options(), payload)
         .map_err(|error| ParseError::new(0, Status::BAD_REQUEST, format!("invalid frame: {error}")))?;
     let id = request.id();
@@ -431,6 +441,15 @@ pub struct ResponseView {
 
 /// Verifies a response payload (clients distrust servers too).
 pub fn parse_response(payload: &[u8]) -> Result<ResponseView, String> {
+    match crate::fast::parse_response(payload) {
+        Some(response) => Ok(response),
+        None => parse_response_general(payload),
+    }
+}
+
+/// [`parse_response`] through the FlatBuffers verifier alone, for every shape.
+#[doc(hidden)]
+pub fn parse_response_general(payload: &[u8]) -> Result<ResponseView, String> {
     let response = flatbuffers::root_with_opts::<wire::Response>(&verifier_options(), payload)
         .map_err(|error| format!("invalid response frame: {error}"))?;
     let siblings = response.siblings();

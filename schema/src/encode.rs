@@ -77,6 +77,18 @@ fn finish_frame(builder: &mut FlatBufferBuilder<'_>, out: &mut Vec<u8>) {
 
 /// Appends one response frame to `out`. `builder` is reused across calls.
 pub fn encode_response(builder: &mut FlatBufferBuilder<'_>, out: &mut Vec<u8>, response: &ResponseOut<'_>) {
+    if !crate::fast::encode_response(out, response) {
+        encode_response_general(builder, out, response);
+    }
+}
+
+/// [`encode_response`] through the FlatBuffers builder alone, for every shape.
+#[doc(hidden)]
+pub fn encode_response_general(
+    builder: &mut FlatBufferBuilder<'_>,
+    out: &mut Vec<u8>,
+    response: &ResponseOut<'_>,
+) {
     let message = (!response.message.is_empty()).then(|| builder.create_string(response.message));
     let siblings = if response.siblings.is_empty() {
         None
@@ -148,6 +160,18 @@ pub fn encode_response(builder: &mut FlatBufferBuilder<'_>, out: &mut Vec<u8>, r
 
 /// Appends one request frame to `out`. `builder` is reused across calls.
 pub fn encode_request(builder: &mut FlatBufferBuilder<'_>, out: &mut Vec<u8>, request: &RequestView<'_>) {
+    if !crate::fast::encode_request(out, request) {
+        encode_request_general(builder, out, request);
+    }
+}
+
+/// [`encode_request`] through the FlatBuffers builder alone, for every shape.
+#[doc(hidden)]
+pub fn encode_request_general(
+    builder: &mut FlatBufferBuilder<'_>,
+    out: &mut Vec<u8>,
+    request: &RequestView<'_>,
+) {
     let (op_type, op) = match request.op {
         Op::Hello { protocol_version, client_name } => {
             let client_name = builder.create_string(client_name);

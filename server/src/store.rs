@@ -137,7 +137,9 @@ impl<S: Storage> Store<S> {
         if entry.seq > self.engine.wal().acked_seq() {
             return None;
         }
-        Some(read_reply(&entry, now_ms(), metadata_only))
+        // The clock is read only for a value that can expire.
+        let now_ms = if entry.expires_at_ms == 0 { 0 } else { now_ms() };
+        Some(read_reply(&entry, now_ms, metadata_only))
     }
 
     /// A PUT that can be accepted without waiting (the log and the memtables have room):
