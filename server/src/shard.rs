@@ -218,6 +218,7 @@ impl<S: Storage> Shard<S> {
             "refused_connection_count": stats.refused_connection_count.get(),
             "log_sync_count": self.store.wal().sync_count(),
             "log_batch_count": self.store.wal().batch_count(),
+            "log_write_wait_us": self.store.wal().write_wait_us(),
             "engine": self.store.engine().stats(),
         })
     }

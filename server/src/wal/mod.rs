@@ -226,6 +226,8 @@ struct Shared<S: Storage> {
     segments: RefCell<VecDeque<(u64, u64)>>,
     bytes_written: Cell<u64>,
     batch_count: Cell<u64>,
+    /// Time from a batch write's start to its completion, summed over batches.
+    write_wait_us: Cell<u64>,
     sync_count: Cell<u64>,
 }
 
@@ -305,6 +307,7 @@ impl<S: Storage> Wal<S> {
             segments: RefCell::new(segments),
             bytes_written: Cell::new(0),
             batch_count: Cell::new(0),
+            write_wait_us: Cell::new(0),
             sync_count: Cell::new(0),
         });
         glommio::spawn_local(flusher(shared.clone(), segment)).detach();
@@ -323,6 +326,12 @@ impl<S: Storage> Wal<S> {
 
     pub fn batch_count(&self) -> u64 {
         self.shared.batch_count.get()
+    }
+
+    /// Microseconds batch writes took from their start to their completion, summed (with
+    /// `log_batch_count`, the mean time a writer waits for the device).
+    pub fn write_wait_us(&self) -> u64 {
+        self.shared.write_wait_us.get()
     }
 
     pub fn sync_count(&self) -> u64 {
@@ -765,9 +774,11 @@ async fn write_batch<S: Storage>(
     }
     let offset = segment.write_offset;
     debug_assert_eq!(block_align_up(offset), offset);
+    let started = Instant::now();
     segment.file.write_at(offset, batch).await.map_err(|error| WalError::Failed {
         message: format!("write {} at offset {offset}: {error}", segment.path.display()).into(),
     })?;
+    shared.write_wait_us.set(shared.write_wait_us.get() + started.elapsed().as_micros() as u64);
     segment.write_offset += batch.len() as u64;
     shared.bytes_written.set(shared.bytes_written.get() + batch.len() as u64);
     segment.synced = false;
