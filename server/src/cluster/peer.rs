@@ -186,11 +186,15 @@ impl PeerLink {
             write_id: None,
             op: request.op,
         };
-        let mut builder = FlatBufferBuilder::new();
-        encode_request(&mut builder, &mut connection.outgoing.borrow_mut(), &view);
+        BUILDER.with(|builder| {
+            encode_request(&mut builder.borrow_mut(), &mut connection.outgoing.borrow_mut(), &view);
+        });
         let (sender, receiver) = oneshot::channel();
         connection.waiting.borrow_mut().insert(id, sender);
         connection.wake_writer.notify_all();
+        // Past the deadline, or if the caller gives up on this call, the request is forgotten:
+        // a late reply is dropped, and it no longer counts against the link's bound.
+        let _forget = Forget { connection: &connection, id };
         let reply = async { Some(receiver.await) };
         match futures_lite::future::or(reply, async {
             (&mut deadline).await;
@@ -200,12 +204,21 @@ impl PeerLink {
         {
             Some(Ok(reply)) => reply,
             Some(Err(_)) => Err(PeerError::Unreachable("connection closed".into())),
-            None => {
-                // Forget the request: a late reply is dropped, and it no longer counts.
-                connection.waiting.borrow_mut().remove(&id);
-                Err(PeerError::Timeout)
-            }
+            None => Err(PeerError::Timeout),
         }
+    }
+}
+
+/// Removes a call's waiting entry when the call ends, however it ends (a no-op once the
+/// reply has taken it).
+struct Forget<'a> {
+    connection: &'a Connection,
+    id: u64,
+}
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        self.connection.waiting.borrow_mut().remove(&self.id);
     }
 }
 
@@ -275,6 +288,12 @@ async fn read_replies(mut reader: futures_lite::io::ReadHalf<TcpStream>, connect
             return;
         }
     }
+}
+
+thread_local! {
+    /// One encoder per thread for the shapes without a hand-written encoder (Paxos, gossip,
+    /// ring changes), reused rather than allocated per call.
+    static BUILDER: RefCell<FlatBufferBuilder<'static>> = RefCell::new(FlatBufferBuilder::with_capacity(1024));
 }
 
 /// A shard's links, one per peer address, made on first use.
