@@ -445,7 +445,7 @@ impl TopologyData {
     /// The replicas of `key`, as indexes into `nodes`: the owner of the key's partition (the
     /// top `partition_bits` bits of [`crate::key_hash`]) and the owners of the next
     /// partitions clockwise, distinct, up to `replica_count`. The server's ring computes the
-    /// same (`server/src/cluster/ring.rs`, checked against this in its tests).
+    /// same (`server/cluster/src/ring.rs`, checked against this in its tests).
     pub fn replicas(&self, key: &[u8]) -> Vec<usize> {
         let mut replicas = Vec::with_capacity(self.replica_count as usize);
         if !self.formed || self.owners.is_empty() || self.partition_bits == 0 {

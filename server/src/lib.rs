@@ -1,7 +1,8 @@
 //! kvd, the kv node: a thread-per-core, shared-nothing key-value server.
 //!
 //! See ARCHITECTURE.md for the map. In short: `node` starts one glommio executor per shard;
-//! each runs `shard`, which owns a `store` (index + `wal`) and serves `net` connections;
+//! each runs `shard`, which owns a `store` (the LSM `engine`: `wal`, memtables and `table`s)
+//! and serves `net` (native) and `resp` connections;
 //! `mesh` carries requests between shards; every disk access goes through `storage`.
 
 pub mod args;

@@ -12,6 +12,7 @@ use std::path::Path;
 use anyhow::{bail, Context};
 use schema::{ShardFunction, SHARD_HASH_SEED};
 
+use crate::le;
 use crate::storage::BLOCK_SIZE;
 
 pub const NODE_FILE: &str = "NODE";
@@ -68,17 +69,16 @@ pub fn decode(block: &[u8]) -> Result<NodeMeta, String> {
     if field(0..8)? != NODE_MAGIC {
         return Err("not a kvd NODE file (bad magic)".into());
     }
-    let u32_at = |offset: usize| -> Result<u32, String> {
-        Ok(u32::from_le_bytes(field(offset..offset + 4)?.try_into().map_err(|_| "short field")?))
-    };
+    let short = || "file too short".to_string();
+    let u32_at = |offset: usize| le::u32_at(block, offset).ok_or_else(short);
     let version = u32_at(8)?;
     if version != NODE_FORMAT_VERSION {
         return Err(format!("NODE format version {version}, this kvd reads {NODE_FORMAT_VERSION}"));
     }
     let shard_count = u32_at(12)? as usize;
     let shard_function = *field(16..17)?.first().ok_or("short field")?;
-    let seed = u64::from_le_bytes(field(20..28)?.try_into().map_err(|_| "short field")?);
-    let id_size = usize::from(u16::from_le_bytes(field(28..30)?.try_into().map_err(|_| "short field")?));
+    let seed = le::u64_at(block, 20).ok_or_else(short)?;
+    let id_size = usize::from(le::u16_at(block, 28).ok_or_else(short)?);
     if id_size > NODE_ID_SIZE_MAX {
         return Err(format!("node id of {id_size} bytes"));
     }

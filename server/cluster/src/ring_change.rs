@@ -1,5 +1,5 @@
 //! Agreeing on a ring version and driving a change through it, sans-IO. The runtime
-//! (`server/src/cluster/membership.rs`) and both simulators run these machines; they only
+//! (`server/src/cluster/membership/`) and both simulators run these machines; they only
 //! carry the messages, keep the time and persist the acceptor (`ring_state::RingAcceptor`).
 //!
 //! - [`RingRound`]: one attempt at choosing version v+1 by single-decree Paxos among the

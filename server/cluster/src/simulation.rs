@@ -4,7 +4,7 @@
 //! driven by a simulated network that loses, duplicates, delays and reorders messages and
 //! partitions the nodes, while nodes crash and come back.
 //!
-//! Coordinators behave as the real ones do (`replication.rs`): a node that is not a replica
+//! Coordinators behave as the real ones do (`server/src/cluster/replication/`): a node that is not a replica
 //! of the key hands the write to the first live replica; the coordinator applies the write
 //! to its own versions first, then ships the result; down replicas get hints.
 //!

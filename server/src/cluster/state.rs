@@ -1,6 +1,6 @@
 //! A shard's replication state: its view of the cluster, peer links, counter lease, hints
 //! (in memory and the records bound for the hint log), counters and options. The runtime in
-//! `replication.rs`, `serial.rs` and `anti_entropy.rs` works on it.
+//! `replication/`, `serial.rs` and `anti_entropy.rs` works on it.
 
 use std::cell::RefCell;
 use std::rc::Rc;

@@ -2,6 +2,7 @@
 //! sends) and inline commands (what a person types into telnet). Pure and bounded: nothing
 //! is buffered beyond what the limits allow, and a request that breaks them is an error that
 //! ends the connection, as Redis does.
+#![deny(clippy::indexing_slicing)]
 
 use std::fmt;
 
@@ -46,14 +47,15 @@ fn protocol(detail: impl Into<String>) -> ParseError {
 fn line(buf: &[u8], limit: usize) -> Result<Option<(&[u8], usize)>, ParseError> {
     let mut from = 0;
     loop {
-        match buf[from..].iter().position(|&b| b == b'\r') {
+        let unsearched = buf.get(from..).unwrap_or_default();
+        match unsearched.iter().position(|&b| b == b'\r') {
             Some(at) => {
                 let end = from + at;
                 if end > limit {
                     return Err(protocol("too big line"));
                 }
                 match buf.get(end + 1) {
-                    Some(b'\n') => return Ok(Some((&buf[..end], end + 2))),
+                    Some(b'\n') => return Ok(Some((buf.get(..end).unwrap_or_default(), end + 2))),
                     Some(_) => from = end + 1,
                     None => return Ok(None),
                 }
@@ -103,7 +105,7 @@ pub type Args<'a> = SmallVec<[&'a [u8]; 4]>;
 /// its arguments: them and the bytes the command takes. `Ok(None)`: more bytes are needed.
 pub fn parse_array(buf: &[u8]) -> Result<Option<(Args<'_>, usize)>, ParseError> {
     let Some((header, mut at)) = line(buf, 32)? else { return Ok(None) };
-    let count = number(&header[1..]).ok_or_else(|| protocol("invalid multibulk length"))?;
+    let count = header.get(1..).and_then(number).ok_or_else(|| protocol("invalid multibulk length"))?;
     if count <= 0 {
         return Ok(Some((Args::new(), at)));
     }
@@ -113,7 +115,7 @@ pub fn parse_array(buf: &[u8]) -> Result<Option<(Args<'_>, usize)>, ParseError> 
     let mut args = Args::with_capacity((count as usize).min(1024));
     let mut total = 0usize;
     for _ in 0..count {
-        let rest = &buf[at..];
+        let rest = buf.get(at..).unwrap_or_default();
         match rest.first() {
             None => return Ok(None),
             Some(b'$') => {}
@@ -122,7 +124,7 @@ pub fn parse_array(buf: &[u8]) -> Result<Option<(Args<'_>, usize)>, ParseError> 
             }
         }
         let Some((header, header_size)) = line(rest, 32)? else { return Ok(None) };
-        let size = number(&header[1..]).ok_or_else(|| protocol("invalid bulk length"))?;
+        let size = header.get(1..).and_then(number).ok_or_else(|| protocol("invalid bulk length"))?;
         if size < 0 || size as usize > ARG_SIZE_MAX {
             return Err(protocol("invalid bulk length"));
         }
@@ -132,10 +134,10 @@ pub fn parse_array(buf: &[u8]) -> Result<Option<(Args<'_>, usize)>, ParseError> 
             return Err(protocol("command too large"));
         }
         let Some(body) = rest.get(header_size..header_size + size + 2) else { return Ok(None) };
-        if &body[size..] != b"\r\n" {
-            return Err(protocol("bulk string not terminated by CRLF"));
+        match body.split_at_checked(size) {
+            Some((value, b"\r\n")) => args.push(value),
+            _ => return Err(protocol("bulk string not terminated by CRLF")),
         }
-        args.push(&body[..size]);
         at += header_size + size + 2;
     }
     Ok(Some((args, at)))
@@ -147,7 +149,7 @@ fn parse_inline(buf: &[u8]) -> Result<Option<Parsed>, ParseError> {
     let (text, consumed) = match buf.iter().position(|&b| b == b'\n') {
         Some(end) if end > INLINE_SIZE_MAX => return Err(protocol("too big inline request")),
         Some(end) => {
-            let text = &buf[..end];
+            let text = buf.get(..end).unwrap_or_default();
             (text.strip_suffix(b"\r").unwrap_or(text), end + 1)
         }
         None if buf.len() > INLINE_SIZE_MAX => return Err(protocol("too big inline request")),
@@ -160,15 +162,13 @@ fn parse_inline(buf: &[u8]) -> Result<Option<Parsed>, ParseError> {
 fn split_words(text: &[u8]) -> Option<Vec<Vec<u8>>> {
     let mut words = Vec::new();
     let mut at = 0;
-    while at < text.len() {
-        while at < text.len() && text[at].is_ascii_whitespace() {
+    loop {
+        while text.get(at).is_some_and(u8::is_ascii_whitespace) {
             at += 1;
         }
-        if at == text.len() {
-            break;
-        }
+        let Some(&first) = text.get(at) else { break };
         let mut word = Vec::new();
-        match text[at] {
+        match first {
             b'"' => {
                 at += 1;
                 loop {
@@ -207,8 +207,8 @@ fn split_words(text: &[u8]) -> Option<Vec<Vec<u8>>> {
                 }
             }
             _ => {
-                while at < text.len() && !text[at].is_ascii_whitespace() {
-                    word.push(text[at]);
+                while let Some(&byte) = text.get(at).filter(|byte| !byte.is_ascii_whitespace()) {
+                    word.push(byte);
                     at += 1;
                 }
             }

@@ -1,6 +1,6 @@
 //! What RESP commands need from the store, on a standalone node or through the cluster's
-//! coordinator: read, write, delete, and compare-and-set (standalone only: in a cluster a
-//! quorum write is not atomic, so conditional commands are refused there until consensus).
+//! coordinator: read, write, delete, and compare-and-set (on a standalone node the shard's
+//! CAS; in a cluster the key's Paxos round, `cluster::serial`, at SERIAL).
 
 use std::rc::Rc;
 use std::time::Duration;

@@ -3,6 +3,7 @@
 //! when equal tokens straddle blocks), and none when the filter says the key is absent.
 //! Every block is verified before use; damage is an error naming the file and offset,
 //! never data.
+#![deny(clippy::indexing_slicing)]
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -115,7 +116,7 @@ impl TableReader {
         if !self.may_contain(token) {
             return Ok(None);
         }
-        for block in &self.index[self.first_block_for(token)..] {
+        for block in self.index.get(self.first_block_for(token)..).unwrap_or_default() {
             let bytes = file
                 .read_at(block.offset, block.size as usize)
                 .await

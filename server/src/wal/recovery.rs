@@ -1,6 +1,7 @@
 //! Recovery at start-up: every segment replayed in order, records past the tables' flushed
 //! sequence number applied, and the log's state (next sequence number, the segments that
 //! hold records, a prepared segment never started) handed back to `Wal::open`.
+#![deny(clippy::indexing_slicing)]
 
 use std::collections::VecDeque;
 use std::path::Path;
@@ -167,8 +168,9 @@ async fn replay_segment<S: Storage>(
     // Is there a valid batch after the damage (or after the clean-looking end)?
     let mut later_valid = None;
     let mut probe = offset + BLOCK_SIZE;
-    while probe < data.len() && later_valid.is_none() {
-        if format::decode_batch(&data[probe..]).is_ok_and(|batch| batch.first_seq >= report.next_seq) {
+    while later_valid.is_none() {
+        let Some(rest) = data.get(probe..).filter(|rest| !rest.is_empty()) else { break };
+        if format::decode_batch(rest).is_ok_and(|batch| batch.first_seq >= report.next_seq) {
             later_valid = Some(probe);
         }
         probe += BLOCK_SIZE;

@@ -4,12 +4,11 @@
 //! targets, and print what they measured.
 
 use std::collections::BTreeMap;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use client::{Client, Consistency, Error, Options};
 
-use crate::harness::{runtime, wait_for, DataDir, Node};
+use crate::harness::{command, runtime, wait_for, DataDir, Node};
 
 /// Targets of the issue: a killed node is down, and a cluster converges, within 5 s.
 pub(crate) const DETECT_DEADLINE: Duration = Duration::from_secs(15);
@@ -471,7 +470,7 @@ fn concurrent_writers_with_contexts_make_siblings_and_lose_none() {
         println!("cluster: RESP SET through one node, GET through another; INCR and SET NX through Paxos");
         // A node that reaches a formed cluster which does not list it is refused.
         let stranger_dir = DataDir::new("stranger");
-        let mut stranger = Command::new(env!("CARGO_BIN_EXE_kvd"))
+        let mut stranger = command(env!("CARGO_BIN_EXE_kvd"))
             .arg("--data-dir")
             .arg(&stranger_dir.0)
             .args(["--listen", "127.0.0.5:0", "--shards", "1", "--no-pin", "--cluster-size", "3"])
@@ -508,6 +507,7 @@ impl Partition {
 
     /// Drops all traffic between the two addresses of each pair, both ways.
     pub(crate) fn cut(pairs: &[(&str, &str)]) -> Option<Partition> {
+        crate::harness::remove_leftovers(); // the tables of killed runs
         let table = format!("kvtest_{}", std::process::id());
         let rules: String = pairs
             .iter()
@@ -516,8 +516,7 @@ impl Partition {
         let script = format!(
             "table inet {table} {{\n chain output {{\n  type filter hook output priority 0; policy accept;\n{rules} }}\n}}\n"
         );
-        let mut child =
-            Command::new("nft").args(["-f", "-"]).stdin(std::process::Stdio::piped()).spawn().ok()?;
+        let mut child = command("nft").args(["-f", "-"]).stdin(std::process::Stdio::piped()).spawn().ok()?;
         std::io::Write::write_all(child.stdin.as_mut()?, script.as_bytes()).ok()?;
         drop(child.stdin.take());
         child.wait().ok()?.success().then_some(Partition { table })
@@ -526,18 +525,13 @@ impl Partition {
 
 impl Drop for Partition {
     fn drop(&mut self) {
-        let _ = Command::new("nft").args(["delete", "table", "inet", &self.table]).status();
+        let _ = command("nft").args(["delete", "table", "inet", &self.table]).status();
     }
 }
 
 #[test]
 fn a_partitioned_node_refuses_quorum_the_majority_serves_and_healing_loses_nothing() {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let is_root = unsafe { libc::geteuid() } == 0;
-    let has_nft = Command::new("nft").arg("--version").output().is_ok_and(|o| o.status.success());
-    if !(is_root && has_nft) {
-        assert!(std::env::var_os("CI").is_none(), "CI must run the partition test: needs root and nft");
-        eprintln!("skipped: the partition test needs root and nftables");
+    if !crate::harness::can_cut_network("the partition test") {
         return;
     }
     let rt = runtime();

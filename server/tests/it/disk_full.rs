@@ -117,7 +117,7 @@ fn disk_full_refuses_writes_keeps_reads_and_recovers_by_itself() {
     let node = Node::start(&data_dir, &flags);
     verify(&node, "after a restart");
     let used = wait_for("df", Duration::from_secs(5), || {
-        let output = std::process::Command::new("df").arg("--output=used,size").arg(&fs).output().ok()?;
+        let output = crate::harness::command("df").arg("--output=used,size").arg(&fs).output().ok()?;
         Some(String::from_utf8_lossy(&output.stdout).lines().nth(1)?.trim().to_string())
     });
     eprintln!(

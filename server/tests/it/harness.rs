@@ -1,7 +1,14 @@
 //! Real `kvd` processes for tests: a fresh data directory, port 0, one shard, no pinning;
 //! the bound ports read back from `ports.json`; the process killed and the directory
 //! removed when the handle drops.
+//!
+//! `Drop` never runs when the test process itself is killed (SIGKILL from a timeout, a run
+//! cut short), so nothing is left to it alone: every process a test starts comes from
+//! [`command`] and dies with the thread that started it, and the first use of the harness
+//! in a process removes what dead test processes left behind ([`remove_leftovers`]).
 
+use std::ffi::OsStr;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -10,6 +17,102 @@ use std::time::{Duration, Instant};
 use server::node::Ports;
 
 static NEXT_DIR: AtomicUsize = AtomicUsize::new(0);
+
+/// A command for a child process that is killed (SIGKILL) when the thread that spawns it
+/// ends, however it ends. The kernel sends the parent-death signal when the spawning
+/// *thread* exits, and libtest runs each test on a thread of its own: spawn from the test's
+/// thread, never from a helper thread that ends before the child should.
+#[allow(clippy::disallowed_methods, reason = "the one place tests make a Command")]
+pub fn command(program: impl AsRef<OsStr>) -> Command {
+    let mut command = Command::new(program);
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: the closure runs in the child between fork and exec, and calls only
+    // async-signal-safe functions (prctl, getppid, _exit); it allocates nothing.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may have died before the prctl: then nobody is left to signal us.
+            if libc::getppid() != parent {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+    command
+}
+
+/// Whether process `pid` is alive: one of its threads is not dead. A killed process whose
+/// first thread is a zombie may still have threads exiting, and holds its files (sockets,
+/// ports) until the last one is gone.
+pub fn process_alive(pid: u32) -> bool {
+    let live = |stat: String| {
+        // The state follows the command name, which is in parentheses and may hold spaces.
+        stat.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X']))
+    };
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten();
+    tasks.filter_map(|task| std::fs::read_to_string(task.path().join("stat")).ok()).any(live)
+}
+
+/// Removes, once per process, what test processes that are no longer alive left behind:
+/// their nftables tables (`kvtest_<pid>`), network namespaces and links (`kt<pid>x...`) and
+/// data directories (`kvd-it-<pid>-...`). Those of live runs (another test binary running
+/// beside this one) are left alone. Tables, namespaces and links need root; without it
+/// there are none to remove.
+pub fn remove_leftovers() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let dead = |pid: Option<u32>| pid.is_some_and(|pid| !process_alive(pid));
+        let leading_pid = |name: &str| -> Option<u32> {
+            let digits: String = name.chars().take_while(char::is_ascii_digit).collect();
+            digits.parse().ok()
+        };
+        for dir in [PathBuf::from(env!("CARGO_TARGET_TMPDIR")), std::env::temp_dir()] {
+            for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if dead(name.strip_prefix("kvd-it-").and_then(leading_pid)) {
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
+            }
+        }
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            return;
+        }
+        let output = |program: &str, args: &[&str]| -> String {
+            command(program)
+                .args(args)
+                .stderr(Stdio::null())
+                .output()
+                .map(|output| String::from_utf8_lossy(&output.stdout).into_owned())
+                .unwrap_or_default()
+        };
+        for line in output("nft", &["list", "tables"]).lines() {
+            // "table inet kvtest_1234"
+            let Some(table) = line.split_whitespace().nth(2) else { continue };
+            if dead(table.strip_prefix("kvtest_").and_then(leading_pid)) {
+                let _ = command("nft").args(["delete", "table", "inet", table]).status();
+            }
+        }
+        for line in output("ip", &["netns", "list"]).lines() {
+            let Some(netns) = line.split_whitespace().next() else { continue };
+            if dead(netns.strip_prefix("kt").and_then(leading_pid)) {
+                let _ = command("ip").args(["netns", "del", netns]).status();
+            }
+        }
+        for line in output("ip", &["-o", "link", "show"]).lines() {
+            // "7: kt123x0h1@if6: <BROADCAST,..."
+            let Some(link) = line.split(": ").nth(1).map(|name| name.split('@').next().unwrap_or(name))
+            else {
+                continue;
+            };
+            if dead(link.strip_prefix("kt").and_then(leading_pid)) {
+                let _ = command("ip").args(["link", "del", link]).status();
+            }
+        }
+    });
+}
 
 /// Polls `condition` until it holds or `deadline` passes (then panics with `what`).
 pub fn wait_for<T>(what: &str, deadline: Duration, mut condition: impl FnMut() -> Option<T>) -> T {
@@ -28,6 +131,7 @@ pub struct DataDir(pub PathBuf);
 
 impl DataDir {
     pub fn new(name: &str) -> DataDir {
+        remove_leftovers();
         let index = NEXT_DIR.fetch_add(1, Ordering::Relaxed);
         let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
         let path = base.join(format!("kvd-it-{}-{index}-{name}", std::process::id()));
@@ -85,15 +189,17 @@ impl Node {
         shard_count: usize,
         extra: &[&str],
     ) -> Result<Node, std::process::ExitStatus> {
+        remove_leftovers();
         let ports_file = data_dir.join(server::node::PORTS_FILE);
         let _ = std::fs::remove_file(&ports_file);
+        // `ip netns exec` execs kvd in place, which keeps the parent-death signal.
         let mut command = match netns {
             Some(netns) => {
-                let mut command = Command::new("ip");
+                let mut command = command("ip");
                 command.args(["netns", "exec", netns, env!("CARGO_BIN_EXE_kvd")]);
                 command
             }
-            None => Command::new(env!("CARGO_BIN_EXE_kvd")),
+            None => command(env!("CARGO_BIN_EXE_kvd")),
         };
         let mut child = command
             .arg("--data-dir")
@@ -158,4 +264,20 @@ pub fn runtime() -> tokio::runtime::Runtime {
 
 pub async fn client(node: &Node) -> client::Client {
     client::Client::connect(node.address(), client::Options::default()).await.expect("client connects")
+}
+
+/// Whether this process can cut links between nodes: root, with nftables (`nft`) and
+/// iproute2 (`ip`) for drop rules and network namespaces. Without them the test that asks
+/// (`what`) is skipped and says so, except in CI, which must run it: there this panics.
+pub fn can_cut_network(what: &str) -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let is_root = unsafe { libc::geteuid() } == 0;
+    let runs =
+        |program: &str, flag: &str| command(program).arg(flag).output().is_ok_and(|o| o.status.success());
+    let able = is_root && runs("nft", "--version") && runs("ip", "-V");
+    if !able {
+        assert!(std::env::var_os("CI").is_none(), "CI must run {what}: it needs root, nft and ip");
+        eprintln!("skipped {what}: it needs root, nft and ip");
+    }
+    able
 }

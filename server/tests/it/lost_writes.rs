@@ -3,7 +3,6 @@
 //! undone by an older value its coordinator had not seen.
 
 use std::collections::BTreeSet;
-use std::process::Command;
 use std::time::Duration;
 
 use client::{CasOutcome, Consistency, Error};
@@ -84,7 +83,7 @@ fn writes_with_a_context_are_kept_or_refused_never_dropped() {
 /// left out.
 #[test]
 fn a_key_past_the_limits_keeps_every_sibling_and_serves_them_in_pages() {
-    if !can_partition() {
+    if !crate::harness::can_cut_network("the partition tests") {
         return;
     }
     let rt = runtime();
@@ -145,25 +144,13 @@ fn a_key_past_the_limits_keeps_every_sibling_and_serves_them_in_pages() {
     });
 }
 
-/// Whether nftables partitions can be made here (root and nft); CI must.
-fn can_partition() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let is_root = unsafe { libc::geteuid() } == 0;
-    let has_nft = Command::new("nft").arg("--version").output().is_ok_and(|o| o.status.success());
-    if !(is_root && has_nft) {
-        assert!(std::env::var_os("CI").is_none(), "CI must run the partition tests: they need root and nft");
-        eprintln!("skipped: the test needs root and nftables");
-    }
-    is_root && has_nft
-}
-
 /// Issue 16's sequence with the CAS's commit kept from node C (nftables drops A <-> C): PUT at
 /// QUORUM and CAS at ONE through A, then through C a blind DELETE at ONE (even keys) or a
 /// PUT at QUORUM (odd keys). Once the partition heals and hints arrive, every replica must
 /// hold the later blind write alone.
 #[test]
 fn a_blind_write_after_a_cas_its_coordinator_never_saw_wins() {
-    if !can_partition() {
+    if !crate::harness::can_cut_network("the partition tests") {
         return;
     }
     let rt = runtime();

@@ -16,6 +16,7 @@ mod metrics;
 mod model;
 mod no_space;
 mod node;
+mod orphans;
 mod power_loss;
 mod resp;
 mod resp_linearizable;

@@ -1,12 +1,11 @@
 //! A real node end to end: every operation, TTL, restarts, shards, the data directory's
 //! guards, clean shutdown and kvctl's contract.
 
-use std::process::Command;
 use std::time::Duration;
 
 use client::{CasOutcome, Error, Options};
 
-use crate::harness::{client, runtime, DataDir, Node};
+use crate::harness::{client, command, runtime, DataDir, Node};
 
 #[test]
 fn every_operation_through_the_client() {
@@ -119,7 +118,7 @@ fn requests_cross_between_shards_and_shard_aware_clients_skip_the_hop() {
 fn data_directory_refuses_a_second_node_and_another_shard_count() {
     let dir = DataDir::new("guards");
     let node = Node::start(&dir.0, &[]);
-    let second = Command::new(env!("CARGO_BIN_EXE_kvd"))
+    let second = command(env!("CARGO_BIN_EXE_kvd"))
         .arg("--data-dir")
         .arg(&dir.0)
         .args(["--listen", "127.0.0.1:0", "--shards", "1", "--no-pin"])
@@ -128,7 +127,7 @@ fn data_directory_refuses_a_second_node_and_another_shard_count() {
     assert!(!second.status.success());
     assert!(String::from_utf8_lossy(&second.stderr).contains("in use by another kvd"));
     drop(node);
-    let reshard = Command::new(env!("CARGO_BIN_EXE_kvd"))
+    let reshard = command(env!("CARGO_BIN_EXE_kvd"))
         .arg("--data-dir")
         .arg(&dir.0)
         .args(["--listen", "127.0.0.1:0", "--shards", "2", "--no-pin"])
@@ -169,7 +168,7 @@ pub(crate) fn kvctl(address: &str, args: &[&str], stdin: Option<&[u8]>) -> (i32,
         "{} is missing: build the workspace's binaries first (.ci/test does)",
         path.display()
     );
-    let mut child = Command::new(path)
+    let mut child = command(path)
         .args(["--addr", address])
         .args(args)
         .stdin(std::process::Stdio::piped())
@@ -297,8 +296,7 @@ fn data_beyond_memory_lands_in_tables_and_stats_report_it() {
         }
         // kvctl (built beside kvd by `cargo build --workspace --bins`) shows the same figures.
         let kvctl = std::path::Path::new(env!("CARGO_BIN_EXE_kvd")).with_file_name("kvctl");
-        let output =
-            Command::new(kvctl).args(["--addr", &node.address(), "stats"]).output().expect("kvctl stats");
+        let output = command(kvctl).args(["--addr", &node.address(), "stats"]).output().expect("kvctl stats");
         assert!(output.status.success());
         let printed: serde_json::Value =
             serde_json::from_slice(&output.stdout).expect("kvctl stats prints JSON");
@@ -321,7 +319,7 @@ fn kvctl_printing_into_a_closed_pipe_ends_quietly() {
     // The reader is gone before kvctl writes: its stdout is a pipe with no reader.
     let (reader, writer) = std::io::pipe().expect("pipe");
     drop(reader);
-    let output = Command::new(path)
+    let output = command(path)
         .args(["--addr", &node.address(), "stats"])
         .stdout(writer)
         .stderr(std::process::Stdio::piped())

@@ -7,14 +7,14 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::Duration;
 
-use crate::harness::{wait_for, DataDir, Node};
+use crate::harness::{command, wait_for, DataDir, Node};
 
 fn tools() -> Option<PathBuf> {
     let python = std::env::var_os("KVD_TEST_PYTHON").map(PathBuf::from);
-    let redis = Command::new("redis-server").arg("--version").output().is_ok_and(|o| o.status.success());
+    let redis = command("redis-server").arg("--version").output().is_ok_and(|o| o.status.success());
     match python {
         Some(python) if redis => Some(python),
         _ => {
@@ -43,7 +43,7 @@ impl RedisServer {
             .and_then(|l| l.local_addr())
             .expect("free port")
             .port();
-        let child = Command::new("redis-server")
+        let child = command("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .arg("--dir")
             .arg(&dir.0)
@@ -73,7 +73,7 @@ fn resp_port(node: &Node) -> u16 {
 }
 
 fn redis_cli(port: u16, script: &str) -> String {
-    let mut child = Command::new("redis-cli")
+    let mut child = command("redis-cli")
         .args(["-p", &port.to_string()])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -93,7 +93,7 @@ fn redis_py_and_redis_cli_see_what_a_real_redis_server_answers() {
     let redis = RedisServer::start();
     let port = resp_port(&node);
 
-    let compare = Command::new(&python)
+    let compare = command(&python)
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/resp/compare.py"))
         .args([port.to_string(), redis.port.to_string()])
         .output()
@@ -119,7 +119,7 @@ fn redis_benchmark_completes_without_errors() {
     }
     let dir = DataDir::new("resp-bench");
     let node = Node::start(&dir.0, &["--resp-listen", "127.0.0.1:0"]);
-    let output = Command::new("redis-benchmark")
+    let output = command("redis-benchmark")
         .args([
             "-p",
             &resp_port(&node).to_string(),

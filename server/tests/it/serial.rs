@@ -194,13 +194,7 @@ fn cas_histories_stay_linearizable_through_kill_pause_and_partition() {
     let mut cluster = Cluster::start(3, "serial");
     wait_until_all_see(&rt, &cluster.addresses, 3, CONVERGE_DEADLINE);
     killed_then_paused(&rt, &mut cluster, 2);
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let is_root = unsafe { libc::geteuid() } == 0;
-    let has_nft =
-        std::process::Command::new("nft").arg("--version").output().is_ok_and(|o| o.status.success());
-    if !(is_root && has_nft) {
-        assert!(std::env::var_os("CI").is_none(), "CI must run the partition part: needs root and nft");
-        eprintln!("skipped the partition part: it needs root and nftables");
+    if !crate::harness::can_cut_network("the partition part") {
         return;
     }
     wait_until_all_see(&rt, &cluster.addresses, 3, CONVERGE_DEADLINE);
@@ -218,7 +212,8 @@ fn cas_histories_stay_linearizable_through_kill_pause_and_partition() {
 
 /// One network namespace per node, each with a veth pair whose host end is on a bridge in the
 /// test's namespace (which holds the bridge's address, so clients reach every node). Names
-/// carry a per-run prefix; everything is removed on drop (and by `.ci/test`'s trap).
+/// carry the test process's pid; everything is removed on drop, and what a killed run left by
+/// the next run's harness (`harness::remove_leftovers`).
 struct Namespaces {
     prefix: String,
     count: usize,
@@ -226,16 +221,19 @@ struct Namespaces {
 }
 
 fn ip(args: &[&str]) -> bool {
-    std::process::Command::new("ip").args(args).status().is_ok_and(|s| s.success())
+    crate::harness::command("ip").args(args).status().is_ok_and(|s| s.success())
 }
 
 impl Namespaces {
     fn create(count: usize) -> Option<Namespaces> {
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        crate::harness::remove_leftovers();
         let next = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 10;
-        let run = std::process::id() % 10_000 * 10 + next;
-        let namespaces =
-            Namespaces { prefix: format!("kt{run}"), count, subnet: format!("10.77.{}", run % 250) };
+        // The whole pid in every name, so that a later run can tell whether its owner is
+        // still alive (`harness::remove_leftovers`); link names fit in 15 bytes.
+        let pid = std::process::id();
+        let subnet = format!("10.77.{}", (pid * 10 + next) % 250);
+        let namespaces = Namespaces { prefix: format!("kt{pid}x{next}"), count, subnet };
         let (p, subnet) = (&namespaces.prefix, &namespaces.subnet);
         let bridge = format!("{p}br");
         let ok = ip(&["link", "add", &bridge, "type", "bridge"])
@@ -292,11 +290,7 @@ impl Drop for Namespaces {
 
 /// `size` nodes, each in its own network namespace; node 0 unplugged for 5 s meanwhile.
 fn unplugged_in_namespaces(size: usize) {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let is_root = unsafe { libc::geteuid() } == 0;
-    if !is_root {
-        assert!(std::env::var_os("CI").is_none(), "CI must run the network namespace test: needs root");
-        eprintln!("skipped: the network namespace test needs root");
+    if !crate::harness::can_cut_network("the network namespace test") {
         return;
     }
     let namespaces = Namespaces::create(size).expect("network namespaces, veth pairs and a bridge");

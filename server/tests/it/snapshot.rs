@@ -3,9 +3,25 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use crate::harness::{client, runtime, DataDir, Node};
+use crate::harness::{client, command, runtime, DataDir, Node};
+
+/// Waits until the writer has `count` acknowledged writes; fails after a deadline.
+async fn acked_at_least(acked: &Mutex<Vec<(u64, Instant)>>, count: usize) {
+    let deadline = Duration::from_secs(30);
+    let enough = async {
+        while acked.lock().expect("acked").len() < count {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    let waited = tokio::time::timeout(deadline, enough).await;
+    let have = acked.lock().expect("acked").len();
+    assert!(
+        waited.is_ok(),
+        "timed out after {deadline:?} waiting for {count} acknowledged writes (have {have})"
+    );
+}
 
 #[test]
 fn a_snapshot_under_load_restores_every_acknowledged_write() {
@@ -31,17 +47,13 @@ fn a_snapshot_under_load_restores_every_acknowledged_write() {
                 }
             })
         };
-        while acked.lock().expect("acked").len() < 300 {
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        }
+        acked_at_least(&acked, 300).await;
         let snapshotter = client(&node).await;
         let asked_at = Instant::now();
         snapshotter.snapshot(snapshot_dir.to_str().expect("utf-8")).await.expect("snapshot");
         let done_at = Instant::now();
         let after = acked.lock().expect("acked").len();
-        while acked.lock().expect("acked").len() < after + 100 {
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        }
+        acked_at_least(&acked, after + 100).await;
         stop.store(true, Ordering::Relaxed);
         writer.await.expect("writer");
         (asked_at, done_at)
@@ -52,8 +64,7 @@ fn a_snapshot_under_load_restores_every_acknowledged_write() {
 
     // Restore: a copy of the snapshot is a data directory.
     let restored = DataDir::new("restored");
-    let copied =
-        std::process::Command::new("cp").arg("-a").arg(&snapshot_dir).arg(restored.0.join("data")).status();
+    let copied = command("cp").arg("-a").arg(&snapshot_dir).arg(restored.0.join("data")).status();
     assert!(copied.is_ok_and(|s| s.success()), "copy the snapshot");
     let restored_node = Node::start(&restored.0.join("data"), &[]);
     let missing = rt.block_on(async {

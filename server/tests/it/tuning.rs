@@ -3,9 +3,8 @@
 //! revert puts everything back.
 
 use std::path::Path;
-use std::process::Command;
 
-use crate::harness::DataDir;
+use crate::harness::{command, DataDir};
 
 const FILES: &[(&str, &str)] = &[
     ("proc/sys/kernel/osrelease", "6.1.0-test\n"),
@@ -29,7 +28,7 @@ const FILES: &[(&str, &str)] = &[
 
 fn script(name: &str, root: &Path, extra: &[&str]) -> (i32, String) {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../tuning/");
-    let output = Command::new("bash")
+    let output = command("bash")
         .arg(format!("{path}{name}"))
         .arg("--root")
         .arg(root)
