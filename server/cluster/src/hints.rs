@@ -69,6 +69,11 @@ impl<W: Clone> Hints<W> {
         self.bytes
     }
 
+    /// Every hint kept, with its target (what a rewritten hint log holds).
+    pub fn iter(&self) -> impl Iterator<Item = (NodeId, &Hint<W>)> {
+        self.queues.iter().flat_map(|(&target, queue)| queue.hints.iter().map(move |hint| (target, hint)))
+    }
+
     /// Targets with hints pending.
     pub fn targets(&self) -> Vec<NodeId> {
         self.queues.iter().filter(|(_, queue)| !queue.hints.is_empty()).map(|(&target, _)| target).collect()

@@ -6,8 +6,11 @@
 //! touches a block that holds records already durable (hints are rare and not on a client's
 //! path, since they never count toward W). A crash can therefore lose the last interval's
 //! hints; the replicas they were for are then behind until a read repairs them, the same as a
-//! hint dropped by its bounds. At start the file is rewritten with only the pending hints
-//! (atomic replacement), so it never holds more than one run's history.
+//! hint dropped by its bounds. At start, and whenever the log has grown past twice what the
+//! pending hints take in it (and past `REWRITE_SIZE_MIN`), the file is rewritten with only
+//! the pending hints (atomic replacement). Hints in memory are bounded (`HintLimits`: count,
+//! bytes, age; the oldest dropped first, anti-entropy repairing their keys), so the file is
+//! too: at most about twice theirs, whether or not their replicas ever come back.
 //!
 //! Record: length u32 (of what follows the CRC), CRC32C u32 (of what follows it), kind u8
 //! (1 add, 2 acknowledged), target u32, id u64; an add continues with key length u16, key, and
@@ -25,6 +28,11 @@ use crate::storage::{block_align_up, replace_file, Storage, StorageFile, BLOCK_S
 
 pub const HINT_LOG_FILE: &str = "HINTS";
 pub const FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(50);
+/// Below this the log is never rewritten (a rewrite costs a file replacement).
+pub const REWRITE_SIZE_MIN: u64 = 1 << 20;
+/// An add record's bytes beyond its key and versions: length, CRC, kind, target, id, key
+/// length.
+pub const ADD_RECORD_OVERHEAD: usize = 8 + 1 + 4 + 8 + 2;
 
 const KIND_ADD: u8 = 1;
 const KIND_ACKNOWLEDGED: u8 = 2;
@@ -188,12 +196,24 @@ impl<S: Storage> HintLog<S> {
         Ok(())
     }
 
-    /// Starts the log afresh, empty.
-    pub async fn clear(&mut self) -> io::Result<()> {
+    /// Bytes the log takes, as far as this writer knows (0 until its first append).
+    pub fn size(&self) -> u64 {
+        self.file.as_ref().map_or(0, |(_, end)| *end)
+    }
+
+    /// Whether the log should be rewritten with the hints pending now, which would take
+    /// about `pending_bytes` (keys and versions) in `pending_count` records.
+    pub fn wants_rewrite(&self, pending_count: usize, pending_bytes: usize) -> bool {
+        let rewritten = (pending_bytes + pending_count * ADD_RECORD_OVERHEAD) as u64;
+        self.size() > REWRITE_SIZE_MIN.max(2 * block_align_up(rewritten))
+    }
+
+    /// Replaces the log with exactly `hints` (the next append opens the new file).
+    pub async fn replace(&mut self, hints: &[LoggedHint]) -> io::Result<()> {
         if let Some((file, _)) = self.file.take() {
             let _ = file.close().await;
         }
-        rewrite(&self.storage, &self.dir, &[]).await
+        rewrite(&self.storage, &self.dir, hints).await
     }
 }
 
@@ -228,6 +248,54 @@ mod tests {
             assert_eq!(replay(&damaged).len(), 3, "flip at {position}");
         }
         assert_eq!(replay(&log).len(), 4);
+    }
+
+    /// A replica that never comes back: hints for it are added and the oldest dropped by the
+    /// in-memory bound, so the pending set stays small while the history grows. The log is
+    /// rewritten whenever it passes twice what the pending hints take, and never grows past
+    /// that (plus one batch) however long this goes on.
+    #[test]
+    fn the_log_stays_within_twice_the_pending_hints_however_many_pass_through() {
+        futures_lite::future::block_on(async {
+            let storage = SimStorage::new(1);
+            let dir = Path::new("/data/shard-0");
+            let mut log = HintLog::new(storage.clone(), dir);
+            let mut pending: std::collections::VecDeque<LoggedHint> = Default::default();
+            let mut rewrite_count = 0;
+            let mut largest = 0;
+            for id in 1..=20_000u64 {
+                let new = LoggedHint { versions: vec![7; 1_000], ..hint(id, 2) };
+                log.append(&add_record(&new)).await.expect("append");
+                pending.push_back(new);
+                if pending.len() > 64 {
+                    pending.pop_front(); // the in-memory bound drops the oldest
+                }
+                largest = largest.max(log.size());
+                let bytes = pending.iter().map(|hint| hint.key.len() + hint.versions.len()).sum();
+                if log.wants_rewrite(pending.len(), bytes) {
+                    let kept: Vec<LoggedHint> = pending.iter().cloned().collect();
+                    log.replace(&kept).await.expect("rewrite");
+                    rewrite_count += 1;
+                    assert_eq!(
+                        load(&storage, dir).await.expect("load"),
+                        kept,
+                        "a rewrite keeps exactly the pending hints"
+                    );
+                }
+            }
+            // 20,000 appends of a block each: 80 MiB of history without the rewrites.
+            assert!(rewrite_count > 50, "{rewrite_count} rewrites");
+            let pending_size = 64 * (1_000 + 4 + ADD_RECORD_OVERHEAD) as u64;
+            assert!(
+                largest <= REWRITE_SIZE_MIN.max(2 * pending_size) + BLOCK_SIZE as u64,
+                "the log reached {largest} bytes"
+            );
+            // Hints dropped from memory since the last rewrite are still in the file (no
+            // record says they were dropped); every pending one is.
+            let loaded: Vec<u64> =
+                load(&storage, dir).await.expect("load").iter().map(|hint| hint.id).collect();
+            assert!(pending.iter().all(|hint| loaded.contains(&hint.id)), "a pending hint is missing");
+        });
     }
 
     /// Through power losses, with writes and syncs failing on the way: a hint whose append

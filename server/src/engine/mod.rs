@@ -93,6 +93,8 @@ pub struct EngineStats {
     pub table_bytes: u64,
     pub table_entry_count: u64,
     pub log_segment_count: usize,
+    /// The log's segments on disk, the prepared next one included (allocated whole).
+    pub log_disk_bytes: u64,
     pub filter_and_index_bytes: usize,
     pub cache_bytes: usize,
     pub cache_capacity: usize,
@@ -591,6 +593,7 @@ impl<S: Storage> Engine<S> {
             table_bytes: sizes.iter().sum(),
             table_entry_count,
             log_segment_count: inner.wal.segment_count(),
+            log_disk_bytes: inner.wal.disk_bytes(),
             filter_and_index_bytes: inner.table_memory(),
             cache_bytes: cache.size(),
             cache_capacity: cache.capacity(),
@@ -655,11 +658,23 @@ impl<S: Storage> Inner<S> {
         Ok(())
     }
 
-    /// Turns a full active memtable into the immutable one, if that one is free.
+    /// Turns the active memtable into the immutable one, if that one is free, once it is
+    /// full or once the log has moved past a segment whose records it holds. Without the
+    /// second rule a working set that fits the memtable (a counter, a small hot set: every
+    /// write an overwrite) never fills it, never flushes, and the log grows until the disk is
+    /// full, all of it replayed at restart. With it a segment is released at most one flush
+    /// after the log moves on, so the log holds about two segments (the one being written and
+    /// the next, prepared when it is half full; three while a flush runs) whatever the
+    /// workload, and recovery replays at most that.
     fn maybe_seal_memtable(&self) {
-        if self.active.borrow().size() >= self.options.memtable_size_max()
-            && self.immutable.borrow().is_none()
-        {
+        if self.immutable.borrow().is_some() {
+            return;
+        }
+        let active = self.active.borrow();
+        let full = active.size() >= self.options.memtable_size_max();
+        let log_moved_on = self.wal.segment_count() > 1 && !active.is_empty();
+        drop(active);
+        if full || log_moved_on {
             self.seal_memtable();
         }
     }

@@ -224,6 +224,8 @@ struct Shared<S: Storage> {
     /// (segment index, first seq) of every segment on disk, oldest first; the last is the
     /// one being written.
     segments: RefCell<VecDeque<(u64, u64)>>,
+    /// A next segment is prepared on disk (allocated, not yet started).
+    prepared: Cell<bool>,
     bytes_written: Cell<u64>,
     batch_count: Cell<u64>,
     /// Time from a batch write's start to its completion, summed over batches.
@@ -305,6 +307,7 @@ impl<S: Storage> Wal<S> {
             closed: Cell::new(false),
             no_space: Cell::new(false),
             segments: RefCell::new(segments),
+            prepared: Cell::new(false),
             bytes_written: Cell::new(0),
             batch_count: Cell::new(0),
             write_wait_us: Cell::new(0),
@@ -345,6 +348,13 @@ impl<S: Storage> Wal<S> {
 
     pub fn segment_count(&self) -> usize {
         self.shared.segments.borrow().len()
+    }
+
+    /// Bytes the log takes on disk: its segments, and the next one once it is prepared
+    /// (segments are allocated whole).
+    pub fn disk_bytes(&self) -> u64 {
+        let files = self.shared.segments.borrow().len() + usize::from(self.shared.prepared.get());
+        files as u64 * SEGMENT_SIZE
     }
 
     /// The error that stopped the write path, if one did.
@@ -570,6 +580,7 @@ async fn prepare_segment_when_space<S: Storage>(
     loop {
         match prepare_segment(&shared.storage, &shared.dir, segment_index).await {
             Ok(file) => {
+                shared.prepared.set(true);
                 if shared.no_space.replace(false) {
                     tracing::info!(
                         shard = shared.identity.shard_index,
@@ -753,6 +764,7 @@ async fn write_batch<S: Storage>(
         .await
         .map_err(failed)?;
         shared.segments.borrow_mut().push_back((next_index, first_seq));
+        shared.prepared.set(false);
         let mut old = std::mem::replace(segment, next);
         if old.synced || shared.policy == SyncPolicy::Never {
             // `never` means never: syncing a whole segment at rotation (ext4 commits its

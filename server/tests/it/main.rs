@@ -5,6 +5,7 @@ mod anti_entropy;
 mod bitflip;
 mod cluster;
 mod config;
+mod disk_bound;
 mod disk_full;
 mod elasticity;
 mod harness;

@@ -14,30 +14,49 @@ use crate::cluster::state::monotonic_us;
 use crate::storage::Storage;
 
 /// Appends the hint log's new records every `FLUSH_INTERVAL`, forever (records whose append
-/// failed are tried again with the next); once nothing is pending and the log has grown,
-/// starts it afresh.
+/// failed are tried again with the next); once the log has grown past twice what the pending
+/// hints need, rewrites it with just them (`HintLog::wants_rewrite`), so that its size
+/// follows the hints kept in memory, which are bounded.
 pub async fn flush_hint_log<S: Storage, H: Host<S>>(shard: Rc<H>) {
     let Some(cluster) = shard.cluster() else { return };
     let Some(mut log) = cluster.hint_log.borrow_mut().take() else { return };
-    let mut appended = 0usize;
+    // Puts records that could not be written back in front of those queued since.
+    let requeue = |bytes: Vec<u8>| {
+        let mut pending = cluster.hint_log_pending.borrow_mut();
+        let newer = std::mem::replace(&mut *pending, bytes);
+        pending.extend(newer);
+    };
     loop {
         glommio::timer::sleep(hint_log::FLUSH_INTERVAL).await;
         let bytes = std::mem::take(&mut *cluster.hint_log_pending.borrow_mut());
         if !bytes.is_empty() {
-            match log.append(&bytes).await {
-                Ok(()) => appended += bytes.len(),
-                Err(error) => {
-                    tracing::error!(shard = shard.index(), "appending to the hint log: {error}");
-                    let mut pending = cluster.hint_log_pending.borrow_mut();
-                    let newer = std::mem::replace(&mut *pending, bytes);
-                    pending.extend(newer);
-                }
+            if let Err(error) = log.append(&bytes).await {
+                tracing::error!(shard = shard.index(), "appending to the hint log: {error}");
+                requeue(bytes);
             }
         }
-        if appended > (1 << 20) && cluster.hints.borrow().pending_count() == 0 {
-            match log.clear().await {
-                Ok(()) => appended = 0,
-                Err(error) => tracing::error!(shard = shard.index(), "starting the hint log afresh: {error}"),
+        let (count, bytes) = {
+            let hints = cluster.hints.borrow();
+            (hints.pending_count(), hints.pending_bytes())
+        };
+        if log.wants_rewrite(count, bytes) {
+            // The hints in memory are what the log means, records not yet appended included:
+            // those are dropped here and written back only if the rewrite fails.
+            let unwritten = std::mem::take(&mut *cluster.hint_log_pending.borrow_mut());
+            let kept: Vec<hint_log::LoggedHint> = cluster
+                .hints
+                .borrow()
+                .iter()
+                .map(|(target, hint)| hint_log::LoggedHint {
+                    id: hint.id,
+                    target,
+                    key: hint.write.0.clone(),
+                    versions: hint.write.1.to_vec(),
+                })
+                .collect();
+            if let Err(error) = log.replace(&kept).await {
+                tracing::error!(shard = shard.index(), "rewriting the hint log: {error}");
+                requeue(unwritten);
             }
         }
     }
