@@ -4,6 +4,17 @@
 //! rewritten about once per tier, so write amplification grows with the log of the data size
 //! over the memtable size; reads stay at one disk read per GET because bloom filters skip
 //! the tables that lack the key. server/src/engine/README.md says why tiered rather than leveled.
+//!
+//! Tiers alone leave space unbounded where keys are overwritten: every tier can hold stale
+//! copies of the same keys until it fills. So space comes first: once the tables hold more
+//! than `1 + STALE_SHARE_MAX` entries per distinct key, all of them merge into one. Distinct
+//! keys come from the tables' sketches (HyperLogLog, in each footer), so the rule sees stale
+//! copies, not sizes: a load that only adds keys never triggers it (its write amplification
+//! stays the tiers'), while overwrites keep the tables under about `1 + STALE_SHARE_MAX`
+//! times the live data, and under `2 + STALE_SHARE_MAX` times while a merge writes its output
+//! (about the live data) beside its inputs. (RocksDB's universal compaction bounds space by
+//! sizes alone, the newer runs against the oldest, and so also merges everything during
+//! loads.)
 
 use std::rc::Rc;
 
@@ -11,6 +22,7 @@ use super::tables::{Table, TableScan, TableWriter};
 use crate::storage::Storage;
 use crate::table::format::{EntryKind, EntryRef};
 use crate::table::reader::TableError;
+use crate::table::sketch::Sketch;
 use schema::KEY_SIZE_MAX;
 
 /// How many tables of one tier are merged at once.
@@ -18,6 +30,15 @@ pub const MERGE_WIDTH: usize = 4;
 /// Past this many tables, the cheapest run of neighbours is merged whatever its tiers, so
 /// that a lookup never has more than this many filters to probe.
 pub const TABLE_COUNT_MAX: usize = 24;
+/// All tables merge into one once they hold more than this many stale entries per distinct
+/// key (module comment).
+///
+/// One stale entry per live one: against the starting size-tiered rule, with 100,000 keys of
+/// 1,000 bytes overwritten by redis-benchmark (`bench/disk 100000`), the largest data
+/// directory went from 909-921 to 661-674 MiB and SET from 131-145K to 126-134K/s (about
+/// 0.94x). Half a stale entry per live one gave 558-650 MiB at about 0.87x
+/// (bench/results/experiments.md).
+pub const STALE_SHARE_MAX: f64 = 1.0;
 
 fn tier(size: u64, base: u64) -> u32 {
     let mut tier = 0;
@@ -29,8 +50,30 @@ fn tier(size: u64, base: u64) -> u32 {
     tier
 }
 
-/// The run of tables to merge next, as a range of positions in `sizes` (newest first).
-pub fn pick(sizes: &[u64], base: u64) -> Option<std::ops::Range<usize>> {
+/// Entries per distinct key over tables given as (entry count, sketch): 1 when no key is in
+/// two of them. A table without a sketch (format version 1) makes it unknown, taken as 1.
+pub fn redundancy<'a>(tables: impl IntoIterator<Item = (u64, Option<&'a Sketch>)>) -> f64 {
+    let mut union = Sketch::default();
+    let mut entry_count = 0;
+    for (entries, sketch) in tables {
+        let Some(sketch) = sketch else { return 1.0 };
+        union.merge(sketch);
+        entry_count += entries;
+    }
+    let distinct = union.estimate();
+    if distinct >= 1.0 {
+        (entry_count as f64 / distinct).max(1.0)
+    } else {
+        1.0
+    }
+}
+
+/// The run of tables to merge next, as a range of positions in `sizes` (newest first), given
+/// the tables' [`redundancy`].
+pub fn pick(sizes: &[u64], base: u64, redundancy: f64) -> Option<std::ops::Range<usize>> {
+    if sizes.len() > 1 && redundancy > 1.0 + STALE_SHARE_MAX {
+        return Some(0..sizes.len());
+    }
     let tiers: Vec<u32> = sizes.iter().map(|&size| tier(size, base)).collect();
     // The lowest tier first, and within it the oldest run: merging the newest run instead
     // would strand an older table of that tier between the merge's output and older, larger
@@ -50,13 +93,15 @@ pub fn pick(sizes: &[u64], base: u64) -> Option<std::ops::Range<usize>> {
 }
 
 /// Bytes that would be rewritten by the merges due now: the compaction debt.
-pub fn debt(sizes: &[u64], base: u64) -> u64 {
+pub fn debt(sizes: &[u64], base: u64, redundancy: f64) -> u64 {
     let mut sizes = sizes.to_vec();
     let mut debt = 0;
-    while let Some(run) = pick(&sizes, base) {
+    let mut redundancy = redundancy;
+    while let Some(run) = pick(&sizes, base, redundancy) {
         let merged: u64 = sizes[run.clone()].iter().sum();
         debt += merged;
         sizes.splice(run, [merged]);
+        redundancy = 1.0; // what a merge of everything leaves
     }
     debt
 }
@@ -152,14 +197,46 @@ mod tests {
     #[test]
     fn picks_four_neighbours_of_one_tier_smallest_tier_first() {
         let base = 100;
-        assert_eq!(pick(&[100, 100, 100], base), None);
-        assert_eq!(pick(&[100, 90, 100, 120, 1600], base), Some(0..4));
-        assert_eq!(pick(&[100, 500, 450, 400, 420, 100], base), Some(1..5));
+        assert_eq!(pick(&[100, 100, 100], base, 1.0), None);
+        assert_eq!(pick(&[100, 90, 100, 120, 1600], base, 1.0), Some(0..4));
+        assert_eq!(pick(&[100, 500, 450, 400, 420, 100], base, 1.0), Some(1..5));
         // Five of the lowest tier: the oldest four merge, the newest waits for company.
-        assert_eq!(pick(&[100, 100, 100, 100, 100, 1600], base), Some(1..5));
-        assert_eq!(debt(&[100, 100, 100, 100], base), 400);
-        assert_eq!(debt(&[100, 100, 100], base), 0);
+        assert_eq!(pick(&[100, 100, 100, 100, 100, 1600], base, 1.0), Some(1..5));
+        assert_eq!(debt(&[100, 100, 100, 100], base, 1.0), 400);
+        assert_eq!(debt(&[100, 100, 100], base, 1.0), 0);
         let many = vec![100; 30];
-        assert!(pick(&many, base).is_some());
+        assert!(pick(&many, base, 1.0).is_some());
+    }
+
+    fn sketch_of(keys: std::ops::Range<u64>) -> Sketch {
+        let mut sketch = Sketch::default();
+        keys.for_each(|key| sketch.insert(schema::key_hash(&key.to_le_bytes())));
+        sketch
+    }
+
+    #[test]
+    fn stale_copies_past_one_per_key_merge_everything_and_new_keys_never_do() {
+        let base = 100;
+        // 10,000 keys, then flushes that overwrite 3,000 of them each.
+        let all = sketch_of(0..10_000);
+        let flushes: Vec<Sketch> = (0..4).map(|i| sketch_of(i * 2_000..i * 2_000 + 3_000)).collect();
+        let after = |count: usize| {
+            let newer = flushes.iter().take(count).map(|sketch| (3_000, Some(sketch)));
+            redundancy(newer.chain([(10_000, Some(&all))]))
+        };
+        let (three, four) = (after(3), after(4));
+        assert!((1.75..1.99).contains(&three), "{three}");
+        assert!((2.05..2.4).contains(&four), "{four}");
+        assert_eq!(pick(&[300, 300, 300, 1000], base, three), None);
+        assert_eq!(pick(&[300, 300, 300, 300, 1000], base, four), Some(0..5));
+        assert_eq!(debt(&[300, 300, 300, 300, 1000], base, four), 2200);
+        // New keys only: no stale copies, whatever the sizes.
+        let (new, old) = (sketch_of(10_000..20_000), sketch_of(0..10_000));
+        let added = redundancy([(10_000, Some(&new)), (10_000, Some(&old))]);
+        assert!(added < 1.1, "{added}");
+        assert_eq!(pick(&[1000, 1000], base, added), None);
+        // A table without a sketch (format version 1) leaves it unknown.
+        assert_eq!(redundancy([(3_000, Some(&flushes[0])), (10_000, None)]), 1.0);
+        assert_eq!(pick(&[1000], base, 3.0), None, "one table is never merged with itself");
     }
 }

@@ -105,6 +105,8 @@ pub struct EngineStats {
     /// Of the reads answered from the tables, the share the row cache answered.
     pub row_cache_hit_ratio: f64,
     pub compaction_debt_bytes: u64,
+    /// Table entries per distinct key (1: no key in two tables); past 2 every table merges.
+    pub table_redundancy: f64,
     pub flush_count: u64,
     pub compaction_count: u64,
     pub user_bytes_written: u64,
@@ -602,7 +604,12 @@ impl<S: Storage> Engine<S> {
             row_cache_capacity: rows.capacity(),
             row_cache_rows: rows.len(),
             row_cache_hit_ratio: ratio(rows.hit_count as f64, (rows.hit_count + rows.miss_count) as f64),
-            compaction_debt_bytes: compaction::debt(&sizes, inner.options.memtable_size_max() as u64),
+            compaction_debt_bytes: compaction::debt(
+                &sizes,
+                inner.options.memtable_size_max() as u64,
+                table_redundancy(&tables),
+            ),
+            table_redundancy: table_redundancy(&tables),
             flush_count: counters.flush_count.get(),
             compaction_count: counters.compaction_count.get(),
             user_bytes_written: counters.user_bytes_written.get(),
@@ -1009,6 +1016,13 @@ fn spawn_into(task: impl std::future::Future<Output = ()> + 'static, queue: glom
     };
 }
 
+/// Entries per distinct key across `tables` (`compaction::redundancy`).
+fn table_redundancy<S: Storage>(tables: &[Rc<Table<S>>]) -> f64 {
+    compaction::redundancy(
+        tables.iter().map(|table| (table.reader.footer.entry_count, table.reader.footer.sketch.as_ref())),
+    )
+}
+
 fn is_no_space(error: &TableError) -> bool {
     matches!(error, TableError::Io { no_space: true, .. })
 }
@@ -1067,7 +1081,8 @@ async fn compactor<S: Storage>(running: Running<S>) {
         }
         let permit = inner.compaction_lock.acquire_permit(1).await;
         let sizes: Vec<u64> = inner.tables.borrow().iter().map(|table| table.size()).collect();
-        let Some(run) = compaction::pick(&sizes, inner.options.memtable_size_max() as u64) else {
+        let redundancy = table_redundancy(&inner.tables.borrow());
+        let Some(run) = compaction::pick(&sizes, inner.options.memtable_size_max() as u64, redundancy) else {
             drop(permit);
             listener.await;
             continue;

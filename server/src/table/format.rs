@@ -11,9 +11,12 @@
 //! bloom block: bit_byte_count:u32 bits crc32c:u32 zero padding
 //! footer:      the last 4 KiB: magic[8] "KVDTABLE" version:u32 entry_count:u64
 //!              index_offset:u64 index_size:u32 bloom_offset:u64 bloom_size:u32 min_seq:u64
-//!              max_seq:u64 payload_bytes:u64 crc32c:u32 (over the 68 bytes before it)
-//!              zero padding
+//!              max_seq:u64 payload_bytes:u64 sketch[2048] (version 2 only)
+//!              crc32c:u32 (over the 68, or 2,116, bytes before it) zero padding
 //! ```
+//!
+//! The sketch (version 2) is a HyperLogLog of the table's keys (`sketch.rs`): one byte a
+//! register. Version 1 tables (no sketch) are still read.
 //!
 //! The index holds no keys, only the last token of each block: 20 bytes a block, so the
 //! indexes of a data set many times larger than memory stay in memory. Keys whose tokens
@@ -24,16 +27,20 @@
 use schema::{KEY_SIZE_MAX, STORED_VALUE_SIZE_MAX};
 
 use super::bloom::Bloom;
+use super::sketch::{Sketch, REGISTER_COUNT};
 use crate::le::{u16_at, u32_at, u64_at};
 use crate::storage::BLOCK_SIZE;
 
 pub const TABLE_MAGIC: [u8; 8] = *b"KVDTABLE";
-pub const TABLE_FORMAT_VERSION: u32 = 1;
+pub const TABLE_FORMAT_VERSION: u32 = 2;
 pub const ENTRY_HEADER_SIZE: usize = 39;
 /// A data block closes once its content reaches this size (a larger entry gets a block of
 /// its own, padded to whole 4 KiB pages).
 pub const DATA_BLOCK_CONTENT_TARGET: usize = BLOCK_SIZE - 8;
-const FOOTER_CONTENT_SIZE: usize = 68;
+/// The footer's fields; version 2 adds the sketch after them.
+const FOOTER_FIELDS_SIZE: usize = 68;
+const FOOTER_CONTENT_SIZE: usize = FOOTER_FIELDS_SIZE + REGISTER_COUNT;
+const _: () = assert!(FOOTER_CONTENT_SIZE + 4 <= BLOCK_SIZE);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -91,6 +98,8 @@ pub struct Footer {
     pub max_seq: u64,
     /// Bytes of keys and values in the table: its size over this is its space overhead.
     pub payload_bytes: u64,
+    /// The table's distinct keys, sketched; `None` in a version 1 table.
+    pub sketch: Option<Sketch>,
 }
 
 fn pad_to_block(bytes: &mut Vec<u8>) {
@@ -120,6 +129,7 @@ pub struct TableBuilder {
     last: Option<(u64, Vec<u8>)>,
     index: Vec<IndexEntry>,
     bloom: Bloom,
+    sketch: Sketch,
     entry_count: u64,
     min_seq: u64,
     max_seq: u64,
@@ -137,6 +147,7 @@ impl TableBuilder {
             last: None,
             index: Vec::new(),
             bloom: Bloom::with_capacity(key_count_max),
+            sketch: Sketch::default(),
             entry_count: 0,
             min_seq: u64::MAX,
             max_seq: 0,
@@ -208,6 +219,7 @@ impl TableBuilder {
             None => self.last = Some((token, key.to_vec())),
         }
         self.bloom.insert(token);
+        self.sketch.insert(token);
         self.entry_count += 1;
         self.min_seq = self.min_seq.min(seq);
         self.max_seq = self.max_seq.max(seq);
@@ -304,6 +316,7 @@ impl TableBuilder {
         self.sealed.extend_from_slice(&min_seq.to_le_bytes());
         self.sealed.extend_from_slice(&self.max_seq.to_le_bytes());
         self.sealed.extend_from_slice(&self.payload_bytes.to_le_bytes());
+        self.sealed.extend_from_slice(self.sketch.as_bytes());
         debug_assert_eq!(self.sealed.len() - start, FOOTER_CONTENT_SIZE);
         seal(&mut self.sealed, start);
         self.sealed
@@ -325,19 +338,30 @@ fn verified(block: &[u8], content_size: usize, offset: u64, what: &str) -> Resul
 
 /// Parses the footer from the table's last 4 KiB.
 pub fn decode_footer(block: &[u8], offset: u64, table_size: u64) -> Result<Footer, TableCorrupt> {
-    verified(block, FOOTER_CONTENT_SIZE, offset, "footer")?;
+    let field = |at| u64_at(block, at).ok_or_else(|| corrupt(offset, "footer cut short"));
+    let small = |at| u32_at(block, at).ok_or_else(|| corrupt(offset, "footer cut short"));
+    // The version says how long the content is; the checksum over that length then covers
+    // the version too.
+    let version = small(8)?;
+    let content_size = match version {
+        1 => FOOTER_FIELDS_SIZE,
+        TABLE_FORMAT_VERSION => FOOTER_CONTENT_SIZE,
+        _ => {
+            let detail = format!("table format version {version}, expected 1 or {TABLE_FORMAT_VERSION}");
+            return Err(corrupt(offset, detail));
+        }
+    };
+    verified(block, content_size, offset, "footer")?;
     if block.get(..8) != Some(&TABLE_MAGIC[..]) {
         return Err(corrupt(offset, "bad footer magic"));
     }
-    let field = |at| u64_at(block, at).ok_or_else(|| corrupt(offset, "footer cut short"));
-    let small = |at| u32_at(block, at).ok_or_else(|| corrupt(offset, "footer cut short"));
-    let version = small(8)?;
-    if version != TABLE_FORMAT_VERSION {
-        return Err(corrupt(
-            offset,
-            format!("table format version {version}, expected {TABLE_FORMAT_VERSION}"),
-        ));
-    }
+    let sketch = match version {
+        1 => None,
+        _ => {
+            let registers = block.get(FOOTER_FIELDS_SIZE..FOOTER_CONTENT_SIZE).unwrap_or_default();
+            Some(Sketch::from_bytes(registers).ok_or_else(|| corrupt(offset, "footer: bad sketch"))?)
+        }
+    };
     let footer = Footer {
         entry_count: field(12)?,
         index_offset: field(20)?,
@@ -347,6 +371,7 @@ pub fn decode_footer(block: &[u8], offset: u64, table_size: u64) -> Result<Foote
         min_seq: field(44)?,
         max_seq: field(52)?,
         payload_bytes: field(60)?,
+        sketch,
     };
     let within = |start: u64, size: u32| {
         start.is_multiple_of(BLOCK_SIZE as u64)
@@ -627,5 +652,22 @@ mod tests {
         let bloom_block = &bytes[footer.bloom_offset as usize..][..footer.bloom_size as usize];
         let bloom = decode_bloom(bloom_block, footer.bloom_offset).expect("bloom");
         assert!(entries.iter().all(|e| bloom.may_contain(e.token)));
+        let distinct = footer.sketch.as_ref().expect("a version 2 footer has a sketch").estimate();
+        assert!((distinct - 500.0).abs() < 25.0, "{distinct}");
+
+        // The same table as version 1 wrote it (no sketch) still reads, without a sketch.
+        let mut old = bytes[footer_offset as usize..].to_vec();
+        old[8..12].copy_from_slice(&1u32.to_le_bytes());
+        let crc = crc32c::crc32c(&old[..FOOTER_FIELDS_SIZE]);
+        old[FOOTER_FIELDS_SIZE..FOOTER_FIELDS_SIZE + 4].copy_from_slice(&crc.to_le_bytes());
+        old[FOOTER_FIELDS_SIZE + 4..].fill(0);
+        let footer_v1 = decode_footer(&old, footer_offset, bytes.len() as u64).expect("version 1 footer");
+        assert_eq!(footer_v1, Footer { sketch: None, ..footer.clone() });
+        // A version 1 footer with sketch bytes left after its checksum is refused (padding).
+        let mut padded = old.clone();
+        padded[FOOTER_CONTENT_SIZE] = 1;
+        assert!(decode_footer(&padded, footer_offset, bytes.len() as u64).is_err());
+        old[8..12].copy_from_slice(&3u32.to_le_bytes());
+        assert!(decode_footer(&old, footer_offset, bytes.len() as u64).is_err(), "an unknown version");
     }
 }

@@ -5,3 +5,4 @@
 pub mod bloom;
 pub mod format;
 pub mod reader;
+pub mod sketch;
