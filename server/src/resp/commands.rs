@@ -119,6 +119,21 @@ const COMMANDS: &[(&str, i32)] = &[
     ("RESET", 1),
 ];
 
+/// The positions of the keys among a command's arguments (`args[0]` is its name), as Redis's
+/// key specifications give them. A command not listed counts every argument as a key, which
+/// orders too much but never too little.
+pub fn key_positions(args: &[Vec<u8>]) -> impl Iterator<Item = usize> {
+    let name = args.first().map(|name| upper(name)).unwrap_or_default();
+    let (first, step) = match name.as_str() {
+        "GET" | "SET" | "DIGEST" | "DELEX" | "EXPIRE" | "PEXPIRE" | "EXPIREAT" | "PEXPIREAT" | "TTL"
+        | "PTTL" | "PERSIST" | "GETDEL" | "SETNX" | "SETEX" | "PSETEX" | "INCR" | "DECR" | "INCRBY"
+        | "DECRBY" => (1, usize::MAX),
+        "MSET" => (1, 2),
+        _ => (1, 1),
+    };
+    (first..args.len()).step_by(step)
+}
+
 /// Runs or schedules one command.
 pub fn dispatch<S: Storage>(
     shard: &Rc<Shard<S>>,
@@ -648,5 +663,26 @@ async fn run<S: Storage>(
             apply(shard, access, &args[1], Update::IncrementBy(delta)).await
         }
         other => Err(Value::error(format!("ERR unknown command '{other}'"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_keys_order_a_pipeline_not_values() {
+        let keys = |words: &[&str]| {
+            let args: Vec<Vec<u8>> = words.iter().map(|word| word.as_bytes().to_vec()).collect();
+            key_positions(&args).collect::<Vec<_>>()
+        };
+        assert_eq!(keys(&["SET", "k", "v", "NX"]), vec![1]);
+        assert_eq!(keys(&["set", "k", "v"]), vec![1], "names in any case");
+        assert_eq!(keys(&["INCRBY", "k", "5"]), vec![1]);
+        assert_eq!(keys(&["MSET", "a", "1", "b", "2"]), vec![1, 3]);
+        assert_eq!(keys(&["DEL", "a", "b"]), vec![1, 2]);
+        assert_eq!(keys(&["MGET", "a", "b", "c"]), vec![1, 2, 3]);
+        assert_eq!(keys(&["NEWCMD", "a", "b"]), vec![1, 2], "unknown: every argument");
+        assert_eq!(keys(&[]), Vec::<usize>::new());
     }
 }

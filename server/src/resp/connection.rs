@@ -4,8 +4,11 @@
 //! Commands on one key must also take effect in the order sent (a pipelined `SET k v` then
 //! `GET k` reads `v`). On a standalone node that holds by itself: a key's commands reach its
 //! shard in order and apply there before their first await. In a cluster they take network
-//! round trips of different lengths, so a batch runs in waves: a command that names an
-//! argument an earlier command of the wave named waits for the wave to finish.
+//! round trips of different lengths, so a batch runs in waves: a command that names a key an
+//! earlier command of the wave named waits for the wave to finish. Only keys count
+//! (`commands::key_positions`): values do not order anything, and redis-benchmark's SETs all
+//! carry the same value, which ran a 16-deep pipeline one command a wave when every argument
+//! counted.
 
 use std::cell::Cell;
 use std::rc::Rc;
@@ -31,12 +34,15 @@ thread_local! {
 
 enum Slot {
     Ready(Value, u8),
-    /// With the hashes of the command's arguments (its keys among them).
+    /// With the hashes of the keys the command names.
     Later(super::commands::Pending, u8, Vec<u64>),
 }
 
-fn argument_hashes(args: &[Vec<u8>]) -> Vec<u64> {
-    args.iter().skip(1).map(|arg| schema::key_hash(arg)).collect()
+fn key_hashes(args: &[Vec<u8>]) -> Vec<u64> {
+    super::commands::key_positions(args)
+        .filter_map(|at| args.get(at))
+        .map(|key| schema::key_hash(key))
+        .collect()
 }
 
 /// Runs a batch's commands, in waves when `ordered` (see the module comment); the replies
@@ -196,7 +202,7 @@ pub async fn serve<S: Storage, T: AsyncRead + AsyncWrite + Unpin>(
                         continue; // an empty inline line
                     }
                     let protocol = session.protocol;
-                    let arguments = if standalone { Vec::new() } else { argument_hashes(&parsed.args) };
+                    let arguments = if standalone { Vec::new() } else { key_hashes(&parsed.args) };
                     match dispatch(&shard, &settings, &mut session, parsed.args) {
                         Step::Reply(value) => batch.push(Slot::Ready(value, session.protocol)),
                         Step::Later(pending) => batch.push(Slot::Later(pending, protocol, arguments)),
