@@ -6,6 +6,7 @@
 //! `mesh` carries requests between shards; every disk access goes through `storage`.
 
 pub mod args;
+pub mod child;
 pub mod clock;
 pub mod cluster;
 pub mod command;

@@ -125,23 +125,9 @@ fn run_demo_cluster(args: &Args, nodes: usize) -> anyhow::Result<()> {
     unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &signals, std::ptr::null_mut()) };
     let mut children = Vec::new();
     for i in 0..nodes {
-        #[allow(clippy::disallowed_methods, reason = "the parent-death signal is set below")]
-        let mut command = std::process::Command::new(&exe);
-        let parent = std::process::id() as libc::pid_t;
-        // SAFETY: the closure runs in the child between fork and exec and calls only
-        // async-signal-safe functions (prctl, getppid, _exit). A demo killed outright
-        // (SIGKILL) takes its nodes with it: each gets SIGTERM and shuts down as on Ctrl-C.
-        unsafe {
-            std::os::unix::process::CommandExt::pre_exec(&mut command, move || {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                if libc::getppid() != parent {
-                    libc::_exit(1); // the demo died before the prctl
-                }
-                Ok(())
-            });
-        }
+        // A demo killed outright (SIGKILL) takes its nodes with it: each gets SIGTERM and
+        // shuts down as on Ctrl-C.
+        let mut command = crate::child::command_ending_with_parent(&exe, libc::SIGTERM);
         command
             .arg("--listen")
             .arg(address(i).to_string())

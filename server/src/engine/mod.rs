@@ -588,6 +588,7 @@ impl<S: Storage> Engine<S> {
         let log_bytes = inner.wal.bytes_written();
         let table_entry_count: u64 = tables.iter().map(|table| table.reader.footer.entry_count).sum();
         let payload_bytes: u64 = tables.iter().map(|table| table.reader.footer.payload_bytes).sum();
+        let redundancy = table_redundancy(&tables);
         EngineStats {
             memtable_bytes: inner.active.borrow().size(),
             immutable_memtable_bytes: inner.immutable.borrow().as_ref().map_or(0, |m| m.size()),
@@ -607,9 +608,9 @@ impl<S: Storage> Engine<S> {
             compaction_debt_bytes: compaction::debt(
                 &sizes,
                 inner.options.memtable_size_max() as u64,
-                table_redundancy(&tables),
+                redundancy,
             ),
-            table_redundancy: table_redundancy(&tables),
+            table_redundancy: redundancy,
             flush_count: counters.flush_count.get(),
             compaction_count: counters.compaction_count.get(),
             user_bytes_written: counters.user_bytes_written.get(),

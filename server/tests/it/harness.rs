@@ -8,7 +8,6 @@
 //! in a process removes what dead test processes left behind ([`remove_leftovers`]).
 
 use std::ffi::OsStr;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -19,28 +18,10 @@ use server::node::Ports;
 static NEXT_DIR: AtomicUsize = AtomicUsize::new(0);
 
 /// A command for a child process that is killed (SIGKILL) when the thread that spawns it
-/// ends, however it ends. The kernel sends the parent-death signal when the spawning
-/// *thread* exits, and libtest runs each test on a thread of its own: spawn from the test's
-/// thread, never from a helper thread that ends before the child should.
-#[allow(clippy::disallowed_methods, reason = "the one place tests make a Command")]
+/// ends, however it ends. libtest runs each test on a thread of its own: spawn from the
+/// test's thread, never from a helper thread that ends before the child should.
 pub fn command(program: impl AsRef<OsStr>) -> Command {
-    let mut command = Command::new(program);
-    let parent = std::process::id() as libc::pid_t;
-    // SAFETY: the closure runs in the child between fork and exec, and calls only
-    // async-signal-safe functions (prctl, getppid, _exit); it allocates nothing.
-    unsafe {
-        command.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // The parent may have died before the prctl: then nobody is left to signal us.
-            if libc::getppid() != parent {
-                libc::_exit(1);
-            }
-            Ok(())
-        });
-    }
-    command
+    server::child::command_ending_with_parent(program, libc::SIGKILL)
 }
 
 /// Whether process `pid` is alive: one of its threads is not dead. A killed process whose
