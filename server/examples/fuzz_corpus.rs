@@ -16,7 +16,7 @@ use server::cluster::hint_log::{self, LoggedHint};
 use server::cluster::lease;
 use server::cluster::ring_file;
 use server::cluster::ring_state::{RingAcceptor, RingState};
-use server::engine::manifest::{self, Manifest};
+use server::engine::manifest::{self, LiveTable, Manifest, TokenRange};
 use server::meta::{self, NodeMeta};
 
 fn write(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
@@ -104,8 +104,11 @@ fn main() -> std::io::Result<()> {
     write(&peer, "merkle-keys", &encode_merkle(&keys))?;
 
     let files = root.join("durable_files_decode");
-    let manifest =
-        Manifest { shard_index: 1, shard_count: 2, flushed_seq: 99, next_table_id: 4, table_ids: vec![3, 1] };
+    let tables = vec![
+        LiveTable { id: 3, tokens: TokenRange { first: 0, last: 1 << 63 } },
+        LiveTable { id: 1, tokens: TokenRange::ALL },
+    ];
+    let manifest = Manifest { shard_index: 1, shard_count: 2, flushed_seq: 99, next_table_id: 4, tables };
     write(&files, "manifest", &manifest::encode(&manifest))?;
     write(&files, "node", &meta::encode(&NodeMeta { node_id: "n0123456789abcdef".into(), shard_count: 2 }))?;
     write(&files, "lease", &lease::encode(3 << 20))?;

@@ -15,9 +15,19 @@
 //! (about the live data) beside its inputs. (RocksDB's universal compaction bounds space by
 //! sizes alone, the newer runs against the oldest, and so also merges everything during
 //! loads.)
+//!
+//! A merge's output does not wait beside its inputs until the end: it is written in pieces
+//! (tables of [`piece_size`]), each installed as soon as it is written, answering for the
+//! tokens it covers, while the inputs are installed again answering only for the tokens
+//! still ahead (manifest.rs). An input answering for nothing more is removed, so a merge
+//! frees the previous merge's pieces as it passes them, and its output never doubles the
+//! data on disk. The pieces of one output form one *run* (neighbours whose token ranges
+//! follow each other, [`runs`]): the tiers are over runs, so pieces are never merged with
+//! each other for their size alone.
 
 use std::rc::Rc;
 
+use super::manifest::TokenRange;
 use super::tables::{Table, TableScan, TableWriter};
 use crate::storage::Storage;
 use crate::table::format::{EntryKind, EntryRef};
@@ -39,6 +49,46 @@ pub const TABLE_COUNT_MAX: usize = 24;
 /// 0.94x). Half a stale entry per live one gave 558-650 MiB at about 0.87x
 /// (bench/results/experiments.md).
 pub const STALE_SHARE_MAX: f64 = 1.0;
+
+/// A merge's output is cut into about this many pieces, each at least a quarter of the
+/// memtable budget: a piece is what the output adds to the disk before an input can go.
+pub const PIECES_PER_MERGE: u64 = 16;
+
+/// The size of a piece of a merge whose inputs hold `input_bytes`, with tiers over `base`
+/// (the memtable budget).
+pub fn piece_size(input_bytes: u64, base: u64) -> u64 {
+    (input_bytes / PIECES_PER_MERGE).max(base / 4).max(1)
+}
+
+/// The runs of a table list (newest first, given by their token ranges), as ranges of
+/// positions: neighbours whose token ranges follow each other in increasing order, as the
+/// pieces of one merge's output lie. A table answering for every token is a run alone.
+pub fn runs(tokens: &[TokenRange]) -> Vec<std::ops::Range<usize>> {
+    let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
+    for (position, range) in tokens.iter().enumerate() {
+        match runs.last_mut() {
+            Some(run) if tokens[run.end - 1].last < range.first => run.end = position + 1,
+            _ => runs.push(position..position + 1),
+        }
+    }
+    runs
+}
+
+/// Compaction's CPU shares (against requests' 1,000) while the tables are within their
+/// bound: a merge then yields to requests.
+pub const SHARES_MIN: usize = 50;
+
+/// Compaction's CPU shares with tables of `redundancy` entries per distinct key: the
+/// minimum up to half the allowed stale copies, all of the requests' shares at one and a
+/// half times them, in proportion between. Under a load that writes faster than merges at
+/// the minimum keep up, flushes would pile stale copies onto the disk while a merge runs;
+/// a merge that falls behind takes CPU from requests instead.
+pub fn shares(redundancy: f64) -> usize {
+    let low = 1.0 + STALE_SHARE_MAX / 2.0;
+    let high = 1.0 + STALE_SHARE_MAX * 1.5;
+    let share = ((redundancy - low) / (high - low)).clamp(0.0, 1.0);
+    SHARES_MIN + (share * (1000 - SHARES_MIN) as f64) as usize
+}
 
 fn tier(size: u64, base: u64) -> u32 {
     let mut tier = 0;
@@ -132,67 +182,120 @@ impl Purge {
 pub struct MergeReport {
     pub entries_in: u64,
     pub entries_out: u64,
+    /// Set once the merge is done.
     pub bytes_read: u64,
-    /// The merge stopped early because `cancel` was set; its output must be abandoned.
-    pub cancelled: bool,
 }
 
-/// Merges `inputs` (newest first) into `output`: the newest version of each key, minus
-/// what `purge` allows to drop. Stops early once `cancel` is set.
-pub async fn merge<S: Storage>(
-    inputs: &[Rc<Table<S>>],
-    output: &mut TableWriter<S>,
+/// Where [`Merge::fill`] stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Filled {
+    /// The output reached its size; every entry up to this token is in it (or purged), and
+    /// none after.
+    Piece { last_token: u64 },
+    /// The inputs are exhausted.
+    Done,
+    /// `cancel` was set; the output must be abandoned.
+    Cancelled,
+}
+
+/// A merge of tables (newest first) into the newest version of each key, minus what
+/// `purge` allows to drop, written a piece at a time.
+pub struct Merge<S: Storage> {
+    scans: Vec<TableScan<S>>,
     purge: Purge,
-    cancel: &std::cell::Cell<bool>,
-) -> Result<MergeReport, TableError> {
-    let mut scans = Vec::with_capacity(inputs.len());
-    for table in inputs {
-        scans.push(TableScan::open(table.clone()).await?);
+    /// The token of the last key passed.
+    last_token: Option<u64>,
+    pub report: MergeReport,
+}
+
+impl<S: Storage> Merge<S> {
+    pub async fn open(inputs: &[Rc<Table<S>>], purge: Purge) -> Result<Merge<S>, TableError> {
+        let mut scans = Vec::with_capacity(inputs.len());
+        for table in inputs {
+            scans.push(TableScan::open(table.clone()).await?);
+        }
+        Ok(Merge { scans, purge, last_token: None, report: MergeReport::default() })
     }
-    let mut report = MergeReport::default();
-    let mut key = Vec::with_capacity(KEY_SIZE_MAX);
-    loop {
-        // The smallest (token, key) among the heads, and of its versions the newest.
-        let mut chosen: Option<EntryRef<'_>> = None;
-        for head in scans.iter().filter_map(TableScan::peek) {
-            chosen = match chosen {
-                Some(best) => {
-                    let order = (head.token, head.key).cmp(&(best.token, best.key));
-                    Some(if order.is_lt() || (order.is_eq() && head.seq > best.seq) { head } else { best })
-                }
-                None => Some(head),
+
+    /// Writes the next keys into `output` until it holds `size` bytes and the next key has
+    /// another token (a piece ends between tokens), or the inputs end. Stops early once
+    /// `cancel` is set.
+    pub async fn fill(
+        &mut self,
+        output: &mut TableWriter<S>,
+        size: u64,
+        cancel: &std::cell::Cell<bool>,
+    ) -> Result<Filled, TableError> {
+        let mut key = Vec::with_capacity(KEY_SIZE_MAX);
+        loop {
+            // The smallest (token, key) among the heads, and of its versions the newest.
+            let mut chosen: Option<EntryRef<'_>> = None;
+            for head in self.scans.iter().filter_map(TableScan::peek) {
+                chosen = match chosen {
+                    Some(best) => {
+                        let order = (head.token, head.key).cmp(&(best.token, best.key));
+                        Some(if order.is_lt() || (order.is_eq() && head.seq > best.seq) {
+                            head
+                        } else {
+                            best
+                        })
+                    }
+                    None => Some(head),
+                };
+            }
+            let Some(newest) = chosen else {
+                self.report.bytes_read = self.scans.iter().map(|scan| scan.bytes_read).sum();
+                return Ok(Filled::Done);
             };
-        }
-        let Some(newest) = chosen else { break };
-        if !purge.drops(&newest) {
-            output.add_entry(&newest).await?;
-            report.entries_out += 1;
-        }
-        let token = newest.token;
-        key.clear();
-        key.extend_from_slice(newest.key);
-        let seq = newest.seq;
-        // The newest version and the older ones of the same key are passed.
-        for scan in &mut scans {
-            while let Some(head) = scan.peek().filter(|head| head.token == token && head.key == key) {
-                debug_assert!(head.seq <= seq);
-                scan.advance().await?;
-                report.entries_in += 1;
+            if let Some(last_token) = self.last_token {
+                if output.size() >= size && newest.token != last_token {
+                    return Ok(Filled::Piece { last_token });
+                }
+            }
+            if !self.purge.drops(&newest) {
+                output.add_entry(&newest).await?;
+                self.report.entries_out += 1;
+            }
+            let token = newest.token;
+            key.clear();
+            key.extend_from_slice(newest.key);
+            let seq = newest.seq;
+            self.last_token = Some(token);
+            // The newest version and the older ones of the same key are passed.
+            for scan in &mut self.scans {
+                while let Some(head) = scan.peek().filter(|head| head.token == token && head.key == key) {
+                    debug_assert!(head.seq <= seq);
+                    scan.advance().await?;
+                    self.report.entries_in += 1;
+                }
+            }
+            glommio::yield_if_needed().await;
+            if cancel.get() {
+                return Ok(Filled::Cancelled);
             }
         }
-        glommio::yield_if_needed().await;
-        if cancel.get() {
-            report.cancelled = true;
-            break;
-        }
     }
-    report.bytes_read = scans.iter().map(|scan| scan.bytes_read).sum();
-    Ok(report)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pieces_of_one_output_form_one_run() {
+        let range = |first, last| TokenRange { first, last };
+        let all = TokenRange::ALL;
+        let tokens = [all, range(0, 9), range(10, 99), range(100, u64::MAX), all, range(5, u64::MAX), all];
+        assert_eq!(runs(&tokens), vec![0..1, 1..4, 4..5, 5..6, 6..7]);
+        // A merge cut short by a crash: its pieces, then its inputs answering for the rest
+        // (the first of them joins the pieces' run; any grouping is correct, as lookups go
+        // by token).
+        let tokens = [range(0, 9), range(10, 19), range(20, u64::MAX), range(20, u64::MAX)];
+        assert_eq!(runs(&tokens), vec![0..3, 3..4]);
+        assert_eq!(runs(&[]), Vec::<std::ops::Range<usize>>::new());
+        assert_eq!(piece_size(1 << 30, 32 << 20), 64 << 20);
+        assert_eq!(piece_size(1 << 20, 32 << 20), 8 << 20);
+    }
 
     #[test]
     fn picks_four_neighbours_of_one_tier_smallest_tier_first() {

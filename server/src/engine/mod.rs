@@ -29,7 +29,7 @@ use crate::table::reader::TableError;
 use crate::wal::format::{Record, RecordKind};
 use crate::wal::{RecoveryReport, ShardIdentity, SyncPolicy, Wal, WalError};
 use cache::BlockCache;
-use manifest::Manifest;
+use manifest::{Manifest, TokenRange};
 pub use memtable::Entry;
 use memtable::Memtable;
 use rows::RowCache;
@@ -215,7 +215,7 @@ impl<S: Storage> Engine<S> {
             shard_count: identity.shard_count,
             flushed_seq: 0,
             next_table_id: 1,
-            table_ids: Vec::new(),
+            tables: Vec::new(),
         });
         if (manifest.shard_index, manifest.shard_count) != (identity.shard_index, identity.shard_count) {
             return Err(WalError::Corrupt {
@@ -227,15 +227,15 @@ impl<S: Storage> Engine<S> {
                 ),
             });
         }
-        let mut tables = Vec::with_capacity(manifest.table_ids.len());
-        for &id in &manifest.table_ids {
-            tables.push(Rc::new(Table::open(&storage, dir, id).await.map_err(table_error)?));
+        let mut tables = Vec::with_capacity(manifest.tables.len());
+        for &live in &manifest.tables {
+            tables.push(Rc::new(Table::open(&storage, dir, live).await.map_err(table_error)?));
         }
         // Tables the manifest does not name are leftovers of a flush or compaction that a
         // crash interrupted, or inputs of a compaction whose removal was not yet durable.
         for name in storage.list_dir(dir).await.map_err(io_error)? {
             match manifest::parse_table_file_name(&name) {
-                Some(id) if !manifest.table_ids.contains(&id) => {
+                Some(id) if !manifest.holds(id) => {
                     storage.remove(&dir.join(&name)).await.map_err(io_error)?;
                 }
                 _ => {}
@@ -302,7 +302,7 @@ impl<S: Storage> Engine<S> {
     pub fn entry_count_estimate(&self) -> u64 {
         let inner = &self.inner;
         let memory = inner.active.borrow().len() + inner.immutable.borrow().as_ref().map_or(0, |m| m.len());
-        let tables: u64 = inner.tables.borrow().iter().map(|table| table.reader.footer.entry_count).sum();
+        let tables: u64 = inner.tables.borrow().iter().map(|table| table.entry_count()).sum();
         memory as u64 + tables
     }
 
@@ -364,6 +364,11 @@ impl<S: Storage> Engine<S> {
         }
         let tables = self.inner.tables.borrow().clone();
         for table in tables.iter() {
+            // Of the range, the part this table answers for.
+            let (first, last) = (first.max(table.tokens.first), last.min(table.tokens.last));
+            if first > last {
+                continue;
+            }
             let blocks = table.reader.blocks();
             for block in &blocks[table.reader.first_block_for(first)..] {
                 let bytes = table
@@ -492,8 +497,8 @@ impl<S: Storage> Engine<S> {
         let manifest = self.inner.manifest.borrow().clone();
         let storage = &self.inner.storage;
         storage.create_dir_all(dest).await.map_err(io_error)?;
-        for &id in &manifest.table_ids {
-            let name = manifest::table_file_name(id);
+        for table in &manifest.tables {
+            let name = manifest::table_file_name(table.id);
             storage.hard_link(&self.inner.dir.join(&name), &dest.join(&name)).await.map_err(io_error)?;
         }
         let lease_name = crate::cluster::lease::LEASE_FILE;
@@ -579,21 +584,22 @@ impl<S: Storage> Engine<S> {
     pub fn stats(&self) -> EngineStats {
         let inner = &self.inner;
         let tables = inner.tables.borrow().clone();
-        let sizes: Vec<u64> = tables.iter().map(|table| table.size()).collect();
+        // On disk: a merge's inputs take all their bytes until they go.
+        let table_bytes: u64 = tables.iter().map(|table| table.reader.size).sum();
         let counters = &inner.counters;
         let cache = inner.cache.borrow();
         let rows = inner.rows.borrow();
         let lookups = cache.hit_count + cache.miss_count;
         let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
         let log_bytes = inner.wal.bytes_written();
-        let table_entry_count: u64 = tables.iter().map(|table| table.reader.footer.entry_count).sum();
+        let table_entry_count: u64 = tables.iter().map(|table| table.entry_count()).sum();
         let payload_bytes: u64 = tables.iter().map(|table| table.reader.footer.payload_bytes).sum();
         let redundancy = table_redundancy(&tables);
         EngineStats {
             memtable_bytes: inner.active.borrow().size(),
             immutable_memtable_bytes: inner.immutable.borrow().as_ref().map_or(0, |m| m.size()),
             table_count: tables.len(),
-            table_bytes: sizes.iter().sum(),
+            table_bytes,
             table_entry_count,
             log_segment_count: inner.wal.segment_count(),
             log_disk_bytes: inner.wal.disk_bytes(),
@@ -606,7 +612,7 @@ impl<S: Storage> Engine<S> {
             row_cache_rows: rows.len(),
             row_cache_hit_ratio: ratio(rows.hit_count as f64, (rows.hit_count + rows.miss_count) as f64),
             compaction_debt_bytes: compaction::debt(
-                &sizes,
+                &run_sizes(&tables),
                 inner.options.memtable_size_max() as u64,
                 redundancy,
             ),
@@ -624,7 +630,7 @@ impl<S: Storage> Engine<S> {
                 counters.block_read_count.get() as f64,
                 counters.table_lookup_count.get() as f64,
             ),
-            space_amplification: ratio(sizes.iter().sum::<u64>() as f64, payload_bytes as f64),
+            space_amplification: ratio(table_bytes as f64, payload_bytes as f64),
             corruption_count: counters.corruption_count.get(),
             write_stall_ms: (counters.write_stall_us.get()
                 + counters.write_stall_since.get().map_or(0, |since| since.elapsed().as_micros() as u64))
@@ -746,7 +752,7 @@ impl<S: Storage> Inner<S> {
         let tables = self.tables.borrow();
         let mut cache = self.cache.borrow_mut();
         for table in tables.iter() {
-            if !table.reader.may_contain(token) {
+            if !table.may_contain(token) {
                 continue;
             }
             let blocks = table.reader.blocks();
@@ -786,7 +792,7 @@ impl<S: Storage> Inner<S> {
         let generation = self.tables_generation.get();
         let token = schema::key_hash(key);
         for table in tables {
-            if !table.reader.may_contain(token) {
+            if !table.may_contain(token) {
                 continue;
             }
             let blocks = table.reader.blocks();
@@ -848,44 +854,77 @@ impl<S: Storage> Inner<S> {
         (id, self.dir.join(manifest::table_file_name(id)))
     }
 
-    /// Writes `memtable` to a new table and installs it. On error the partial table is
-    /// removed and nothing changed.
+    /// Writes `memtable` to new tables and installs them: one run of pieces of a quarter of
+    /// the memtable budget each, so that a merge frees each as it passes it. On error the
+    /// new tables are removed and nothing changed.
     async fn flush_memtable(&self, memtable: &Memtable) -> Result<(), TableError> {
-        let (id, path) = self.next_table_path();
         let entries = memtable.sorted();
-        let mut writer = TableWriter::create(&self.storage, path, entries.len()).await?;
-        let written = async {
-            for (token, key, entry) in &entries {
-                writer.add(*token, key, entry).await?;
+        let mut pieces = Vec::new();
+        let written = self.write_pieces(&entries, &mut pieces).await;
+        let installed = match written {
+            Ok(()) => {
+                self.install(|manifest, tables| {
+                    manifest.flushed_seq = memtable.max_seq();
+                    tables.splice(0..0, pieces.iter().cloned());
+                })
+                .await
             }
-            Ok::<_, TableError>(())
-        }
-        .await;
-        if let Err(error) = written {
-            writer.abandon(&self.storage).await;
-            return Err(error);
-        }
-        let (table, bytes_written) = writer.finish(id).await?;
-        let counters = &self.counters;
-        counters.table_bytes_written.set(counters.table_bytes_written.get() + bytes_written);
-        let table = Rc::new(table);
-        let installed = self
-            .install(|manifest, tables| {
-                manifest.flushed_seq = memtable.max_seq();
-                manifest.table_ids.insert(0, id);
-                tables.insert(0, table.clone());
-            })
-            .await;
+            Err(error) => Err(error),
+        };
         if let Err(error) = installed {
-            let _ = self.storage.remove(table.reader.path()).await;
+            for table in &pieces {
+                let _ = self.storage.remove(table.reader.path()).await;
+            }
             return Err(error);
         }
+        let counters = &self.counters;
         counters.flush_count.set(counters.flush_count.get() + 1);
         Ok(())
     }
 
-    /// Changes the table set: `change` edits a copy of the manifest and of the table list,
-    /// the manifest is replaced durably, then the new list is installed.
+    /// Writes sorted memtable entries into tables of about a quarter of the memtable budget
+    /// each, cut between tokens, together answering for every token.
+    async fn write_pieces(
+        &self,
+        entries: &[(u64, &[u8], &memtable::Entry)],
+        pieces: &mut Vec<Rc<Table<S>>>,
+    ) -> Result<(), TableError> {
+        let piece_size = compaction::piece_size(0, self.options.memtable_size_max() as u64);
+        let mut rest = entries;
+        let mut first = 0;
+        while !rest.is_empty() {
+            let (id, path) = self.next_table_path();
+            let mut writer = TableWriter::create(&self.storage, path).await?;
+            let mut count = 0;
+            let written = async {
+                for (token, key, entry) in rest {
+                    if count > 0 && writer.size() >= piece_size && *token != rest[count - 1].0 {
+                        break;
+                    }
+                    writer.add(*token, key, entry).await?;
+                    count += 1;
+                }
+                Ok::<_, TableError>(())
+            }
+            .await;
+            if let Err(error) = written {
+                writer.abandon(&self.storage).await;
+                return Err(error);
+            }
+            let last = if count == rest.len() { u64::MAX } else { rest[count - 1].0 };
+            rest = &rest[count..];
+            let (table, bytes_written) = writer.finish(id, TokenRange { first, last }).await?;
+            let counters = &self.counters;
+            counters.table_bytes_written.set(counters.table_bytes_written.get() + bytes_written);
+            pieces.push(Rc::new(table));
+            first = last.saturating_add(1);
+        }
+        Ok(())
+    }
+
+    /// Changes the table set: `change` edits a copy of the manifest and of the table list
+    /// (the manifest's list of tables follows it), the manifest is replaced durably, then
+    /// the new list is installed.
     async fn install(
         &self,
         change: impl FnOnce(&mut Manifest, &mut Vec<Rc<Table<S>>>),
@@ -894,7 +933,7 @@ impl<S: Storage> Inner<S> {
         let mut manifest = self.manifest.borrow().clone();
         let mut tables: Vec<Rc<Table<S>>> = self.tables.borrow().iter().cloned().collect();
         change(&mut manifest, &mut tables);
-        debug_assert_eq!(manifest.table_ids, tables.iter().map(|table| table.id).collect::<Vec<_>>());
+        manifest.tables = tables.iter().map(|table| table.live()).collect();
         manifest::write(&self.storage, &self.dir, &manifest).await?;
         let next_table_id = self.manifest.borrow().next_table_id.max(manifest.next_table_id);
         manifest.next_table_id = next_table_id;
@@ -906,7 +945,8 @@ impl<S: Storage> Inner<S> {
         Ok(())
     }
 
-    /// Merges the tables at `run` (positions, newest first) into one, in their place.
+    /// Merges the tables at `run` (positions, newest first) into one run in their place,
+    /// installed a piece at a time (module `compaction`).
     async fn compact(&self, run: std::ops::Range<usize>) -> Result<(), TableError> {
         let inputs: Vec<Rc<Table<S>>> = self.tables.borrow()[run.clone()].to_vec();
         let includes_oldest = run.end == self.tables.borrow().len();
@@ -914,62 +954,86 @@ impl<S: Storage> Inner<S> {
             includes_oldest,
             before_ms: now_ms().saturating_sub(self.options.tombstone_grace_ms),
         };
-        let key_count_max: u64 = inputs.iter().map(|table| table.reader.footer.entry_count).sum();
-        let (id, path) = self.next_table_path();
-        let mut writer = TableWriter::create(&self.storage, path, key_count_max as usize).await?;
-        let report = match compaction::merge(&inputs, &mut writer, purge, &self.closing).await {
-            Ok(report) if report.cancelled => {
+        let input_ids: Vec<u64> = inputs.iter().map(|table| table.id).collect();
+        let first_token = inputs.iter().map(|table| table.tokens.first).min().unwrap_or(0);
+        let last_token = inputs.iter().map(|table| table.tokens.last).max().unwrap_or(u64::MAX);
+        let input_bytes = inputs.iter().map(|table| table.size()).sum();
+        let piece_size = compaction::piece_size(input_bytes, self.options.memtable_size_max() as u64);
+        let mut merge = compaction::Merge::open(&inputs, purge).await?;
+        let mut piece_first = first_token;
+        loop {
+            let (id, path) = self.next_table_path();
+            let mut writer = TableWriter::create(&self.storage, path).await?;
+            let piece_last = match merge.fill(&mut writer, piece_size, &self.closing).await {
+                Ok(compaction::Filled::Piece { last_token }) => last_token,
+                Ok(compaction::Filled::Done) => last_token,
+                Ok(compaction::Filled::Cancelled) => {
+                    // The pieces installed so far stay: the inputs answer for the rest.
+                    writer.abandon(&self.storage).await;
+                    return Ok(());
+                }
+                Err(error) => {
+                    writer.abandon(&self.storage).await;
+                    return Err(error);
+                }
+            };
+            let output = if writer.entry_count() > 0 {
+                let tokens = TokenRange { first: piece_first, last: piece_last };
+                let (table, bytes_written) = writer.finish(id, tokens).await?;
+                let counters = &self.counters;
+                counters.table_bytes_written.set(counters.table_bytes_written.get() + bytes_written);
+                Some(Rc::new(table))
+            } else {
                 writer.abandon(&self.storage).await;
-                return Ok(());
-            }
-            Ok(report) => report,
-            Err(error) => {
-                writer.abandon(&self.storage).await;
+                None
+            };
+            let mut passed = Vec::new();
+            let installed = self
+                .install(|_, tables| {
+                    // Flushes may have added newer tables meanwhile, and earlier pieces lie
+                    // before the inputs still installed; one compaction at a time, so those
+                    // inputs are still in place, in order.
+                    let at = tables
+                        .iter()
+                        .position(|table| input_ids.contains(&table.id))
+                        .expect("a merge's last input stays installed until its last piece");
+                    if let Some(table) = &output {
+                        tables.insert(at, table.clone());
+                    }
+                    // The inputs answer for the tokens past the piece, if any are left.
+                    for slot in tables.iter_mut().skip(at).filter(|table| input_ids.contains(&table.id)) {
+                        let first = slot.tokens.first.max(piece_last.saturating_add(1));
+                        if piece_last == u64::MAX || first > slot.tokens.last {
+                            passed.push(slot.clone());
+                        } else {
+                            *slot = Rc::new(slot.answering_for(TokenRange { first, last: slot.tokens.last }));
+                        }
+                    }
+                    tables.retain(|table| !passed.iter().any(|gone| gone.id == table.id));
+                })
+                .await;
+            if let Err(error) = installed {
+                if let Some(table) = &output {
+                    let _ = self.storage.remove(table.reader.path()).await;
+                }
                 return Err(error);
             }
-        };
-        let output = if report.entries_out > 0 {
-            let (table, bytes_written) = writer.finish(id).await?;
-            let counters = &self.counters;
-            counters.table_bytes_written.set(counters.table_bytes_written.get() + bytes_written);
-            Some(Rc::new(table))
-        } else {
-            writer.abandon(&self.storage).await;
-            None
-        };
-        let input_ids: Vec<u64> = inputs.iter().map(|table| table.id).collect();
-        let installed = self
-            .install(|manifest, tables| {
-                // Flushes may have added newer tables meanwhile: find the run by its ids.
-                // One compaction at a time, so the inputs are still installed, in order.
-                let start = manifest
-                    .table_ids
-                    .iter()
-                    .position(|id| *id == input_ids[0])
-                    .expect("compaction inputs stay installed until replaced");
-                let end = start + input_ids.len();
-                debug_assert_eq!(manifest.table_ids[start..end], input_ids[..]);
-                let replacement: Vec<u64> = output.iter().map(|table| table.id).collect();
-                manifest.table_ids.splice(start..end, replacement);
-                tables.splice(start..end, output.iter().cloned());
-            })
-            .await;
-        if let Err(error) = installed {
-            if let Some(table) = &output {
+            // Inputs out of the manifest: remove them. Open handles (a read in flight) keep
+            // working; a crash before the removal is durable leaves orphans that the next
+            // start removes.
+            for table in &passed {
                 let _ = self.storage.remove(table.reader.path()).await;
+                self.cache.borrow_mut().remove_table(table.id);
             }
-            return Err(error);
+            pace_compaction(&self.tables.borrow());
+            if piece_last >= last_token {
+                break;
+            }
+            piece_first = piece_last + 1;
         }
         let counters = &self.counters;
         counters.compaction_count.set(counters.compaction_count.get() + 1);
-        counters.compaction_bytes_read.set(counters.compaction_bytes_read.get() + report.bytes_read);
-        // The inputs are out of the manifest: remove them. Open handles (a read in flight)
-        // keep working; a crash before the removal is durable leaves orphans that the next
-        // start removes.
-        for table in &inputs {
-            let _ = self.storage.remove(table.reader.path()).await;
-            self.cache.borrow_mut().remove_table(table.id);
-        }
+        counters.compaction_bytes_read.set(counters.compaction_bytes_read.get() + merge.report.bytes_read);
         Ok(())
     }
 
@@ -981,33 +1045,59 @@ impl<S: Storage> Inner<S> {
     }
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 struct BackgroundQueues {
     flush: glommio::TaskQueueHandle,
     compaction: glommio::TaskQueueHandle,
+    compaction_shares: Rc<CompactionShares>,
 }
 
 thread_local! {
     static BACKGROUND_QUEUES: std::cell::OnceCell<BackgroundQueues> = const { std::cell::OnceCell::new() };
 }
 
+/// The compaction queue's shares, set by the merge under way (`compaction::shares`).
+#[derive(Default)]
+struct CompactionShares {
+    wanted: Cell<usize>,
+}
+
+impl glommio::SharesManager for CompactionShares {
+    fn shares(&self) -> usize {
+        self.wanted.get().max(compaction::SHARES_MIN)
+    }
+
+    fn adjustment_period(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(100)
+    }
+}
+
 /// The executor's task queues for background work, made once per thread. Request handling
 /// runs in the default queue with 1000 shares: under load, flushes get a fifth of the CPU
-/// and compaction a twentieth, so foreground latency holds.
+/// and compaction a twentieth, so foreground latency holds, until stale copies pile up
+/// past the space bound (`compaction::shares`).
 fn background_queues() -> BackgroundQueues {
     BACKGROUND_QUEUES.with(|queues| {
-        *queues.get_or_init(|| {
-            let executor = glommio::executor();
-            let queue = |name, shares| {
-                executor.create_task_queue(
-                    glommio::Shares::Static(shares),
-                    glommio::Latency::NotImportant,
-                    name,
-                )
-            };
-            BackgroundQueues { flush: queue("flush", 250), compaction: queue("compaction", 50) }
-        })
+        queues
+            .get_or_init(|| {
+                let executor = glommio::executor();
+                let queue =
+                    |name, shares| executor.create_task_queue(shares, glommio::Latency::NotImportant, name);
+                let compaction_shares = Rc::new(CompactionShares::default());
+                BackgroundQueues {
+                    flush: queue("flush", glommio::Shares::Static(250)),
+                    compaction: queue("compaction", glommio::Shares::Static(50)),
+                    compaction_shares,
+                }
+            })
+            .clone()
     })
+}
+
+/// Sets the compaction queue's shares from the stale copies in `tables`.
+fn pace_compaction<S: Storage>(tables: &[Rc<Table<S>>]) {
+    let shares = compaction::shares(table_redundancy(tables));
+    background_queues().compaction_shares.wanted.set(shares);
 }
 
 fn spawn_into(task: impl std::future::Future<Output = ()> + 'static, queue: glommio::TaskQueueHandle) {
@@ -1017,11 +1107,23 @@ fn spawn_into(task: impl std::future::Future<Output = ()> + 'static, queue: glom
     };
 }
 
-/// Entries per distinct key across `tables` (`compaction::redundancy`).
+/// Entries per distinct key across `tables` (`compaction::redundancy`). A table answering for
+/// part of its tokens counts its share of the entries, but its sketch is the whole table's:
+/// the estimate only errs high, towards an early merge, and only after a merge was cut short.
 fn table_redundancy<S: Storage>(tables: &[Rc<Table<S>>]) -> f64 {
     compaction::redundancy(
-        tables.iter().map(|table| (table.reader.footer.entry_count, table.reader.footer.sketch.as_ref())),
+        tables.iter().map(|table| (table.entry_count(), table.reader.footer.sketch.as_ref())),
     )
+}
+
+/// The runs of `tables` (`compaction::runs`) as ranges of positions.
+fn table_runs<S: Storage>(tables: &[Rc<Table<S>>]) -> Vec<std::ops::Range<usize>> {
+    compaction::runs(&tables.iter().map(|table| table.tokens).collect::<Vec<_>>())
+}
+
+/// The bytes each run of `tables` would have a merge read.
+fn run_sizes<S: Storage>(tables: &[Rc<Table<S>>]) -> Vec<u64> {
+    table_runs(tables).into_iter().map(|run| tables[run].iter().map(|table| table.size()).sum()).collect()
 }
 
 fn is_no_space(error: &TableError) -> bool {
@@ -1081,14 +1183,19 @@ async fn compactor<S: Storage>(running: Running<S>) {
             return;
         }
         let permit = inner.compaction_lock.acquire_permit(1).await;
-        let sizes: Vec<u64> = inner.tables.borrow().iter().map(|table| table.size()).collect();
-        let redundancy = table_redundancy(&inner.tables.borrow());
-        let Some(run) = compaction::pick(&sizes, inner.options.memtable_size_max() as u64, redundancy) else {
+        let tables = inner.tables.borrow().clone();
+        let runs = table_runs(&tables);
+        let redundancy = table_redundancy(&tables);
+        let base = inner.options.memtable_size_max() as u64;
+        let Some(picked) = compaction::pick(&run_sizes(&tables), base, redundancy) else {
+            background_queues().compaction_shares.wanted.set(compaction::SHARES_MIN);
             drop(permit);
             listener.await;
             continue;
         };
-        let compacted = inner.compact(run).await;
+        let positions = runs[picked.start].start..runs[picked.end - 1].end;
+        pace_compaction(&tables);
+        let compacted = inner.compact(positions).await;
         drop(permit);
         match compacted {
             Ok(()) => {}

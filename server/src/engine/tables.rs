@@ -4,8 +4,9 @@
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
+use super::manifest::{LiveTable, TokenRange};
 use crate::storage::{Storage, StorageFile};
-use crate::table::format::{self, EntryKind, EntryRef, EntrySpan, TableBuilder};
+use crate::table::format::{self, EntryKind, EntryRef, EntrySpan, IndexEntry, TableBuilder};
 use crate::table::reader::{TableError, TableReader};
 
 /// Sealed bytes are written once this many accumulate, so a table of any size needs a
@@ -14,23 +15,75 @@ const WRITE_CHUNK_SIZE: usize = 1 << 20;
 /// A sequential scan reads this many bytes of blocks at a time.
 const SCAN_CHUNK_SIZE: usize = 1 << 20;
 
-/// One live table: its file, open for the life of the table, and its metadata in memory.
+/// One live table: its file, open for the life of the table, its metadata in memory, and
+/// the tokens it answers for. A merge under way hands its inputs' tokens to its output a
+/// piece at a time: each step installs the inputs again, as new `Table`s sharing the file
+/// and the metadata, with fewer tokens; a lookup that began before sees the old ones.
 pub struct Table<S: Storage> {
     pub id: u64,
-    pub file: S::File,
-    pub reader: TableReader,
+    pub file: Rc<S::File>,
+    pub reader: Rc<TableReader>,
+    pub tokens: TokenRange,
 }
 
 impl<S: Storage> Table<S> {
-    pub async fn open(storage: &S, dir: &Path, id: u64) -> Result<Table<S>, TableError> {
-        let path = dir.join(super::manifest::table_file_name(id));
+    pub async fn open(storage: &S, dir: &Path, live: LiveTable) -> Result<Table<S>, TableError> {
+        let path = dir.join(super::manifest::table_file_name(live.id));
         let file = storage.open(&path).await.map_err(|error| TableError::io(&path, &error))?;
         let reader = TableReader::open(&file, &path).await?;
-        Ok(Table { id, file, reader })
+        Ok(Table { id: live.id, file: Rc::new(file), reader: Rc::new(reader), tokens: live.tokens })
     }
 
+    /// The same table answering for `tokens` only.
+    pub fn answering_for(&self, tokens: TokenRange) -> Table<S> {
+        Table { id: self.id, file: self.file.clone(), reader: self.reader.clone(), tokens }
+    }
+
+    pub fn live(&self) -> LiveTable {
+        LiveTable { id: self.id, tokens: self.tokens }
+    }
+
+    /// Whether a lookup of `token` may find it here.
+    pub fn may_contain(&self, token: u64) -> bool {
+        self.tokens.contains(token) && self.reader.may_contain(token)
+    }
+
+    /// Positions in the table's index of the data blocks that may hold entries of the
+    /// tokens this table answers for.
+    pub fn block_range(&self) -> std::ops::Range<usize> {
+        let blocks = self.reader.blocks();
+        if self.tokens == TokenRange::ALL {
+            return 0..blocks.len();
+        }
+        let first = self.reader.first_block_for(self.tokens.first);
+        // Equal tokens may straddle blocks: the first block past the range may still hold
+        // the range's last token.
+        let end = (blocks.partition_point(|block| block.last_token < self.tokens.last) + 1).min(blocks.len());
+        first..end.max(first)
+    }
+
+    pub fn blocks(&self) -> &[IndexEntry] {
+        self.reader.blocks().get(self.block_range()).unwrap_or_default()
+    }
+
+    /// The table's bytes on disk, or for a table answering for part of its tokens, the
+    /// share of its data blocks that part takes (what a merge of it would read).
     pub fn size(&self) -> u64 {
-        self.reader.size
+        if self.tokens == TokenRange::ALL {
+            return self.reader.size;
+        }
+        self.blocks().iter().map(|block| u64::from(block.size)).sum()
+    }
+
+    /// The table's entries, or for a part of its tokens, an estimate by its share of the
+    /// data blocks.
+    pub fn entry_count(&self) -> u64 {
+        let entries = self.reader.footer.entry_count;
+        if self.tokens == TokenRange::ALL {
+            return entries;
+        }
+        let all: u64 = self.reader.blocks().iter().map(|block| u64::from(block.size)).sum();
+        (entries as f64 * self.size() as f64 / all.max(1) as f64).round() as u64
     }
 }
 
@@ -43,14 +96,10 @@ pub struct TableWriter<S: Storage> {
 }
 
 impl<S: Storage> TableWriter<S> {
-    /// Creates the table file (which must not exist); `key_count_max` sizes its filter.
-    pub async fn create(
-        storage: &S,
-        path: PathBuf,
-        key_count_max: usize,
-    ) -> Result<TableWriter<S>, TableError> {
+    /// Creates the table file (which must not exist).
+    pub async fn create(storage: &S, path: PathBuf) -> Result<TableWriter<S>, TableError> {
         let file = storage.create(&path).await.map_err(|error| TableError::io(&path, &error))?;
-        Ok(TableWriter { file, path, builder: TableBuilder::new(key_count_max), bytes_written: 0 })
+        Ok(TableWriter { file, path, builder: TableBuilder::new(), bytes_written: 0 })
     }
 
     pub async fn add(
@@ -102,17 +151,24 @@ impl<S: Storage> TableWriter<S> {
         Ok(())
     }
 
-    /// Writes the rest, syncs the file, and opens it as a table. The directory entry is not
-    /// yet durable: the manifest write that installs the table syncs the directory.
-    pub async fn finish(mut self, id: u64) -> Result<(Table<S>, u64), TableError> {
+    /// Bytes of the table so far (written, and sealed to write).
+    pub fn size(&self) -> u64 {
+        self.builder.taken() + self.builder.sealed_size() as u64
+    }
+
+    /// Writes the rest, syncs the file, and opens it as a table answering for `tokens`. The
+    /// directory entry is not yet durable: the manifest write that installs the table syncs
+    /// the directory.
+    pub async fn finish(mut self, id: u64, tokens: TokenRange) -> Result<(Table<S>, u64), TableError> {
         self.write_sealed(true).await?;
         let offset = self.builder.taken();
-        let tail = std::mem::replace(&mut self.builder, TableBuilder::new(0)).finish();
+        let tail = std::mem::take(&mut self.builder).finish();
         self.write_at(offset, &tail).await?;
         let io = |error: std::io::Error| TableError::io(&self.path, &error);
         self.file.sync_data().await.map_err(io)?;
         let reader = TableReader::open(&self.file, &self.path).await?;
-        Ok((Table { id, file: self.file, reader }, self.bytes_written))
+        let table = Table { id, file: Rc::new(self.file), reader: Rc::new(reader), tokens };
+        Ok((table, self.bytes_written))
     }
 
     /// Gives up on the table: closes and removes the file.
@@ -122,12 +178,14 @@ impl<S: Storage> TableWriter<S> {
     }
 }
 
-/// Reads a table's entries in order, a chunk of blocks at a time, each block verified.
-/// Entries are lent out of the chunk (`peek`), so a compaction copies a value once: into
-/// its output.
+/// Reads a table's entries in order, a chunk of blocks at a time, each block verified; of a
+/// table that answers for part of its tokens, only that part. Entries are lent out of the
+/// chunk (`peek`), so a compaction copies a value once: into its output.
 pub struct TableScan<S: Storage> {
     table: Rc<Table<S>>,
+    /// Positions in the table's index: the next block to read, and the end.
     next_block: usize,
+    end_block: usize,
     chunk: Vec<u8>,
     spans: Vec<EntrySpan>,
     /// The position in `spans` of the entry `peek` lends.
@@ -138,8 +196,16 @@ pub struct TableScan<S: Storage> {
 impl<S: Storage> TableScan<S> {
     /// A scan positioned at the table's first entry.
     pub async fn open(table: Rc<Table<S>>) -> Result<TableScan<S>, TableError> {
-        let mut scan =
-            TableScan { table, next_block: 0, chunk: Vec::new(), spans: Vec::new(), at: 0, bytes_read: 0 };
+        let std::ops::Range { start: next_block, end: end_block } = table.block_range();
+        let mut scan = TableScan {
+            table,
+            next_block,
+            end_block,
+            chunk: Vec::new(),
+            spans: Vec::new(),
+            at: 0,
+            bytes_read: 0,
+        };
         scan.fill().await?;
         Ok(scan)
     }
@@ -163,8 +229,9 @@ impl<S: Storage> TableScan<S> {
     async fn fill(&mut self) -> Result<(), TableError> {
         self.spans.clear();
         self.at = 0;
-        let blocks = self.table.reader.blocks();
+        let blocks = self.table.reader.blocks().get(..self.end_block).unwrap_or_default();
         let path = self.table.reader.path();
+        let tokens = self.table.tokens;
         while self.spans.is_empty() {
             let Some(first) = blocks.get(self.next_block) else { return Ok(()) };
             let mut end = self.next_block;
@@ -194,6 +261,7 @@ impl<S: Storage> TableScan<S> {
                 )
                 .map_err(|error| TableError::corrupt(path, error))?;
             }
+            self.spans.retain(|span| tokens.contains(span.token()));
             self.next_block = end;
         }
         Ok(())

@@ -32,7 +32,7 @@ fn unfinished_tables(shard_dir: &Path) -> usize {
     let live = std::fs::read(shard_dir.join(manifest::MANIFEST_FILE))
         .ok()
         .and_then(|bytes| manifest::decode(&bytes).ok())
-        .map(|manifest| manifest.table_ids)
+        .map(|manifest| manifest.tables.iter().map(|table| table.id).collect::<Vec<u64>>())
         .unwrap_or_default();
     std::fs::read_dir(shard_dir)
         .map(|entries| {

@@ -33,7 +33,7 @@ fn table_bit_flips_are_detected_and_never_served() {
                 })
                 .collect();
             entries.sort_by(|a, b| a.sort_key().cmp(&b.sort_key()));
-            let mut builder = TableBuilder::new(entries.len());
+            let mut builder = TableBuilder::new();
             for entry in &entries {
                 builder.add(entry);
             }
