@@ -74,22 +74,6 @@ pub fn runs(tokens: &[TokenRange]) -> Vec<std::ops::Range<usize>> {
     runs
 }
 
-/// Compaction's CPU shares (against requests' 1,000) while the tables are within their
-/// bound: a merge then yields to requests.
-pub const SHARES_MIN: usize = 50;
-
-/// Compaction's CPU shares with tables of `redundancy` entries per distinct key: the
-/// minimum up to half the allowed stale copies, all of the requests' shares at one and a
-/// half times them, in proportion between. Under a load that writes faster than merges at
-/// the minimum keep up, flushes would pile stale copies onto the disk while a merge runs;
-/// a merge that falls behind takes CPU from requests instead.
-pub fn shares(redundancy: f64) -> usize {
-    let low = 1.0 + STALE_SHARE_MAX / 2.0;
-    let high = 1.0 + STALE_SHARE_MAX * 1.5;
-    let share = ((redundancy - low) / (high - low)).clamp(0.0, 1.0);
-    SHARES_MIN + (share * (1000 - SHARES_MIN) as f64) as usize
-}
-
 fn tier(size: u64, base: u64) -> u32 {
     let mut tier = 0;
     let mut bound = base.max(1) * 2;

@@ -1025,7 +1025,6 @@ impl<S: Storage> Inner<S> {
                 let _ = self.storage.remove(table.reader.path()).await;
                 self.cache.borrow_mut().remove_table(table.id);
             }
-            pace_compaction(&self.tables.borrow());
             if piece_last >= last_token {
                 break;
             }
@@ -1045,59 +1044,33 @@ impl<S: Storage> Inner<S> {
     }
 }
 
-#[derive(Clone)]
+#[derive(Clone, Copy)]
 struct BackgroundQueues {
     flush: glommio::TaskQueueHandle,
     compaction: glommio::TaskQueueHandle,
-    compaction_shares: Rc<CompactionShares>,
 }
 
 thread_local! {
     static BACKGROUND_QUEUES: std::cell::OnceCell<BackgroundQueues> = const { std::cell::OnceCell::new() };
 }
 
-/// The compaction queue's shares, set by the merge under way (`compaction::shares`).
-#[derive(Default)]
-struct CompactionShares {
-    wanted: Cell<usize>,
-}
-
-impl glommio::SharesManager for CompactionShares {
-    fn shares(&self) -> usize {
-        self.wanted.get().max(compaction::SHARES_MIN)
-    }
-
-    fn adjustment_period(&self) -> std::time::Duration {
-        std::time::Duration::from_millis(100)
-    }
-}
-
 /// The executor's task queues for background work, made once per thread. Request handling
 /// runs in the default queue with 1000 shares: under load, flushes get a fifth of the CPU
-/// and compaction a twentieth, so foreground latency holds, until stale copies pile up
-/// past the space bound (`compaction::shares`).
+/// and compaction a twentieth, so foreground latency holds.
 fn background_queues() -> BackgroundQueues {
     BACKGROUND_QUEUES.with(|queues| {
-        queues
-            .get_or_init(|| {
-                let executor = glommio::executor();
-                let queue =
-                    |name, shares| executor.create_task_queue(shares, glommio::Latency::NotImportant, name);
-                let compaction_shares = Rc::new(CompactionShares::default());
-                BackgroundQueues {
-                    flush: queue("flush", glommio::Shares::Static(250)),
-                    compaction: queue("compaction", glommio::Shares::Static(50)),
-                    compaction_shares,
-                }
-            })
-            .clone()
+        *queues.get_or_init(|| {
+            let executor = glommio::executor();
+            let queue = |name, shares| {
+                executor.create_task_queue(
+                    glommio::Shares::Static(shares),
+                    glommio::Latency::NotImportant,
+                    name,
+                )
+            };
+            BackgroundQueues { flush: queue("flush", 250), compaction: queue("compaction", 50) }
+        })
     })
-}
-
-/// Sets the compaction queue's shares from the stale copies in `tables`.
-fn pace_compaction<S: Storage>(tables: &[Rc<Table<S>>]) {
-    let shares = compaction::shares(table_redundancy(tables));
-    background_queues().compaction_shares.wanted.set(shares);
 }
 
 fn spawn_into(task: impl std::future::Future<Output = ()> + 'static, queue: glommio::TaskQueueHandle) {
@@ -1188,13 +1161,11 @@ async fn compactor<S: Storage>(running: Running<S>) {
         let redundancy = table_redundancy(&tables);
         let base = inner.options.memtable_size_max() as u64;
         let Some(picked) = compaction::pick(&run_sizes(&tables), base, redundancy) else {
-            background_queues().compaction_shares.wanted.set(compaction::SHARES_MIN);
             drop(permit);
             listener.await;
             continue;
         };
         let positions = runs[picked.start].start..runs[picked.end - 1].end;
-        pace_compaction(&tables);
         let compacted = inner.compact(positions).await;
         drop(permit);
         match compacted {

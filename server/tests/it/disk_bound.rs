@@ -6,7 +6,12 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use server::wal::SEGMENT_SIZE;
+use glommio::{LocalExecutorBuilder, Placement};
+use server::command::Reply;
+use server::engine::EngineOptions;
+use server::storage::sim::SimStorage;
+use server::store::Store;
+use server::wal::{ShardIdentity, SyncPolicy, SEGMENT_SIZE};
 
 use crate::harness::{client, runtime, DataDir, Node};
 
@@ -79,4 +84,51 @@ fn overwriting_a_small_key_set_keeps_the_data_directory_flat_and_the_restart_sho
             assert_eq!(found.map(|v| v.value.len()), Some(VALUE_SIZE), "key-{k} after restart");
         }
     });
+}
+
+/// A full merge on a disk with room for a few of its pieces but not for its output beside
+/// its inputs: it must complete, freeing its inputs as it passes them (before, it failed
+/// for want of space, and a node with a nearly full disk could never reclaim its stale
+/// copies).
+#[test]
+fn a_full_merge_needs_room_for_a_few_pieces_not_for_a_second_copy() {
+    let (live, output, before) = LocalExecutorBuilder::new(Placement::Unbound)
+        .spawn(|| async {
+            let storage = SimStorage::without_crashes(31);
+            let identity = ShardIdentity { shard_index: 0, shard_count: 1 };
+            // 1 MiB memtables: the 8 MB live set fills eight.
+            let options = EngineOptions { memory_bytes: 8 << 20, tombstone_grace_ms: 0 };
+            let (store, _) =
+                Store::open(storage.clone(), Path::new("/d"), identity, SyncPolicy::Never, options)
+                    .await
+                    .expect("open");
+            let value = vec![b'v'; 1_000];
+            for round in 0..2 {
+                for k in 0..8_000 {
+                    let reply = store.put(format!("key-{k:05}").as_bytes(), &value, 0).await;
+                    assert!(matches!(reply, Reply::Done), "round {round}: {reply:?}");
+                }
+            }
+            store.engine().flush().await.expect("flush");
+            let before = store.engine().stats();
+            let room = 4 << 20;
+            storage.set_capacity(Some(storage.used_space() + room));
+            store.engine().compact_all().await.expect("a full merge within four MiB of room");
+            let after = store.engine().stats();
+            for k in (0..8_000).step_by(97) {
+                let reply = store.get(format!("key-{k:05}").as_bytes(), false).await;
+                assert!(matches!(reply, Reply::Found(_)), "key-{k:05} after the merge: {reply:?}");
+            }
+            store.close().await.expect("close");
+            assert_eq!(after.table_entry_count, 8_000, "one copy of each key is left");
+            assert!(after.table_bytes > room, "the output ({} bytes) exceeds the room", after.table_bytes);
+            (8_000 * 1_009u64, after.table_bytes, before.table_bytes)
+        })
+        .expect("executor")
+        .join()
+        .expect("join");
+    println!(
+        "full merge: {before} table bytes merged into {output} ({:.2}x the {live} live bytes) within 4 MiB of room",
+        output as f64 / live as f64
+    );
 }
