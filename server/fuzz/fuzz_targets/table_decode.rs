@@ -8,7 +8,7 @@ fuzz_target!(|data: &[u8]| {
     let size = data.len() as u64;
     let _ = format::decode_footer(data, 0, size.max(1));
     let _ = format::decode_index(data, 0, size);
-    let _ = format::decode_bloom(data, 0);
+    let _ = format::decode_bloom(data, 0, format::TABLE_FORMAT_VERSION);
     for verify in [false, true] {
         if let Ok(Some(entry)) = format::find_in_data_block(data, 0, b"key", verify) {
             assert_eq!(entry.key, b"key");

@@ -11,12 +11,13 @@
 //! bloom block: bit_byte_count:u32 bits crc32c:u32 zero padding
 //! footer:      the last 4 KiB: magic[8] "KVDTABLE" version:u32 entry_count:u64
 //!              index_offset:u64 index_size:u32 bloom_offset:u64 bloom_size:u32 min_seq:u64
-//!              max_seq:u64 payload_bytes:u64 sketch[2048] (version 2 only)
+//!              max_seq:u64 payload_bytes:u64 sketch[2048] (version 2 and later)
 //!              crc32c:u32 (over the 68, or 2,116, bytes before it) zero padding
 //! ```
 //!
 //! The sketch (version 2) is a HyperLogLog of the table's keys (`sketch.rs`): one byte a
-//! register. Version 1 tables (no sketch) are still read.
+//! register. Version 3 places keys in the bloom filter's blocks by the mixed hash
+//! (`bloom.rs`). Tables of versions 1 (no sketch) and 2 are still read.
 //!
 //! The index holds no keys, only the last token of each block: 20 bytes a block, so the
 //! indexes of a data set many times larger than memory stay in memory. Keys whose tokens
@@ -26,13 +27,13 @@
 
 use schema::{KEY_SIZE_MAX, STORED_VALUE_SIZE_MAX};
 
-use super::bloom::Bloom;
+use super::bloom::{Bloom, Placement};
 use super::sketch::{Sketch, REGISTER_COUNT};
 use crate::le::{u16_at, u32_at, u64_at};
 use crate::storage::BLOCK_SIZE;
 
 pub const TABLE_MAGIC: [u8; 8] = *b"KVDTABLE";
-pub const TABLE_FORMAT_VERSION: u32 = 2;
+pub const TABLE_FORMAT_VERSION: u32 = 3;
 pub const ENTRY_HEADER_SIZE: usize = 39;
 /// A data block spans at most this many pages, unless one entry needs more (it then gets a
 /// block of its own, padded to whole pages).
@@ -92,6 +93,7 @@ const INDEX_ENTRY_SIZE: usize = 20;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Footer {
+    pub version: u32,
     pub entry_count: u64,
     pub index_offset: u64,
     pub index_size: u32,
@@ -374,9 +376,9 @@ pub fn decode_footer(block: &[u8], offset: u64, table_size: u64) -> Result<Foote
     let version = small(8)?;
     let content_size = match version {
         1 => FOOTER_FIELDS_SIZE,
-        TABLE_FORMAT_VERSION => FOOTER_CONTENT_SIZE,
+        2 | TABLE_FORMAT_VERSION => FOOTER_CONTENT_SIZE,
         _ => {
-            let detail = format!("table format version {version}, expected 1 or {TABLE_FORMAT_VERSION}");
+            let detail = format!("table format version {version}, expected 1 to {TABLE_FORMAT_VERSION}");
             return Err(corrupt(offset, detail));
         }
     };
@@ -392,6 +394,7 @@ pub fn decode_footer(block: &[u8], offset: u64, table_size: u64) -> Result<Foote
         }
     };
     let footer = Footer {
+        version,
         entry_count: field(12)?,
         index_offset: field(20)?,
         index_size: small(28)?,
@@ -449,12 +452,13 @@ pub fn decode_index(block: &[u8], offset: u64, data_end: u64) -> Result<Vec<Inde
     Ok(entries)
 }
 
-/// Parses the bloom block.
-pub fn decode_bloom(block: &[u8], offset: u64) -> Result<Bloom, TableCorrupt> {
+/// Parses the bloom block of a table of format `version`.
+pub fn decode_bloom(block: &[u8], offset: u64, version: u32) -> Result<Bloom, TableCorrupt> {
     let size = u32_at(block, 0).ok_or_else(|| corrupt(offset, "bloom cut short"))? as usize;
     verified(block, 4usize.saturating_add(size), offset, "bloom")?;
     let bits = block.get(4..4 + size).ok_or_else(|| corrupt(offset, "bloom cut short"))?;
-    Bloom::from_bytes(bits.to_vec()).ok_or_else(|| corrupt(offset, "empty bloom"))
+    let placement = if version < 3 { Placement::HighBits } else { Placement::Mixed };
+    Bloom::from_bytes(bits.to_vec(), placement).ok_or_else(|| corrupt(offset, "empty bloom"))
 }
 
 /// One entry of a data block, borrowed from the block's bytes.
@@ -722,9 +726,9 @@ mod tests {
         }
         assert_eq!(decoded, entries);
         let bloom_block = &bytes[footer.bloom_offset as usize..][..footer.bloom_size as usize];
-        let bloom = decode_bloom(bloom_block, footer.bloom_offset).expect("bloom");
+        let bloom = decode_bloom(bloom_block, footer.bloom_offset, footer.version).expect("bloom");
         assert!(entries.iter().all(|e| bloom.may_contain(e.token)));
-        let distinct = footer.sketch.as_ref().expect("a version 2 footer has a sketch").estimate();
+        let distinct = footer.sketch.as_ref().expect("a version 3 footer has a sketch").estimate();
         assert!((distinct - 500.0).abs() < 25.0, "{distinct}");
 
         // The same table as version 1 wrote it (no sketch) still reads, without a sketch.
@@ -734,12 +738,12 @@ mod tests {
         old[FOOTER_FIELDS_SIZE..FOOTER_FIELDS_SIZE + 4].copy_from_slice(&crc.to_le_bytes());
         old[FOOTER_FIELDS_SIZE + 4..].fill(0);
         let footer_v1 = decode_footer(&old, footer_offset, bytes.len() as u64).expect("version 1 footer");
-        assert_eq!(footer_v1, Footer { sketch: None, ..footer.clone() });
+        assert_eq!(footer_v1, Footer { version: 1, sketch: None, ..footer.clone() });
         // A version 1 footer with sketch bytes left after its checksum is refused (padding).
         let mut padded = old.clone();
         padded[FOOTER_CONTENT_SIZE] = 1;
         assert!(decode_footer(&padded, footer_offset, bytes.len() as u64).is_err());
-        old[8..12].copy_from_slice(&3u32.to_le_bytes());
+        old[8..12].copy_from_slice(&4u32.to_le_bytes());
         assert!(decode_footer(&old, footer_offset, bytes.len() as u64).is_err(), "an unknown version");
     }
 }

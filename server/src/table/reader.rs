@@ -70,7 +70,8 @@ impl TableReader {
         let index =
             format::decode_index(&index_block, footer.index_offset, footer.index_offset).map_err(located)?;
         let bloom_block = file.read_at(footer.bloom_offset, footer.bloom_size as usize).await.map_err(io)?;
-        let bloom = format::decode_bloom(&bloom_block, footer.bloom_offset).map_err(located)?;
+        let bloom =
+            format::decode_bloom(&bloom_block, footer.bloom_offset, footer.version).map_err(located)?;
         Ok(TableReader { path: path.to_path_buf(), footer, size, index, bloom })
     }
 
