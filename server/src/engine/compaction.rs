@@ -50,6 +50,13 @@ pub const TABLE_COUNT_MAX: usize = 24;
 /// (bench/results/experiments.md).
 pub const STALE_SHARE_MAX: f64 = 1.0;
 
+/// While a merge runs, writers wait whenever the tables on disk take more than this many
+/// times what their live entries would: under a load that overwrites faster than a merge
+/// rewrites, flushes would otherwise pile up beside the merge's inputs. Each piece the merge
+/// installs frees inputs and lets writers on. Above the `1 + STALE_SHARE_MAX` that starts a
+/// full merge, so only a merge that falls behind holds writers back.
+pub const SPACE_STALL_FACTOR: f64 = 2.25;
+
 /// A merge's output is cut into about this many pieces, each at least a quarter of the
 /// memtable budget: a piece is what the output adds to the disk before an input can go.
 pub const PIECES_PER_MERGE: u64 = 16;

@@ -152,6 +152,10 @@ struct Inner<S: Storage> {
     installed: Event,
     /// A flush failed for want of space: writes are refused until one succeeds.
     no_space: Cell<bool>,
+    /// The tables on disk are past `compaction::SPACE_STALL_FACTOR` times their live data.
+    tables_past_space_limit: Cell<bool>,
+    /// A merge runs: while the tables are past their space limit, writers wait for it.
+    merging: Cell<bool>,
     closing: Cell<bool>,
     /// Background tasks still running; `close` waits for them to stop.
     running_tasks: Cell<usize>,
@@ -258,6 +262,7 @@ impl<S: Storage> Engine<S> {
             .await?;
         wal.release_through(manifest.flushed_seq).await?;
 
+        let past_limit = past_space_limit(&tables);
         let inner = Rc::new(Inner {
             storage,
             dir: dir.to_path_buf(),
@@ -275,6 +280,8 @@ impl<S: Storage> Engine<S> {
             flush_wanted: Event::default(),
             installed: Event::default(),
             no_space: Cell::new(false),
+            tables_past_space_limit: Cell::new(past_limit),
+            merging: Cell::new(false),
             closing: Cell::new(false),
             running_tasks: Cell::new(0),
             task_stopped: Event::default(),
@@ -423,8 +430,8 @@ impl<S: Storage> Engine<S> {
     }
 
     /// Waits until a write of `size` bytes can be accepted: room in the log's pending
-    /// buffer and in the memtables. The caller must call [`Engine::write`] without
-    /// awaiting anything in between.
+    /// buffer and in the memtables, and the tables within their space limit or no merge
+    /// running. The caller must call [`Engine::write`] without awaiting anything in between.
     pub async fn reserve(&self, size: usize) -> Result<(), WalError> {
         loop {
             let listener = self.inner.installed.listen();
@@ -434,8 +441,9 @@ impl<S: Storage> Engine<S> {
             }
             let memtables_full = self.inner.active.borrow().size() >= self.inner.options.memtable_size_max()
                 && self.inner.immutable.borrow().is_some();
+            let merge_behind = self.inner.tables_past_space_limit.get() && self.inner.merging.get();
             let counters = &self.inner.counters;
-            if !memtables_full {
+            if !memtables_full && !merge_behind {
                 if let Some(since) = counters.write_stall_since.take() {
                     counters
                         .write_stall_us
@@ -443,7 +451,8 @@ impl<S: Storage> Engine<S> {
                 }
                 break;
             }
-            // The flush is behind: writers wait for it rather than grow memory unbounded.
+            // The flush is behind: writers wait for it rather than grow memory unbounded; or
+            // a merge is: they wait for its next piece rather than grow the disk unbounded.
             if counters.write_stall_since.get().is_none() {
                 counters.write_stall_since.set(Some(std::time::Instant::now()));
             }
@@ -938,6 +947,7 @@ impl<S: Storage> Inner<S> {
         let next_table_id = self.manifest.borrow().next_table_id.max(manifest.next_table_id);
         manifest.next_table_id = next_table_id;
         *self.manifest.borrow_mut() = manifest;
+        self.tables_past_space_limit.set(past_space_limit(&tables));
         *self.tables.borrow_mut() = Rc::new(tables);
         self.tables_generation.set(self.tables_generation.get() + 1);
         self.resize_cache();
@@ -948,6 +958,15 @@ impl<S: Storage> Inner<S> {
     /// Merges the tables at `run` (positions, newest first) into one run in their place,
     /// installed a piece at a time (module `compaction`).
     async fn compact(&self, run: std::ops::Range<usize>) -> Result<(), TableError> {
+        self.merging.set(true);
+        let compacted = self.merge_in_pieces(run).await;
+        self.merging.set(false);
+        self.installed.notify_all(); // writers held back for the merge go on
+        compacted
+    }
+
+    /// [`Inner::compact`]'s merge.
+    async fn merge_in_pieces(&self, run: std::ops::Range<usize>) -> Result<(), TableError> {
         let inputs: Vec<Rc<Table<S>>> = self.tables.borrow()[run.clone()].to_vec();
         let includes_oldest = run.end == self.tables.borrow().len();
         let purge = compaction::Purge {
@@ -1087,6 +1106,15 @@ fn table_redundancy<S: Storage>(tables: &[Rc<Table<S>>]) -> f64 {
     compaction::redundancy(
         tables.iter().map(|table| (table.entry_count(), table.reader.footer.sketch.as_ref())),
     )
+}
+
+/// Whether `tables` take more of the disk than `compaction::SPACE_STALL_FACTOR` times what
+/// their live entries would. A merge's inputs take all their bytes until they go.
+fn past_space_limit<S: Storage>(tables: &[Rc<Table<S>>]) -> bool {
+    let on_disk: u64 = tables.iter().map(|table| table.reader.size).sum();
+    let answering: u64 = tables.iter().map(|table| table.size()).sum();
+    let live = answering as f64 / table_redundancy(tables);
+    on_disk as f64 > compaction::SPACE_STALL_FACTOR * live
 }
 
 /// The runs of `tables` (`compaction::runs`) as ranges of positions.

@@ -132,3 +132,61 @@ fn a_full_merge_needs_room_for_a_few_pieces_not_for_a_second_copy() {
         output as f64 / live as f64
     );
 }
+
+/// Writers that overwrite faster than a full merge rewrites: without a limit the flushes
+/// pile up beside the merge's inputs, and the tables grow with the load's speed rather
+/// than with the live data. While a merge runs, writers wait whenever the tables on disk
+/// pass `SPACE_STALL_FACTOR` times their live entries (plus what was already in the
+/// memtables), so the tables never pass that and a memtable or two.
+#[test]
+fn writers_wait_for_a_merge_that_falls_behind_rather_than_grow_the_tables() {
+    let (largest, live, stall_ms) = LocalExecutorBuilder::new(Placement::Unbound)
+        .spawn(|| async {
+            let storage = SimStorage::without_crashes(33);
+            let identity = ShardIdentity { shard_index: 0, shard_count: 1 };
+            // 1 MiB memtables against a 4 MB live set.
+            let options = EngineOptions { memory_bytes: 8 << 20, tombstone_grace_ms: 0 };
+            let (store, _) =
+                Store::open(storage.clone(), Path::new("/d"), identity, SyncPolicy::Never, options)
+                    .await
+                    .expect("open");
+            let store = std::rc::Rc::new(store);
+            let largest = std::rc::Rc::new(std::cell::Cell::new(0u64));
+            let writers: Vec<_> = (0..8)
+                .map(|writer| {
+                    let (store, largest) = (store.clone(), largest.clone());
+                    glommio::spawn_local(async move {
+                        let value = vec![b'v'; 1_000];
+                        for round in 0..40 {
+                            for k in (writer..4_000).step_by(8) {
+                                let reply = store.put(format!("key-{k:05}").as_bytes(), &value, 0).await;
+                                assert!(matches!(reply, Reply::Done), "round {round}: {reply:?}");
+                                if k % 64 == writer {
+                                    largest.set(largest.get().max(store.engine().stats().table_bytes));
+                                }
+                            }
+                        }
+                    })
+                })
+                .collect();
+            for writer in writers {
+                writer.await;
+            }
+            let stats = store.engine().stats();
+            let live = stats.table_bytes as f64 / stats.table_redundancy;
+            (largest.get(), live, stats.write_stall_ms)
+        })
+        .expect("executor")
+        .join()
+        .expect("join");
+    let mib = |bytes: f64| bytes / (1 << 20) as f64;
+    let memtable = (1u64 << 20) as f64;
+    let bound = server::engine::compaction::SPACE_STALL_FACTOR * live + 3.0 * memtable;
+    println!(
+        "merge behind: tables at most {:.1} MiB over {:.1} MiB live (bound {:.1} MiB); writers waited {stall_ms} ms",
+        mib(largest as f64),
+        mib(live),
+        mib(bound)
+    );
+    assert!((largest as f64) <= bound, "the tables reached {largest} bytes (bound {bound:.0})");
+}
