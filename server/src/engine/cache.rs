@@ -87,10 +87,11 @@ impl<K: Hash + Eq + Clone, V: Clone> ClockCache<K, V> {
     /// Keeps `value` under `key` (replacing what was there), counting `size` bytes; a value
     /// over an eighth of the capacity is not kept (it would flush everything else out).
     pub fn insert(&mut self, key: K, value: V, size: usize) {
+        // What was under the key goes even when the new value is not kept: it is stale.
+        self.remove(&key);
         if size > self.capacity / 8 {
             return;
         }
-        self.remove(&key);
         self.evict_to(self.capacity - size);
         self.size += size;
         let slot = Some(Slot { key: key.clone(), value, size, referenced: false });

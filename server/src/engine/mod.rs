@@ -68,6 +68,7 @@ impl EngineOptions {
 pub struct EngineCounters {
     /// Keys and values of accepted writes.
     pub user_bytes_written: Cell<u64>,
+    pub write_count: Cell<u64>,
     /// Table bytes written by flushes and compactions.
     pub table_bytes_written: Cell<u64>,
     pub flush_count: Cell<u64>,
@@ -78,8 +79,8 @@ pub struct EngineCounters {
     pub block_read_count: Cell<u64>,
     pub block_bytes_read: Cell<u64>,
     pub corruption_count: Cell<u64>,
-    /// Wall time during which writers waited for a flush (both memtables full), and since
-    /// when they have been waiting, if they are.
+    /// Wall time during which writers waited for a flush (both memtables full) or for a
+    /// merge that fell behind, and since when they have been waiting, if they are.
     pub write_stall_us: Cell<u64>,
     pub write_stall_since: Cell<Option<std::time::Instant>>,
 }
@@ -116,12 +117,18 @@ pub struct EngineStats {
     pub write_amplification: f64,
     /// Disk blocks read per lookup that reached the tables.
     pub read_amplification: f64,
+    pub write_count: u64,
+    /// Disk blocks read by requests (reads, and writes' reads of the current versions);
+    /// compaction's reads are `compaction_bytes_read`.
+    pub request_disk_reads: u64,
+    pub compaction_bytes_read: u64,
     /// Table bytes on disk per byte of keys and values the tables hold (format overhead:
     /// headers, padding, index, filter). Stale versions count as held, so this is a lower
     /// bound; `bench/engine` measures the whole against the live data.
     pub space_amplification: f64,
     pub corruption_count: u64,
-    /// Milliseconds writers spent waiting for a flush to make room in the memtables.
+    /// Milliseconds writers spent waiting for a flush to make room in the memtables, or for
+    /// a merge that fell behind to free space.
     pub write_stall_ms: u64,
     pub no_space: bool,
 }
@@ -480,9 +487,13 @@ impl<S: Storage> Engine<S> {
         };
         let seq = self.inner.wal.append(&record)?;
         let entry = Entry { value: value.map(Rc::from), timestamp_us, expires_at_ms, seq };
-        self.inner.active.borrow_mut().insert(key, entry);
-        self.inner.rows.borrow_mut().remove(key);
+        self.inner.active.borrow_mut().insert(key, entry.clone());
+        // The row is the key's newest version: read next from the memtable, then, once
+        // flushed, from the row cache, so the next write of the key (which reads its current
+        // versions first in a cluster) or GET need not go to the disk.
+        self.inner.rows.borrow_mut().insert_row(key, entry);
         let counters = &self.inner.counters;
+        counters.write_count.set(counters.write_count.get() + 1);
         counters
             .user_bytes_written
             .set(counters.user_bytes_written.get() + (key.len() + record.value.len()) as u64);
@@ -639,6 +650,9 @@ impl<S: Storage> Engine<S> {
                 counters.block_read_count.get() as f64,
                 counters.table_lookup_count.get() as f64,
             ),
+            write_count: counters.write_count.get(),
+            request_disk_reads: counters.block_read_count.get(),
+            compaction_bytes_read: counters.compaction_bytes_read.get(),
             space_amplification: ratio(table_bytes as f64, payload_bytes as f64),
             corruption_count: counters.corruption_count.get(),
             write_stall_ms: (counters.write_stall_us.get()

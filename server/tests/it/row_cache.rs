@@ -21,20 +21,28 @@ fn value_of(reply: Reply<std::rc::Rc<[u8]>>) -> Vec<u8> {
     }
 }
 
-/// Writes `old` and flushes it to a table, starts a read of it that must go to the disk,
-/// writes `new` (and flushes it when `flush_meanwhile`) before the read resumes, then checks
-/// that reads after a flush see `new`.
+/// Writes `old` and flushes it to a table, reopens the store (a write leaves its version in
+/// the row cache: the read must find the caches empty), starts a read of it that must go to
+/// the disk, writes `new` (and flushes it when `flush_meanwhile`) before the read resumes,
+/// then checks that reads after a flush see `new`.
 async fn race(dir: &Path, flush_meanwhile: bool) {
     let probe = dir.join("probe");
     std::fs::write(&probe, vec![1u8; 4096]).expect("probe file");
-    let storage = DmaStorage::new(&probe).await.expect("storage");
     let identity = ShardIdentity { shard_index: 0, shard_count: 1 };
     let options = EngineOptions { memory_bytes: 64 << 20, tombstone_grace_ms: 0 };
-    let (store, _) =
-        Store::open(storage, &dir.join("shard-0"), identity, SyncPolicy::Never, options).await.expect("open");
+    let open = || async {
+        let storage = DmaStorage::new(&probe).await.expect("storage");
+        let (store, _) = Store::open(storage, &dir.join("shard-0"), identity, SyncPolicy::Never, options)
+            .await
+            .expect("open");
+        store
+    };
     let key = b"raced".as_slice();
+    let store = open().await;
     assert!(matches!(store.put(key, b"old", 0).await, Reply::Done));
     store.engine().flush().await.expect("flush");
+    store.close().await.expect("close");
+    let store = open().await;
 
     let mut read = pin!(store.get(key, false));
     let first = futures::poll!(read.as_mut());
