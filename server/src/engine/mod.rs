@@ -487,11 +487,8 @@ impl<S: Storage> Engine<S> {
         };
         let seq = self.inner.wal.append(&record)?;
         let entry = Entry { value: value.map(Rc::from), timestamp_us, expires_at_ms, seq };
-        self.inner.active.borrow_mut().insert(key, entry.clone());
-        // The row is the key's newest version: read next from the memtable, then, once
-        // flushed, from the row cache, so the next write of the key (which reads its current
-        // versions first in a cluster) or GET need not go to the disk.
-        self.inner.rows.borrow_mut().insert_row(key, entry);
+        self.inner.active.borrow_mut().insert(key, entry);
+        self.inner.rows.borrow_mut().remove(key);
         let counters = &self.inner.counters;
         counters.write_count.set(counters.write_count.get() + 1);
         counters

@@ -1,9 +1,9 @@
 //! The row cache: the newest version of keys recently read from the tables, so that a hot
 //! key's GET costs one hash lookup instead of a filter probe per table, a block search and a
 //! copy of the value out of the block. A [`ClockCache`] like the block cache. It holds a
-//! key's row only while no newer version exists: a write replaces the key's row with its own
-//! version (read from the memtable until flushed, then from here: a key written again or
-//! read after its flush needs no disk read), and tables gain versions only from memtables.
+//! key's row only while no newer version exists: a write drops the key's row (the write's
+//! version shadows it from the memtable, and would stop doing so once flushed), and tables
+//! gain versions only from memtables.
 //!
 //! Rows are denser than blocks: a 4 KiB block holds a few entries, of which a random read
 //! wants one (the others are often older versions), so most of the cache budget goes here.
@@ -36,7 +36,7 @@ mod tests {
     }
 
     #[test]
-    fn stays_within_capacity_keeps_hot_rows_and_replaces_written_ones() {
+    fn stays_within_capacity_keeps_hot_rows_and_forgets_written_ones() {
         let mut rows = RowCache::new(16 * (1000 + 8 + ROW_OVERHEAD));
         rows.insert_row(b"hot", entry(1, 1));
         for i in 0..200u64 {
@@ -50,7 +50,7 @@ mod tests {
         let large =
             Entry { value: Some(Rc::from(vec![4u8; 4000])), timestamp_us: 501, expires_at_ms: 0, seq: 501 };
         rows.insert_row(b"hot", large);
-        assert!(rows.get(b"hot".as_slice()).is_none(), "no stale row outlives a write");
+        assert!(rows.get(b"hot".as_slice()).is_none(), "no stale row outlives a newer version");
         rows.insert_row(b"hot", entry(3, 502));
         rows.remove(b"hot".as_slice());
         assert!(rows.get(b"hot".as_slice()).is_none());

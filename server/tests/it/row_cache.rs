@@ -21,8 +21,8 @@ fn value_of(reply: Reply<std::rc::Rc<[u8]>>) -> Vec<u8> {
     }
 }
 
-/// Writes `old` and flushes it to a table, reopens the store (a write leaves its version in
-/// the row cache: the read must find the caches empty), starts a read of it that must go to
+/// Writes `old` and flushes it to a table, reopens the store (the read must find the caches
+/// empty, whatever a write leaves in them), starts a read of it that must go to
 /// the disk, writes `new` (and flushes it when `flush_meanwhile`) before the read resumes,
 /// then checks that reads after a flush see `new`.
 async fn race(dir: &Path, flush_meanwhile: bool) {
