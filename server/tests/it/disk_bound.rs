@@ -86,6 +86,18 @@ fn overwriting_a_small_key_set_keeps_the_data_directory_flat_and_the_restart_sho
     });
 }
 
+/// One shard on simulated storage (no crashes, seeded by `seed`), no log syncs, 8 MiB of
+/// memory: memtables of 1 MiB.
+async fn open_sim_store(seed: u64) -> (SimStorage, Store<SimStorage>) {
+    let storage = SimStorage::without_crashes(seed);
+    let identity = ShardIdentity { shard_index: 0, shard_count: 1 };
+    let options = EngineOptions { memory_bytes: 8 << 20, tombstone_grace_ms: 0 };
+    let (store, _) = Store::open(storage.clone(), Path::new("/d"), identity, SyncPolicy::Never, options)
+        .await
+        .expect("open");
+    (storage, store)
+}
+
 /// A full merge on a disk with room for a few of its pieces but not for its output beside
 /// its inputs: it must complete, freeing its inputs as it passes them (before, it failed
 /// for want of space, and a node with a nearly full disk could never reclaim its stale
@@ -94,14 +106,8 @@ fn overwriting_a_small_key_set_keeps_the_data_directory_flat_and_the_restart_sho
 fn a_full_merge_needs_room_for_a_few_pieces_not_for_a_second_copy() {
     let (live, output, before) = LocalExecutorBuilder::new(Placement::Unbound)
         .spawn(|| async {
-            let storage = SimStorage::without_crashes(31);
-            let identity = ShardIdentity { shard_index: 0, shard_count: 1 };
             // 1 MiB memtables: the 8 MB live set fills eight.
-            let options = EngineOptions { memory_bytes: 8 << 20, tombstone_grace_ms: 0 };
-            let (store, _) =
-                Store::open(storage.clone(), Path::new("/d"), identity, SyncPolicy::Never, options)
-                    .await
-                    .expect("open");
+            let (storage, store) = open_sim_store(31).await;
             let value = vec![b'v'; 1_000];
             for round in 0..2 {
                 for k in 0..8_000 {
@@ -142,14 +148,8 @@ fn a_full_merge_needs_room_for_a_few_pieces_not_for_a_second_copy() {
 fn writers_wait_for_a_merge_that_falls_behind_rather_than_grow_the_tables() {
     let (largest, live, stall_ms) = LocalExecutorBuilder::new(Placement::Unbound)
         .spawn(|| async {
-            let storage = SimStorage::without_crashes(33);
-            let identity = ShardIdentity { shard_index: 0, shard_count: 1 };
             // 1 MiB memtables against a 4 MB live set.
-            let options = EngineOptions { memory_bytes: 8 << 20, tombstone_grace_ms: 0 };
-            let (store, _) =
-                Store::open(storage.clone(), Path::new("/d"), identity, SyncPolicy::Never, options)
-                    .await
-                    .expect("open");
+            let (_storage, store) = open_sim_store(33).await;
             let store = std::rc::Rc::new(store);
             let largest = std::rc::Rc::new(std::cell::Cell::new(0u64));
             let writers: Vec<_> = (0..8)
